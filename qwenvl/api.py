@@ -1,0 +1,176 @@
+"""The public surface: ``qwenvl.load(...)`` → ``Model.chat`` / ``Model.stream``.
+
+The CLI and the server call this module and nothing below it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .chat import media_items, normalize_messages, render_chat
+from .config import GenerationConfig, ModelConfig, PreprocessConfig
+from .engine.generate import Generation, GenerationResult, new_request
+from .engine.prompt import EncodedVisual, Prompt, VisionCache, build_prompt
+from .engine.sampler import sampling_params
+from .errors import MediaError, QwenVLError
+from .media.image import load_image, preprocess_image
+from .models.rope import IMAGE
+from .models.text import TextModel
+from .models.vision import VisionTransformer
+from .runtime import resolve_dtype, set_threads
+from .tokenizer import Tokenizer
+from .weights.checkpoint import Checkpoint, open_checkpoint
+
+ChatResult = GenerationResult
+DEFAULT_CONTEXT = 32768
+MEDIA_OPTIONS = ("min_pixels", "max_pixels")
+
+
+@dataclass
+class Model:
+    """A loaded model: weights, tokenizer, chat template and defaults. Stateless between requests."""
+
+    config: ModelConfig
+    text_model: TextModel
+    tokenizer: Tokenizer
+    generation_config: GenerationConfig
+    preprocess_config: PreprocessConfig
+    chat_template: str | None
+    context: int
+    source: str
+    vision_model: VisionTransformer | None = None
+    vision_cache: VisionCache = field(default_factory=VisionCache)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.text_model.dtype
+
+    # -- prompts ------------------------------------------------------------------------------
+    def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
+        return render_chat(self.chat_template, normalize_messages(messages), add_generation_prompt=add_generation_prompt)
+
+    def prepare(self, messages: list[dict[str, Any]], **media: Any) -> Prompt:
+        """Render the chat template, tokenize, encode the images and assemble the prompt.
+
+        ``media`` takes per-request preprocessing overrides: ``min_pixels``, ``max_pixels``.
+        """
+        messages = normalize_messages(messages)
+        items = media_items(messages)
+        if self.vision_model is None:
+            if items:
+                raise MediaError(f"{self.source} is a text-only model: it cannot take images or videos")
+            messages = [_flatten_text_parts(m) for m in messages]
+        text = render_chat(self.chat_template, messages)
+        visuals = [self._encode_media(kind, source, media) for kind, source in items]
+        return build_prompt(self.tokenizer.encode(text), visuals, self.config)
+
+    def _encode_media(self, kind: str, source: Any, media: dict[str, Any]) -> EncodedVisual:
+        if kind != "image":
+            raise MediaError(f"{kind} input is not supported yet")
+        image = preprocess_image(load_image(source), self.preprocess_config, **media)
+        return EncodedVisual(IMAGE, image.grid_thw, self.encode_pixels(image.pixel_values, image.grid_thw))
+
+    def encode_pixels(self, pixel_values: torch.Tensor, grid_thw: tuple[int, int, int]) -> torch.Tensor:
+        """Vision-encoder embeddings of one preprocessed image or video (cached by content)."""
+        assert self.vision_model is not None
+        vision = self.vision_model
+
+        def compute() -> torch.Tensor:
+            with torch.inference_mode():
+                return vision(pixel_values.to(vision.dtype), [grid_thw])
+
+        return self.vision_cache.get_or_compute(VisionCache.key(pixel_values, grid_thw), compute)
+
+    # -- generation ---------------------------------------------------------------------------
+    def generate(self, prompt: Prompt | list[int], **sampling: Any) -> Generation:
+        """Stream the continuation of a prepared prompt (or raw token ids)."""
+        if not isinstance(prompt, Prompt):
+            prompt = Prompt.text_only(list(prompt))
+        params = sampling_params(self.generation_config, **sampling)
+        eos = self.generation_config.eos_token_ids or _fallback_eos(self.tokenizer)
+        request = new_request(self.text_model, self.tokenizer, prompt, params, eos, self.context)
+        return Generation(self.text_model, request)
+
+    def stream(self, messages: list[dict[str, Any]], **options: Any) -> Generation:
+        """Iterate for text pieces; the finished Generation's ``result`` holds ids, usage and timings.
+
+        ``options``: sampling values (max_tokens, temperature, top_p, top_k, min_p, repetition_penalty,
+        seed, stop) and media preprocessing overrides (min_pixels, max_pixels).
+        """
+        media = {k: options.pop(k) for k in MEDIA_OPTIONS if options.get(k) is not None}
+        options = {k: v for k, v in options.items() if k not in MEDIA_OPTIONS}
+        return self.generate(self.prepare(messages, **media), **options)
+
+    def chat(self, messages: list[dict[str, Any]], **options: Any) -> ChatResult:
+        """The whole answer at once: text, token ids, usage, finish reason and timings."""
+        generation = self.stream(messages, **options)
+        for _ in generation:
+            pass
+        assert generation.result is not None
+        return generation.result
+
+
+def _flatten_text_parts(message: dict[str, Any]) -> dict[str, Any]:
+    """Text-only templates expect string content: join a list of text parts into one string."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message
+    return {**message, "content": "".join(part.get("text", "") for part in content)}
+
+
+def _fallback_eos(tokenizer: Tokenizer) -> tuple[int, ...]:
+    return tuple(i for i in (tokenizer.eos_token_id,) if i is not None)
+
+
+def load(
+    model: str | os.PathLike | None = None,
+    *,
+    dtype: str | torch.dtype = "auto",
+    threads: int | None = None,
+    context: int | None = None,
+) -> Model:
+    """Load a checkpoint directory, hub id or GGUF file (``None``: the embedded default model)."""
+    set_threads(threads)
+    if model is None:
+        from .defaults import default_model_path
+
+        model = default_model_path()
+    checkpoint = open_checkpoint(model)
+    return _build(checkpoint, resolve_dtype(dtype), context)
+
+
+def _build(checkpoint: Checkpoint, dtype: torch.dtype, context: int | None) -> Model:
+    config = checkpoint.config
+    with torch.device("meta"):
+        text_model = TextModel(config.text)
+    text_model = text_model.to(dtype)
+    tensors = checkpoint.tensors()
+    text_model.load_weights(tensors)
+    text_model.eval()
+    vision_model = None
+    if config.vision is not None:
+        with torch.device("meta"):
+            vision_model = VisionTransformer(config.vision, dtype)
+        vision_model = vision_model.to_empty(device="cpu")  # storage without random init
+        vision_model.load_weights(tensors)
+        vision_model.eval()
+    del tensors
+    limit = config.text.max_position_embeddings
+    if context is not None and context < 2:
+        raise QwenVLError(f"context must be at least 2 tokens, got {context}")
+    return Model(
+        config=config,
+        text_model=text_model,
+        tokenizer=checkpoint.tokenizer,
+        generation_config=checkpoint.generation_config,
+        preprocess_config=checkpoint.preprocess_config,
+        chat_template=checkpoint.chat_template,
+        context=min(context or DEFAULT_CONTEXT, limit),
+        source=str(Path(checkpoint.source)),
+        vision_model=vision_model,
+    )

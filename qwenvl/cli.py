@@ -1,0 +1,259 @@
+"""Command line: parse, call the API, print. User errors exit 2 with one line on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from . import __version__
+from .errors import QwenVLError
+
+USER_ERROR = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return USER_ERROR
+    try:
+        return args.handler(args) or 0
+    except QwenVLError as error:
+        print(f"qwenvl: error: {error}", file=sys.stderr)
+        return USER_ERROR
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qwenvl", description="Run Qwen2-VL / Qwen2.5-VL / Qwen2 models on a CPU.")
+    parser.add_argument("--version", action="version", version=f"qwenvl {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    run = commands.add_parser("run", help="answer one prompt (streamed)", description="Answer one prompt, streamed.")
+    _add_model_arguments(run)
+    run.add_argument("-p", "--prompt", required=True, help="the user message ('-' reads standard input)")
+    run.add_argument("--system", help="a system message")
+    _add_media_arguments(run)
+    _add_sampling_arguments(run)
+    run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    run.set_defaults(handler=cmd_run)
+
+    chat = commands.add_parser("chat", help="interactive multi-turn chat", description="Interactive chat REPL.")
+    _add_model_arguments(chat)
+    chat.add_argument("--system", help="a system message")
+    _add_media_arguments(chat, repl=True)
+    _add_sampling_arguments(chat)
+    chat.set_defaults(handler=cmd_chat)
+
+    tokenize = commands.add_parser(
+        "tokenize",
+        help="print the token ids of a text",
+        description="Token ids (and pieces) of TEXT: no special tokens added, special-token text parsed.",
+    )
+    tokenize.add_argument("words", nargs="+", metavar="[MODEL] TEXT", help="model (optional) and the text")
+    tokenize.add_argument("--json", action="store_true", help="print {ids, pieces} as JSON")
+    tokenize.add_argument("--no-parse-special", action="store_true", help="encode special-token text as plain text")
+    tokenize.set_defaults(handler=cmd_tokenize)
+    return parser
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", help="HF checkpoint dir, hub id or .gguf (default: the embedded model)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="compute dtype")
+    parser.add_argument("--threads", type=int, help="threads (default: physical cores)")
+    parser.add_argument("--ctx", type=int, help="context length in tokens (default: the model's, at most 32768)")
+
+
+def _add_media_arguments(parser: argparse.ArgumentParser, repl: bool = False) -> None:
+    group = parser.add_argument_group("images")
+    if not repl:
+        group.add_argument(
+            "--image", action="append", default=[], metavar="PATH|URL",
+            help="an image for the prompt (repeatable; path, file://, data: or http(s) URL)",
+        )
+    group.add_argument("--min-pixels", type=int, help="override the model's min_pixels for image resizing")
+    group.add_argument("--max-pixels", type=int, help="override the model's max_pixels for image resizing")
+
+
+def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("sampling (defaults: the model's generation_config.json)")
+    group.add_argument("-n", "--max-tokens", type=int, default=512, help="most tokens to generate (default 512)")
+    group.add_argument("--temperature", type=float, help="0 = greedy")
+    group.add_argument("--top-p", type=float)
+    group.add_argument("--top-k", type=int)
+    group.add_argument("--min-p", type=float)
+    group.add_argument("--repetition-penalty", type=float)
+    group.add_argument("--seed", type=int)
+    group.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "min_p": args.min_p,
+        "repetition_penalty": args.repetition_penalty,
+        "seed": args.seed,
+        "stop": args.stop,
+        "min_pixels": args.min_pixels,
+        "max_pixels": args.max_pixels,
+    }
+
+
+def _load(args: argparse.Namespace):
+    from .api import load
+
+    started = time.perf_counter()
+    model = load(args.model, dtype=args.dtype, threads=args.threads, context=args.ctx)
+    return model, time.perf_counter() - started
+
+
+def _messages(system: str | None, user_content: Any) -> list[dict[str, Any]]:
+    messages = [{"role": "system", "content": system}] if system else []
+    return messages + [{"role": "user", "content": user_content}]
+
+
+def _user_content(text: str, images: list[str]) -> str | list[dict[str, Any]]:
+    """Plain text, or the images first then the text, as the Qwen-VL examples put them."""
+    if not images:
+        return text
+    return [{"type": "image", "image": image} for image in images] + [{"type": "text", "text": text}]
+
+
+def _read_prompt(prompt: str) -> str:
+    text = sys.stdin.read() if prompt == "-" else prompt
+    if not text.strip():
+        raise QwenVLError("empty prompt (-p)")
+    return text
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    prompt = _read_prompt(args.prompt)
+    model, load_s = _load(args)
+    generation = model.stream(_messages(args.system, _user_content(prompt, args.image)), **_sampling(args))
+    if args.json:
+        for _ in generation:
+            pass
+    else:
+        for piece in generation:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    result = generation.result
+    if args.json:
+        print(json.dumps(_result_json(result, load_s, model.source), ensure_ascii=False))
+    return 0
+
+
+def _result_json(result, load_s: float, source: str) -> dict[str, Any]:
+    return {
+        "model": source,
+        "text": result.text,
+        "tokens": result.token_ids,
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "finish_reason": result.finish_reason,
+        "timings": {
+            "load_s": round(load_s, 4),
+            "prefill_s": round(result.prefill_s, 4),
+            "decode_s": round(result.decode_s, 4),
+            "prefill_tok_s": round(result.prefill_tok_s, 2),
+            "decode_tok_s": round(result.decode_tok_s, 2),
+        },
+    }
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    from .weights.checkpoint import open_checkpoint
+
+    if len(args.words) > 2:
+        raise QwenVLError("tokenize takes [MODEL] TEXT: quote the text")
+    model_name, text = (args.words if len(args.words) == 2 else (None, args.words[0]))
+    if model_name is None:
+        from .defaults import default_model_path
+
+        model_name = default_model_path()
+    tokenizer = open_checkpoint(model_name).tokenizer
+    ids = tokenizer.encode(text, parse_special=not args.no_parse_special)
+    pieces = tokenizer.pieces(ids)
+    if args.json:
+        print(json.dumps({"ids": ids, "pieces": pieces}, ensure_ascii=False))
+    else:
+        for token_id, piece in zip(ids, pieces):
+            print(f"{token_id:6d} -> {piece!r}")
+    return 0
+
+
+CHAT_HELP = (
+    "commands: /image PATH (attach an image to your next message), /reset (forget the conversation), "
+    "/quit (or Ctrl-D); Ctrl-C stops an answer"
+)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    model, _ = _load(args)
+    history: list[dict[str, Any]] = _messages(args.system, "")[:-1]
+    system_turns = list(history)
+    attached: list[str] = []
+    print(f"qwenvl chat — {model.source}\n{CHAT_HELP}", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            return 0
+        if text == "/reset":
+            history, attached = list(system_turns), []
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if text.startswith("/image"):
+            path = text[len("/image"):].strip()
+            if not path:
+                print("usage: /image PATH", file=sys.stderr)
+            else:
+                attached.append(path)
+                print(f"(image attached to your next message: {path})", file=sys.stderr)
+            continue
+        if text.startswith("/"):
+            print(f"unknown command {text.split()[0]}; {CHAT_HELP}", file=sys.stderr)
+            continue
+        turn = {"role": "user", "content": _user_content(line, attached)}
+        answer = _chat_turn(model, history + [turn], args)
+        if answer is not None:
+            history += [turn, {"role": "assistant", "content": answer}]
+        attached = []
+
+
+def _chat_turn(model, messages: list[dict[str, Any]], args: argparse.Namespace) -> str | None:
+    """Stream one answer; Ctrl-C ends it early and keeps what was said so far. None on a user error."""
+    pieces: list[str] = []
+    try:
+        for piece in model.stream(messages, **_sampling(args)):
+            pieces.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        sys.stdout.write(" [stopped]")
+    except QwenVLError as error:
+        print(f"\nqwenvl: error: {error}", file=sys.stderr)
+        return None
+    sys.stdout.write("\n")
+    return "".join(pieces)

@@ -1,0 +1,191 @@
+"""Prefill then one-token decode steps for one request, streamed as text pieces."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import RequestError
+from ..models.text import KVCache, TextModel
+from ..tokenizer import StreamDecoder, Tokenizer
+from .prompt import Prompt
+from .sampler import Sampler, SamplingParams
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    prefill_s: float
+    decode_s: float
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        steps = self.completion_tokens - 1  # the first token comes out of the prefill
+        return steps / self.decode_s if steps > 0 and self.decode_s else 0.0
+
+
+class StopMatcher:
+    """Holds back text that may be the start of a stop string; cuts the text at the first match."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = stops
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        buffer = self.pending + text
+        hits = [buffer.find(stop) for stop in self.stops if stop in buffer]
+        if hits:
+            self.pending = ""
+            return buffer[: min(hits)], True
+        hold = max((_overlap(buffer, stop) for stop in self.stops), default=0)
+        self.pending = buffer[len(buffer) - hold :]
+        return buffer[: len(buffer) - hold], False
+
+    def flush(self) -> str:
+        text, self.pending = self.pending, ""
+        return text
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest suffix of text that is a proper prefix of stop."""
+    for size in range(min(len(text), len(stop) - 1), 0, -1):
+        if text.endswith(stop[:size]):
+            return size
+    return 0
+
+
+@dataclass
+class Request:
+    """Everything one generation owns: its prompt, KV cache, sampler and output so far."""
+
+    prompt: Prompt
+    params: SamplingParams
+    eos_token_ids: frozenset[int]
+    cache: KVCache
+    sampler: Sampler
+    decoder: StreamDecoder
+    stopper: StopMatcher
+    max_new_tokens: int
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+
+    @property
+    def next_position(self) -> int:
+        return len(self.prompt.input_ids) + len(self.output_ids) - 1 + self.prompt.rope_delta
+
+
+def new_request(
+    model: TextModel, tokenizer: Tokenizer, prompt: Prompt, params: SamplingParams, eos_ids, context: int
+) -> Request:
+    length = len(prompt.input_ids)
+    if length == 0:
+        raise RequestError("empty prompt")
+    if length >= context:
+        raise RequestError(f"prompt has {length} tokens, the context holds {context}")
+    max_new = min(params.max_tokens, context - length)
+    return Request(
+        prompt=prompt,
+        params=params,
+        eos_token_ids=frozenset(eos_ids),
+        cache=KVCache(model.config, length + max_new, model.dtype),
+        sampler=Sampler(params),
+        decoder=StreamDecoder(tokenizer, skip_special_tokens=True),
+        stopper=StopMatcher(params.stop),
+        max_new_tokens=max_new,
+    )
+
+
+class Generation:
+    """Iterate for text pieces; ``result`` is set once the iteration ends."""
+
+    def __init__(self, model: TextModel, request: Request):
+        self.model = model
+        self.request = request
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        with torch.inference_mode():
+            yield from self._run()
+
+    def _run(self) -> Iterator[str]:
+        req, model = self.request, self.model
+        started = time.perf_counter()
+        logits = prefill(model, req)
+        prefill_done = time.perf_counter()
+        history = torch.tensor(req.prompt.input_ids, dtype=torch.long)
+        while True:
+            token = req.sampler(logits, history)
+            req.output_ids.append(token)
+            piece = self._accept(token)
+            if piece:
+                yield piece
+            if req.finish_reason:
+                break
+            history = torch.cat([history, torch.tensor([token])])
+            logits = decode_step(model, req, token)
+        tail = req.stopper.flush() if req.finish_reason == "length" else ""
+        if tail:
+            req.text += tail
+            yield tail
+        finished = time.perf_counter()
+        self.result = GenerationResult(
+            text=req.text,
+            token_ids=list(req.output_ids),
+            prompt_tokens=len(req.prompt.input_ids),
+            finish_reason=req.finish_reason or "length",
+            prefill_s=prefill_done - started,
+            decode_s=finished - prefill_done,
+        )
+
+    def _accept(self, token: int) -> str:
+        """Detokenize one new token; set finish_reason on EOS, a stop string or the token limit."""
+        req = self.request
+        if token in req.eos_token_ids:
+            req.finish_reason = "stop"
+            raw = req.decoder.flush()
+        else:
+            raw = req.decoder.push(token)
+            if len(req.output_ids) >= req.max_new_tokens:
+                raw += req.decoder.flush()
+                req.finish_reason = "length"
+        piece, stopped = req.stopper.feed(raw)
+        if stopped:
+            req.finish_reason = "stop"
+        elif req.finish_reason == "stop":
+            piece += req.stopper.flush()
+        req.text += piece
+        return piece
+
+
+def prefill(model: TextModel, req: Request) -> torch.Tensor:
+    prompt = req.prompt
+    ids = torch.tensor([prompt.input_ids], dtype=torch.long)
+    embeds = model.embed(ids)
+    if prompt.visual_embeds is not None:
+        slots = torch.isin(ids[0], torch.tensor(prompt.visual_token_ids))
+        embeds[0, slots] = prompt.visual_embeds.to(embeds.dtype)
+    hidden = model(embeds, prompt.position_ids[:, None, :], req.cache, start=0)
+    return model.logits(hidden[0, -1])
+
+
+def decode_step(model: TextModel, req: Request, token: int) -> torch.Tensor:
+    start = len(req.prompt.input_ids) + len(req.output_ids) - 1
+    embeds = model.embed(torch.tensor([[token]], dtype=torch.long))
+    positions = torch.full((3, 1, 1), req.next_position, dtype=torch.long)
+    hidden = model(embeds, positions, req.cache, start=start)
+    return model.logits(hidden[0, -1])

@@ -1,0 +1,115 @@
+"""Sampling parameters and the per-request sampler (transformers' logits-processor semantics)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import GenerationConfig
+from ..errors import RequestError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 512
+    temperature: float = 1.0  # 0 means greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def validate(self) -> SamplingParams:
+        checks = [
+            (self.max_tokens > 0, f"max_tokens must be at least 1, got {self.max_tokens}"),
+            (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
+            (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
+            (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise RequestError(message)
+        return self
+
+
+def sampling_params(defaults: GenerationConfig, **overrides) -> SamplingParams:
+    """Request values over the checkpoint's generation_config defaults (unset = None)."""
+    base = {
+        "temperature": defaults.temperature if defaults.do_sample else 0.0,
+        "top_k": defaults.top_k,
+        "top_p": defaults.top_p,
+        "min_p": defaults.min_p,
+        "repetition_penalty": defaults.repetition_penalty,
+    }
+    unknown = set(overrides) - set(SamplingParams.__dataclass_fields__)
+    if unknown:
+        raise RequestError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
+    values = base | {k: v for k, v in overrides.items() if v is not None}
+    stop = values.get("stop", ())
+    values["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
+    return SamplingParams(**values).validate()
+
+
+class Sampler:
+    """Turns logits into the next token; owns the request's random generator."""
+
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, history: torch.Tensor) -> int:
+        """logits [vocab] (float32); history: every token id so far (prompt + generated)."""
+        p = self.params
+        if p.repetition_penalty != 1.0 and history.numel():
+            logits = apply_repetition_penalty(logits, history, p.repetition_penalty)
+        if p.greedy:
+            return int(torch.argmax(logits))
+        logits = logits / p.temperature
+        if p.top_k:
+            logits = top_k_filter(logits, p.top_k)
+        if p.top_p < 1.0:
+            logits = top_p_filter(logits, p.top_p)
+        if p.min_p > 0.0:
+            logits = min_p_filter(logits, p.min_p)
+        probs = torch.softmax(logits, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL-style: seen tokens' positive logits divided by the penalty, negative ones multiplied."""
+    seen = logits.gather(0, history)
+    seen = torch.where(seen < 0, seen * penalty, seen / penalty)
+    return logits.scatter(0, history, seen)
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    k = min(k, logits.shape[-1])
+    threshold = torch.topk(logits, k).values[-1]
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches top_p (at least one)."""
+    sorted_logits, order = torch.sort(logits, descending=False)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove = cumulative <= (1 - top_p)
+    remove[-1] = False
+    return logits.masked_fill(remove.scatter(0, order, remove), float("-inf"))
+
+
+def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times the top token's."""
+    probs = logits.softmax(dim=-1)
+    remove = probs < probs.max() * min_p
+    return logits.masked_fill(remove, float("-inf"))

@@ -1,0 +1,1 @@
+"""Image and video inputs: loading, checking, and preprocessing into vision-encoder patches."""

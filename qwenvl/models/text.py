@@ -1,0 +1,231 @@
+"""The Qwen2 decoder: the text model of Qwen2 / Qwen2.5 and the language half of Qwen2-VL / Qwen2.5-VL.
+
+Blocks as in the paper: token embedding → N × [RMSNorm → GQA attention (q/k/v bias, (M-)RoPE) → residual,
+RMSNorm → SwiGLU MLP → residual] → RMSNorm → lm_head. q/k/v and gate/up are fused into one matmul each.
+The model holds weights only; positions and the KV cache belong to the request and come in as arguments.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TextConfig
+from ..errors import ModelFileError
+from .rope import apply_rope, rope_cos_sin, rope_inv_freq
+
+# Prefixes under which checkpoints store the decoder: transformers 5 VL models, older VL models and Qwen2.
+TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
+VISION_PREFIXES = ("model.visual.", "visual.")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.qkv_sizes = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
+        self.qkv_proj = nn.Linear(cfg.hidden_size, sum(self.qkv_sizes), bias=True)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVView | None) -> torch.Tensor:
+        batch, length, _ = x.shape
+        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
+        q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask, causal = None, length > 1
+        if cache is not None:
+            k, v = cache.append(k, v)
+            mask, causal = cache.mask, cache.mask is None and length > 1
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up fused."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVView | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class KVView:
+    """One layer's slice of a KV cache for one forward call: where to write, what to attend to."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, start: int, length: int, mask: torch.Tensor | None):
+        self.keys, self.values, self.start, self.end, self.mask = keys, values, start, start + length, mask
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys[:, :, self.start : self.end] = k
+        self.values[:, :, self.start : self.end] = v
+        return self.keys[:, :, : self.end], self.values[:, :, : self.end]
+
+
+class TextModel(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta)  # a plain tensor: never on the meta device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.norm.weight.dtype
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def forward(
+        self, embeds: torch.Tensor, position_ids: torch.Tensor, cache: KVCache | None = None, start: int = 0
+    ) -> torch.Tensor:
+        """Hidden states [B, L, H] after the final norm, for embeddings [B, L, H] at ids [3, B, L].
+
+        With a cache, keys/values are written at ``start`` … ``start + L`` and attention covers all before.
+        """
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.config.mrope_section)
+        cos, sin = cos.to(embeds.dtype), sin.to(embeds.dtype)
+        length = embeds.shape[1]
+        mask = causal_mask(start, length) if cache is not None and start > 0 and length > 1 else None
+        x = embeds
+        for index, layer in enumerate(self.layers):
+            view = cache.view(index, start, length, mask) if cache is not None else None
+            x = layer(x, cos, sin, view)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Load from HF tensor names (any of TEXT_PREFIXES), fusing q/k/v and gate/up."""
+        weights = text_weights(tensors)
+        if self.config.tie_word_embeddings and "embed_tokens.weight" in weights:
+            weights["lm_head.weight"] = weights["embed_tokens.weight"]
+        for name, shape in hf_shapes(self.config).items():
+            if name not in weights:
+                raise ModelFileError(f"checkpoint: missing tensor '{_hf_name(name)}'")
+            if tuple(weights[name].shape) != shape:
+                raise ModelFileError(
+                    f"checkpoint: tensor '{_hf_name(name)}' has shape {list(weights[name].shape)}, "
+                    f"config needs {list(shape)}"
+                )
+        dtype = self.dtype
+        state = {name: t.to(dtype) for name, t in _fused_state(self.config, weights).items()}
+        self.load_state_dict(state, assign=True, strict=True)
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+
+def causal_mask(start: int, length: int) -> torch.Tensor:
+    """Bool mask [L, start + L]: query i (at position start + i) sees keys 0 … start + i."""
+    keys = torch.arange(start + length)
+    queries = torch.arange(start, start + length)
+    return keys[None, :] <= queries[:, None]
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: [layers, batch, kv_heads, capacity, head_dim]."""
+
+    def __init__(self, cfg: TextConfig, capacity: int, dtype: torch.dtype, batch: int = 1):
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, capacity, cfg.head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype)
+        self.values = torch.zeros(shape, dtype=dtype)
+        self.capacity = capacity
+
+    def view(self, layer: int, start: int, length: int, mask: torch.Tensor | None) -> KVView:
+        if start + length > self.capacity:
+            raise ValueError(f"KV cache overflow: {start + length} > {self.capacity}")
+        return KVView(self.keys[layer], self.values[layer], start, length, mask)
+
+
+def text_weights(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The decoder's tensors with checkpoint prefixes stripped (vision tensors left out)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in tensors.items():
+        if name.startswith(VISION_PREFIXES):
+            continue
+        if name == "lm_head.weight" or name == "language_model.lm_head.weight":
+            out["lm_head.weight"] = tensor
+            continue
+        for prefix in TEXT_PREFIXES:
+            if name.startswith(prefix):
+                out[name[len(prefix) :]] = tensor
+                break
+    return out
+
+
+def hf_shapes(cfg: TextConfig) -> dict[str, tuple[int, ...]]:
+    """Every decoder tensor a checkpoint must hold (prefix-stripped HF names) and its shape."""
+    hidden, heads, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    shapes = {"embed_tokens.weight": (cfg.vocab_size, hidden), "norm.weight": (hidden,), "lm_head.weight": (cfg.vocab_size, hidden)}
+    for i in range(cfg.num_hidden_layers):
+        layer = f"layers.{i}."
+        shapes |= {
+            layer + "input_layernorm.weight": (hidden,),
+            layer + "post_attention_layernorm.weight": (hidden,),
+            layer + "self_attn.q_proj.weight": (heads, hidden),
+            layer + "self_attn.q_proj.bias": (heads,),
+            layer + "self_attn.k_proj.weight": (kv, hidden),
+            layer + "self_attn.k_proj.bias": (kv,),
+            layer + "self_attn.v_proj.weight": (kv, hidden),
+            layer + "self_attn.v_proj.bias": (kv,),
+            layer + "self_attn.o_proj.weight": (hidden, heads),
+            layer + "mlp.gate_proj.weight": (cfg.intermediate_size, hidden),
+            layer + "mlp.up_proj.weight": (cfg.intermediate_size, hidden),
+            layer + "mlp.down_proj.weight": (hidden, cfg.intermediate_size),
+        }
+    return shapes
+
+
+def _fused_state(cfg: TextConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The module's state dict from checked HF weights: q/k/v and gate/up concatenated."""
+    state = {name: weights[name] for name in hf_shapes(cfg)}
+    for i in range(cfg.num_hidden_layers):
+        attn, mlp = f"layers.{i}.self_attn.", f"layers.{i}.mlp."
+        for kind in ("weight", "bias"):
+            state[f"{attn}qkv_proj.{kind}"] = torch.cat([state.pop(f"{attn}{p}_proj.{kind}") for p in "qkv"])
+        state[f"{mlp}gate_up_proj.weight"] = torch.cat([state.pop(f"{mlp}{p}_proj.weight") for p in ("gate", "up")])
+    return state
+
+
+def _hf_name(name: str) -> str:
+    return name if name == "lm_head.weight" else f"model.{name}"

@@ -1,0 +1,55 @@
+"""Process-wide runtime choices: compute dtype and thread count."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .errors import QwenVLError
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+
+
+def cpu_has_bf16() -> bool:
+    """True where the CPU does bf16 math natively (AVX512-BF16 or AMX)."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def resolve_dtype(name: str | torch.dtype = "auto") -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name == "auto":
+        return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    if name not in DTYPES:
+        raise QwenVLError(f"unknown dtype {name!r} (choose auto, bfloat16 or float32)")
+    return DTYPES[name]
+
+
+def physical_cores() -> int:
+    """Physical cores available to this process (hyper-threads do not help GEMMs)."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as handle:
+            text = handle.read()
+    except OSError:
+        return available
+    cores = set()
+    physical = core = None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "physical id":
+            physical = value.strip()
+        elif key == "core id":
+            core = value.strip()
+            cores.add((physical, core))
+    return max(1, min(available, len(cores) or available))
+
+
+def set_threads(threads: int | None) -> int:
+    count = threads or physical_cores()
+    if count < 1:
+        raise QwenVLError(f"--threads must be at least 1, got {count}")
+    torch.set_num_threads(count)
+    return count

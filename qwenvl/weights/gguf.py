@@ -1,0 +1,511 @@
+"""GGUF text models (llama.cpp's ``qwen2`` / ``qwen2vl`` architectures): config, tokenizer, tensors.
+
+The header is parsed here directly from a memory map (``gguf.GGUFReader`` builds one numpy view per
+vocabulary string and takes ~12 s on a Qwen2 vocabulary; this takes well under a second); the layout
+constants, block sizes and dequantization come from llama.cpp's ``gguf`` package. Tensors stay in the
+memory map until asked for, then are dequantized one at a time with ``gguf.quants.dequantize``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import mmap
+import os
+import struct
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import quants as gguf_quants
+from gguf.constants import (
+    GGML_QUANT_SIZES,
+    GGUF_DEFAULT_ALIGNMENT,
+    GGUF_MAGIC,
+    GGMLQuantizationType,
+    GGUFValueType,
+    TokenType,
+)
+
+from ..config import GenerationConfig, ModelConfig, PreprocessConfig, TextConfig
+from ..errors import ModelFileError
+from ..tokenizer import Tokenizer, build_qwen2_tokenizer_json
+from . import names
+from .checkpoint import Checkpoint
+
+# llama.cpp architecture name → ModelConfig.arch. llama.cpp writes the text half of both Qwen2-VL
+# and Qwen2.5-VL as "qwen2vl"; the mmproj file tells the two apart.
+GGUF_ARCHITECTURES = {"qwen2": "qwen2", "qwen2vl": "qwen2_vl"}
+
+_SCALAR_FORMATS = {
+    GGUFValueType.UINT8: "<B",
+    GGUFValueType.INT8: "<b",
+    GGUFValueType.UINT16: "<H",
+    GGUFValueType.INT16: "<h",
+    GGUFValueType.UINT32: "<I",
+    GGUFValueType.INT32: "<i",
+    GGUFValueType.FLOAT32: "<f",
+    GGUFValueType.BOOL: "<?",
+    GGUFValueType.UINT64: "<Q",
+    GGUFValueType.INT64: "<q",
+    GGUFValueType.FLOAT64: "<d",
+}
+_UNPACKERS = {kind: struct.Struct(fmt) for kind, fmt in _SCALAR_FORMATS.items()}
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+class _Truncated(Exception):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Low-level file layout
+
+
+@dataclass(frozen=True)
+class GGUFTensorInfo:
+    """One tensor entry of the file: ``shape`` is in torch order (GGUF stores it reversed)."""
+
+    name: str
+    ggml_type: GGMLQuantizationType
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset in the file
+    n_bytes: int
+
+    @property
+    def byte_shape(self) -> tuple[int, ...]:
+        """The shape of the raw uint8 blocks: rows stay, the last dim becomes bytes per row."""
+        block_size, type_size = GGML_QUANT_SIZES[self.ggml_type]
+        return (*self.shape[:-1], self.shape[-1] // block_size * type_size)
+
+
+class _Cursor:
+    """Sequential little-endian reads from a buffer; running off its end raises _Truncated."""
+
+    def __init__(self, buf: mmap.mmap) -> None:
+        self.buf = buf
+        self.pos = 0
+
+    def unpack(self, unpacker: struct.Struct) -> Any:
+        return unpacker.unpack_from(self.buf, self._advance(unpacker.size))[0]
+
+    def string(self) -> str:
+        length = self.unpack(_U64)
+        start = self._advance(length)
+        return self.buf[start : start + length].decode("utf-8", errors="replace")
+
+    def value(self, kind: int) -> Any:
+        if kind == GGUFValueType.STRING:
+            return self.string()
+        if kind == GGUFValueType.ARRAY:
+            return self.array()
+        unpacker = _UNPACKERS.get(kind)  # type: ignore[call-overload]
+        if unpacker is None:
+            raise ValueError(f"unknown metadata value type {kind}")
+        return self.unpack(unpacker)
+
+    def array(self) -> list[Any]:
+        kind = self.unpack(_U32)
+        count = self.unpack(_U64)
+        if kind == GGUFValueType.STRING:
+            return [self.string() for _ in range(count)]
+        if kind == GGUFValueType.ARRAY:
+            return [self.array() for _ in range(count)]
+        fmt = _SCALAR_FORMATS.get(kind)  # type: ignore[call-overload]
+        if fmt is None:
+            raise ValueError(f"unknown metadata value type {kind}")
+        dtype = np.dtype(fmt)
+        start = self._advance(dtype.itemsize * count)
+        return np.frombuffer(self.buf, dtype=dtype, count=count, offset=start).tolist()
+
+    def _advance(self, size: int) -> int:
+        start = self.pos
+        if start + size > len(self.buf):
+            raise _Truncated
+        self.pos += size
+        return start
+
+
+def _parse_header(buf: mmap.mmap, where: str) -> tuple[dict[str, Any], list[tuple[str, list[int], int, int]], int]:
+    """(metadata, [(name, ggml dims, raw type, relative offset)], absolute data start)."""
+    cursor = _Cursor(buf)
+    if len(buf) < 4 or cursor.unpack(_U32) != GGUF_MAGIC:
+        raise ModelFileError(f"{where}: not a GGUF file (wrong magic bytes)")
+    version = cursor.unpack(_U32)
+    if version & 0xFFFF == 0 and version:
+        raise ModelFileError(f"{where}: big-endian GGUF files are not supported")
+    if version not in (2, 3):
+        raise ModelFileError(f"{where}: unsupported GGUF version {version} (qwenvl reads versions 2 and 3)")
+    n_tensors = cursor.unpack(_U64)
+    n_fields = cursor.unpack(_U64)
+    metadata: dict[str, Any] = {}
+    for _ in range(n_fields):
+        key = cursor.string()
+        metadata[key] = cursor.value(cursor.unpack(_U32))
+    entries = []
+    for _ in range(n_tensors):
+        name = cursor.string()
+        n_dims = cursor.unpack(_U32)
+        dims = [cursor.unpack(_U64) for _ in range(n_dims)]
+        entries.append((name, dims, cursor.unpack(_U32), cursor.unpack(_U64)))
+    alignment = int(metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT))
+    data_start = -(-cursor.pos // alignment) * alignment
+    return metadata, entries, data_start
+
+
+def _tensor_infos(
+    entries: list[tuple[str, list[int], int, int]], data_start: int, file_size: int, where: str
+) -> dict[str, GGUFTensorInfo]:
+    infos = {}
+    for name, dims, raw_type, rel_offset in entries:
+        try:
+            ggml_type = GGMLQuantizationType(raw_type)
+        except ValueError:
+            raise ModelFileError(f"{where}: tensor {name} has unknown tensor type {raw_type}") from None
+        block_size, type_size = GGML_QUANT_SIZES[ggml_type]
+        n_elements = math.prod(dims)
+        if dims and dims[0] % block_size:
+            raise ModelFileError(
+                f"{where}: tensor {name} has a row of {dims[0]}, not a multiple of the "
+                f"{ggml_type.name} block size {block_size}"
+            )
+        info = GGUFTensorInfo(
+            name=name,
+            ggml_type=ggml_type,
+            shape=tuple(int(d) for d in reversed(dims)),
+            offset=data_start + rel_offset,
+            n_bytes=n_elements // block_size * type_size,
+        )
+        if info.offset + info.n_bytes > file_size:
+            raise ModelFileError(f"{where}: truncated file (tensor {name} ends past its end)")
+        infos[name] = info
+    return infos
+
+
+@functools.cache
+def _can_dequantize(ggml_type: GGMLQuantizationType) -> bool:
+    """Whether ``gguf.quants.dequantize`` implements the type (tried on one zero block)."""
+    type_size = GGML_QUANT_SIZES[ggml_type][1]
+    try:
+        gguf_quants.dequantize(np.zeros((1, type_size), dtype=np.uint8), ggml_type)
+    except NotImplementedError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# Metadata → config, tokenizer, generation defaults
+
+
+def _meta(metadata: dict[str, Any], key: str, where: str) -> Any:
+    if key not in metadata:
+        raise ModelFileError(f"{where}: missing metadata key '{key}'")
+    return metadata[key]
+
+
+def model_config_from_gguf(
+    metadata: dict[str, Any], tensors: dict[str, GGUFTensorInfo], where: str = "model.gguf"
+) -> ModelConfig:
+    gguf_arch = _meta(metadata, "general.architecture", where)
+    if gguf_arch not in GGUF_ARCHITECTURES:
+        hint = " (a vision projector: pass the text model's GGUF)" if gguf_arch == "clip" else ""
+        raise ModelFileError(
+            f"{where}: unsupported architecture {gguf_arch!r}{hint}; qwenvl reads {', '.join(GGUF_ARCHITECTURES)}"
+        )
+    arch = GGUF_ARCHITECTURES[gguf_arch]
+
+    def key(name: str) -> Any:
+        return _meta(metadata, f"{gguf_arch}.{name}", where)
+
+    hidden = int(key("embedding_length"))
+    heads = int(key("attention.head_count"))
+    head_dim = int(metadata.get(f"{gguf_arch}.attention.key_length") or hidden // heads)
+    embedding = tensors.get("token_embd.weight")
+    if embedding is None:
+        raise ModelFileError(f"{where}: missing tensor token_embd.weight")
+    mrope = None
+    if gguf_arch == "qwen2vl":
+        sections = key("rope.dimension_sections")
+        mrope = tuple(int(s) for s in sections[:3])
+    try:
+        text = TextConfig(
+            vocab_size=embedding.shape[0],
+            hidden_size=hidden,
+            intermediate_size=int(key("feed_forward_length")),
+            num_hidden_layers=int(key("block_count")),
+            num_attention_heads=heads,
+            num_key_value_heads=int(metadata.get(f"{gguf_arch}.attention.head_count_kv") or heads),
+            head_dim=head_dim,
+            # stored as float32: take its shortest repr so 1e-6 reads back as 1e-6, not 9.99999997e-07
+            rms_norm_eps=float(str(np.float32(key("attention.layer_norm_rms_epsilon")))),
+            rope_theta=float(str(np.float32(key("rope.freq_base")))),
+            max_position_embeddings=int(key("context_length")),
+            tie_word_embeddings="output.weight" not in tensors,
+            mrope_section=mrope,
+        )
+    except ModelFileError as error:  # the dataclass's own checks, which do not know the file
+        raise ModelFileError(f"{where}: {error}") from None
+    return ModelConfig(arch=arch, text=text)
+
+
+def _expected_shapes(text: TextConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor a Qwen2 decoder needs, by GGUF name, in torch order."""
+    h, kv = text.hidden_size, text.num_key_value_heads * text.head_dim
+    q = text.num_attention_heads * text.head_dim
+    shapes = {"token_embd.weight": (text.vocab_size, h), "output_norm.weight": (h,)}
+    if not text.tie_word_embeddings:
+        shapes["output.weight"] = (text.vocab_size, h)
+    per_layer = {
+        "attn_norm.weight": (h,),
+        "attn_q.weight": (q, h),
+        "attn_q.bias": (q,),
+        "attn_k.weight": (kv, h),
+        "attn_k.bias": (kv,),
+        "attn_v.weight": (kv, h),
+        "attn_v.bias": (kv,),
+        "attn_output.weight": (h, q),
+        "ffn_norm.weight": (h,),
+        "ffn_gate.weight": (text.intermediate_size, h),
+        "ffn_up.weight": (text.intermediate_size, h),
+        "ffn_down.weight": (h, text.intermediate_size),
+    }
+    for layer in range(text.num_hidden_layers):
+        for suffix, shape in per_layer.items():
+            shapes[f"blk.{layer}.{suffix}"] = shape
+    return shapes
+
+
+def _check_tensors(infos: dict[str, GGUFTensorInfo], text: TextConfig, where: str) -> None:
+    expected = _expected_shapes(text)
+    for name, shape in expected.items():
+        info = infos.get(name)
+        if info is None:
+            raise ModelFileError(f"{where}: missing tensor {name}")
+        if info.shape != shape:
+            raise ModelFileError(f"{where}: tensor {name} has shape {list(info.shape)}, expected {list(shape)}")
+        if not _can_dequantize(info.ggml_type):
+            raise ModelFileError(f"{where}: tensor {name} has unsupported tensor type {info.ggml_type.name}")
+    extra = sorted(set(infos) - set(expected))
+    if extra:
+        raise ModelFileError(f"{where}: unexpected tensor {extra[0]} for a {text.num_hidden_layers}-layer qwen2 model")
+
+
+def _check_tokenizer_kind(metadata: dict[str, Any], where: str) -> None:
+    model = _meta(metadata, "tokenizer.ggml.model", where)
+    pre = metadata.get("tokenizer.ggml.pre", "qwen2")
+    if model != "gpt2" or pre != "qwen2":
+        raise ModelFileError(
+            f"{where}: unsupported tokenizer (tokenizer.ggml.model={model!r}, pre={pre!r}); "
+            "qwenvl reads Qwen2 byte-level BPE ('gpt2', pre 'qwen2')"
+        )
+
+
+def _split_vocab(metadata: dict[str, Any], where: str) -> tuple[dict[str, int], list[tuple[int, str, bool]]]:
+    """(BPE vocab, added tokens as (id, content, special)) from the token list and its types."""
+    tokens = _meta(metadata, "tokenizer.ggml.tokens", where)
+    types = metadata.get("tokenizer.ggml.token_type") or [TokenType.NORMAL] * len(tokens)
+    vocab: dict[str, int] = {}
+    added: list[tuple[int, str, bool]] = []
+    for token_id, (token, kind) in enumerate(zip(tokens, types)):
+        if kind in (TokenType.CONTROL, TokenType.USER_DEFINED):
+            # llama.cpp's converter types HF's added tokens so: CONTROL if special, else USER_DEFINED
+            added.append((token_id, token, kind == TokenType.CONTROL))
+        elif kind != TokenType.UNUSED:  # UNUSED: the "[PAD151665]" rows padding the embedding
+            vocab[token] = token_id
+    return vocab, added
+
+
+def _optional_id(metadata: dict[str, Any], key: str) -> int | None:
+    value = metadata.get(f"tokenizer.ggml.{key}")
+    return None if value is None else int(value)
+
+
+_TOKEN_ID_KEYS = ("eos_token_id", "bos_token_id", "padding_token_id", "eot_token_id", "eom_token_id")
+
+
+def _check_token_ids(metadata: dict[str, Any], where: str) -> None:
+    n_tokens = len(_meta(metadata, "tokenizer.ggml.tokens", where))
+    for key in _TOKEN_ID_KEYS:
+        token_id = _optional_id(metadata, key)
+        if token_id is not None and not 0 <= token_id < n_tokens:
+            raise ModelFileError(f"{where}: tokenizer.ggml.{key} {token_id} is outside the {n_tokens}-token vocabulary")
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+class GGUFModel:
+    """A GGUF text model opened lazily: tensors are read from the memory map when asked for."""
+
+    def __init__(self, path: Path, buf: mmap.mmap, metadata: dict[str, Any], infos: dict[str, GGUFTensorInfo]):
+        self.path = path
+        self.metadata = metadata
+        self.tensor_infos = infos  # by GGUF name
+        self._buf = buf
+        where = str(path)
+        self.config = model_config_from_gguf(metadata, infos, where)
+        _check_tensors(infos, self.config.text, where)
+        self.eos_token_id = _optional_id(metadata, "eos_token_id")
+        self.bos_token_id = _optional_id(metadata, "bos_token_id")
+        self.pad_token_id = _optional_id(metadata, "padding_token_id")
+        _check_token_ids(metadata, where)
+        self.add_bos_token = bool(metadata.get("tokenizer.ggml.add_bos_token", False))
+        self.chat_template: str | None = metadata.get("tokenizer.chat_template")
+        _check_tokenizer_kind(metadata, where)
+        self._vocab, self.added_tokens = _split_vocab(metadata, where)
+        self._merges = _meta(metadata, "tokenizer.ggml.merges", where)
+        self._tokenizer_json: str | None = None
+
+    @property
+    def tokenizer_json(self) -> str:
+        """A tokenizer.json equal in behaviour to the checkpoint's own (built on first use, ~1 s)."""
+        if self._tokenizer_json is None:
+            self._tokenizer_json = build_qwen2_tokenizer_json(self._vocab, self._merges, self.added_tokens)
+        return self._tokenizer_json
+
+    @property
+    def bos_token(self) -> str | None:
+        """The bos text, only when the file asks for it to be added (Qwen2 files do not)."""
+        return self.token_text(self.bos_token_id) if self.add_bos_token else None
+
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer.from_json(
+            self.tokenizer_json,
+            eos_token=self.token_text(self.eos_token_id),
+            pad_token=self.token_text(self.pad_token_id),
+            bos_token=self.bos_token,
+            chat_template=self.chat_template,
+        )
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Stop tokens the file names: its eos, then its end-of-turn / end-of-message ids if any."""
+        ids = [_optional_id(self.metadata, key) for key in ("eos_token_id", "eot_token_id", "eom_token_id")]
+        return tuple(dict.fromkeys(i for i in ids if i is not None))
+
+    @property
+    def generation_config(self) -> GenerationConfig:
+        return GenerationConfig(eos_token_ids=self.eos_token_ids, pad_token_id=self.pad_token_id)
+
+    def token_text(self, token_id: int | None) -> str | None:
+        return None if token_id is None else self.metadata["tokenizer.ggml.tokens"][token_id]
+
+    def hf_names(self) -> list[str]:
+        return [names.gguf_to_hf_name(name) for name in self.tensor_infos]
+
+    def info(self, hf_name: str) -> GGUFTensorInfo:
+        try:
+            return self.tensor_infos[names.hf_to_gguf_name(hf_name)]
+        except KeyError:
+            raise ModelFileError(f"{self.path}: missing tensor {hf_name}") from None
+
+    def raw(self, hf_name: str) -> np.ndarray:
+        """The tensor's bytes as stored (uint8 blocks, shape ``info.byte_shape``), without copying."""
+        info = self.info(hf_name)
+        data = np.frombuffer(self._buf, dtype=np.uint8, count=info.n_bytes, offset=info.offset)
+        return data.reshape(info.byte_shape)
+
+    def tensor(self, hf_name: str) -> torch.Tensor:
+        """One tensor, dequantized to float32, in torch layout."""
+        info = self.info(hf_name)
+        values = gguf_quants.dequantize(self.raw(hf_name), info.ggml_type)
+        if not values.flags.writeable:  # F32 comes back as a view of the read-only map
+            values = values.copy()
+        return torch.from_numpy(values.reshape(info.shape))
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, float32 tensor) for every tensor, one dequantized at a time."""
+        for hf_name in self.hf_names():
+            yield hf_name, self.tensor(hf_name)
+
+    def close(self) -> None:
+        try:
+            self._buf.close()
+        except BufferError:  # a tensor from raw() still views the map: it closes when that is freed
+            pass
+
+    def __enter__(self) -> GGUFModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _open_map(path: Path) -> mmap.mmap:
+    try:
+        with open(path, "rb") as handle:
+            if os.fstat(handle.fileno()).st_size == 0:
+                raise ModelFileError(f"{path}: not a GGUF file (empty)")
+            return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    except FileNotFoundError:
+        raise ModelFileError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise ModelFileError(f"{path}: is a directory, not a GGUF file") from None
+    except PermissionError:
+        raise ModelFileError(f"{path}: permission denied") from None
+
+
+class _DequantizedTensors(Mapping[str, torch.Tensor]):
+    """HF name → float32 tensor, dequantized when looked up (nothing is kept)."""
+
+    def __init__(self, model: GGUFModel):
+        self._model = model
+        self._names = dict.fromkeys(model.hf_names())
+
+    def __getitem__(self, hf_name: str) -> torch.Tensor:
+        if hf_name not in self._names:
+            raise KeyError(hf_name)
+        return self._model.tensor(hf_name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def open_gguf_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """A GGUF text model as the loaders' common Checkpoint view."""
+    model = read_gguf(path)
+    return Checkpoint(
+        source=str(model.path),
+        config=model.config,
+        tokenizer=model.tokenizer(),
+        generation_config=model.generation_config,
+        preprocess_config=PreprocessConfig(),
+        chat_template=model.chat_template,
+        tensors=lambda: _DequantizedTensors(model),
+    )
+
+
+def read_gguf(path: str | os.PathLike) -> GGUFModel:
+    """Open a GGUF text model: parse metadata, check every tensor, leave the weights on disk."""
+    path = Path(path)
+    buf = _open_map(path)
+    try:
+        try:
+            metadata, entries, data_start = _parse_header(buf, str(path))
+        except _Truncated:
+            raise ModelFileError(f"{path}: truncated file (header ends past its end)") from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ModelFileError(f"{path}: malformed GGUF header ({exc})") from None
+        infos = _tensor_infos(entries, data_start, len(buf), str(path))
+        return GGUFModel(path, buf, metadata, infos)
+    except BaseException:
+        buf.close()
+        raise
+
+
+__all__ = [
+    "GGUFModel",
+    "GGUFTensorInfo",
+    "GGUF_ARCHITECTURES",
+    "model_config_from_gguf",
+    "open_gguf_checkpoint",
+    "read_gguf",
+]

@@ -1,0 +1,48 @@
+"""Shared fixtures: the real Qwen2 tokenizer and tiny random checkpoints built with transformers."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from checkpoints import build_qwen2, build_vl  # noqa: E402
+from tokenizer_fixtures import qwen_tokenizer_dir  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    return qwen_tokenizer_dir(tmp_path_factory.mktemp("qwen-tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def make_qwen2(tmp_path_factory, tokenizer_dir):
+    """make_qwen2(name, **shape) → a cached tiny Qwen2 checkpoint directory."""
+    made: dict[str, Path] = {}
+
+    def make(name: str = "default", **shape) -> Path:
+        if name not in made:
+            made[name] = build_qwen2(tmp_path_factory.mktemp(f"qwen2-{name}"), tokenizer_dir, **shape)
+        return made[name]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def make_vl(tmp_path_factory, tokenizer_dir):
+    """make_vl(name, arch=..., **shape) → a cached tiny Qwen2-VL / Qwen2.5-VL checkpoint directory."""
+    made: dict[str, Path] = {}
+
+    def make(name: str = "default", **options) -> Path:
+        if name not in made:
+            made[name] = build_vl(tmp_path_factory.mktemp(f"vl-{name}"), tokenizer_dir, **options)
+        return made[name]
+
+    return make
