@@ -133,14 +133,18 @@ def load(
     dtype: str | torch.dtype = "auto",
     threads: int | None = None,
     context: int | None = None,
+    mmproj: str | os.PathLike | None = None,
 ) -> Model:
-    """Load a checkpoint directory, hub id or GGUF file (``None``: the embedded default model)."""
+    """Load a checkpoint directory, hub id or GGUF file (``None``: the embedded default model).
+
+    ``mmproj``: the vision GGUF that goes with a Qwen2-VL / Qwen2.5-VL text GGUF.
+    """
     set_threads(threads)
     if model is None:
         from .defaults import default_model_path
 
         model = default_model_path()
-    checkpoint = open_checkpoint(model)
+    checkpoint = open_checkpoint(model, mmproj=mmproj)
     return _build(checkpoint, resolve_dtype(dtype), context)
 
 

@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", help="HF checkpoint dir, hub id or .gguf (default: the embedded model)")
+    parser.add_argument("--mmproj", metavar="FILE", help="the vision GGUF of a Qwen2-VL / Qwen2.5-VL text GGUF")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="compute dtype")
     parser.add_argument("--threads", type=int, help="threads (default: physical cores)")
     parser.add_argument("--ctx", type=int, help="context length in tokens (default: the model's, at most 32768)")
@@ -114,7 +115,7 @@ def _load(args: argparse.Namespace):
     from .api import load
 
     started = time.perf_counter()
-    model = load(args.model, dtype=args.dtype, threads=args.threads, context=args.ctx)
+    model = load(args.model, dtype=args.dtype, threads=args.threads, context=args.ctx, mmproj=args.mmproj)
     return model, time.perf_counter() - started
 
 

@@ -17,6 +17,7 @@ from ..config import (
     model_config_from_hf,
     preprocess_config_from_hf,
 )
+from ..errors import ModelFileError
 from ..tokenizer import Tokenizer
 from . import hf
 
@@ -32,12 +33,15 @@ class Checkpoint:
     tensors: Callable[[], Mapping[str, torch.Tensor]]
 
 
-def open_checkpoint(model: str | os.PathLike) -> Checkpoint:
+def open_checkpoint(model: str | os.PathLike, mmproj: str | os.PathLike | None = None) -> Checkpoint:
+    """An HF checkpoint directory / hub id, or a GGUF file (with its vision ``mmproj`` GGUF, if any)."""
     path = Path(model).expanduser()
     if path.is_file() and path.suffix.lower() == ".gguf":
         from .gguf import open_gguf_checkpoint
 
-        return open_gguf_checkpoint(path)
+        return open_gguf_checkpoint(path, mmproj=mmproj)
+    if mmproj is not None:
+        raise ModelFileError(f"{mmproj}: --mmproj goes with a GGUF model, and {model} is not a .gguf file")
     return open_hf_checkpoint(model)
 
 

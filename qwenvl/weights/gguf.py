@@ -469,8 +469,10 @@ class _DequantizedTensors(Mapping[str, torch.Tensor]):
         return len(self._names)
 
 
-def open_gguf_checkpoint(path: str | os.PathLike) -> Checkpoint:
+def open_gguf_checkpoint(path: str | os.PathLike, mmproj: str | os.PathLike | None = None) -> Checkpoint:
     """A GGUF text model as the loaders' common Checkpoint view."""
+    if mmproj is not None:
+        raise ModelFileError(f"{mmproj}: reading mmproj (vision) GGUF files is not supported yet")
     model = read_gguf(path)
     return Checkpoint(
         source=str(model.path),
