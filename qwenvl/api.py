@@ -18,8 +18,9 @@ from .engine.generate import Generation, GenerationResult, new_request
 from .engine.prompt import EncodedVisual, Prompt, VisionCache, build_prompt
 from .engine.sampler import sampling_params
 from .errors import MediaError, QwenVLError
-from .media.image import load_image, preprocess_image
-from .models.rope import IMAGE
+from .media.image import ImageInput, load_image, preprocess_image
+from .media.video import VideoPlan, available_memory, decode_video, plan_video, video_options, vision_encoder_bytes
+from .models.rope import IMAGE, VIDEO
 from .models.text import TextModel
 from .models.vision import VisionTransformer
 from .runtime import resolve_dtype, set_threads
@@ -28,7 +29,9 @@ from .weights.checkpoint import Checkpoint, open_checkpoint
 
 ChatResult = GenerationResult
 DEFAULT_CONTEXT = 32768
-MEDIA_OPTIONS = ("min_pixels", "max_pixels")
+VIDEO_OPTIONS = ("fps", "nframes", "video_start", "video_end", "video_min_pixels", "video_max_pixels", "video_total_pixels")
+MEDIA_OPTIONS = ("min_pixels", "max_pixels", *VIDEO_OPTIONS, "vision_memory_budget")
+VIDEO_COST_HINT = "lower it with --fps, --nframes, --video-max-pixels or --video-total-pixels (API: fps, nframes, video_max_pixels, video_total_pixels)"
 
 
 @dataclass
@@ -55,9 +58,13 @@ class Model:
         return render_chat(self.chat_template, normalize_messages(messages), add_generation_prompt=add_generation_prompt)
 
     def prepare(self, messages: list[dict[str, Any]], **media: Any) -> Prompt:
-        """Render the chat template, tokenize, encode the images and assemble the prompt.
+        """Render the chat template, tokenize, encode the images and videos and assemble the prompt.
 
-        ``media`` takes per-request preprocessing overrides: ``min_pixels``, ``max_pixels``.
+        ``media`` takes per-request preprocessing overrides: ``min_pixels``, ``max_pixels`` (images);
+        ``fps``, ``nframes``, ``video_start``, ``video_end``, ``video_min_pixels``, ``video_max_pixels``,
+        ``video_total_pixels`` (videos; a video item's own keys such as ``"fps"`` win); ``vision_memory_budget``
+        (bytes a video may take in the vision encoder; default: the memory available). Videos are sized
+        before decoding and refused when they would overflow the context or that budget.
         """
         messages = normalize_messages(messages)
         items = media_items(messages)
@@ -66,14 +73,54 @@ class Model:
                 raise MediaError(f"{self.source} is a text-only model: it cannot take images or videos")
             messages = [_flatten_text_parts(m) for m in messages]
         text = render_chat(self.chat_template, messages)
-        visuals = [self._encode_media(kind, source, media) for kind, source in items]
-        return build_prompt(self.tokenizer.encode(text), visuals, self.config)
+        ids = self.tokenizer.encode(text)
+        prepared = [
+            self._prepare_media(kind, source, item, media)
+            for (kind, source), item in zip(items, _media_parts(messages))
+        ]
+        self._check_visual_cost(ids, prepared, media.get("vision_memory_budget"))
+        return build_prompt(ids, [self._encode_media(item) for item in prepared], self.config)
 
-    def _encode_media(self, kind: str, source: Any, media: dict[str, Any]) -> EncodedVisual:
-        if kind != "image":
-            raise MediaError(f"{kind} input is not supported yet")
-        image = preprocess_image(load_image(source), self.preprocess_config, **media)
-        return EncodedVisual(IMAGE, image.grid_thw, self.encode_pixels(image.pixel_values, image.grid_thw))
+    def _prepare_media(self, kind: str, source: Any, item: dict[str, Any], media: dict[str, Any]) -> ImageInput | VideoPlan:
+        """An image preprocessed, or a video planned (frames and size chosen, nothing decoded yet)."""
+        if kind == "video":
+            return plan_video(source, self.preprocess_config, video_options(media, item))
+        image_media = {k: media[k] for k in ("min_pixels", "max_pixels") if media.get(k) is not None}
+        return preprocess_image(load_image(source), self.preprocess_config, **image_media)
+
+    def _check_visual_cost(self, ids: list[int], prepared: list[ImageInput | VideoPlan], budget: int | None) -> None:
+        """Refuse, before any decoding or encoding, a prompt whose media overflow the context or memory."""
+        if not prepared:
+            return
+        merge = self.preprocess_config.merge_size
+        visual = sum(_visual_tokens(item, merge) for item in prepared)
+        placeholders = sum(1 for i in ids if i in (self.config.image_token_id, self.config.video_token_id))
+        total = len(ids) - placeholders + visual
+        if total >= self.context:
+            videos = [item for item in prepared if isinstance(item, VideoPlan)]
+            detail = "; ".join(f"{v.label}: {v.describe()} = {v.num_tokens} tokens" for v in videos)
+            raise MediaError(
+                f"the prompt would take {total} tokens ({visual} for images/videos{': ' + detail if detail else ''}), "
+                f"the context holds {self.context}" + (f": {VIDEO_COST_HINT}" if videos else "")
+            )
+        budget = budget if budget is not None else available_memory()
+        for item in prepared:
+            if not isinstance(item, VideoPlan) or budget is None:
+                continue
+            assert self.config.vision is not None and self.vision_model is not None
+            need = vision_encoder_bytes(item.num_patches, self.config.vision, self.vision_model.dtype)
+            if need > budget:
+                raise MediaError(
+                    f"{item.label}: encoding {item.describe()} needs about {need / 2**30:.1f} GiB, "
+                    f"more than the {budget / 2**30:.1f} GiB available: {VIDEO_COST_HINT}"
+                )
+
+    def _encode_media(self, item: ImageInput | VideoPlan) -> EncodedVisual:
+        if isinstance(item, VideoPlan):
+            video = decode_video(item)
+            embeds = self.encode_pixels(video.pixel_values, video.grid_thw)
+            return EncodedVisual(VIDEO, video.grid_thw, embeds, video.second_per_grid)
+        return EncodedVisual(IMAGE, item.grid_thw, self.encode_pixels(item.pixel_values, item.grid_thw))
 
     def encode_pixels(self, pixel_values: torch.Tensor, grid_thw: tuple[int, int, int]) -> torch.Tensor:
         """Vision-encoder embeddings of one preprocessed image or video (cached by content)."""
@@ -100,7 +147,7 @@ class Model:
         """Iterate for text pieces; the finished Generation's ``result`` holds ids, usage and timings.
 
         ``options``: sampling values (max_tokens, temperature, top_p, top_k, min_p, repetition_penalty,
-        seed, stop) and media preprocessing overrides (min_pixels, max_pixels).
+        seed, stop) and media preprocessing overrides (``MEDIA_OPTIONS``: see ``prepare``).
         """
         media = {k: options.pop(k) for k in MEDIA_OPTIONS if options.get(k) is not None}
         options = {k: v for k, v in options.items() if k not in MEDIA_OPTIONS}
@@ -121,6 +168,23 @@ def _flatten_text_parts(message: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(content, list):
         return message
     return {**message, "content": "".join(part.get("text", "") for part in content)}
+
+
+def _media_parts(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each image/video part of normalized messages, in prompt order (as ``media_items`` lists them)."""
+    parts = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            parts.extend(part for part in content if part.get("type") in ("image", "video"))
+    return parts
+
+
+def _visual_tokens(item: ImageInput | VideoPlan, merge: int) -> int:
+    if isinstance(item, VideoPlan):
+        return item.num_tokens
+    t, h, w = item.grid_thw
+    return t * h * w // (merge * merge)
 
 
 def _fallback_eos(tokenizer: Tokenizer) -> tuple[int, ...]:

@@ -82,6 +82,21 @@ def _add_media_arguments(parser: argparse.ArgumentParser, repl: bool = False) ->
         )
     group.add_argument("--min-pixels", type=int, help="override the model's min_pixels for image resizing")
     group.add_argument("--max-pixels", type=int, help="override the model's max_pixels for image resizing")
+    videos = parser.add_argument_group("videos (sampling and sizing as qwen-vl-utils: see docs/video.md)")
+    if not repl:
+        videos.add_argument(
+            "--video", action="append", default=[], metavar="PATH|DIR|URL",
+            help="a video for the prompt (repeatable; a video file, a directory of frame images, or an http(s) URL)",
+        )
+    sampling = videos.add_mutually_exclusive_group()
+    sampling.add_argument("--fps", type=float, help="frames to sample per second (default 2); for frame directories: their rate")
+    sampling.add_argument("--nframes", type=int, help="sample this many frames instead (rounded to an even count)")
+    videos.add_argument("--video-start", type=float, metavar="SECONDS", help="start of the segment to use")
+    videos.add_argument("--video-end", type=float, metavar="SECONDS", help="end of the segment to use")
+    videos.add_argument("--video-max-pixels", type=int, help="pixels per frame at most (default 768*28*28)")
+    videos.add_argument(
+        "--video-total-pixels", type=int, help="pixel budget of the whole clip, shared by its frames (default 128000*28*28*0.9)"
+    )
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -108,6 +123,12 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
         "stop": args.stop,
         "min_pixels": args.min_pixels,
         "max_pixels": args.max_pixels,
+        "fps": args.fps,
+        "nframes": args.nframes,
+        "video_start": args.video_start,
+        "video_end": args.video_end,
+        "video_max_pixels": args.video_max_pixels,
+        "video_total_pixels": args.video_total_pixels,
     }
 
 
@@ -124,11 +145,13 @@ def _messages(system: str | None, user_content: Any) -> list[dict[str, Any]]:
     return messages + [{"role": "user", "content": user_content}]
 
 
-def _user_content(text: str, images: list[str]) -> str | list[dict[str, Any]]:
-    """Plain text, or the images first then the text, as the Qwen-VL examples put them."""
-    if not images:
+def _user_content(text: str, images: list[str], videos: list[str] | None = None) -> str | list[dict[str, Any]]:
+    """Plain text, or the images, then the videos, then the text, as the Qwen-VL examples put them."""
+    if not images and not videos:
         return text
-    return [{"type": "image", "image": image} for image in images] + [{"type": "text", "text": text}]
+    media = [{"type": "image", "image": image} for image in images]
+    media += [{"type": "video", "video": video} for video in videos or []]
+    return media + [{"type": "text", "text": text}]
 
 
 def _read_prompt(prompt: str) -> str:
@@ -141,7 +164,7 @@ def _read_prompt(prompt: str) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     prompt = _read_prompt(args.prompt)
     model, load_s = _load(args)
-    generation = model.stream(_messages(args.system, _user_content(prompt, args.image)), **_sampling(args))
+    generation = model.stream(_messages(args.system, _user_content(prompt, args.image, args.video)), **_sampling(args))
     if args.json:
         for _ in generation:
             pass
@@ -196,7 +219,8 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 
 
 CHAT_HELP = (
-    "commands: /image PATH (attach an image to your next message), /reset (forget the conversation), "
+    "commands: /image PATH, /video PATH (attach an image / a video to your next message), "
+    "/reset (forget the conversation), "
     "/quit (or Ctrl-D); Ctrl-C stops an answer"
 )
 
@@ -206,6 +230,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     history: list[dict[str, Any]] = _messages(args.system, "")[:-1]
     system_turns = list(history)
     attached: list[str] = []
+    attached_videos: list[str] = []
     print(f"qwenvl chat — {model.source}\n{CHAT_HELP}", file=sys.stderr)
     while True:
         try:
@@ -222,7 +247,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if text in ("/quit", "/exit"):
             return 0
         if text == "/reset":
-            history, attached = list(system_turns), []
+            history, attached, attached_videos = list(system_turns), [], []
             print("(conversation cleared)", file=sys.stderr)
             continue
         if text.startswith("/image"):
@@ -233,14 +258,22 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 attached.append(path)
                 print(f"(image attached to your next message: {path})", file=sys.stderr)
             continue
+        if text.startswith("/video"):
+            path = text[len("/video"):].strip()
+            if not path:
+                print("usage: /video PATH", file=sys.stderr)
+            else:
+                attached_videos.append(path)
+                print(f"(video attached to your next message: {path})", file=sys.stderr)
+            continue
         if text.startswith("/"):
             print(f"unknown command {text.split()[0]}; {CHAT_HELP}", file=sys.stderr)
             continue
-        turn = {"role": "user", "content": _user_content(line, attached)}
+        turn = {"role": "user", "content": _user_content(line, attached, attached_videos)}
         answer = _chat_turn(model, history + [turn], args)
         if answer is not None:
             history += [turn, {"role": "assistant", "content": answer}]
-        attached = []
+        attached, attached_videos = [], []
 
 
 def _chat_turn(model, messages: list[dict[str, Any]], args: argparse.Namespace) -> str | None:
