@@ -104,3 +104,15 @@ def test_mrope_equals_rope_for_text():
 def test_prompt_object_positions():
     prompt = Prompt.text_only([1, 2, 3])
     assert prompt.position_ids.tolist() == [[0, 1, 2]] * 3 and prompt.rope_delta == 0
+
+
+def test_bfloat16_path_agrees_with_float32(make_qwen2):
+    directory = make_qwen2("untied-gqa2", **SHAPES["untied-gqa2"])
+    fp32 = qwenvl.load(directory, dtype="float32")
+    bf16 = qwenvl.load(directory, dtype="bfloat16")
+    assert bf16.dtype == torch.bfloat16
+    ids = fp32.tokenizer.encode(PROMPTS[2])
+    a, b = full_logits(fp32, ids), full_logits(bf16, ids)
+    cosine = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+    assert cosine.min().item() >= 0.99
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.9
