@@ -19,6 +19,7 @@ from .engine.prompt import EncodedVisual, Prompt, VisionCache, build_prompt
 from .engine.sampler import sampling_params
 from .errors import MediaError, QwenVLError
 from .media.image import ImageInput, load_image, preprocess_image
+from .media.video import REQUEST_OPTIONS as VIDEO_REQUEST_OPTIONS
 from .media.video import VideoPlan, available_memory, decode_video, plan_video, video_options, vision_encoder_bytes
 from .models.rope import IMAGE, VIDEO
 from .models.text import TextModel
@@ -29,9 +30,11 @@ from .weights.checkpoint import Checkpoint, open_checkpoint
 
 ChatResult = GenerationResult
 DEFAULT_CONTEXT = 32768
-VIDEO_OPTIONS = ("fps", "nframes", "video_start", "video_end", "video_min_pixels", "video_max_pixels", "video_total_pixels")
-MEDIA_OPTIONS = ("min_pixels", "max_pixels", *VIDEO_OPTIONS, "vision_memory_budget")
-VIDEO_COST_HINT = "lower it with --fps, --nframes, --video-max-pixels or --video-total-pixels (API: fps, nframes, video_max_pixels, video_total_pixels)"
+MEDIA_OPTIONS = ("min_pixels", "max_pixels", *VIDEO_REQUEST_OPTIONS, "vision_memory_budget")
+VIDEO_COST_HINT = (
+    "lower it with --fps, --nframes, --video-max-pixels or --video-total-pixels "
+    "(API: fps, nframes, video_max_pixels, video_total_pixels)"
+)
 
 
 @dataclass
@@ -81,7 +84,9 @@ class Model:
         self._check_visual_cost(ids, prepared, media.get("vision_memory_budget"))
         return build_prompt(ids, [self._encode_media(item) for item in prepared], self.config)
 
-    def _prepare_media(self, kind: str, source: Any, item: dict[str, Any], media: dict[str, Any]) -> ImageInput | VideoPlan:
+    def _prepare_media(
+        self, kind: str, source: Any, item: dict[str, Any], media: dict[str, Any]
+    ) -> ImageInput | VideoPlan:
         """An image preprocessed, or a video planned (frames and size chosen, nothing decoded yet)."""
         if kind == "video":
             return plan_video(source, self.preprocess_config, video_options(media, item))
@@ -111,8 +116,8 @@ class Model:
             need = vision_encoder_bytes(item.num_patches, self.config.vision, self.vision_model.dtype)
             if need > budget:
                 raise MediaError(
-                    f"{item.label}: encoding {item.describe()} needs about {need / 2**30:.1f} GiB, "
-                    f"more than the {budget / 2**30:.1f} GiB available: {VIDEO_COST_HINT}"
+                    f"{item.label}: encoding {item.describe()} needs about {_bytes_text(need)}, "
+                    f"more than the {_bytes_text(budget)} available: {VIDEO_COST_HINT}"
                 )
 
     def _encode_media(self, item: ImageInput | VideoPlan) -> EncodedVisual:
@@ -185,6 +190,10 @@ def _visual_tokens(item: ImageInput | VideoPlan, merge: int) -> int:
         return item.num_tokens
     t, h, w = item.grid_thw
     return t * h * w // (merge * merge)
+
+
+def _bytes_text(count: int) -> str:
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.0f} MiB"
 
 
 def _fallback_eos(tokenizer: Tokenizer) -> tuple[int, ...]:

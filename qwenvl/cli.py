@@ -62,7 +62,110 @@ def build_parser() -> argparse.ArgumentParser:
     tokenize.add_argument("--json", action="store_true", help="print {ids, pieces} as JSON")
     tokenize.add_argument("--no-parse-special", action="store_true", help="encode special-token text as plain text")
     tokenize.set_defaults(handler=cmd_tokenize)
+    _add_file_commands(commands)
+    _add_bench_command(commands)
     return parser
+
+
+def _add_file_commands(commands: Any) -> None:
+    """convert / quantize / export / info (docs/convert.md, quantize.md, export.md, info.md)."""
+    from .convert import CONVERT_TYPES, MMPROJ_TYPES, QUANTIZE_TYPES
+
+    convert = commands.add_parser(
+        "convert", help="HF checkpoint → GGUF (+ mmproj for VL models)",
+        description="Write the text GGUF and, for Qwen2-VL / Qwen2.5-VL, the mmproj GGUF, as llama.cpp does.",
+    )
+    convert.add_argument("hf_dir", metavar="HF_DIR", help="checkpoint directory or hub id")
+    convert.add_argument("-o", "--out-dir", required=True, metavar="OUT_DIR", help="directory for the .gguf files")
+    convert.add_argument("--type", default="f16", choices=CONVERT_TYPES, help="text model tensor type (default f16)")
+    convert.add_argument("--mmproj-type", choices=MMPROJ_TYPES, help="mmproj type (default: f32/f16/q8_0 after --type)")
+    convert.add_argument("--force", action="store_true", help="replace output files that exist")
+    convert.set_defaults(handler=cmd_convert)
+
+    quantize = commands.add_parser(
+        "quantize", help="re-quantize a GGUF", description="Write IN.gguf's tensors in another type (text or mmproj)."
+    )
+    quantize.add_argument("input", metavar="IN.gguf")
+    quantize.add_argument("output", metavar="OUT.gguf")
+    quantize.add_argument("type", metavar="TYPE", choices=QUANTIZE_TYPES, help=", ".join(QUANTIZE_TYPES))
+    quantize.add_argument("--force", action="store_true", help="replace OUT.gguf if it exists")
+    quantize.set_defaults(handler=cmd_quantize)
+
+    export = commands.add_parser(
+        "export", help="GGUF → HF checkpoint", description="Dequantize a GGUF (and its mmproj) into an HF checkpoint."
+    )
+    export.add_argument("input", metavar="IN.gguf")
+    export.add_argument("--mmproj", metavar="FILE", help="the vision GGUF of a Qwen2-VL / Qwen2.5-VL text GGUF")
+    export.add_argument("-o", "--out-dir", required=True, metavar="HF_DIR")
+    export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="weight dtype (default float32: the dequantized values exactly)")
+    export.add_argument("--force", action="store_true", help="replace HF_DIR if it is not empty")
+    export.set_defaults(handler=cmd_export)
+
+    info = commands.add_parser("info", help="describe a model file", description="Architecture, size, types, tokens.")
+    info.add_argument("model", metavar="MODEL", help="HF checkpoint dir, hub id, .gguf text model or mmproj")
+    info.add_argument("--mmproj", metavar="FILE", help="the vision GGUF of a text GGUF")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    info.set_defaults(handler=cmd_info)
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import convert_hf, summary_table
+
+    written = convert_hf(
+        args.hf_dir, args.out_dir, out_type=args.type, mmproj_type=args.mmproj_type, force=args.force,
+        progress=sys.stderr.isatty(),
+    )
+    print("\n".join(summary_table(file) for file in written))
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from .convert import quantize_gguf, summary_table
+
+    written = quantize_gguf(args.input, args.output, args.type, force=args.force, progress=sys.stderr.isatty())
+    print(summary_table(written))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from .weights.export import export_hf
+
+    out = export_hf(
+        args.input, args.out_dir, mmproj=args.mmproj, dtype=getattr(torch, args.dtype), overwrite=args.force,
+        progress=sys.stderr.isatty(),
+    )
+    print(out)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .info import format_info, model_info
+
+    info = model_info(args.model, mmproj=args.mmproj)
+    print(json.dumps(info, ensure_ascii=False) if args.json else format_info(info))
+    return 0
+
+
+def _add_bench_command(commands: Any) -> None:
+    """bench (docs/bench.md): its arguments and its run live in qwenvl.bench."""
+    from .bench import add_bench_arguments
+
+    bench = commands.add_parser(
+        "bench", help="prefill / decode / image encode speed, vs transformers and llama.cpp",
+        description="Prefill and decode tok/s, image encode and TTFT seconds, load time and peak RSS of qwenvl "
+                    "and of each installed peer (--compare) on the same model, each engine in its own process.",
+    )
+    add_bench_arguments(bench)
+    bench.set_defaults(handler=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench_command
+
+    return run_bench_command(args)
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,13 +192,16 @@ def _add_media_arguments(parser: argparse.ArgumentParser, repl: bool = False) ->
             help="a video for the prompt (repeatable; a video file, a directory of frame images, or an http(s) URL)",
         )
     sampling = videos.add_mutually_exclusive_group()
-    sampling.add_argument("--fps", type=float, help="frames to sample per second (default 2); for frame directories: their rate")
+    sampling.add_argument(
+        "--fps", type=float, help="frames to sample per second (default 2); for frame directories: their rate"
+    )
     sampling.add_argument("--nframes", type=int, help="sample this many frames instead (rounded to an even count)")
     videos.add_argument("--video-start", type=float, metavar="SECONDS", help="start of the segment to use")
     videos.add_argument("--video-end", type=float, metavar="SECONDS", help="end of the segment to use")
     videos.add_argument("--video-max-pixels", type=int, help="pixels per frame at most (default 768*28*28)")
     videos.add_argument(
-        "--video-total-pixels", type=int, help="pixel budget of the whole clip, shared by its frames (default 128000*28*28*0.9)"
+        "--video-total-pixels", type=int,
+        help="pixel budget of the whole clip, shared by its frames (default 128000*28*28*0.9)",
     )
 
 

@@ -116,3 +116,23 @@ def test_bfloat16_path_agrees_with_float32(make_qwen2):
     cosine = torch.nn.functional.cosine_similarity(a, b, dim=-1)
     assert cosine.min().item() >= 0.99
     assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.9
+
+
+def test_ignore_eos_generates_exactly_max_tokens(make_qwen2):
+    model = qwenvl.load(make_qwen2("untied-gqa2", **SHAPES["untied-gqa2"]), dtype="float32")
+    eos = model.generation_config.eos_token_ids[0]
+    ids = model.tokenizer.encode(PROMPTS[0])
+    real_logits = model.text_model.logits
+
+    def eos_favoured(hidden):  # EOS becomes the greedy choice at every step
+        logits = real_logits(hidden)
+        logits[..., eos] = logits.max() + 1
+        return logits
+
+    model.text_model.logits = eos_favoured
+    stopped = model.generate(ids, temperature=0, max_tokens=6)
+    list(stopped)
+    assert stopped.result.token_ids == [eos] and stopped.result.finish_reason == "stop"
+    forced = model.generate(ids, temperature=0, max_tokens=6, ignore_eos=True)
+    list(forced)
+    assert len(forced.result.token_ids) == 6 and forced.result.finish_reason == "length"

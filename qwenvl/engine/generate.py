@@ -155,7 +155,7 @@ class Generation:
     def _accept(self, token: int) -> str:
         """Detokenize one new token; set finish_reason on EOS, a stop string or the token limit."""
         req = self.request
-        if token in req.eos_token_ids:
+        if token in req.eos_token_ids and not req.params.ignore_eos:
             req.finish_reason = "stop"
             raw = req.decoder.flush()
         else:

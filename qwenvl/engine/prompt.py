@@ -53,7 +53,7 @@ def build_prompt(ids: Sequence[int], visuals: Sequence[EncodedVisual], config: M
     merge = config.vision.spatial_merge_size
     expanded = expand_placeholders(ids, visuals, config, merge)
     spans = [VisualSpan(v.kind, v.grid_thw, v.second_per_grid) for v in visuals]
-    positions, delta = mrope_position_ids(
+    positions, _ = mrope_position_ids(
         expanded,
         spans,
         image_token_id=config.image_token_id,
@@ -64,10 +64,18 @@ def build_prompt(ids: Sequence[int], visuals: Sequence[EncodedVisual], config: M
     return Prompt(
         input_ids=expanded,
         position_ids=positions,
-        rope_delta=delta,
+        rope_delta=decode_delta(positions),
         visual_embeds=torch.cat([v.embeds for v in visuals]),
         visual_token_ids=(config.image_token_id, config.video_token_id),
     )
+
+
+def decode_delta(positions: torch.Tensor) -> int:
+    """Offset of decode positions from sequence indices: generation continues at the last prompt
+    token's position + 1, as transformers 5.23's ``generate`` extends position ids. ``get_rope_index``'s
+    own delta (max position + 1) is the same for text and images; it differs after a video whose time
+    ids run past the text that follows it (docs/video.md)."""
+    return int(positions[:, -1].max()) + 1 - positions.shape[1]
 
 
 def expand_placeholders(

@@ -21,6 +21,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False  # keep going past EOS (benchmarks), as vLLM's option
 
     @property
     def greedy(self) -> bool:

@@ -217,7 +217,9 @@ def _segment(start: float | None, end: float | None) -> str:
 def sample_frame_count(total_frames: int, video_fps: float, options: VideoOptions) -> int:
     """How many frames to sample from ``total_frames`` (qwen-vl-utils ``smart_nframes``)."""
     if total_frames < FRAME_FACTOR:
-        raise MediaError(f"the video has {total_frames} frame(s): a video needs at least {FRAME_FACTOR} (send it as an image)")
+        raise MediaError(
+            f"the video has {total_frames} frame(s): a video needs at least {FRAME_FACTOR} (send it as an image)"
+        )
     if options.nframes is not None:
         count = round(options.nframes / FRAME_FACTOR) * FRAME_FACTOR
     else:
@@ -314,7 +316,9 @@ def decode_video(plan: VideoPlan) -> VideoInput:
     return frames_to_input(frames, plan)
 
 
-def load_video(source: VideoSource, config: PreprocessConfig, options: VideoOptions | None = None, **limits: Any) -> VideoInput:
+def load_video(
+    source: VideoSource, config: PreprocessConfig, options: VideoOptions | None = None, **limits: Any
+) -> VideoInput:
     """Plan and decode in one go (see ``plan_video`` for sources and limits)."""
     return decode_video(plan_video(source, config, options, **limits))
 
@@ -402,14 +406,19 @@ class _StreamInfo:
     width: int
 
 
-def _plan_file(open_container: Callable[[], Any], label: str, config: PreprocessConfig, options: VideoOptions) -> VideoPlan:
+def _plan_file(
+    open_container: Callable[[], Any], label: str, config: PreprocessConfig, options: VideoOptions
+) -> VideoPlan:
     info = _with_av_errors(label, lambda: _probe(open_container, label))
     try:
         indices, sample_fps = sample_frames(info.total_frames, info.fps, options)
+        size = frame_size(info.height, info.width, len(indices), options, config.factor)
     except MediaError as error:
         raise MediaError(f"{label}: {error}") from None
-    size = frame_size(info.height, info.width, len(indices), options, config.factor)
-    read = lambda: _with_av_errors(label, lambda: _decode_frames(open_container, indices, size, label))  # noqa: E731
+
+    def read() -> torch.Tensor:
+        return _with_av_errors(label, lambda: _decode_frames(open_container, indices, size, label))
+
     return VideoPlan(label, tuple(indices), sample_fps, (info.height, info.width), size, config, read)
 
 
@@ -451,7 +460,9 @@ def _count_packets(open_container: Callable[[], Any]) -> int:
         return sum(1 for packet in container.demux(stream) if packet.size)
 
 
-def _decode_frames(open_container: Callable[[], Any], indices: Sequence[int], size: tuple[int, int], label: str) -> torch.Tensor:
+def _decode_frames(
+    open_container: Callable[[], Any], indices: Sequence[int], size: tuple[int, int], label: str
+) -> torch.Tensor:
     """Decode once from the start, keeping (resized) only the wanted frames; frames the stream turns out not
     to have (its frame count was too high) repeat the last frame it has."""
     wanted = set(indices)
@@ -479,31 +490,42 @@ def _frame_tensor(frame: av.VideoFrame, size: tuple[int, int]) -> torch.Tensor:
 
 
 def _plan_frame_list(sources: list[Any], label: str, config: PreprocessConfig, options: VideoOptions) -> VideoPlan:
-    """All frames of a list, each loaded and resized as an image first, padded to an even count."""
+    """All frames of a list, each resized as an image first and then to the clip's frame size (so only
+    frames of the final size are held), padded to an even count."""
     if not sources:
         raise MediaError(f"{label}: the frame list is empty")
+    count = len(sources) + len(sources) % FRAME_FACTOR
+    first = _frame_image(sources[0], config, options)
+    native = (first.height, first.width)
+    try:
+        size = frame_size(first.height, first.width, count, options, config.factor)
+    except MediaError as error:
+        raise MediaError(f"{label}: {error}") from None
+    frames = []
+    for position, source in enumerate(sources):
+        image = first if position == 0 else _frame_image(source, config, options)
+        if (image.height, image.width) != native:
+            raise MediaError(
+                f"{label}: frame {position} is {image.width}x{image.height} after resizing but frame 0 is "
+                f"{native[1]}x{native[0]}: all frames must have one size"
+            )
+        frames.append(resize_frames(torch.from_numpy(np.array(image)).permute(2, 0, 1)[None], size)[0])
+    indices = list(range(len(frames))) + [len(frames) - 1] * (count - len(frames))
+    stacked = torch.stack([frames[i] for i in indices])
+    fps = FPS if options.fps is None else options.fps
+    return VideoPlan(label, tuple(indices), fps, native, size, config, lambda: stacked)
+
+
+def _frame_image(source: Any, config: PreprocessConfig, options: VideoOptions) -> Image.Image:
+    """One frame of a list, loaded and resized as qwen-vl-utils' fetch_image resizes an image."""
     factor = config.factor
     min_pixels = options.min_pixels or FRAME_IMAGE_MIN_TOKENS * factor * factor
     max_pixels = options.max_pixels or FRAME_IMAGE_MAX_TOKENS * factor * factor
-    frames = []
-    for position, source in enumerate(sources):
-        image = convert_to_rgb(load_image(source))
-        height, width = smart_resize(image.height, image.width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
-        if (image.width, image.height) != (width, height):
-            image = image.resize((width, height), Image.Resampling.BICUBIC)
-        frames.append(torch.from_numpy(np.asarray(image)).permute(2, 0, 1))
-        if frames[-1].shape != frames[0].shape:
-            raise MediaError(
-                f"{label}: frame {position} is {width}x{height} after resizing but frame 0 is "
-                f"{frames[0].shape[2]}x{frames[0].shape[1]}: all frames must have one size"
-            )
-    indices = list(range(len(frames)))
-    indices += [indices[-1]] * (-len(indices) % FRAME_FACTOR)
-    stacked = torch.stack([frames[i] for i in indices])
-    native = tuple(stacked.shape[-2:])
-    size = frame_size(native[0], native[1], len(indices), options, factor)
-    fps = FPS if options.fps is None else options.fps
-    return VideoPlan(label, tuple(indices), fps, native, size, config, lambda: resize_frames(stacked, size))
+    image = convert_to_rgb(load_image(source))
+    height, width = smart_resize(image.height, image.width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    if (image.width, image.height) != (width, height):
+        image = image.resize((width, height), Image.Resampling.BICUBIC)
+    return image
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,9 @@
-"""Export a GGUF text model as a Hugging Face checkpoint directory (Qwen2ForCausalLM).
+"""Export a GGUF model as a Hugging Face checkpoint directory.
+
+A ``qwen2`` text GGUF becomes a Qwen2ForCausalLM checkpoint; a ``qwen2vl`` text GGUF with its vision
+projector (mmproj) becomes a Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration one,
+named as transformers 5 saves them (``model.language_model.…``, ``model.visual.…``, ``lm_head``),
+with a ``preprocessor_config.json`` carrying the mmproj's image mean / std.
 
 The weights are dequantized one tensor at a time and streamed into a single ``model.safetensors``
 (its header is known up front from the GGUF shapes), so exporting needs memory for one tensor, not
@@ -16,27 +21,41 @@ import os
 import shutil
 import struct
 import sys
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
 from tqdm import tqdm
 
+from ..config import ModelConfig
 from ..errors import ModelFileError
-from .gguf import GGUFModel, read_gguf
+from . import names
+from .gguf import GGUFModel, read_gguf, vl_model_config
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+VL_CLASSES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+
+
+@dataclass(frozen=True)
+class ExportTensor:
+    name: str  # as the HF checkpoint stores it
+    shape: tuple[int, ...]
+    load: Callable[[], torch.Tensor]  # float32, dequantized
 
 
 def export_hf(
     gguf_path: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
+    mmproj: str | os.PathLike | None = None,
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
     progress: bool = False,
 ) -> Path:
-    """Write config, weights and tokenizer of a GGUF text model as an HF checkpoint; return out_dir.
+    """Write config, weights and tokenizer of a GGUF model (and its mmproj) as an HF checkpoint; return out_dir.
 
     float32 keeps every dequantized value exactly; bfloat16 / float16 round most of them.
     """
@@ -44,17 +63,29 @@ def export_hf(
         raise ValueError(f"dtype must be one of {list(SAFETENSORS_DTYPES)}, not {dtype}")
     out_dir = Path(out_dir)
     _check_target(out_dir, overwrite)
-    with read_gguf(gguf_path) as model:
-        if model.config.arch != "qwen2":
+    for source in (gguf_path, mmproj):
+        if source is not None:
+            _check_not_inside(Path(source), out_dir)
+    with ExitStack() as stack:
+        model = stack.enter_context(read_gguf(gguf_path))
+        projector = None
+        if model.config.arch != "qwen2" and mmproj is None:
             raise ModelFileError(
-                f"{model.path}: export_hf writes Qwen2ForCausalLM; a {model.config.arch} text model is not exported"
+                f"{model.path}: a {model.config.arch} text model: exporting it needs its vision projector (--mmproj)"
             )
+        if mmproj is not None:
+            from .mmproj import read_mmproj
+
+            projector = stack.enter_context(read_mmproj(mmproj))
+            config = vl_model_config(model, projector, model.tokenizer())
+        else:
+            config = model.config
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
         try:
-            _write_checkpoint(model, staging, dtype, progress)
+            _write_checkpoint(model, projector, config, staging, dtype, progress)
             _move_into_place(staging, out_dir, overwrite)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -62,19 +93,47 @@ def export_hf(
     return out_dir
 
 
-def _write_checkpoint(model: GGUFModel, directory: Path, dtype: torch.dtype, progress: bool) -> None:
-    write_safetensors(model, directory / "model.safetensors", dtype, progress=progress)
+def _write_checkpoint(
+    model: GGUFModel, projector: Any, config: ModelConfig, directory: Path, dtype: torch.dtype, progress: bool
+) -> None:
+    write_safetensors(export_tensors(model, projector), directory / "model.safetensors", dtype, progress=progress)
     (directory / "tokenizer.json").write_text(model.tokenizer_json, encoding="utf-8")
     _write_json(directory / "tokenizer_config.json", tokenizer_config(model))
     _write_json(directory / "generation_config.json", generation_config(model))
-    _write_json(directory / "config.json", hf_config(model, dtype))  # last: a config means complete
+    if projector is not None:
+        _write_json(directory / "preprocessor_config.json", preprocessor_config(projector))
+        _write_json(directory / "config.json", hf_vl_config(model, config, dtype))  # last: a config means complete
+    else:
+        _write_json(directory / "config.json", hf_config(model, dtype))
+
+
+def export_tensors(model: GGUFModel, projector: Any = None) -> list[ExportTensor]:
+    """Every tensor of the checkpoint, named as transformers saves the model's class."""
+    if projector is None:
+        return [ExportTensor(n, model.info(n).shape, lambda n=n: model.tensor(n)) for n in model.hf_names()]
+    tensors = [
+        ExportTensor(names.transformers_vl_name(n), model.info(n).shape, lambda n=n: model.tensor(n))
+        for n in model.hf_names()
+    ]
+    tensors += [
+        ExportTensor(names.transformers_vl_name(n), projector.shape(n), lambda n=n: projector.tensor(n))
+        for n in projector.hf_names()
+    ]
+    return tensors
 
 
 def _check_target(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise ModelFileError(f"{out_dir}: exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise ModelFileError(f"{out_dir}: exists and is not empty (pass overwrite=True to replace it)")
+        raise ModelFileError(f"{out_dir}: exists and is not empty (pass --force, or overwrite=True, to replace it)")
+
+
+def _check_not_inside(source: Path, out_dir: Path) -> None:
+    """Replacing out_dir must never delete the input file."""
+    source, target = source.resolve(), out_dir.resolve()
+    if source == target or target in source.parents:
+        raise ModelFileError(f"{out_dir}: holds the input {source.name}; export into another directory")
 
 
 def _move_into_place(staging: Path, out_dir: Path, overwrite: bool) -> None:
@@ -92,15 +151,18 @@ def _move_into_place(staging: Path, out_dir: Path, overwrite: bool) -> None:
 # Weights
 
 
-def write_safetensors(model: GGUFModel, path: Path, dtype: torch.dtype, *, progress: bool = False) -> None:
-    """Stream every tensor of ``model`` (dequantized, cast to dtype) into one safetensors file."""
+def write_safetensors(
+    tensors: Sequence[ExportTensor], path: Path, dtype: torch.dtype, *, progress: bool = False
+) -> None:
+    """Stream the tensors (each loaded, cast to dtype, then freed) into one safetensors file."""
     item_size = torch.empty((), dtype=dtype).element_size()
     entries: dict[str, Any] = {}
     offset = 0
-    for name in model.hf_names():
-        shape = list(model.info(name).shape)
-        size = item_size * _numel(shape)
-        entries[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": shape, "data_offsets": [offset, offset + size]}
+    for tensor in tensors:
+        size = item_size * _numel(list(tensor.shape))
+        entries[tensor.name] = {
+            "dtype": SAFETENSORS_DTYPES[dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]
+        }
         offset += size
     header = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # the format pads the header to 8 bytes
@@ -109,8 +171,8 @@ def write_safetensors(model: GGUFModel, path: Path, dtype: torch.dtype, *, progr
     ) as bar:
         handle.write(struct.pack("<Q", len(header)))
         handle.write(header)
-        for name in entries:
-            written = _write_tensor(handle, model.tensor(name).to(dtype))
+        for tensor in tensors:
+            written = _write_tensor(handle, tensor.load().to(dtype))
             bar.update(written)
 
 
@@ -201,6 +263,91 @@ def tokenizer_config(model: GGUFModel) -> dict[str, Any]:
     return config
 
 
+def hf_vl_config(model: GGUFModel, config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
+    """config.json of a Qwen2-VL / Qwen2.5-VL checkpoint, in transformers 5's nested form."""
+    text, vision = config.text, config.vision
+    assert vision is not None
+    text_config = {
+        key: value
+        for key, value in hf_config(model, dtype).items()
+        if key not in ("architectures", "model_type", "tie_word_embeddings", "torch_dtype")
+    }
+    text_config["model_type"] = f"{config.arch}_text"
+    text_config["rope_parameters"] = {
+        "rope_type": "default", "rope_theta": text.rope_theta, "mrope_section": list(text.mrope_section or ())
+    }
+    text_config.pop("rope_theta")
+    text_config.pop("rope_scaling")
+    vision_config: dict[str, Any] = {
+        "depth": vision.depth,
+        "hidden_act": vision.hidden_act,
+        "in_channels": vision.in_channels,
+        "num_heads": vision.num_heads,
+        "patch_size": vision.patch_size,
+        "spatial_merge_size": vision.spatial_merge_size,
+        "temporal_patch_size": vision.temporal_patch_size,
+    }
+    if config.arch == "qwen2_vl":
+        vision_config.update(
+            embed_dim=vision.hidden_size,
+            hidden_size=vision.out_hidden_size,
+            mlp_ratio=_ratio(vision.intermediate_size, vision.hidden_size),
+            model_type="qwen2_vl_vision",
+        )
+    else:
+        vision_config.update(
+            hidden_size=vision.hidden_size,
+            intermediate_size=vision.intermediate_size,
+            out_hidden_size=vision.out_hidden_size,
+            window_size=vision.window_size,
+            fullatt_block_indexes=list(vision.fullatt_block_indexes),
+            tokens_per_second=_integral(vision.tokens_per_second),
+            model_type="qwen2_5_vl_vision",
+        )
+    return {
+        "architectures": [VL_CLASSES[config.arch]],
+        "model_type": config.arch,
+        "image_token_id": config.image_token_id,
+        "video_token_id": config.video_token_id,
+        "vision_start_token_id": config.vision_start_token_id,
+        "vision_end_token_id": config.vision_end_token_id,
+        "text_config": text_config,
+        "vision_config": vision_config,
+        "tie_word_embeddings": text.tie_word_embeddings,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+
+
+def _ratio(numerator: int, denominator: int) -> int | float:
+    """An int when exact (transformers 5 types Qwen2-VL's mlp_ratio as int), else the float."""
+    return numerator // denominator if numerator % denominator == 0 else numerator / denominator
+
+
+def _integral(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else value
+
+
+def preprocessor_config(projector: Any) -> dict[str, Any]:
+    """preprocessor_config.json: the mmproj's normalization and the model's patching."""
+    pre = projector.preprocess_config
+    return {
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "do_resize": True,
+        "do_rescale": True,
+        "do_normalize": True,
+        "do_convert_rgb": True,
+        "rescale_factor": 1 / 255,
+        "image_mean": list(pre.image_mean),
+        "image_std": list(pre.image_std),
+        "min_pixels": pre.min_pixels,
+        "max_pixels": pre.max_pixels,
+        "size": {"shortest_edge": pre.min_pixels, "longest_edge": pre.max_pixels},
+        "patch_size": pre.patch_size,
+        "temporal_patch_size": pre.temporal_patch_size,
+        "merge_size": pre.merge_size,
+    }
+
+
 def generation_config(model: GGUFModel) -> dict[str, Any]:
     eos = list(model.eos_token_ids)
     config: dict[str, Any] = {
@@ -211,4 +358,14 @@ def generation_config(model: GGUFModel) -> dict[str, Any]:
     return {key: value for key, value in config.items() if value not in (None, [])}
 
 
-__all__ = ["export_hf", "write_safetensors", "hf_config", "tokenizer_config", "generation_config"]
+__all__ = [
+    "ExportTensor",
+    "export_hf",
+    "export_tensors",
+    "write_safetensors",
+    "hf_config",
+    "hf_vl_config",
+    "preprocessor_config",
+    "tokenizer_config",
+    "generation_config",
+]

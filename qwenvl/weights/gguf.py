@@ -130,8 +130,14 @@ class _Cursor:
         return start
 
 
-def _parse_header(buf: mmap.mmap, where: str) -> tuple[dict[str, Any], list[tuple[str, list[int], int, int]], int]:
-    """(metadata, [(name, ggml dims, raw type, relative offset)], absolute data start)."""
+def _parse_header(
+    buf: mmap.mmap, where: str, value_types: dict[str, tuple[GGUFValueType, GGUFValueType | None]] | None = None
+) -> tuple[dict[str, Any], list[tuple[str, list[int], int, int]], int]:
+    """(metadata, [(name, ggml dims, raw type, relative offset)], absolute data start).
+
+    ``value_types``, if given, receives each key's (type, array element type) so the values can be
+    written back as they were (``qwenvl quantize`` copies metadata).
+    """
     cursor = _Cursor(buf)
     if len(buf) < 4 or cursor.unpack(_U32) != GGUF_MAGIC:
         raise ModelFileError(f"{where}: not a GGUF file (wrong magic bytes)")
@@ -145,7 +151,11 @@ def _parse_header(buf: mmap.mmap, where: str) -> tuple[dict[str, Any], list[tupl
     metadata: dict[str, Any] = {}
     for _ in range(n_fields):
         key = cursor.string()
-        metadata[key] = cursor.value(cursor.unpack(_U32))
+        kind = cursor.unpack(_U32)
+        if value_types is not None:
+            element = _U32.unpack_from(buf, cursor.pos)[0] if kind == GGUFValueType.ARRAY else None
+            value_types[key] = (GGUFValueType(kind), None if element is None else GGUFValueType(element))
+        metadata[key] = cursor.value(kind)
     entries = []
     for _ in range(n_tensors):
         name = cursor.string()
@@ -406,17 +416,11 @@ class GGUFModel:
 
     def raw(self, hf_name: str) -> np.ndarray:
         """The tensor's bytes as stored (uint8 blocks, shape ``info.byte_shape``), without copying."""
-        info = self.info(hf_name)
-        data = np.frombuffer(self._buf, dtype=np.uint8, count=info.n_bytes, offset=info.offset)
-        return data.reshape(info.byte_shape)
+        return raw_tensor(self._buf, self.info(hf_name))
 
     def tensor(self, hf_name: str) -> torch.Tensor:
         """One tensor, dequantized to float32, in torch layout."""
-        info = self.info(hf_name)
-        values = gguf_quants.dequantize(self.raw(hf_name), info.ggml_type)
-        if not values.flags.writeable:  # F32 comes back as a view of the read-only map
-            values = values.copy()
-        return torch.from_numpy(values.reshape(info.shape))
+        return dequantized_tensor(self._buf, self.info(hf_name))
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name, float32 tensor) for every tensor, one dequantized at a time."""
@@ -434,6 +438,95 @@ class GGUFModel:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def raw_tensor(buf: mmap.mmap, info: GGUFTensorInfo) -> np.ndarray:
+    """A tensor's bytes as stored (uint8 blocks, shape ``info.byte_shape``), a view of the map."""
+    data = np.frombuffer(buf, dtype=np.uint8, count=info.n_bytes, offset=info.offset)
+    return data.reshape(info.byte_shape)
+
+
+def dequantized_tensor(buf: mmap.mmap, info: GGUFTensorInfo) -> torch.Tensor:
+    """A tensor dequantized to float32 by ``gguf.quants.dequantize``, in torch layout."""
+    values = gguf_quants.dequantize(raw_tensor(buf, info), info.ggml_type)
+    if not values.flags.writeable:  # F32 comes back as a view of the read-only map
+        values = values.copy()
+    return torch.from_numpy(values.reshape(info.shape))
+
+
+class GGUFFile:
+    """Any GGUF file, architecture unchecked: metadata (with value types), tensor infos, tensors."""
+
+    def __init__(
+        self,
+        path: Path,
+        buf: mmap.mmap,
+        metadata: dict[str, Any],
+        infos: dict[str, GGUFTensorInfo],
+        value_types: dict[str, tuple[GGUFValueType, GGUFValueType | None]],
+    ):
+        self.path = path
+        self.metadata = metadata
+        self.tensor_infos = infos
+        self.value_types = value_types
+        self._buf = buf
+
+    @property
+    def architecture(self) -> str | None:
+        return self.metadata.get("general.architecture")
+
+    def raw(self, name: str) -> np.ndarray:
+        return raw_tensor(self._buf, self._info(name))
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A tensor by GGUF name, dequantized to float32."""
+        info = self._info(name)
+        if not _can_dequantize(info.ggml_type):
+            raise ModelFileError(f"{self.path}: tensor {name} has unsupported tensor type {info.ggml_type.name}")
+        return dequantized_tensor(self._buf, info)
+
+    def _info(self, name: str) -> GGUFTensorInfo:
+        try:
+            return self.tensor_infos[name]
+        except KeyError:
+            raise ModelFileError(f"{self.path}: missing tensor {name}") from None
+
+    def close(self) -> None:
+        try:
+            self._buf.close()
+        except BufferError:  # a raw() view is still alive: the map closes when it is freed
+            pass
+
+    def __enter__(self) -> GGUFFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_gguf_file(path: str | os.PathLike) -> GGUFFile:
+    """Parse any GGUF file's header (clear errors for a bad file); the tensors stay on disk."""
+    path = Path(path)
+    buf = _open_map(path)
+    try:
+        value_types: dict[str, tuple[GGUFValueType, GGUFValueType | None]] = {}
+        metadata, infos = _read_layout(buf, path, value_types)
+        return GGUFFile(path, buf, metadata, infos, value_types)
+    except BaseException:
+        buf.close()
+        raise
+
+
+def _read_layout(
+    buf: mmap.mmap, path: Path, value_types: dict[str, tuple[GGUFValueType, GGUFValueType | None]] | None = None
+) -> tuple[dict[str, Any], dict[str, GGUFTensorInfo]]:
+    try:
+        metadata, entries, data_start = _parse_header(buf, str(path), value_types)
+    except _Truncated:
+        raise ModelFileError(f"{path}: truncated file (header ends past its end)") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelFileError(f"{path}: malformed GGUF header ({exc})") from None
+    return metadata, _tensor_infos(entries, data_start, len(buf), str(path))
 
 
 def _open_map(path: Path) -> mmap.mmap:
@@ -470,19 +563,82 @@ class _DequantizedTensors(Mapping[str, torch.Tensor]):
 
 
 def open_gguf_checkpoint(path: str | os.PathLike, mmproj: str | os.PathLike | None = None) -> Checkpoint:
-    """A GGUF text model as the loaders' common Checkpoint view."""
-    if mmproj is not None:
-        raise ModelFileError(f"{mmproj}: reading mmproj (vision) GGUF files is not supported yet")
+    """A GGUF text model (with its vision ``mmproj`` GGUF, if any) as the loaders' common Checkpoint view."""
     model = read_gguf(path)
+    tokenizer = model.tokenizer()
+    if mmproj is None:
+        return Checkpoint(
+            source=str(model.path),
+            config=model.config,
+            tokenizer=tokenizer,
+            generation_config=model.generation_config,
+            preprocess_config=PreprocessConfig(),
+            chat_template=model.chat_template,
+            tensors=lambda: _DequantizedTensors(model),
+        )
+    from .mmproj import VisionTensors, read_mmproj
+
+    projector = read_mmproj(mmproj)
+    config = vl_model_config(model, projector, tokenizer)
     return Checkpoint(
         source=str(model.path),
-        config=model.config,
-        tokenizer=model.tokenizer(),
+        config=config,
+        tokenizer=tokenizer,
         generation_config=model.generation_config,
-        preprocess_config=PreprocessConfig(),
+        preprocess_config=projector.preprocess_config,
         chat_template=model.chat_template,
-        tensors=lambda: _DequantizedTensors(model),
+        tensors=lambda: _ChainedTensors(_DequantizedTensors(model), VisionTensors(projector)),
     )
+
+
+VISION_TOKENS = {  # ModelConfig field → token text
+    "image_token_id": "<|image_pad|>",
+    "video_token_id": "<|video_pad|>",
+    "vision_start_token_id": "<|vision_start|>",
+    "vision_end_token_id": "<|vision_end|>",
+}
+
+
+def vl_model_config(model: GGUFModel, projector: Any, tokenizer: Tokenizer) -> ModelConfig:
+    """The ModelConfig of a text GGUF and its mmproj, after checking that they belong together."""
+    text, where = model.config.text, str(projector.path)
+    if model.config.arch != "qwen2_vl":
+        raise ModelFileError(
+            f"{where}: a {projector.variant} vision projector, but {model.path} is a "
+            f"{model.metadata.get('general.architecture')} text model (the mmproj belongs to another model)"
+        )
+    if projector.projection_dim != text.hidden_size:
+        raise ModelFileError(
+            f"{where}: its projector outputs {projector.projection_dim}-wide embeddings but {model.path} has "
+            f"hidden size {text.hidden_size} (the mmproj belongs to another model)"
+        )
+    token_ids = {}
+    for field_name, token in VISION_TOKENS.items():
+        token_id = tokenizer.token_to_id(token)
+        if token_id is None:
+            raise ModelFileError(f"{model.path}: the vocabulary has no {token} token, which images need")
+        token_ids[field_name] = token_id
+    return ModelConfig(arch=projector.variant, text=text, vision=projector.vision, **token_ids)
+
+
+class _ChainedTensors(Mapping[str, torch.Tensor]):
+    """Several name → tensor mappings seen as one."""
+
+    def __init__(self, *parts: Mapping[str, torch.Tensor]):
+        self._parts = parts
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        for part in self._parts:
+            if name in part:
+                return part[name]
+        raise KeyError(name)
+
+    def __iter__(self) -> Iterator[str]:
+        for part in self._parts:
+            yield from part
+
+    def __len__(self) -> int:
+        return sum(len(part) for part in self._parts)
 
 
 def read_gguf(path: str | os.PathLike) -> GGUFModel:
@@ -490,13 +646,7 @@ def read_gguf(path: str | os.PathLike) -> GGUFModel:
     path = Path(path)
     buf = _open_map(path)
     try:
-        try:
-            metadata, entries, data_start = _parse_header(buf, str(path))
-        except _Truncated:
-            raise ModelFileError(f"{path}: truncated file (header ends past its end)") from None
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ModelFileError(f"{path}: malformed GGUF header ({exc})") from None
-        infos = _tensor_infos(entries, data_start, len(buf), str(path))
+        metadata, infos = _read_layout(buf, path)
         return GGUFModel(path, buf, metadata, infos)
     except BaseException:
         buf.close()

@@ -9,13 +9,21 @@ The GGUF converter stores qwen2 q/k projections as they are (no permutation), so
 changes for the text model. The vision tables only hold plain renames: llama.cpp's converter also
 splits ``visual.blocks.N.attn.qkv`` into ``v.blk.N.attn_{q,k,v}`` (thirds along the output rows)
 and the Conv3d ``visual.patch_embed.proj.weight`` into two Conv2d kernels ``v.patch_embd.weight``
-and ``v.patch_embd.weight.1`` (temporal slices 0 and 1): those are not renames and are not listed.
+and ``v.patch_embd.weight.1`` (temporal slices 0 and 1): ``VisionTensor`` below describes those
+(``vision_layout_from_hf`` / ``vision_layout_from_gguf``, ``split_vision`` / ``join_vision``).
+
+mmproj files written by llama.cpp's older ``qwen2_vl_surgery.py`` name the vision MLP the other
+way round (LLaVA's convention): the first layer (``fc1`` / ``up_proj``) is ``ffn_down`` and the
+second (``fc2`` / ``down_proj``) is ``ffn_up``; the ``*_LEGACY`` tables read them.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import torch
 
 SUFFIXES = (".weight", ".bias")
 
@@ -52,6 +60,15 @@ QWEN2_5_VL_VISION_ROWS = _VISION_COMMON_ROWS + (
     ("visual.blocks.{N}.mlp.gate_proj", "v.blk.{N}.ffn_gate"),
     ("visual.blocks.{N}.mlp.up_proj", "v.blk.{N}.ffn_up"),
     ("visual.blocks.{N}.mlp.down_proj", "v.blk.{N}.ffn_down"),
+)
+QWEN2_VL_VISION_LEGACY_ROWS = _VISION_COMMON_ROWS + (
+    ("visual.blocks.{N}.mlp.fc1", "v.blk.{N}.ffn_down"),
+    ("visual.blocks.{N}.mlp.fc2", "v.blk.{N}.ffn_up"),
+)
+QWEN2_5_VL_VISION_LEGACY_ROWS = _VISION_COMMON_ROWS + (
+    ("visual.blocks.{N}.mlp.gate_proj", "v.blk.{N}.ffn_gate"),
+    ("visual.blocks.{N}.mlp.up_proj", "v.blk.{N}.ffn_down"),
+    ("visual.blocks.{N}.mlp.down_proj", "v.blk.{N}.ffn_up"),
 )
 
 
@@ -91,6 +108,17 @@ class NameTable:
 TEXT = NameTable(TEXT_ROWS)
 QWEN2_VL_VISION = NameTable(QWEN2_VL_VISION_ROWS)
 QWEN2_5_VL_VISION = NameTable(QWEN2_5_VL_VISION_ROWS)
+QWEN2_VL_VISION_LEGACY = NameTable(QWEN2_VL_VISION_LEGACY_ROWS)
+QWEN2_5_VL_VISION_LEGACY = NameTable(QWEN2_5_VL_VISION_LEGACY_ROWS)
+
+
+def vision_table(variant: str, *, legacy: bool = False) -> NameTable:
+    """The vision rename table of ``variant`` ("qwen2_vl" / "qwen2_5_vl"), current or legacy layout."""
+    if variant == "qwen2_vl":
+        return QWEN2_VL_VISION_LEGACY if legacy else QWEN2_VL_VISION
+    if variant == "qwen2_5_vl":
+        return QWEN2_5_VL_VISION_LEGACY if legacy else QWEN2_5_VL_VISION
+    raise KeyError(f"unknown vision variant {variant!r}")
 
 
 def gguf_to_hf_name(name: str, table: NameTable = TEXT) -> str:
@@ -103,11 +131,138 @@ def hf_to_gguf_name(name: str, table: NameTable = TEXT) -> str:
     return table.to_gguf(name)
 
 
+# ----------------------------------------------------------------------------------------------
+# Vision tensors that are not plain renames
+
+HF_PATCH_EMBED = "visual.patch_embed.proj.weight"
+GGUF_PATCH_EMBED = ("v.patch_embd.weight", "v.patch_embd.weight.1")  # temporal slices 0 and 1
+# A placeholder the legacy surgery script writes (zeros, unused by Qwen2-VL): skipped when reading.
+GGUF_PLACEHOLDERS = ("v.position_embd.weight",)
+_HF_QKV = re.compile(r"visual\.blocks\.(?P<N>\d+)\.attn\.qkv(?P<suffix>\.weight|\.bias)")
+_GGUF_QKV = re.compile(r"v\.blk\.(?P<N>\d+)\.attn_(?P<part>[qkv])(?P<suffix>\.weight|\.bias)")
+
+SAME, ROWS, TEMPORAL = "same", "rows", "temporal"
+
+
+@dataclass(frozen=True)
+class VisionTensor:
+    """One HF vision tensor and the GGUF tensors holding it.
+
+    ``join``: ``"same"`` (one tensor, renamed), ``"rows"`` (the fused q/k/v: its thirds along dim 0
+    are attn_q, attn_k, attn_v) or ``"temporal"`` (the Conv3d kernel [embed, C, T, P, P]: each
+    temporal slice is one Conv2d kernel [embed, C, P, P]).
+    """
+
+    hf_name: str
+    gguf_names: tuple[str, ...]
+    join: str
+
+
+def vision_layout_from_hf(hf_name: str, table: NameTable) -> VisionTensor:
+    """Where an HF vision tensor (``visual.…``) goes in an mmproj file; KeyError if unknown."""
+    if hf_name == HF_PATCH_EMBED:
+        return VisionTensor(hf_name, GGUF_PATCH_EMBED, TEMPORAL)
+    match = _HF_QKV.fullmatch(hf_name)
+    if match:
+        parts = tuple(f"v.blk.{match['N']}.attn_{p}{match['suffix']}" for p in "qkv")
+        return VisionTensor(hf_name, parts, ROWS)
+    return VisionTensor(hf_name, (table.to_gguf(hf_name),), SAME)
+
+
+def vision_layout_from_gguf(gguf_names: Sequence[str], table: NameTable) -> list[VisionTensor]:
+    """The HF vision tensors an mmproj file holds, in file order; KeyError on a tensor no table knows.
+
+    A split tensor appears where its first piece is; its pieces must all be present.
+    """
+    layouts: dict[str, VisionTensor] = {}
+    for name in gguf_names:
+        if name in GGUF_PLACEHOLDERS:
+            continue
+        match = _GGUF_QKV.fullmatch(name)
+        if name in GGUF_PATCH_EMBED:
+            layout = VisionTensor(HF_PATCH_EMBED, GGUF_PATCH_EMBED, TEMPORAL)
+        elif match:
+            layout = vision_layout_from_hf(f"visual.blocks.{match['N']}.attn.qkv{match['suffix']}", table)
+        else:
+            hf_name = table.to_hf(name)
+            layout = VisionTensor(hf_name, (name,), SAME)
+        layouts.setdefault(layout.hf_name, layout)
+    present = set(gguf_names)
+    for layout in layouts.values():
+        missing = [name for name in layout.gguf_names if name not in present]
+        if missing:
+            raise KeyError(f"missing tensor {missing[0]!r} (part of {layout.hf_name})")
+    return list(layouts.values())
+
+
+def split_vision(tensor: torch.Tensor, join: str) -> list[torch.Tensor]:
+    """An HF vision tensor as its GGUF pieces (``join`` from its VisionTensor)."""
+    if join == ROWS:
+        if tensor.shape[0] % 3:
+            raise ValueError(f"a fused qkv tensor needs a multiple of 3 rows, got {list(tensor.shape)}")
+        return [part.contiguous() for part in tensor.chunk(3, dim=0)]
+    if join == TEMPORAL:
+        if tensor.ndim != 5 or tensor.shape[2] != len(GGUF_PATCH_EMBED):
+            raise ValueError(f"the patch embedding must be [embed, C, 2, P, P], got {list(tensor.shape)}")
+        return [part.contiguous() for part in tensor.unbind(dim=2)]
+    return [tensor]
+
+
+def join_vision(pieces: Sequence[torch.Tensor], join: str) -> torch.Tensor:
+    """Inverse of ``split_vision``."""
+    if join == ROWS:
+        return torch.cat(list(pieces), dim=0)
+    if join == TEMPORAL:
+        return torch.stack(list(pieces), dim=2)
+    (tensor,) = pieces
+    return tensor
+
+
+# ----------------------------------------------------------------------------------------------
+# HF checkpoint prefixes
+
+# transformers >= 4.52 / 5 nest the decoder under model.language_model and the ViT under model.visual;
+# older VL checkpoints use model.* / visual.*, older still language_model.model.* / language_model.lm_head.
+_HF_PREFIXES = (
+    ("model.language_model.", "model."),
+    ("language_model.model.", "model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("model.visual.", "visual."),
+)
+
+
+def canonical_hf_name(name: str) -> str:
+    """A checkpoint tensor name in the tables' form: ``model.…``, ``lm_head.…`` or ``visual.…``."""
+    for prefix, replacement in _HF_PREFIXES:
+        if name.startswith(prefix):
+            return replacement + name[len(prefix) :]
+    return name
+
+
+def transformers_vl_name(name: str) -> str:
+    """A table-form name (``model.…``, ``visual.…``) as transformers 5 saves VL checkpoints."""
+    if name.startswith("visual."):
+        return "model." + name
+    if name.startswith("model."):
+        return "model.language_model." + name[len("model.") :]
+    return name
+
+
 __all__ = [
     "NameTable",
     "TEXT",
     "QWEN2_VL_VISION",
     "QWEN2_5_VL_VISION",
+    "QWEN2_VL_VISION_LEGACY",
+    "QWEN2_5_VL_VISION_LEGACY",
+    "VisionTensor",
+    "vision_table",
+    "vision_layout_from_hf",
+    "vision_layout_from_gguf",
+    "split_vision",
+    "join_vision",
+    "canonical_hf_name",
+    "transformers_vl_name",
     "gguf_to_hf_name",
     "hf_to_gguf_name",
 ]

@@ -1,0 +1,300 @@
+"""Benchmark the QuantLinear kernels on the Qwen2.5-0.5B layer shapes (a script, not a test).
+
+    python benchmarks/kernels.py              # per-layer table + whole-model passes (~10 min)
+    python benchmarks/kernels.py --quick      # fewer formats and timing windows
+    python benchmarks/kernels.py --compile    # also the torch.compile fused dequant-matmul (slow to build)
+
+Per-layer table: µs per call (median of timing windows, 2 threads) for 1 row (decode) and 512 rows
+(prefill) of bf16 activations, and the largest error against float64 ``x @ W.T`` with W gguf's
+dequantized weights (relative to the largest |output|). One layer's weights fit in the CPU's cache,
+so its 1-row times are cache-warm; the model passes below read every layer once per token from
+memory, as decoding does. Weights are random blocks (random codes, realistic scales).
+
+Model passes (if the registry GGUF is present): all linear layers of the file — fused q/k/v and
+gate/up, down, lm_head — as the engine would build them, at 1 row (one decode step; lm_head on it)
+and 512 rows (one prefill; lm_head on the last row only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
+
+from qwenvl.quant import kernels
+from qwenvl.quant.linear import BlockQuantLinear, quant_linear_from_ggml, quant_linear_from_parts
+
+SHAPES = {  # name: (out, in) of the 0.5B
+    "qkv": (1152, 896),
+    "o": (896, 896),
+    "gate_up": (9728, 896),
+    "down": (896, 4864),
+    "lm_head": (151936, 896),
+}
+FORMATS = [T.Q8_0, T.Q5_0, T.Q4_K, T.Q6_K, T.Q4_0, T.Q4_1, T.Q5_1, T.Q5_K, T.F16, T.BF16]
+QUICK_FORMATS = [T.Q8_0, T.Q5_0, T.Q4_K, T.Q6_K, T.Q4_0]
+PREFILL_ROWS = 512
+
+
+def others_busy(seconds: float = 0.1) -> float:
+    """The fraction of CPU time other processes used over ``seconds`` (we sleep meanwhile)."""
+
+    def read() -> tuple[int, int]:
+        with open("/proc/stat") as handle:
+            values = [int(v) for v in handle.readline().split()[1:]]
+        return sum(values), values[3] + values[4]  # total, idle + iowait
+
+    total, idle = read()
+    time.sleep(seconds)
+    total2, idle2 = read()
+    return 1 - (idle2 - idle) / max(1, total2 - total)
+
+
+WAITS = {"windows": 0, "busy": 0, "waited": 0.0}
+
+
+def wait_for_idle(limit: float = 0.2, timeout: float = 30.0) -> None:
+    """On a shared machine, OpenMP threads stall whole scheduler ticks when another process holds
+    a core: time only while the CPUs are (nearly) idle, waiting up to ``timeout`` seconds."""
+    start = time.perf_counter()
+    try:
+        while (busy := others_busy()) > limit and time.perf_counter() - start < timeout:
+            time.sleep(0.3)
+    except OSError:  # no /proc/stat: not Linux
+        return
+    WAITS["windows"] += 1
+    WAITS["busy"] += busy > limit
+    WAITS["waited"] += time.perf_counter() - start
+
+
+def timed(fn: Callable[[], object], windows: int, seconds: float = 0.1) -> float:
+    """Median µs per call over ``windows`` timing windows of about ``seconds`` each, each window
+    started when the machine is idle."""
+    fn()
+    start = time.perf_counter()
+    fn()
+    once = time.perf_counter() - start
+    calls = max(1, int(seconds / max(once, 1e-7)))
+    samples = []
+    for _ in range(windows):
+        wait_for_idle()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        samples.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(samples)
+
+
+def random_blocks(ggml_type: T, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Random codes with fp16 scales of a realistic size (weights of magnitude ~0.02)."""
+    if ggml_type in (T.F16, T.BF16):
+        values = torch.from_numpy(rng.standard_normal((rows, cols), dtype=np.float32) * 0.02)
+        dtype = torch.float16 if ggml_type == T.F16 else torch.bfloat16
+        return values.to(dtype).view(torch.uint8).numpy()
+    block_size, type_size = GGML_QUANT_SIZES[ggml_type]
+    raw = rng.integers(0, 256, (rows, cols // block_size, type_size), dtype=np.uint8)
+    scale = {T.Q8_0: 0.02 / 64, T.Q5_0: 0.02 / 8, T.Q5_1: 0.04 / 16, T.Q4_0: 0.02 / 4, T.Q4_1: 0.04 / 8}
+    scale |= {T.Q4_K: 0.04 / 8 / 32, T.Q5_K: 0.04 / 16 / 32, T.Q6_K: 0.02 / 16 / 64}
+
+    def halves(value: float) -> np.ndarray:
+        values = rng.uniform(0.5 * value, 1.5 * value, raw.shape[:2]).astype(np.float16)
+        return values.view(np.uint8).reshape(*raw.shape[:2], 2)
+
+    if ggml_type == T.Q6_K:
+        raw[..., 208:210] = halves(scale[ggml_type])
+    else:
+        raw[..., 0:2] = halves(scale[ggml_type])
+        if ggml_type in (T.Q4_1, T.Q5_1):
+            raw[..., 2:4] = halves(-0.02)
+        if ggml_type in (T.Q4_K, T.Q5_K):
+            raw[..., 2:4] = halves(0.02 / 32)
+    return raw.reshape(rows, -1)
+
+
+def variants(ggml_type: T) -> list[str]:
+    """Kernels to time: the quant_linear_from_ggml kernels, plus "blocks, 1 piece" (the block
+    kernels with a one-piece bf16 prefill: faster, rounds the weights to bf16)."""
+    names = ["blocks", "blocks, 1 piece", "dense", "int8"]
+    if ggml_type in (T.Q4_0, T.Q4_1, T.Q4_K):
+        names.append("int4")
+    if ggml_type == T.BF16:
+        names.remove("blocks, 1 piece")  # bf16 is one piece
+    return names
+
+
+def build(raw: np.ndarray, ggml_type: T, shape: tuple[int, int], variant: str) -> torch.nn.Module:
+    if variant == "blocks, 1 piece":
+        return BlockQuantLinear(torch.from_numpy(raw), ggml_type, shape, pieces=1)
+    return quant_linear_from_ggml(raw, ggml_type, shape, kernel=variant)
+
+
+def max_error(layer: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor) -> float:
+    ref = x.double() @ weight.double().T
+    return ((layer(x).double() - ref).abs().max() / ref.abs().max()).item()
+
+
+def layer_table(formats: list[T], windows: int) -> None:
+    rng = np.random.default_rng(0)
+    print(
+        "| format | layer | kernel | exact | B/weight | µs, 1 row | GB/s | µs, 512 rows | "
+        "rel. error, 1 row | 512 rows |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for ggml_type in formats:
+        block_size = GGML_QUANT_SIZES[ggml_type][0]
+        for name, (rows, cols) in SHAPES.items():
+            if cols % block_size:
+                continue  # K-quants need rows of 256: only ffn_down (4864) in the 0.5B
+            raw = random_blocks(ggml_type, rows, cols, rng)
+            weight = kernels.dequantize(torch.from_numpy(raw), ggml_type, cols)
+            x1 = torch.randn(1, cols).bfloat16()
+            xp = torch.randn(PREFILL_ROWS, cols).bfloat16()
+            full = name != "lm_head"  # the engine needs the lm_head on one row only
+            for variant in variants(ggml_type):
+                layer = build(raw, ggml_type, (rows, cols), variant)
+                decode = timed(lambda: layer(x1), windows)
+                prefill = timed(lambda: layer(xp), max(3, windows // 2)) if full else float("nan")
+                err1 = max_error(layer, x1, weight)
+                errp = max_error(layer, xp[:64], weight) if full else float("nan")
+                print(
+                    f"| {ggml_type.name} | {name} {cols}→{rows} | {variant} | {'yes' if layer.exact else 'no'} | "
+                    f"{layer.weight_bytes / (rows * cols):.3g} | {decode:,.0f} | {layer.weight_bytes / decode / 1e3:.1f} | "
+                    f"{prefill:,.0f} | {err1:.1e} | {errp:.1e} |",
+                    flush=True,
+                )
+                del layer
+
+
+def model_layers(path: str, kernel: str) -> tuple[list[torch.nn.Module], torch.nn.Module, int]:
+    """(every layer's [qkv, o, gate_up, down] modules in order, lm_head, hidden size) from a GGUF file."""
+    if kernel == "blocks, 1 piece":
+        layers, lm_head, hidden = model_layers(path, "blocks")
+        for module in [*layers, lm_head]:
+            for part in module.modules():
+                if isinstance(part, BlockQuantLinear):
+                    part.pieces = 1
+        return layers, lm_head, hidden
+    from qwenvl.weights.gguf import read_gguf
+
+    model = read_gguf(path)
+    cfg = model.config.text
+
+    def part(name: str) -> tuple[np.ndarray, T, tuple[int, int]]:
+        info = model.info(name)
+        return model.raw(name), info.ggml_type, info.shape
+
+    layers: list[torch.nn.Module] = []
+    for i in range(cfg.num_hidden_layers):
+        attn, mlp = f"model.layers.{i}.self_attn.", f"model.layers.{i}.mlp."
+        qkv_bias = torch.cat([model.tensor(f"{attn}{p}_proj.bias") for p in "qkv"])
+        layers += [
+            quant_linear_from_parts([part(f"{attn}{p}_proj.weight") for p in "qkv"], qkv_bias, kernel=kernel),
+            quant_linear_from_ggml(*part(f"{attn}o_proj.weight"), kernel=kernel),
+            quant_linear_from_parts([part(f"{mlp}{p}_proj.weight") for p in ("gate", "up")], kernel=kernel),
+            quant_linear_from_ggml(*part(f"{mlp}down_proj.weight"), kernel=kernel),
+        ]
+    head = "lm_head.weight" if "lm_head.weight" in model.hf_names() else "model.embed_tokens.weight"
+    return layers, quant_linear_from_ggml(*part(head), kernel=kernel), cfg.hidden_size
+
+
+def model_passes(path: str, windows: int, kernel_names: list[str]) -> None:
+    print(f"\nWhole-model linear layers of {path}")
+    print("| kernel | weight MB | decode ms/token (1 row, + lm_head) | GB/s | prefill ms (512 rows) | tok/s |")
+    print("|---|---|---|---|---|---|")
+    for kernel in kernel_names:
+        layers, lm_head, hidden = model_layers(path, kernel)
+        mb = (sum(layer_bytes(m) for m in layers) + layer_bytes(lm_head)) / 1e6
+        inputs = {m.in_features for m in layers}
+        x1 = {k: torch.randn(1, k).bfloat16() for k in inputs}
+        xp = {k: torch.randn(PREFILL_ROWS, k).bfloat16() for k in inputs}
+
+        def decode() -> None:
+            for m in layers:
+                m(x1[m.in_features])
+            lm_head(x1[hidden])
+
+        def prefill() -> None:
+            for m in layers:
+                m(xp[m.in_features])
+            lm_head(xp[hidden][-1:])
+
+        d = timed(decode, windows, seconds=0.3) / 1e3
+        p = timed(prefill, max(3, windows // 2), seconds=0.5) / 1e3
+        print(f"| {kernel} | {mb:,.0f} | {d:.1f} | {mb / d:.1f} | {p:,.0f} | {PREFILL_ROWS / p * 1e3:,.0f} |", flush=True)
+        del layers, lm_head
+
+
+def layer_bytes(module: torch.nn.Module) -> int:
+    return sum(b.numel() * b.element_size() for name, b in module.named_buffers() if not name.endswith("bias"))
+
+
+def memory_bandwidth(windows: int) -> float:
+    """GB/s of reading a 1 GB tensor (sum over int32 words) with the current threads."""
+    data = torch.ones(256 << 20, dtype=torch.int32)
+    return data.numel() * 4 / timed(lambda: data.sum(), windows, seconds=0.5) / 1e3
+
+
+def compiled_fused(windows: int) -> None:
+    """torch.compile of a fused dequantize-and-multiply (Q8_0 codes and scales as separate tensors)."""
+    rows, cols = SHAPES["gate_up"]
+    codes = torch.randint(-127, 128, (rows, cols // 32, 32), dtype=torch.int8)
+    scales = (torch.rand(rows, cols // 32, 1) * 0.01).half()
+
+    def fused(x: torch.Tensor) -> torch.Tensor:
+        w = (codes.float() * scales.float()).reshape(rows, cols)
+        return (w * x.float()).sum(-1)[None].to(x.dtype)
+
+    x = torch.randn(1, cols).bfloat16()
+    start = time.perf_counter()
+    compiled = torch.compile(fused, dynamic=False)
+    compiled(x)
+    build = time.perf_counter() - start
+    print(f"\ntorch.compile fused Q8_0 gate_up, 1 row: {timed(lambda: compiled(x), windows):,.0f} µs "
+          f"(compile {build:.0f} s)")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer formats and timing windows")
+    parser.add_argument("--compile", action="store_true", help="also time a torch.compile fused kernel")
+    parser.add_argument("--gguf", help="GGUF for the model passes (default: the registry model, if present)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--formats", help="comma-separated GGML types for the layer table (default: all)")
+    parser.add_argument("--skip-model", action="store_true", help="leave out the whole-model passes")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    windows = 3 if args.quick else 7
+    lib = kernels.library()
+    simd = {0: "portable C++", 1: "AVX-512", 2: "AVX-512 + AVX512-BF16"}[lib.qk_simd()] if lib else "unavailable"
+    print(f"threads {torch.get_num_threads()}, block kernels: {simd}, load average {os.getloadavg()[0]:.1f}")
+    print(f"memory read bandwidth: {memory_bandwidth(windows):.1f} GB/s\n")
+    formats = [T[name] for name in args.formats.split(",")] if args.formats else None
+    layer_table(formats or (QUICK_FORMATS if args.quick else FORMATS), windows)
+    path = args.gguf
+    if args.skip_model:
+        path = ""
+    elif path is None:
+        from qwenvl import defaults
+
+        try:
+            path = str(defaults.default_gguf_path())
+        except Exception as error:  # the demo packages are optional
+            print(f"\n(no registry GGUF: {error})")
+    if path:
+        model_passes(path, windows, ["blocks", "blocks, 1 piece", "dense", "int8"])
+    if args.compile:
+        compiled_fused(windows)
+    print(
+        f"\n(timing windows: {WAITS['windows']}, {WAITS['busy']} of them started while other processes "
+        f"still used the CPUs; {WAITS['waited']:.0f} s spent waiting for idle CPUs)"
+    )
+
+
+if __name__ == "__main__":
+    main()

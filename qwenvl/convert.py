@@ -1,0 +1,691 @@
+"""HF checkpoint → GGUF (the text model and, for VL models, the mmproj) and GGUF → GGUF re-quantization.
+
+The files are the ones llama.cpp's ``convert_hf_to_gguf.py`` writes, key for key and tensor for
+tensor (``tests/test_gguf_convert.py`` compares them): architecture ``qwen2`` / ``qwen2vl`` (M-RoPE
+sections as 4 ints) with ``tokenizer.ggml.*`` (pre-tokenizer ``qwen2``, merges, special ids, chat
+template), and an mmproj with architecture ``clip``, ``clip.vision.*`` keys, q/k/v split and the Conv3d
+patch embedding as two Conv2d kernels. Beyond llama.cpp's converter, qwenvl writes
+``clip.vision.window_size`` when the window is not 112 pixels, ``clip.vision.fullatt_block_indexes``
+when the full-attention blocks follow no ``n_wa_pattern`` and ``clip.vision.tokens_per_second`` when it
+is not 2 (llama.cpp hard-codes those three).
+
+Tensor types, as llama.cpp / qwen.cpp choose them: 1-D tensors and norms stay F32; every other weight
+gets the requested type; a row length that is not a multiple of the type's block size falls back to
+a wider type (K-quants: Q2_K/Q3_K → Q4_0, Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0; 32-blocks → F16),
+said in the summary. The mmproj's patch embedding is F16 in an F16 file and F32 otherwise.
+
+Output goes to a hidden temporary file next to the target, renamed into place when complete; an
+input is never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from hashlib import sha256
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from gguf.constants import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGMLQuantizationType, LlamaFileType, TokenType
+from safetensors import safe_open
+from tqdm import tqdm
+
+from .config import ModelConfig, PreprocessConfig, model_config_from_hf, preprocess_config_from_hf
+from .errors import ModelFileError, QwenVLError
+from .quant import ggml as ggml_quant
+from .tokenizer import QWEN2_PRETOKENIZE_REGEX
+from .weights import hf, names
+from .weights.mmproj import LLAMA_CPP_WINDOW, VARIANT_PROJECTORS, pattern_from_fullatt
+
+Q = GGMLQuantizationType
+
+CONVERT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+MMPROJ_TYPES = ("f32", "f16", "q8_0")
+QUANTIZE_TYPES = CONVERT_TYPES + ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
+FILE_TYPES = {
+    Q.F32: LlamaFileType.ALL_F32,
+    Q.F16: LlamaFileType.MOSTLY_F16,
+    Q.BF16: LlamaFileType.MOSTLY_BF16,
+    Q.Q8_0: LlamaFileType.MOSTLY_Q8_0,
+    Q.Q4_0: LlamaFileType.MOSTLY_Q4_0,
+    Q.Q4_1: LlamaFileType.MOSTLY_Q4_1,
+    Q.Q5_0: LlamaFileType.MOSTLY_Q5_0,
+    Q.Q5_1: LlamaFileType.MOSTLY_Q5_1,
+    Q.Q2_K: LlamaFileType.MOSTLY_Q2_K,
+    Q.Q3_K: LlamaFileType.MOSTLY_Q3_K_S,
+    Q.Q4_K: LlamaFileType.MOSTLY_Q4_K_S,
+    Q.Q5_K: LlamaFileType.MOSTLY_Q5_K_S,
+    Q.Q6_K: LlamaFileType.MOSTLY_Q6_K,
+}
+# When a row does not split into whole blocks: llama.cpp's fallbacks (IQ4_NL replaced by Q4_0).
+FALLBACK = {
+    Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0,
+    Q.Q8_0: Q.F16, Q.Q4_0: Q.F16, Q.Q4_1: Q.F16, Q.Q5_0: Q.F16, Q.Q5_1: Q.F16,
+}
+# llama.cpp's converter names the tokenizer "qwen2" when these hash its probe text's token ids
+QWEN2_TOKENIZER_HASHES = {
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea",  # Qwen1.5 / Qwen2 / Qwen2.5
+    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c",  # Qwen3-Embedding
+}
+TOKENIZER_PROBE = (  # llama.cpp's chktxt (convert_hf_to_gguf.py get_vocab_base_pre)
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) "
+    "✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
+    "------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, "
+    "'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
+)
+
+
+def ggml_type(name: str) -> GGMLQuantizationType:
+    """"q4_0" → Q4_0 (the names of --type)."""
+    try:
+        return Q[name.upper()]
+    except KeyError:
+        raise QwenVLError(f"unknown tensor type {name!r}; choose from {', '.join(QUANTIZE_TYPES)}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning: which tensors, which types
+
+
+@dataclass
+class PlannedTensor:
+    """One tensor of an output file: its GGUF name, torch-order shape, type, and how to get its values."""
+
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: GGMLQuantizationType
+    load: Callable[[], np.ndarray] = field(repr=False)  # float32 values in ``shape``
+    note: str = ""  # why the type is not the requested one
+    raw: Callable[[], np.ndarray] | None = field(default=None, repr=False)  # bytes already in ggml_type
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def n_bytes(self) -> int:
+        block, size = GGML_QUANT_SIZES[self.ggml_type]
+        return self.n_elements // block * size
+
+    @property
+    def byte_shape(self) -> tuple[int, ...]:
+        block, size = GGML_QUANT_SIZES[self.ggml_type]
+        return (*self.shape[:-1], self.shape[-1] // block * size)
+
+    def encode(self) -> np.ndarray:
+        """The bytes to store."""
+        if self.raw is not None:
+            return self.raw()
+        values = self.load()
+        if tuple(values.shape) != self.shape:
+            raise ModelFileError(f"tensor {self.name}: shape {list(values.shape)}, expected {list(self.shape)}")
+        return ggml_quant.quantize(values, self.ggml_type)
+
+
+def tensor_type(
+    name: str, shape: Sequence[int], requested: GGMLQuantizationType, *, mmproj: bool = False
+) -> tuple[GGMLQuantizationType, str]:
+    """The type a tensor is stored in, and a note when it is not the requested one."""
+    if len(shape) <= 1 or name.endswith("_norm.weight"):
+        return Q.F32, ""
+    if mmproj and name in names.GGUF_PATCH_EMBED:
+        return (Q.F16 if requested == Q.F16 else Q.F32), ""
+    if not name.endswith(".weight"):
+        return Q.F32, ""
+    chosen = requested
+    while shape[-1] % ggml_quant.block_size(chosen):
+        chosen = FALLBACK[chosen]
+    if chosen == requested:
+        return chosen, ""
+    block = ggml_quant.block_size(requested)
+    return chosen, f"rows of {shape[-1]} are not a multiple of {requested.name}'s block of {block}: {chosen.name}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading an HF checkpoint
+
+
+@dataclass
+class SourceTensor:
+    name: str  # canonical: model.…, lm_head.…, visual.…
+    shape: tuple[int, ...]
+    load: Callable[[], torch.Tensor] = field(repr=False)
+
+
+class _LastLoaded:
+    """Loads through a one-entry cache: a fused tensor split into 3 pieces is read once."""
+
+    def __init__(self) -> None:
+        self._key: str | None = None
+        self._value: torch.Tensor | None = None
+
+    def get(self, key: str, load: Callable[[], torch.Tensor]) -> torch.Tensor:
+        if key != self._key:
+            self._key, self._value = None, None  # free the previous one first
+            self._value = load().float()
+            self._key = key
+        assert self._value is not None
+        return self._value
+
+
+def source_tensors(directory: Path) -> list[SourceTensor]:
+    """Every tensor of an HF checkpoint, in file order, shapes read from the headers."""
+    tensors: list[SourceTensor] = []
+    for file in hf.weight_files(directory):
+        tensors += _safetensors_entries(file) if file.suffix == ".safetensors" else _pickle_entries(file)
+    return tensors
+
+
+def _safetensors_entries(file: Path) -> list[SourceTensor]:
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except Exception as exc:  # safetensors raises its own error types on a bad header
+        raise ModelFileError(f"{file}: unreadable safetensors file ({exc})") from None
+
+    def loader(name: str) -> Callable[[], torch.Tensor]:
+        def load() -> torch.Tensor:
+            with safe_open(str(file), framework="pt") as handle:
+                return handle.get_tensor(name)
+
+        return load
+
+    return [SourceTensor(names.canonical_hf_name(n), shape, loader(n)) for n, shape in shapes.items()]
+
+
+def _pickle_entries(file: Path) -> list[SourceTensor]:
+    state = dict(hf._iter_pickle(file))
+    return [SourceTensor(names.canonical_hf_name(n), tuple(t.shape), lambda t=t: t) for n, t in state.items()]
+
+
+@dataclass
+class HFSource:
+    directory: Path
+    raw_config: dict[str, Any]
+    config: ModelConfig
+    preprocess: PreprocessConfig
+    tensors: list[SourceTensor]
+
+    @property
+    def name(self) -> str:
+        return self.directory.resolve().name
+
+
+def read_hf_source(directory: str | os.PathLike) -> HFSource:
+    path = hf.resolve_model_dir(directory)
+    config_path = path / "config.json"
+    raw = hf.read_json(config_path) or {}
+    config = model_config_from_hf(raw, where=str(config_path))
+    if not (path / "tokenizer.json").is_file():
+        raise ModelFileError(f"{path / 'tokenizer.json'}: missing (the GGUF's vocabulary comes from it)")
+    preprocess = preprocess_config_from_hf(hf.read_json(path / "preprocessor_config.json", required=False))
+    return HFSource(path, raw, config, preprocess, source_tensors(path))
+
+
+def plan_text(source: HFSource, requested: GGMLQuantizationType) -> list[PlannedTensor]:
+    """The text GGUF's tensors (decoder and lm_head), llama.cpp-named, in checkpoint order."""
+    cache = _LastLoaded()
+    planned = []
+    for tensor in source.tensors:
+        if tensor.name.startswith("visual.") or tensor.name.endswith("rotary_emb.inv_freq"):
+            continue
+        if tensor.name == "lm_head.weight" and source.config.text.tie_word_embeddings:
+            continue  # tied: llama.cpp reads token_embd for the output
+        try:
+            gguf_name = names.hf_to_gguf_name(tensor.name)
+        except KeyError:
+            raise ModelFileError(
+                f"{source.directory}: unexpected tensor {tensor.name} in a {source.config.arch} checkpoint"
+            ) from None
+        chosen, note = tensor_type(gguf_name, tensor.shape, requested)
+        load = (lambda t=tensor: cache.get(t.name, t.load).numpy())
+        planned.append(PlannedTensor(gguf_name, tensor.shape, chosen, load, note))
+    _check_complete(planned, expected_text_names(source.config), source.directory)
+    return planned
+
+
+def plan_mmproj(source: HFSource, requested: GGMLQuantizationType) -> list[PlannedTensor]:
+    """The mmproj's tensors: renamed, q/k/v split in thirds, the Conv3d kernel in two temporal slices."""
+    assert source.config.vision is not None
+    table = names.vision_table(source.config.arch)
+    cache = _LastLoaded()
+    planned = []
+    for tensor in source.tensors:
+        if not tensor.name.startswith("visual."):
+            continue
+        try:
+            layout = names.vision_layout_from_hf(tensor.name, table)
+        except KeyError:
+            raise ModelFileError(f"{source.directory}: unexpected vision tensor {tensor.name}") from None
+        for index, (gguf_name, shape) in enumerate(zip(layout.gguf_names, _piece_shapes(tensor.shape, layout.join))):
+            chosen, note = tensor_type(gguf_name, shape, requested, mmproj=True)
+
+            def load(t: SourceTensor = tensor, i: int = index, join: str = layout.join) -> np.ndarray:
+                return names.split_vision(cache.get(t.name, t.load), join)[i].numpy()
+
+            planned.append(PlannedTensor(gguf_name, shape, chosen, load, note))
+    return planned
+
+
+def _piece_shapes(shape: tuple[int, ...], join: str) -> list[tuple[int, ...]]:
+    if join == names.ROWS:
+        return [(shape[0] // 3, *shape[1:])] * 3
+    if join == names.TEMPORAL:
+        return [(*shape[:2], *shape[3:])] * shape[2]
+    return [shape]
+
+
+def expected_text_names(config: ModelConfig) -> list[str]:
+    from .weights.gguf import _expected_shapes
+
+    return list(_expected_shapes(config.text))
+
+
+def _check_complete(planned: list[PlannedTensor], expected: Iterable[str], where: Path) -> None:
+    present = {tensor.name for tensor in planned}
+    missing = [name for name in expected if name not in present]
+    if missing:
+        hf_name = names.gguf_to_hf_name(missing[0])
+        raise ModelFileError(f"{where}: missing tensor {hf_name}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Metadata
+
+
+def _general_metadata(writer: gguf.GGUFWriter, directory: Path, kind: str) -> None:
+    """general.type / name / size_label ... as llama.cpp's converter writes them (gguf.Metadata)."""
+    total, shared, expert, experts = writer.get_total_parameter_count()
+    metadata = gguf.Metadata.load(None, directory, None, total)
+    if metadata.name is None:
+        metadata.name = directory.name
+    if metadata.size_label is None and total > 0:
+        metadata.size_label = gguf.size_label(total, shared, expert, experts)
+    writer.add_type(kind)
+    metadata.set_gguf_meta_model(writer)
+
+
+def text_metadata(writer: gguf.GGUFWriter, source: HFSource, file_type: LlamaFileType) -> None:
+    _general_metadata(writer, source.directory, gguf.GGUFType.MODEL)
+    text = source.config.text
+    section = source.raw_config.get("text_config") or source.raw_config
+    writer.add_block_count(text.num_hidden_layers)
+    writer.add_context_length(text.max_position_embeddings)
+    writer.add_embedding_length(text.hidden_size)
+    writer.add_feed_forward_length(text.intermediate_size)
+    writer.add_head_count(text.num_attention_heads)
+    writer.add_head_count_kv(text.num_key_value_heads)
+    if text.mrope_section is not None:
+        writer.add_rope_dimension_sections((list(text.mrope_section) + [0] * 4)[:4])
+    writer.add_rope_freq_base(text.rope_theta)
+    writer.add_layer_norm_rms_eps(text.rms_norm_eps)
+    if section.get("head_dim") is not None:
+        writer.add_key_length(text.head_dim)
+        writer.add_value_length(text.head_dim)
+    writer.add_file_type(file_type)
+    writer.add_quantization_version(GGML_QUANT_VERSION)
+    tokenizer_metadata(writer, source)
+
+
+def tokenizer_metadata(writer: gguf.GGUFWriter, source: HFSource) -> None:
+    """tokenizer.ggml.*: what llama.cpp's converter writes for a Qwen2 byte-level BPE tokenizer."""
+    tokens, types = vocab_tokens(source.directory, source.config.text.vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(source.directory, load_merges=False, n_vocab=len(tokens))
+    writer.add_token_merges(bpe_merges(source.directory / "tokenizer.json"))
+    special.add_to_gguf(writer, quiet=True)
+
+
+def bpe_merges(json_file: Path) -> list[str]:
+    """tokenizer.json's merges as "a b" strings; a space inside a part is written as U+0120 + 256 = 'Ġ'
+    shifted (chr(288)), as gguf.SpecialVocab does."""
+    try:
+        merges = json.loads(json_file.read_text(encoding="utf-8"))["model"]["merges"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelFileError(f"{json_file}: no BPE merges ({exc})") from None
+    if not merges or isinstance(merges[0], str):
+        return list(merges)
+    if any(" " in part for pair in merges for part in pair):
+        return [" ".join(part.replace(" ", chr(ord(" ") + 256)) for part in pair) for pair in merges]
+    return [f"{left} {right}" for left, right in merges]
+
+
+def vocab_tokens(directory: Path, vocab_size: int) -> tuple[list[str], list[int]]:
+    """Token strings and types by id, padded to the embedding's rows with UNUSED "[PADn]" tokens.
+
+    Added tokens are CONTROL when special (or shaped like "<|…|>"), else USER_DEFINED: llama.cpp's rule.
+    """
+    import tokenizers
+
+    json_file = directory / "tokenizer.json"
+    try:
+        backend = tokenizers.Tokenizer.from_file(str(json_file))
+    except Exception as exc:  # tokenizers raises plain Exception
+        raise ModelFileError(f"{json_file}: not a valid tokenizer.json ({exc})") from None
+    _check_qwen2_pretokenizer(backend, json_file)
+    added = backend.get_added_tokens_decoder()
+    by_id = {token_id: token for token, token_id in backend.get_vocab(with_added_tokens=True).items()}
+    if by_id and max(by_id) >= vocab_size:
+        raise ModelFileError(f"{json_file}: token id {max(by_id)} does not fit the {vocab_size}-row embedding")
+    tokens, types = [], []
+    for token_id in range(vocab_size):
+        token = by_id.get(token_id)
+        if token is None:
+            tokens.append(f"[PAD{token_id}]")
+            types.append(TokenType.UNUSED)
+        elif token_id in added:
+            content = added[token_id]
+            if not content.normalized:  # llama.cpp expects added tokens pre-normalized
+                token = backend.decode(backend.encode(token, add_special_tokens=False).ids, skip_special_tokens=False)
+            special = content.special or (token.startswith("<|") and token.endswith("|>"))
+            tokens.append(token if special else token.replace("\u2581", " "))
+            types.append(TokenType.CONTROL if special else TokenType.USER_DEFINED)
+        else:
+            tokens.append(token)
+            types.append(TokenType.NORMAL)
+    return tokens, [int(t) for t in types]
+
+
+def _check_qwen2_pretokenizer(backend: Any, json_file: Path) -> None:
+    ids = backend.encode(TOKENIZER_PROBE, add_special_tokens=False).ids
+    if sha256(str(ids).encode()).hexdigest() in QWEN2_TOKENIZER_HASHES:
+        return
+    if QWEN2_PRETOKENIZE_REGEX in backend.to_str():  # a fine-tuned vocabulary with Qwen2's splitting
+        return
+    raise ModelFileError(f"{json_file}: not a Qwen2 byte-level BPE tokenizer (its pre-tokenizer is not 'qwen2')")
+
+
+def mmproj_metadata(writer: gguf.GGUFWriter, source: HFSource, file_type: LlamaFileType) -> None:
+    """clip.* keys, in the order llama.cpp's converter writes them, then qwenvl's three extras."""
+    config, vision = source.config, source.config.vision
+    assert vision is not None
+    raw_vision = source.raw_config.get("vision_config") or {}
+    _general_metadata(writer, source.directory, gguf.GGUFType.MMPROJ)
+    writer.add_file_type(file_type)
+    writer.add_clip_has_vision_encoder(True)
+    writer.add_vision_projection_dim(config.text.hidden_size)
+    writer.add_vision_image_size(int(raw_vision.get("image_size", 560)))
+    writer.add_vision_patch_size(vision.patch_size)
+    writer.add_vision_embedding_length(vision.hidden_size)
+    # llama.cpp writes Qwen2-VL's vision_config.hidden_size (the merger's output) here
+    ffn = vision.out_hidden_size if config.arch == "qwen2_vl" else vision.intermediate_size
+    writer.add_vision_feed_forward_length(ffn)
+    writer.add_vision_block_count(vision.depth)
+    writer.add_vision_head_count(vision.num_heads)
+    writer.add_vision_image_mean(list(source.preprocess.image_mean))
+    writer.add_vision_image_std(list(source.preprocess.image_std))
+    writer.add_clip_projector_type(VARIANT_PROJECTORS[config.arch])
+    if config.arch == "qwen2_5_vl":
+        writer.add_vision_use_silu(True)
+        pattern = pattern_from_fullatt(vision.fullatt_block_indexes, vision.depth)
+        if pattern is not None:
+            writer.add_vision_n_wa_pattern(pattern)
+    writer.add_vision_attention_layernorm_eps(vision.norm_eps)
+    if vision.hidden_act not in ("quick_gelu", "silu"):
+        writer.add_vision_use_gelu(True)
+    if config.arch == "qwen2_5_vl":
+        if vision.window_size != LLAMA_CPP_WINDOW:
+            writer.add_uint32("clip.vision.window_size", vision.window_size)
+        if pattern_from_fullatt(vision.fullatt_block_indexes, vision.depth) is None:
+            writer.add_array("clip.vision.fullatt_block_indexes", list(vision.fullatt_block_indexes))
+        if vision.tokens_per_second != 2:
+            writer.add_float32("clip.vision.tokens_per_second", vision.tokens_per_second)
+    writer.add_quantization_version(GGML_QUANT_VERSION)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+class _Writer(gguf.GGUFWriter):
+    """GGUFWriter with the long metadata arrays (151k tokens, types, merges) packed in bulk; gguf
+    packs them one Python call per item, which takes seconds. Same bytes."""
+
+    def _pack_val(self, val: Any, vtype: Any, add_vtype: bool, sub_type: Any = None) -> bytes:
+        if vtype != gguf.GGUFValueType.ARRAY or not isinstance(val, list) or len(val) < 1024:
+            return super()._pack_val(val, vtype, add_vtype, sub_type=sub_type)
+        if all(type(item) is str for item in val):
+            element = gguf.GGUFValueType.STRING
+            encoded = [item.encode("utf-8") for item in val]
+            body = b"".join(struct.pack("<Q", len(item)) + item for item in encoded)
+        elif all(type(item) is int for item in val) and sub_type in (None, gguf.GGUFValueType.INT32):
+            element = gguf.GGUFValueType.INT32
+            body = np.asarray(val, dtype="<i4").tobytes()
+        else:
+            return super()._pack_val(val, vtype, add_vtype, sub_type=sub_type)
+        head = struct.pack("<I", vtype) if add_vtype else b""
+        return head + struct.pack("<IQ", element, len(val)) + body
+
+
+@dataclass
+class WrittenFile:
+    path: Path
+    architecture: str
+    tensors: list[PlannedTensor]
+    requested: GGMLQuantizationType
+
+    @property
+    def n_bytes(self) -> int:
+        return self.path.stat().st_size
+
+
+def write_gguf(
+    path: Path,
+    architecture: str,
+    tensors: list[PlannedTensor],
+    add_metadata: Callable[[gguf.GGUFWriter], None],
+    *,
+    requested: GGMLQuantizationType,
+    inputs: Sequence[Path] = (),
+    force: bool = False,
+    progress: bool = True,
+) -> WrittenFile:
+    """Write a GGUF file tensor by tensor (one in memory at a time), via a temporary file."""
+    check_output(path, inputs, force)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.parent / f".{path.name}.partial-{os.getpid()}"
+    writer = _Writer(partial, architecture)
+    try:
+        for tensor in tensors:
+            writer.add_tensor_info(tensor.name, tensor.byte_shape, np.dtype(np.uint8), tensor.n_bytes, tensor.ggml_type)
+        add_metadata(writer)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        total = sum(t.n_bytes for t in tensors)
+        with tqdm(total=total, unit="B", unit_scale=True, desc=path.name, disable=not progress, file=sys.stderr) as bar:
+            for tensor in tensors:
+                data = tensor.encode()
+                if data.nbytes != tensor.n_bytes:
+                    raise ModelFileError(f"tensor {tensor.name}: {data.nbytes} bytes encoded, {tensor.n_bytes} expected")
+                writer.write_tensor_data(data)
+                bar.update(tensor.n_bytes)
+        writer.close()
+        os.replace(partial, path)
+    except BaseException:
+        writer.close()
+        partial.unlink(missing_ok=True)
+        raise
+    return WrittenFile(path, architecture, tensors, requested)
+
+
+def check_output(path: Path, inputs: Sequence[Path], force: bool) -> None:
+    for source in inputs:
+        if path.resolve() == source.resolve() or (source.exists() and path.exists() and path.samefile(source)):
+            raise QwenVLError(f"{path}: is an input of this command; write the output somewhere else")
+    if path.exists() and not force:
+        raise QwenVLError(f"{path}: exists (pass --force to replace it)")
+    if path.exists() and not path.is_file():
+        raise QwenVLError(f"{path}: exists and is not a file")
+
+
+# ----------------------------------------------------------------------------------------------
+# The commands
+
+
+def default_mmproj_type(text_type: str) -> str:
+    """f32 stays f32, f16/bf16 give f16, quantized types give q8_0."""
+    return {"f32": "f32", "f16": "f16", "bf16": "f16"}.get(text_type, "q8_0")
+
+
+def convert_hf(
+    hf_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    out_type: str = "f16",
+    mmproj_type: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> list[WrittenFile]:
+    """Write ``<name>-<TYPE>.gguf`` (and ``mmproj-<name>-<TYPE>.gguf`` for a VL model) into out_dir."""
+    if out_type not in CONVERT_TYPES:
+        raise QwenVLError(f"--type {out_type!r}: choose from {', '.join(CONVERT_TYPES)}")
+    mmproj_type = mmproj_type or default_mmproj_type(out_type)
+    if mmproj_type not in MMPROJ_TYPES:
+        raise QwenVLError(f"--mmproj-type {mmproj_type!r}: choose from {', '.join(MMPROJ_TYPES)}")
+    source = read_hf_source(hf_dir)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise QwenVLError(f"{out_dir}: exists and is not a directory")
+    inputs = [p for p in source.directory.iterdir() if p.is_file()]
+    text_q = ggml_type(out_type)
+    text_arch = "qwen2" if source.config.arch == "qwen2" else "qwen2vl"
+    text_path = out_dir / f"{source.name}-{text_q.name}.gguf"
+    mm_path = out_dir / f"mmproj-{source.name}-{ggml_type(mmproj_type).name}.gguf"
+    targets = [text_path] + ([mm_path] if source.config.is_vision else [])
+    for target in targets:  # before writing anything
+        check_output(target, inputs, force)
+    written = [
+        write_gguf(
+            text_path, text_arch, plan_text(source, text_q),
+            lambda w: text_metadata(w, source, FILE_TYPES[text_q]),
+            requested=text_q, inputs=inputs, force=force, progress=progress,
+        )
+    ]
+    if source.config.is_vision:
+        mm_q = ggml_type(mmproj_type)
+        written.append(
+            write_gguf(
+                mm_path, "clip", plan_mmproj(source, mm_q),
+                lambda w: mmproj_metadata(w, source, FILE_TYPES[mm_q]),
+                requested=mm_q, inputs=inputs, force=force, progress=progress,
+            )
+        )
+    return written
+
+
+def quantize_gguf(
+    in_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    out_type: str,
+    *,
+    force: bool = False,
+    progress: bool = True,
+) -> WrittenFile:
+    """Re-quantize a GGUF (a text model or an mmproj): same metadata and tensors, new types.
+
+    Tensors already in their target type are copied byte for byte; the others are dequantized
+    and quantized again (quantizing an already-quantized tensor adds its error to the first one).
+    """
+    from .weights.gguf import open_gguf_file, read_gguf
+    from .weights.mmproj import read_mmproj
+
+    in_path, out_path = Path(in_path), Path(out_path)
+    requested = ggml_type(out_type)
+    if out_type not in QUANTIZE_TYPES:
+        raise QwenVLError(f"TYPE {out_type!r}: choose from {', '.join(QUANTIZE_TYPES)}")
+    check_output(out_path, [in_path], force)
+    with open_gguf_file(in_path) as source:
+        is_mmproj = source.architecture == "clip"
+        if is_mmproj:
+            if out_type not in MMPROJ_TYPES:
+                raise QwenVLError(f"{in_path}: an mmproj is written as {', '.join(MMPROJ_TYPES)}, not {out_type}")
+            read_mmproj(in_path).close()  # checks it is a Qwen2-VL / Qwen2.5-VL projector
+        else:
+            read_gguf(in_path).close()  # checks it is a qwen2 / qwen2vl text model
+        planned = []
+        for name, info in source.tensor_infos.items():
+            chosen, note = tensor_type(name, info.shape, requested, mmproj=is_mmproj)
+            raw = (lambda n=name: np.array(source.raw(n))) if info.ggml_type == chosen else None
+            load = lambda n=name: source.tensor(n).numpy()  # noqa: E731
+            planned.append(PlannedTensor(name, info.shape, chosen, load, note, raw))
+
+        def add_metadata(writer: gguf.GGUFWriter) -> None:
+            copy_metadata(writer, source, FILE_TYPES[requested])
+
+        return write_gguf(
+            out_path, source.architecture or "", planned, add_metadata,
+            requested=requested, inputs=[in_path], force=force, progress=progress,
+        )
+
+
+def copy_metadata(writer: gguf.GGUFWriter, source: Any, file_type: LlamaFileType) -> None:
+    """Every key of the source, in order, with general.file_type replaced."""
+    for key, value in source.metadata.items():
+        if key in ("general.architecture", "general.quantization_version"):
+            continue
+        if key == "general.file_type":
+            writer.add_file_type(file_type)
+            continue
+        kind, element = source.value_types[key]
+        writer.add_key_value(key, value, kind, sub_type=element)
+    if "general.file_type" not in source.metadata:
+        writer.add_file_type(file_type)
+    writer.add_quantization_version(GGML_QUANT_VERSION)
+
+
+# ----------------------------------------------------------------------------------------------
+# Summary
+
+
+def _size(n_bytes: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.2f} {unit}"
+    return f"{n_bytes} B"
+
+
+def summary_table(written: WrittenFile, max_notes: int = 8) -> str:
+    """Tensors, parameters and bytes per type, the total, and the fallbacks."""
+    rows: dict[str, list[int]] = {}
+    for tensor in written.tensors:
+        row = rows.setdefault(tensor.ggml_type.name, [0, 0, 0])
+        row[0] += 1
+        row[1] += tensor.n_elements
+        row[2] += tensor.n_bytes
+    lines = [f"{written.path} ({written.architecture}, {written.requested.name})"]
+    lines.append(f"  {'type':<6} {'tensors':>8} {'parameters':>14} {'size':>12}")
+    for kind, (count, elements, n_bytes) in sorted(rows.items(), key=lambda item: -item[1][2]):
+        lines.append(f"  {kind:<6} {count:>8} {elements:>14,} {_size(n_bytes):>12}")
+    total = [sum(r[i] for r in rows.values()) for i in range(3)]
+    lines.append(f"  {'total':<6} {total[0]:>8} {total[1]:>14,} {_size(total[2]):>12}   file {_size(written.n_bytes)}")
+    notes = [t for t in written.tensors if t.note]
+    for tensor in notes[:max_notes]:
+        lines.append(f"  fallback: {tensor.name} {list(tensor.shape)}: {tensor.note}")
+    if len(notes) > max_notes:
+        lines.append(f"  fallback: … and {len(notes) - max_notes} more tensors alike")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "CONVERT_TYPES",
+    "MMPROJ_TYPES",
+    "QUANTIZE_TYPES",
+    "PlannedTensor",
+    "WrittenFile",
+    "convert_hf",
+    "quantize_gguf",
+    "summary_table",
+    "tensor_type",
+    "vocab_tokens",
+]

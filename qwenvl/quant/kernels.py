@@ -1,0 +1,978 @@
+"""Compiled block kernels: matrix products and dequantization straight from GGML blocks.
+
+The C++ source below is compiled with the system compiler on first use (a few seconds: it includes
+no torch headers), cached under ``$XDG_CACHE_HOME/qwenvl/kernels/<hash>/`` and loaded with ctypes.
+It is built with ``-march=native``: an AVX-512 path where the CPU has it, portable C++ elsewhere.
+Both decode a group of 32 weights to exactly the fp32 values ``gguf.quants.dequantize`` gives (the
+same operations in the same order) and accumulate products in fp32.
+
+Threads: the library links ``libgomp.so.1``; the dynamic loader resolves that soname to the copy
+torch has already loaded, so kernels and torch share one OpenMP pool. The count follows
+``torch.get_num_threads()``. Set ``QWENVL_KERNELS=0`` to skip the build (callers fall back to torch).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+# Types the library decodes (the numbers are GGMLQuantizationType values, also used in the C++ switch).
+SUPPORTED_TYPES = frozenset(
+    GGMLQuantizationType[name]
+    for name in ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K")
+)
+
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+_PORTABLE_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+_LIBRARY_NAME = "libqwenvl_kernels.so"
+
+
+def _cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "qwenvl" / "kernels"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags: -march=native builds are only valid on a matching CPU."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(compiler: str, flags: list[str], target: Path) -> None:
+    """Compile SOURCE to ``target`` via a temporary file, so concurrent builds never see half a library."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        source = Path(tmp) / "kernels.cpp"
+        source.write_text(SOURCE)
+        output = Path(tmp) / _LIBRARY_NAME
+        result = subprocess.run([compiler, *flags, str(source), "-o", str(output)], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(result.stderr.strip()[-2000:])
+        os.replace(output, target)
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.qk_simd.argtypes, lib.qk_simd.restype = [], i32
+    lib.qk_gemv.argtypes = [i32, ptr, i32, i64, i64, i64, ptr, i64, i64, ptr, ptr, i32, i64, i32]
+    lib.qk_gemv.restype = i32
+    lib.qk_dequant.argtypes = [i32, ptr, i64, i64, i64, ptr, i32, i32]
+    lib.qk_dequant.restype = i32
+    return lib
+
+
+def build_library(portable: bool = False) -> Path:
+    """Compile the kernels (if not cached) and return the library's path; raises RuntimeError on failure.
+
+    ``portable`` leaves out ``-march=native`` (the scalar C++ path; used by tests to check it too).
+    """
+    compiler = _compiler()
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found (set CXX)")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    flags = _PORTABLE_FLAGS if portable else _FLAGS
+    key = hashlib.sha256("\0".join([SOURCE, compiler, version, *flags, _cpu_flags(), sys.platform]).encode())
+    target = _cache_root() / key.hexdigest()[:16] / _LIBRARY_NAME
+    if not target.exists():
+        _build(compiler, flags, target)
+    return target
+
+
+@functools.cache
+def load_library(portable: bool = False) -> ctypes.CDLL:
+    """The loaded kernels (built on first call); raises RuntimeError if they cannot be built."""
+    try:
+        return _declare(ctypes.CDLL(str(build_library(portable))))
+    except OSError as error:
+        raise RuntimeError(str(error)) from None
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The native kernels, or None (with one warning) when disabled or the build fails."""
+    if os.environ.get("QWENVL_KERNELS", "1") == "0":
+        return None
+    try:
+        return load_library()
+    except RuntimeError as error:
+        warnings.warn(f"qwenvl: block kernels unavailable, falling back to torch ({error})", stacklevel=2)
+        return None
+
+
+def available() -> bool:
+    return library() is not None
+
+
+def _row_bytes(ggml_type: GGMLQuantizationType, k: int) -> int:
+    block_size, type_size = GGML_QUANT_SIZES[ggml_type]
+    return k // block_size * type_size
+
+
+def _check_blocks(blocks: torch.Tensor, ggml_type: GGMLQuantizationType, n: int, k: int) -> None:
+    if ggml_type not in SUPPORTED_TYPES:
+        raise ValueError(f"block kernels do not support {ggml_type.name}")
+    if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.stride(1) != 1:
+        raise ValueError("blocks must be a uint8 tensor [rows, bytes] with contiguous rows")
+    if blocks.shape != (n, _row_bytes(ggml_type, k)):
+        raise ValueError(f"blocks of shape {tuple(blocks.shape)} do not hold a {ggml_type.name} [{n}, {k}] matrix")
+
+
+def gemv(
+    x: torch.Tensor,
+    blocks: torch.Tensor,
+    ggml_type: GGMLQuantizationType,
+    k: int,
+    bias: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    lib: ctypes.CDLL | None = None,
+) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` for x [M, k] (fp32 or bf16), W the [N, k] matrix held in ``blocks``.
+
+    Reads each block once for all M rows (meant for small M). Output: ``out`` if given (fp32 or bf16,
+    [M, N], rows may be strided), else a new tensor of x's dtype. ``bias`` must be fp32 [N].
+    """
+    n = blocks.shape[0]
+    _check_blocks(blocks, ggml_type, n, k)
+    if x.dtype not in (torch.float32, torch.bfloat16) or x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1:
+        raise ValueError(f"x must be fp32/bf16 [M, {k}] with contiguous rows")
+    if out is None:
+        out = torch.empty(x.shape[0], n, dtype=x.dtype)
+    if out.shape != (x.shape[0], n) or out.stride(1) != 1 or out.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError("out must be fp32/bf16 [M, N] with contiguous rows")
+    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (n,) or not bias.is_contiguous()):
+        raise ValueError("bias must be a contiguous fp32 [N] tensor")
+    gemv_unchecked(lib or load_library(), ggml_type, x, blocks, bias, out)
+    return out
+
+
+def gemv_unchecked(
+    lib: ctypes.CDLL,
+    ggml_type: GGMLQuantizationType,
+    x: torch.Tensor,
+    blocks: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+) -> None:
+    """``gemv`` without the argument checks, for callers that guarantee them (the per-token path)."""
+    status = lib.qk_gemv(
+        ggml_type, x.data_ptr(), x.dtype == torch.bfloat16, x.shape[0], x.shape[1], x.stride(0),
+        blocks.data_ptr(), blocks.shape[0], blocks.stride(0), None if bias is None else bias.data_ptr(),
+        out.data_ptr(), out.dtype == torch.bfloat16, out.stride(0), torch.get_num_threads(),
+    )  # fmt: skip
+    if status:
+        raise ValueError(f"block kernels do not support {GGMLQuantizationType(ggml_type).name}")
+
+
+def dequantize(
+    blocks: torch.Tensor,
+    ggml_type: GGMLQuantizationType,
+    k: int,
+    pieces: int = 0,
+    out: torch.Tensor | None = None,
+    lib: ctypes.CDLL | None = None,
+) -> torch.Tensor:
+    """The matrix in ``blocks`` as fp32 [N, k] (pieces=0), or as bf16 [N, pieces·k]: ``pieces`` bf16
+    parts side by side whose fp32 sum is the value (each part is the rest so far rounded to bf16).
+    ``out``: a contiguous tensor of that dtype and shape to write into (else a new one)."""
+    lib = lib or load_library()
+    n = blocks.shape[0]
+    _check_blocks(blocks, ggml_type, n, k)
+    if not 0 <= pieces <= 3:
+        raise ValueError("pieces must be 0 (fp32) or 1-3 (bf16 parts)")
+    dtype, shape = (torch.bfloat16, (n, pieces * k)) if pieces else (torch.float32, (n, k))
+    if out is None:
+        out = torch.empty(shape, dtype=dtype)
+    elif out.dtype != dtype or out.shape != shape or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {list(shape)}")
+    status = lib.qk_dequant(
+        int(ggml_type), blocks.data_ptr(), n, k, blocks.stride(0), out.data_ptr(), pieces, torch.get_num_threads()
+    )
+    if status:
+        raise ValueError(f"block kernels do not support {ggml_type.name}")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The C++ source (no backslashes, so it can live in a raw string).
+
+SOURCE = r"""
+// qwenvl block kernels: matrix-vector products and dequantization straight from GGML blocks.
+//
+// Every format decodes its weights to exactly the fp32 values gguf.quants.dequantize gives (the
+// same operations in the same order); products are exact and accumulate in fp32.
+// Built by qwenvl/quant/kernels.py with -march=native: AVX-512 code where the CPU has it (and
+// bf16 dot products where it has AVX512-BF16), portable C++ otherwise.
+#include <stdint.h>
+#include <string.h>
+
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define QK_AVX512 1
+#else
+#define QK_AVX512 0
+#endif
+#if QK_AVX512 && defined(__AVX512BF16__) && defined(__AVX512VBMI2__)
+#define QK_BF16 1
+#else
+#define QK_BF16 0
+#endif
+
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Scalars
+
+float half_to_float_slow(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1F, mant = h & 0x3FF, bits;
+  if (exp == 0x1F) {
+    bits = sign | 0x7F800000 | (mant << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (mant << 13);
+  } else if (mant == 0) {
+    bits = sign;
+  } else {  // subnormal half: normalize
+    exp = 113;
+    while (!(mant & 0x400)) {
+      mant <<= 1;
+      --exp;
+    }
+    bits = sign | (exp << 23) | ((mant & 0x3FF) << 13);
+  }
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+// Every fp16 value as fp32 (256 KB): a scale is one load, and a broadcast of it another.
+struct HalfTable {
+  float value[65536];
+  HalfTable() {
+    for (uint32_t h = 0; h < 65536; ++h) value[h] = half_to_float_slow((uint16_t)h);
+  }
+};
+const HalfTable kHalf;
+
+inline const float* half_ptr(const uint8_t* p) {
+  uint16_t h;
+  memcpy(&h, p, 2);
+  return &kHalf.value[h];
+}
+
+inline float load_half(const uint8_t* p) { return *half_ptr(p); }
+
+inline float bf16_to_float(uint16_t b) {
+  uint32_t bits = (uint32_t)b << 16;
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN stays NaN
+  uint32_t bits;
+  memcpy(&bits, &f, 4);
+  if ((bits & 0x7FFFFFFF) > 0x7F800000) return (uint16_t)((bits >> 16) | 0x40);
+  return (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Formats. Each block holds kValues weights in kBytes, read 32 at a time ("groups").
+// prepare(blk, s) fills s[g] for every group g of the block: the weights are
+//   w = s0 * code + off   (s1 instead of s0 for the group's second 16 weights: Q6_K)
+// where code is the stored code minus kOffset, exactly as gguf computes them. Then
+//   scalar(blk, g, s, out)   the 32 weights of group g as fp32
+//   vec(blk, g, s, w0, w1)   the same in two zmm registers (AVX-512)
+//   codes(blk, g)            the raw codes (0 .. 2^kBits - 1), for the bf16 path (kBits > 0)
+// kOffset -1 marks formats with a minimum (w = s0 * code + off, off != 0).
+
+struct Scale {
+  float s0, s1, off;
+};
+
+struct Q8_0 {
+  static constexpr int kValues = 32, kBytes = 34, kBits = 0, kOffset = 0;
+  static void prepare(const uint8_t* b, Scale* s) { s[0] = {load_half(b), load_half(b), 0}; }
+  static void scalar(const uint8_t* b, int, const Scale* s, float* out) {
+    for (int i = 0; i < 32; ++i) out[i] = (float)(int8_t)b[2 + i] * s->s0;
+  }
+};
+
+struct Q4_0 {
+  static constexpr int kValues = 32, kBytes = 18, kBits = 4, kOffset = 8;
+  static void prepare(const uint8_t* b, Scale* s) { s[0] = {load_half(b), load_half(b), 0}; }
+  static void scalar(const uint8_t* b, int, const Scale* s, float* out) {
+    for (int i = 0; i < 16; ++i) {
+      out[i] = s->s0 * (float)((b[2 + i] & 0xF) - 8);
+      out[i + 16] = s->s0 * (float)((b[2 + i] >> 4) - 8);
+    }
+  }
+};
+
+struct Q4_1 {
+  static constexpr int kValues = 32, kBytes = 20, kBits = 4, kOffset = -1;
+  static void prepare(const uint8_t* b, Scale* s) { s[0] = {load_half(b), load_half(b), load_half(b + 2)}; }
+  static void scalar(const uint8_t* b, int, const Scale* s, float* out) {
+    for (int i = 0; i < 16; ++i) {
+      out[i] = s->s0 * (float)(b[4 + i] & 0xF) + s->off;
+      out[i + 16] = s->s0 * (float)(b[4 + i] >> 4) + s->off;
+    }
+  }
+};
+
+struct Q5_0 {
+  static constexpr int kValues = 32, kBytes = 22, kBits = 5, kOffset = 16;
+  static void prepare(const uint8_t* b, Scale* s) { s[0] = {load_half(b), load_half(b), 0}; }
+  static void scalar(const uint8_t* b, int, const Scale* s, float* out) {
+    uint32_t qh;
+    memcpy(&qh, b + 2, 4);
+    for (int i = 0; i < 16; ++i) {
+      out[i] = s->s0 * (float)((int)((b[6 + i] & 0xF) | (((qh >> i) & 1) << 4)) - 16);
+      out[i + 16] = s->s0 * (float)((int)((b[6 + i] >> 4) | (((qh >> (i + 16)) & 1) << 4)) - 16);
+    }
+  }
+};
+
+struct Q5_1 {
+  static constexpr int kValues = 32, kBytes = 24, kBits = 5, kOffset = -1;
+  static void prepare(const uint8_t* b, Scale* s) { s[0] = {load_half(b), load_half(b), load_half(b + 2)}; }
+  static void scalar(const uint8_t* b, int, const Scale* s, float* out) {
+    uint32_t qh;
+    memcpy(&qh, b + 4, 4);
+    for (int i = 0; i < 16; ++i) {
+      out[i] = s->s0 * (float)((b[8 + i] & 0xF) | (((qh >> i) & 1) << 4)) + s->off;
+      out[i + 16] = s->s0 * (float)((b[8 + i] >> 4) | (((qh >> (i + 16)) & 1) << 4)) + s->off;
+    }
+  }
+};
+
+// Q4_K / Q5_K: d, dmin, then 8 six-bit scales and 8 six-bit mins packed in 12 bytes
+void k_scales(const uint8_t* b, Scale* s) {
+  const float d = load_half(b), dmin = load_half(b + 2);
+  uint32_t u[4];  // unpacked as llama.cpp does: bytes 0-7 become the scales, 8-15 the mins
+  memcpy(u, b + 4, 12);
+  u[3] = ((u[2] >> 4) & 0x0f0f0f0f) | (((u[1] >> 6) & 0x03030303) << 4);
+  const uint32_t mins_low = u[1] & 0x3f3f3f3f;
+  u[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
+  u[2] = mins_low;
+  u[0] &= 0x3f3f3f3f;
+  uint8_t q[16];
+  memcpy(q, u, 16);
+  for (int j = 0; j < 8; ++j) {  // products of an fp16 and 6 bits: exact
+    const float sc = d * (float)q[j];
+    s[j] = {sc, sc, -(dmin * (float)q[8 + j])};
+  }
+}
+
+struct Q4_K {  // d, dmin, 12 bytes of scales, 128 bytes of nibbles
+  static constexpr int kValues = 256, kBytes = 144, kBits = 4, kOffset = -1;
+  static void prepare(const uint8_t* b, Scale* s) { k_scales(b, s); }
+  static void scalar(const uint8_t* b, int g, const Scale* s, float* out) {
+    const uint8_t* q = b + 16 + (g / 2) * 32;
+    const int shift = (g % 2) * 4;
+    for (int i = 0; i < 32; ++i) out[i] = s->s0 * (float)((q[i] >> shift) & 0xF) + s->off;
+  }
+};
+
+struct Q5_K {  // d, dmin, 12 bytes of scales, 32 bytes of high bits, 128 bytes of nibbles
+  static constexpr int kValues = 256, kBytes = 176, kBits = 5, kOffset = -1;
+  static void prepare(const uint8_t* b, Scale* s) { k_scales(b, s); }
+  static void scalar(const uint8_t* b, int g, const Scale* s, float* out) {
+    const uint8_t* qh = b + 16;
+    const uint8_t* q = b + 48 + (g / 2) * 32;
+    const int shift = (g % 2) * 4;
+    for (int i = 0; i < 32; ++i) out[i] = s->s0 * (float)(((q[i] >> shift) & 0xF) | (((qh[i] >> g) & 1) << 4)) + s->off;
+  }
+};
+
+struct Q6_K {  // 128 bytes of low nibbles, 64 bytes of high bit pairs, 16 int8 scales, d
+  static constexpr int kValues = 256, kBytes = 210, kBits = 6, kOffset = 32;
+  static void prepare(const uint8_t* b, Scale* s) {
+    const float d = load_half(b + 208);
+    for (int g = 0; g < 8; ++g) s[g] = {d * (float)(int8_t)b[192 + 2 * g], d * (float)(int8_t)b[193 + 2 * g], 0};
+  }
+  static void scalar(const uint8_t* b, int g, const Scale* s, float* out) {
+    const int half = g / 4, part = g % 4;
+    const uint8_t* ql = b + half * 64 + (part % 2) * 32;
+    const uint8_t* qh = b + 128 + half * 32;
+    const int lshift = (part / 2) * 4, hshift = part * 2;
+    for (int i = 0; i < 32; ++i) {
+      const int q = (((ql[i] >> lshift) & 0xF) | (((qh[i] >> hshift) & 3) << 4)) - 32;
+      out[i] = (i < 16 ? s->s0 : s->s1) * (float)q;
+    }
+  }
+};
+
+struct F16 {
+  static constexpr int kValues = 32, kBytes = 64, kBits = 0, kOffset = 0;
+  static void prepare(const uint8_t*, Scale*) {}
+  static void scalar(const uint8_t* b, int, const Scale*, float* out) {
+    for (int i = 0; i < 32; ++i) out[i] = load_half(b + 2 * i);
+  }
+};
+
+struct BF16 {
+  static constexpr int kValues = 32, kBytes = 64, kBits = 0, kOffset = 0;
+  static void prepare(const uint8_t*, Scale*) {}
+  static void scalar(const uint8_t* b, int, const Scale*, float* out) {
+    for (int i = 0; i < 32; ++i) {
+      uint16_t v;
+      memcpy(&v, b + 2 * i, 2);
+      out[i] = bf16_to_float(v);
+    }
+  }
+};
+
+struct F32 {
+  static constexpr int kValues = 32, kBytes = 128, kBits = 0, kOffset = 0;
+  static void prepare(const uint8_t*, Scale*) {}
+  static void scalar(const uint8_t* b, int, const Scale*, float* out) { memcpy(out, b, 128); }
+};
+
+#if QK_AVX512
+// ---------------------------------------------------------------------------------------------
+// AVX-512 decoders: the same values as scalar(), 16 lanes at a time.
+
+inline __m512 i8_to_ps(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)); }
+inline __m512 u8_to_ps(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)); }
+
+template <class F>
+inline void vec(const uint8_t* b, int g, const Scale& s, __m512& w0, __m512& w1);
+
+template <>
+inline void vec<Q8_0>(const uint8_t* b, int, const Scale& s, __m512& w0, __m512& w1) {
+  const __m512 d = _mm512_set1_ps(s.s0);
+  w0 = _mm512_mul_ps(i8_to_ps(_mm_loadu_si128((const __m128i*)(b + 2))), d);
+  w1 = _mm512_mul_ps(i8_to_ps(_mm_loadu_si128((const __m128i*)(b + 18))), d);
+}
+
+inline void nibbles(const uint8_t* p, __m128i& lo, __m128i& hi) {  // 16 bytes: low and high nibbles
+  const __m128i v = _mm_loadu_si128((const __m128i*)p), mask = _mm_set1_epi8(0xF);
+  lo = _mm_and_si128(v, mask);
+  hi = _mm_and_si128(_mm_srli_epi16(v, 4), mask);
+}
+
+template <>
+inline void vec<Q4_0>(const uint8_t* b, int, const Scale& s, __m512& w0, __m512& w1) {
+  const __m512 d = _mm512_set1_ps(s.s0);
+  const __m128i eight = _mm_set1_epi8(8);
+  __m128i lo, hi;
+  nibbles(b + 2, lo, hi);
+  w0 = _mm512_mul_ps(d, i8_to_ps(_mm_sub_epi8(lo, eight)));
+  w1 = _mm512_mul_ps(d, i8_to_ps(_mm_sub_epi8(hi, eight)));
+}
+
+template <>
+inline void vec<Q4_1>(const uint8_t* b, int, const Scale& s, __m512& w0, __m512& w1) {
+  const __m512 d = _mm512_set1_ps(s.s0), m = _mm512_set1_ps(s.off);
+  __m128i lo, hi;
+  nibbles(b + 4, lo, hi);
+  w0 = _mm512_fmadd_ps(d, u8_to_ps(lo), m);  // d * code is exact: one rounding, as gguf's d * q + m
+  w1 = _mm512_fmadd_ps(d, u8_to_ps(hi), m);
+}
+
+template <>
+inline void vec<Q5_0>(const uint8_t* b, int, const Scale& s, __m512& w0, __m512& w1) {
+  const __m512 d = _mm512_set1_ps(s.s0);
+  uint32_t qh;
+  memcpy(&qh, b + 2, 4);
+  __m128i lo, hi;
+  nibbles(b + 6, lo, hi);
+  const __m128i sixteen = _mm_set1_epi8(16);  // code - 16: subtract 16 where the high bit is clear
+  lo = _mm_mask_sub_epi8(lo, (__mmask16)~qh, lo, sixteen);
+  hi = _mm_mask_sub_epi8(hi, (__mmask16)~(qh >> 16), hi, sixteen);
+  w0 = _mm512_mul_ps(d, i8_to_ps(lo));
+  w1 = _mm512_mul_ps(d, i8_to_ps(hi));
+}
+
+template <>
+inline void vec<Q5_1>(const uint8_t* b, int, const Scale& s, __m512& w0, __m512& w1) {
+  const __m512 d = _mm512_set1_ps(s.s0), m = _mm512_set1_ps(s.off);
+  uint32_t qh;
+  memcpy(&qh, b + 4, 4);
+  __m128i lo, hi;
+  nibbles(b + 8, lo, hi);
+  const __m128i sixteen = _mm_set1_epi8(16);
+  lo = _mm_mask_add_epi8(lo, (__mmask16)qh, lo, sixteen);
+  hi = _mm_mask_add_epi8(hi, (__mmask16)(qh >> 16), hi, sixteen);
+  w0 = _mm512_fmadd_ps(d, u8_to_ps(lo), m);
+  w1 = _mm512_fmadd_ps(d, u8_to_ps(hi), m);
+}
+
+inline __m256i nibbles32(const uint8_t* p, int high) {  // the low or high nibbles of 32 bytes
+  const __m256i v = _mm256_loadu_si256((const __m256i*)p);
+  return _mm256_and_si256(high ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(0xF));
+}
+
+inline void affine32(__m256i codes, const Scale& s, __m512& w0, __m512& w1) {
+  const __m512 d = _mm512_set1_ps(s.s0), m = _mm512_set1_ps(s.off);
+  w0 = _mm512_fmadd_ps(d, u8_to_ps(_mm256_castsi256_si128(codes)), m);  // one rounding, as gguf
+  w1 = _mm512_fmadd_ps(d, u8_to_ps(_mm256_extracti128_si256(codes, 1)), m);
+}
+
+inline __m256i q5k_high(const uint8_t* b, int g, __m256i codes) {
+  const __m256i qh = _mm256_loadu_si256((const __m256i*)(b + 16));
+  const __mmask32 bits = _mm256_test_epi8_mask(qh, _mm256_set1_epi8((char)(1 << g)));
+  return _mm256_mask_add_epi8(codes, bits, codes, _mm256_set1_epi8(16));
+}
+
+template <>
+inline void vec<Q4_K>(const uint8_t* b, int g, const Scale& s, __m512& w0, __m512& w1) {
+  affine32(nibbles32(b + 16 + (g / 2) * 32, g % 2), s, w0, w1);
+}
+
+template <>
+inline void vec<Q5_K>(const uint8_t* b, int g, const Scale& s, __m512& w0, __m512& w1) {
+  affine32(q5k_high(b, g, nibbles32(b + 48 + (g / 2) * 32, g % 2)), s, w0, w1);
+}
+
+inline __m256i q6k_codes(const uint8_t* b, int g) {  // 6-bit codes 0..63
+  const int half = g / 4, part = g % 4;
+  const __m256i ql = _mm256_loadu_si256((const __m256i*)(b + half * 64 + (part % 2) * 32));
+  const __m256i qh = _mm256_loadu_si256((const __m256i*)(b + 128 + half * 32));
+  const __m256i lo = _mm256_and_si256(_mm256_srli_epi16(ql, (part / 2) * 4), _mm256_set1_epi8(0xF));
+  const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(qh, part * 2), _mm256_set1_epi8(3));
+  return _mm256_or_si256(lo, _mm256_slli_epi16(hi, 4));
+}
+
+template <>
+inline void vec<Q6_K>(const uint8_t* b, int g, const Scale& s, __m512& w0, __m512& w1) {
+  const __m256i q = _mm256_sub_epi8(q6k_codes(b, g), _mm256_set1_epi8(32));
+  w0 = _mm512_mul_ps(_mm512_set1_ps(s.s0), i8_to_ps(_mm256_castsi256_si128(q)));
+  w1 = _mm512_mul_ps(_mm512_set1_ps(s.s1), i8_to_ps(_mm256_extracti128_si256(q, 1)));
+}
+
+template <>
+inline void vec<F16>(const uint8_t* b, int, const Scale&, __m512& w0, __m512& w1) {
+  w0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)b));
+  w1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(b + 32)));
+}
+
+inline __m512 bf16_to_ps(__m256i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)); }
+
+template <>
+inline void vec<BF16>(const uint8_t* b, int, const Scale&, __m512& w0, __m512& w1) {
+  w0 = bf16_to_ps(_mm256_loadu_si256((const __m256i*)b));
+  w1 = bf16_to_ps(_mm256_loadu_si256((const __m256i*)(b + 32)));
+}
+
+template <>
+inline void vec<F32>(const uint8_t* b, int, const Scale&, __m512& w0, __m512& w1) {
+  w0 = _mm512_loadu_ps((const float*)b);
+  w1 = _mm512_loadu_ps((const float*)(b + 64));
+}
+
+inline __m256i ps_to_bf16(__m512 v) {  // round to nearest even (no NaNs among weights)
+#if defined(__AVX512BF16__)
+  return (__m256i)_mm512_cvtneps_pbh(v);
+#else
+  __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16));
+#endif
+}
+#endif  // QK_AVX512
+
+#if QK_BF16
+// ---------------------------------------------------------------------------------------------
+// bf16 path. A code c < 2^b becomes the bf16 number 2^b + c exactly: the bits of 2^b with c in the
+// top of its 7-bit mantissa, c << (7 - b). One vdpbf16ps sums 32 products (2^b + c) * x, each
+// exact in fp32; the 2^b + kOffset part comes off through the dot's initial value, made once per
+// call from x. codes() returns the 32 codes, pre-shifted, one byte each in value order.
+
+inline __m256i two_nibbles(const uint8_t* p, int shift) {  // 16 bytes: low nibbles, then high ones
+  const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)p));
+  // rotate each 16-bit word: left by `shift` in the low lane, right by 4 - shift in the high lane
+  const __m256i counts = _mm256_setr_epi16(shift, shift, shift, shift, shift, shift, shift, shift, 12 + shift,
+                                           12 + shift, 12 + shift, 12 + shift, 12 + shift, 12 + shift,
+                                           12 + shift, 12 + shift);
+  return _mm256_and_si256(_mm256_shldv_epi16(v, v, counts), _mm256_set1_epi8((char)(0xF << shift)));
+}
+
+template <class F>
+inline __m256i codes(const uint8_t* b, int g);
+
+template <>
+inline __m256i codes<Q4_0>(const uint8_t* b, int) { return two_nibbles(b + 2, 3); }
+
+template <>
+inline __m256i codes<Q4_1>(const uint8_t* b, int) { return two_nibbles(b + 4, 3); }
+
+template <>
+inline __m256i codes<Q5_0>(const uint8_t* b, int) {
+  uint32_t qh;
+  memcpy(&qh, b + 2, 4);
+  const __m256i c = two_nibbles(b + 6, 2);
+  return _mm256_mask_add_epi8(c, qh, c, _mm256_set1_epi8(16 << 2));
+}
+
+template <>
+inline __m256i codes<Q5_1>(const uint8_t* b, int) {
+  uint32_t qh;
+  memcpy(&qh, b + 4, 4);
+  const __m256i c = two_nibbles(b + 8, 2);
+  return _mm256_mask_add_epi8(c, qh, c, _mm256_set1_epi8(16 << 2));
+}
+
+template <>
+inline __m256i codes<Q4_K>(const uint8_t* b, int g) {
+  return _mm256_slli_epi16(nibbles32(b + 16 + (g / 2) * 32, g % 2), 3);
+}
+
+template <>
+inline __m256i codes<Q5_K>(const uint8_t* b, int g) {
+  return _mm256_slli_epi16(q5k_high(b, g, nibbles32(b + 48 + (g / 2) * 32, g % 2)), 2);
+}
+
+template <>
+inline __m256i codes<Q6_K>(const uint8_t* b, int g) { return _mm256_slli_epi16(q6k_codes(b, g), 1); }
+
+template <class F>
+inline __m512 bf16_scale(const Scale& s) {  // lanes 0-7 pair up weights 0-15, lanes 8-15 the rest
+  if constexpr (F::kValues == 256 && F::kOffset > 0)  // Q6_K: a scale per 16 weights
+    return _mm512_insertf32x8(_mm512_set1_ps(s.s0), _mm256_set1_ps(s.s1), 1);
+  return _mm512_set1_ps(s.s0);
+}
+#endif  // QK_BF16
+
+// ---------------------------------------------------------------------------------------------
+// y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) for a few rows m, reading w's blocks once.
+
+struct GemvArgs {
+  const float* x;  // [M, K] fp32 (fp32 path)
+  int64_t M, K;
+  const uint16_t* xb;  // [M, ldxb] bf16 (bf16 path)
+  int64_t ldxb;
+  const float* init;  // [M, K/2] the dots' initial values (bf16 path)
+  const float* xsum;  // [M, K/2] x[2i] + x[2i+1] (bf16 path, formats with a minimum)
+  const uint8_t* w;
+  int64_t N, row_bytes;
+  const float* bias;  // [N] or null
+  void* y;
+  int64_t ldy;
+  int y_bf16;
+};
+
+inline void store(const GemvArgs& a, int64_t m, int64_t n, float v) {
+  if (a.bias) v += a.bias[n];
+  if (a.y_bf16)
+    ((uint16_t*)a.y)[m * a.ldy + n] = float_to_bf16(v);
+  else
+    ((float*)a.y)[m * a.ldy + n] = v;
+}
+
+#if QK_AVX512
+// NR output rows of w against M rows of fp32 x; two accumulators per pair when M == 1 (latency)
+template <class F, int NR, int M>
+void gemv_tile_f32(const GemvArgs& a, int64_t n, int64_t m0) {
+  constexpr int A = M == 1 ? 2 : 1, G = F::kValues / 32;
+  __m512 acc[NR][M][A];
+  Scale s[NR][G];
+#pragma GCC unroll 16
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 16
+    for (int m = 0; m < M; ++m)
+#pragma GCC unroll 2
+      for (int j = 0; j < A; ++j) acc[r][m][j] = _mm512_setzero_ps();
+  const float* x = a.x + m0 * a.K;
+  for (int64_t blk = 0; blk < a.K / F::kValues; ++blk) {
+    const uint8_t* row = a.w + n * a.row_bytes + blk * F::kBytes;
+#pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r) F::prepare(row + r * a.row_bytes, s[r]);
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) {
+      const float* xg = x + blk * F::kValues + g * 32;
+#pragma GCC unroll 16
+      for (int r = 0; r < NR; ++r) {
+        __m512 w0, w1;
+        vec<F>(row + r * a.row_bytes, g, s[r][g], w0, w1);
+#pragma GCC unroll 16
+        for (int m = 0; m < M; ++m) {
+          acc[r][m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xg + m * a.K), acc[r][m][0]);
+          acc[r][m][A - 1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xg + m * a.K + 16), acc[r][m][A - 1]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 16
+    for (int m = 0; m < M; ++m) {
+      __m512 sum = acc[r][m][0];
+      if (A == 2) sum = _mm512_add_ps(sum, acc[r][m][A - 1]);
+      store(a, m0 + m, n + r, _mm512_reduce_add_ps(sum));
+    }
+}
+
+#if QK_BF16
+// The same for bf16 x: per group and row one vdpbf16ps over the codes (started from a.init),
+// times the scale; formats with a minimum add off * (x[2i] + x[2i+1]) in a second accumulator.
+template <class F, int NR, int M>
+void gemv_tile_bf16(const GemvArgs& a, int64_t n, int64_t m0) {
+  constexpr bool kMin = F::kOffset < 0;
+  constexpr int G = F::kValues / 32;
+  __m512 acc[NR][M], acc_min[NR][M];
+  Scale s[NR][G];
+#pragma GCC unroll 16
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 16
+    for (int m = 0; m < M; ++m) acc[r][m] = acc_min[r][m] = _mm512_setzero_ps();
+  const int64_t half = a.K / 2;
+  const __m512i magic = _mm512_set1_epi16((short)(0x3F80 + (F::kBits << 7)));  // bf16 of 2^kBits
+  for (int64_t blk = 0; blk < a.K / F::kValues; ++blk) {
+    const uint8_t* row = a.w + n * a.row_bytes + blk * F::kBytes;
+#pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r) F::prepare(row + r * a.row_bytes, s[r]);
+#pragma GCC unroll 8
+    for (int g = 0; g < G; ++g) {
+      const int64_t k = blk * F::kValues + g * 32;
+#pragma GCC unroll 16
+      for (int r = 0; r < NR; ++r) {
+        const __m512i w = _mm512_or_si512(_mm512_cvtepu8_epi16(codes<F>(row + r * a.row_bytes, g)), magic);
+        const __m512 scale = bf16_scale<F>(s[r][g]);
+#pragma GCC unroll 16
+        for (int m = 0; m < M; ++m) {
+          const int64_t i = m0 + m;
+          const __m512i xv = _mm512_loadu_si512((const void*)(a.xb + i * a.ldxb + k));
+          const __m512 dot = _mm512_dpbf16_ps(_mm512_loadu_ps(a.init + i * half + k / 2), (__m512bh)w, (__m512bh)xv);
+          acc[r][m] = _mm512_fmadd_ps(scale, dot, acc[r][m]);
+          if constexpr (kMin)
+            acc_min[r][m] = _mm512_fmadd_ps(_mm512_set1_ps(s[r][g].off), _mm512_loadu_ps(a.xsum + i * half + k / 2),
+                                            acc_min[r][m]);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 16
+    for (int m = 0; m < M; ++m) {
+      const __m512 sum = kMin ? _mm512_add_ps(acc[r][m], acc_min[r][m]) : acc[r][m];
+      store(a, m0 + m, n + r, _mm512_reduce_add_ps(sum));
+    }
+}
+#endif
+
+template <class F, bool BF, int NR, int M>
+inline void gemv_tile(const GemvArgs& a, int64_t n, int64_t m0) {
+#if QK_BF16
+  if constexpr (BF && F::kBits > 0) {
+    gemv_tile_bf16<F, NR, M>(a, n, m0);
+    return;
+  }
+#endif
+  gemv_tile_f32<F, NR, M>(a, n, m0);
+}
+
+// NR output rows against all M rows of x, four x rows at a time (the w rows stay in cache)
+template <class F, bool BF, int NR, int M>
+void gemv_block(const GemvArgs& a, int64_t n, int64_t m) {
+  constexpr int step = (M <= 2 || NR < 2) ? NR : 2;  // at most 16 accumulators
+  for (int r = 0; r < NR; r += step) gemv_tile<F, BF, step, M>(a, n + r, m);
+}
+
+template <class F, bool BF, int NR>
+void gemv_rows(const GemvArgs& a, int64_t n) {
+  int64_t m = 0;
+  for (; m + 4 <= a.M; m += 4) gemv_block<F, BF, NR, 4>(a, n, m);
+  switch (a.M - m) {
+    case 3: gemv_block<F, BF, NR, 3>(a, n, m); break;
+    case 2: gemv_block<F, BF, NR, 2>(a, n, m); break;
+    case 1: gemv_block<F, BF, NR, 1>(a, n, m); break;
+    default: break;
+  }
+}
+#else
+template <class F, bool BF, int NR>
+void gemv_rows(const GemvArgs& a, int64_t n) {
+  float w[32];
+  Scale s[F::kValues / 32];
+  for (int r = 0; r < NR; ++r)
+    for (int64_t m = 0; m < a.M; ++m) {
+      float acc[32] = {0};
+      const float* x = a.x + m * a.K;
+      for (int64_t blk = 0; blk < a.K / F::kValues; ++blk) {
+        const uint8_t* b = a.w + (n + r) * a.row_bytes + blk * F::kBytes;
+        F::prepare(b, s);
+        for (int g = 0; g < F::kValues / 32; ++g) {
+          F::scalar(b, g, &s[g], w);
+          const float* xg = x + blk * F::kValues + g * 32;
+          for (int i = 0; i < 32; ++i) acc[i] += w[i] * xg[i];
+        }
+      }
+      float sum = 0;
+      for (int i = 0; i < 32; ++i) sum += acc[i];
+      store(a, m, n + r, sum);
+    }
+}
+#endif
+
+template <class F, bool BF>
+void gemv(const GemvArgs& a, int threads) {
+  constexpr int NR = 4;
+  const int64_t tiles = a.N / NR;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t t = 0; t < tiles; ++t) gemv_rows<F, BF, NR>(a, t * NR);
+  for (int64_t n = tiles * NR; n < a.N; ++n) gemv_rows<F, BF, 1>(a, n);
+}
+
+// fp32 copy of x ([M, K], row stride ldx, fp32 or bf16)
+void load_x(const void* x, int x_bf16, int64_t M, int64_t K, int64_t ldx, float* out) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k)
+      out[m * K + k] = x_bf16 ? bf16_to_float(((const uint16_t*)x)[m * ldx + k]) : ((const float*)x)[m * ldx + k];
+}
+
+template <class F>
+struct GemvFn {
+  static void run(const void* x, int x_bf16, int64_t ldx, GemvArgs a, int threads) {
+    const int64_t M = a.M, K = a.K;
+#if QK_BF16
+    if (F::kBits > 0 && x_bf16) {  // the dots' initial values take off the codes' 2^kBits + kOffset
+      std::vector<float> init((size_t)(M * K / 2)), xsum(F::kOffset < 0 ? init.size() : 0);
+      const float shift = -(float)((1 << F::kBits) + (F::kOffset < 0 ? 0 : F::kOffset));
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t i = 0; i < K / 2; ++i) {
+          const uint16_t* pair = (const uint16_t*)x + m * ldx + 2 * i;
+          const float sum = bf16_to_float(pair[0]) + bf16_to_float(pair[1]);
+          init[m * K / 2 + i] = shift * sum;
+          if (F::kOffset < 0) xsum[m * K / 2 + i] = sum;
+        }
+      a.xb = (const uint16_t*)x;
+      a.ldxb = ldx;
+      a.init = init.data();
+      a.xsum = xsum.data();
+      gemv<F, true>(a, threads);
+      return;
+    }
+#endif
+    std::vector<float> xf((size_t)(M * K));
+    load_x(x, x_bf16, M, K, ldx, xf.data());
+    a.x = xf.data();
+    gemv<F, false>(a, threads);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Dequantization: rows of fp32, or of `pieces` bf16 parts [hi | mid | lo] whose sum is the value.
+
+template <class F>
+void dequant_row(const uint8_t* row, int64_t K, void* out, int pieces) {
+  Scale s[F::kValues / 32];
+  for (int64_t blk = 0; blk < K / F::kValues; ++blk) {
+    const uint8_t* b = row + blk * F::kBytes;
+    F::prepare(b, s);
+    for (int g = 0; g < F::kValues / 32; ++g) {
+      const int64_t k = blk * F::kValues + g * 32;
+#if QK_AVX512
+      __m512 w[2];
+      vec<F>(b, g, s[g], w[0], w[1]);
+      for (int h = 0; h < 2; ++h) {
+        if (!pieces) {
+          _mm512_storeu_ps((float*)out + k + 16 * h, w[h]);
+          continue;
+        }
+        __m512 rest = w[h];
+        for (int p = 0; p < pieces; ++p) {
+          const __m256i part = ps_to_bf16(rest);
+          _mm256_storeu_si256((__m256i*)((uint16_t*)out + p * K + k + 16 * h), part);
+          rest = _mm512_sub_ps(rest, bf16_to_ps(part));  // exact: part is rest rounded to 8 bits
+        }
+      }
+#else
+      float w[32];
+      F::scalar(b, g, &s[g], w);
+      for (int i = 0; i < 32; ++i) {
+        if (!pieces) {
+          ((float*)out)[k + i] = w[i];
+          continue;
+        }
+        float rest = w[i];
+        for (int p = 0; p < pieces; ++p) {
+          const uint16_t part = float_to_bf16(rest);
+          ((uint16_t*)out)[p * K + k + i] = part;
+          rest -= bf16_to_float(part);
+        }
+      }
+#endif
+    }
+  }
+}
+
+template <class F>
+struct DequantFn {
+  static void run(const uint8_t* w, int64_t N, int64_t K, int64_t row_bytes, void* out, int pieces, int threads) {
+    const int64_t out_row = pieces ? (int64_t)pieces * K * 2 : K * 4;  // bytes
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; ++n) dequant_row<F>(w + n * row_bytes, K, (uint8_t*)out + n * out_row, pieces);
+  }
+};
+
+template <template <class> class Fn, class... Args>
+int dispatch(int type, Args... args) {
+  switch (type) {  // GGMLQuantizationType values
+    case 0: Fn<F32>::run(args...); return 0;
+    case 1: Fn<F16>::run(args...); return 0;
+    case 2: Fn<Q4_0>::run(args...); return 0;
+    case 3: Fn<Q4_1>::run(args...); return 0;
+    case 6: Fn<Q5_0>::run(args...); return 0;
+    case 7: Fn<Q5_1>::run(args...); return 0;
+    case 8: Fn<Q8_0>::run(args...); return 0;
+    case 12: Fn<Q4_K>::run(args...); return 0;
+    case 13: Fn<Q5_K>::run(args...); return 0;
+    case 14: Fn<Q6_K>::run(args...); return 0;
+    case 30: Fn<BF16>::run(args...); return 0;
+    default: return 1;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// 0: portable C++, 1: AVX-512, 2: AVX-512 with bf16 dot products for bf16 inputs
+int qk_simd(void) { return QK_BF16 ? 2 : QK_AVX512; }
+
+// y[M, N] (row stride ldy, fp32 or bf16) = x[M, K] @ dequant(w)[N, K]^T (+ bias); 0 on success
+int qk_gemv(int type, const void* x, int x_bf16, int64_t M, int64_t K, int64_t ldx, const uint8_t* w, int64_t N,
+            int64_t row_bytes, const float* bias, void* y, int y_bf16, int64_t ldy, int threads) {
+  const GemvArgs a{nullptr, M, K, nullptr, 0, nullptr, nullptr, w, N, row_bytes, bias, y, ldy, y_bf16};
+  return dispatch<GemvFn>(type, x, x_bf16, ldx, a, threads);
+}
+
+// out = dequant(w) as fp32 [N, K] (pieces == 0) or as bf16 [N, pieces * K] parts summing to it
+int qk_dequant(int type, const uint8_t* w, int64_t N, int64_t K, int64_t row_bytes, void* out, int pieces,
+               int threads) {
+  return dispatch<DequantFn>(type, w, N, K, row_bytes, out, pieces, threads);
+}
+}
+"""

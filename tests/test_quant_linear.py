@@ -1,0 +1,265 @@
+"""QuantLinear and the block kernels against gguf's own dequantization, computed live.
+
+Weights: random matrices quantized with ``gguf.quants.quantize`` where gguf can quantize the type;
+for the K-quants (which gguf only dequantizes) random bytes with sane fp16 scales — every byte
+pattern is a valid block. The reference is float64 ``x @ dequantize(raw).T (+ bias)``.
+
+Tolerances, per output element, with ``scale = |x| @ |W|.T + |bias|`` (the size of the summed terms):
+- exact kernels, fp32 in and out: ``1e-5 · scale`` — fp32 accumulation over K ≤ 512 terms
+  (about √K·2⁻²⁴ typical, K·2⁻²⁴ = 3e-5 worst case); a single wrong weight code is far above it.
+- exact kernels, bf16 in and out: the reference uses the same bf16 input, so the only extra error is
+  rounding the output (and, on the GEMM path, the bias) to bf16: ``2⁻⁸·(|y| + |bias|) + 1e-5 · scale``.
+- re-quantized kernels: their stated weight error bound (see each test) times |x|, plus the bf16 terms.
+Every kernel also has cosine ≥ 0.999 against the reference.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import quants as gguf_quants
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
+
+from qwenvl.quant import kernels, linear
+from qwenvl.quant.linear import (
+    BlockQuantLinear,
+    ConcatLinear,
+    QuantEmbedding,
+    quant_linear_from_ggml,
+    quant_linear_from_parts,
+)
+
+BLOCK_TYPES = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K]
+K_QUANTS = {T.Q4_K, T.Q5_K, T.Q6_K}
+ROWS, COLS = 40, 512  # 40: not a multiple of the kernels' 4-row tiles; 512: two K-quant blocks
+FEW, MANY = (1, 3, 6), 19  # row counts for the fused GEMV and the dequantize + GEMM paths
+EPS = 1e-6
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="block kernels could not be built here")
+
+
+def random_blocks(ggml_type: T, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """uint8 [rows, bytes per row] holding a random matrix of the type."""
+    rng = np.random.default_rng(seed)
+    if ggml_type not in K_QUANTS:
+        weights = (rng.standard_normal((rows, cols)) * 0.05).astype(np.float32)
+        return gguf_quants.quantize(weights, ggml_type).view(np.uint8).reshape(rows, -1)
+    block_size, type_size = GGML_QUANT_SIZES[ggml_type]
+    raw = rng.integers(0, 256, (rows, cols // block_size, type_size), dtype=np.uint8)
+
+    def halves(low: float, high: float) -> np.ndarray:
+        values = rng.uniform(low, high, raw.shape[:2]).astype(np.float16)
+        return values.view(np.uint8).reshape(*raw.shape[:2], 2)
+
+    if ggml_type == T.Q6_K:
+        raw[..., 208:210] = halves(1e-4, 1e-3)  # d last; scales are int8 bytes
+    else:
+        raw[..., 0:2] = halves(1e-4, 1e-3)  # d
+        raw[..., 2:4] = halves(0, 1e-3)  # dmin
+    return raw.reshape(rows, -1)
+
+
+def reference_weight(raw: np.ndarray, ggml_type: T) -> np.ndarray:
+    return gguf_quants.dequantize(raw, ggml_type).reshape(raw.shape[0], -1).astype(np.float32)
+
+
+def reference(x: torch.Tensor, weight: np.ndarray, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x @ W.T + b, |x| @ |W|.T + |b|) in float64, from x as given (bf16 x is used as it is)."""
+    w = torch.from_numpy(weight).double()
+    x = x.double()
+    y, scale = x @ w.T, x.abs() @ w.abs().T
+    if bias is not None:
+        y, scale = y + bias.double(), scale + bias.double().abs()
+    return y, scale
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a.double().flatten(), b.double().flatten(), dim=0).item()
+
+
+def assert_within(y: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor) -> None:
+    excess = ((y.double() - ref).abs() - bound).max().item()
+    assert excess <= 0, f"error exceeds the bound by {excess:.3g}"
+    assert cosine(y, ref) >= 0.999
+
+
+# ----------------------------------------------------------------------------------------------
+# The kernels' weights are gguf's weights
+
+
+@pytest.mark.parametrize("ggml_type", BLOCK_TYPES, ids=lambda t: t.name)
+def test_dequantize_is_bit_exact_and_pieces_sum_to_it(ggml_type: T) -> None:
+    raw = random_blocks(ggml_type, ROWS, COLS)
+    expected = reference_weight(raw, ggml_type)
+    blocks = torch.from_numpy(raw)
+    got = kernels.dequantize(blocks, ggml_type, COLS).numpy()
+    assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
+    pieces = linear.EXACT_PIECES.get(ggml_type, 3)
+    parts = kernels.dequantize(blocks, ggml_type, COLS, pieces=pieces).float().reshape(ROWS, pieces, COLS)
+    assert torch.equal(parts.sum(dim=1), torch.from_numpy(expected))  # the exact prefill path's claim
+    if pieces > 1 and ggml_type not in (T.Q4_1, T.Q5_1):  # one piece fewer would round
+        # (Q4_1/Q5_1: d·q + m often fits 16 bits, but not always — e.g. a large min with a small d)
+        fewer = kernels.dequantize(blocks, ggml_type, COLS, pieces=pieces - 1).float().reshape(ROWS, pieces - 1, COLS)
+        assert not torch.equal(fewer.sum(dim=1), torch.from_numpy(expected))
+
+
+def test_portable_build_matches_gguf() -> None:
+    """The scalar C++ path (no -march=native), for machines without AVX-512."""
+    lib = kernels.load_library(portable=True)
+    assert lib.qk_simd() == 0
+    x = torch.randn(3, COLS)
+    for ggml_type in BLOCK_TYPES:
+        raw = random_blocks(ggml_type, ROWS, COLS, seed=1)
+        weight = reference_weight(raw, ggml_type)
+        blocks = torch.from_numpy(raw)
+        got = kernels.dequantize(blocks, ggml_type, COLS, lib=lib).numpy()
+        assert np.array_equal(got.view(np.uint32), weight.view(np.uint32)), ggml_type.name
+        ref, scale = reference(x, weight, None)
+        assert_within(kernels.gemv(x, blocks, ggml_type, COLS, lib=lib), ref, EPS * scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact layers
+
+
+@pytest.mark.parametrize("ggml_type", BLOCK_TYPES, ids=lambda t: t.name)
+def test_block_linear_is_exact(ggml_type: T) -> None:
+    raw = random_blocks(ggml_type, ROWS, COLS)
+    weight = reference_weight(raw, ggml_type)
+    bias = torch.randn(ROWS) * 0.1
+    layer = quant_linear_from_ggml(raw, ggml_type, (ROWS, COLS), bias=bias, kernel="blocks")
+    assert isinstance(layer, BlockQuantLinear) and layer.exact and "exact" in layer.describe()
+    for rows in (*FEW, MANY):
+        x = torch.randn(rows, COLS)
+        ref, scale = reference(x, weight, bias)
+        assert_within(layer(x), ref, EPS * scale)
+
+        xb = x.bfloat16()
+        ref, scale = reference(xb, weight, bias)
+        y = layer(xb)
+        assert y.dtype == torch.bfloat16
+        assert_within(y, ref, 2**-8 * (ref.abs() + bias.abs()) + EPS * scale)
+
+
+@pytest.mark.parametrize("ggml_type", [T.Q8_0, T.Q5_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+def test_default_kernel_of_the_registry_formats_is_exact(ggml_type: T) -> None:
+    raw = random_blocks(ggml_type, ROWS, COLS)
+    layer = quant_linear_from_ggml(raw, ggml_type, (ROWS, COLS))
+    assert layer.kernel == linear.DEFAULT_KERNELS[ggml_type] and layer.exact
+    x = torch.randn(2, 5, COLS)  # [..., in] inputs keep their leading dims
+    ref, scale = reference(x.reshape(-1, COLS), reference_weight(raw, ggml_type), None)
+    y = layer(x)
+    assert y.shape == (2, 5, ROWS)
+    assert_within(y.reshape(-1, ROWS), ref, EPS * scale)
+
+
+def test_prefill_in_chunks_matches_one_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    raw = random_blocks(T.Q8_0, ROWS, COLS)
+    layer = quant_linear_from_ggml(raw, T.Q8_0, (ROWS, COLS), bias=torch.randn(ROWS), kernel="blocks")
+    x = torch.randn(MANY, COLS).bfloat16()
+    whole = layer(x)
+    monkeypatch.setattr(linear, "PREFILL_CHUNK_BYTES", 7 * COLS * 2 * layer.pieces)  # 7 rows per chunk
+    assert torch.equal(layer(x), whole)
+
+
+def test_fewer_pieces_is_reported_as_rounding() -> None:
+    raw = random_blocks(T.Q8_0, ROWS, COLS)
+    layer = BlockQuantLinear(torch.from_numpy(raw), T.Q8_0, (ROWS, COLS), pieces=1)
+    assert not layer.exact and "re-quantized" in layer.describe()
+    x = torch.randn(MANY, COLS).bfloat16()
+    ref, scale = reference(x, reference_weight(raw, T.Q8_0), None)
+    # each weight rounded to bf16 (2^-9 relative), the output too
+    assert_within(layer(x), ref, 2**-9 * scale + 2**-8 * ref.abs() + EPS * scale)
+
+
+# ----------------------------------------------------------------------------------------------
+# Re-quantized layers, each within its stated bound
+
+
+@pytest.mark.parametrize("ggml_type", [T.Q8_0, T.Q5_0, T.F16, T.BF16], ids=lambda t: t.name)
+def test_dense_bf16_rounds_each_weight_once(ggml_type: T) -> None:
+    raw = random_blocks(ggml_type, ROWS, COLS)
+    layer = quant_linear_from_ggml(raw, ggml_type, (ROWS, COLS), kernel="dense")
+    assert layer.exact == (ggml_type == T.BF16)
+    for rows in (1, MANY):
+        x = torch.randn(rows, COLS).bfloat16()
+        ref, scale = reference(x, reference_weight(raw, ggml_type), None)
+        assert_within(layer(x), ref, 2**-9 * scale + 2**-8 * ref.abs() + EPS * scale)
+
+
+@pytest.mark.parametrize("ggml_type", [T.Q8_0, T.Q5_0, T.Q6_K], ids=lambda t: t.name)
+def test_int8_requantization_bound(ggml_type: T) -> None:
+    """Per-row int8: each weight moves by at most half its row's step (max|w|/127, bf16-rounded)."""
+    raw = random_blocks(ggml_type, ROWS, COLS)
+    weight = reference_weight(raw, ggml_type)
+    layer = quant_linear_from_ggml(raw, ggml_type, (ROWS, COLS), kernel="int8")
+    assert not layer.exact
+    step = layer.scales.float().double() * (1 + 2**-8)
+    for rows in (1, MANY):
+        x = torch.randn(rows, COLS).bfloat16()
+        ref, scale = reference(x, weight, None)
+        # the kernel rounds to bf16 twice (the dot product, then times the scale)
+        bound = x.double().abs().sum(1, keepdim=True) * step / 2 + 2**-8 * ref.abs() + EPS * scale
+        assert_within(layer(x), ref, bound)
+
+
+@pytest.mark.parametrize("ggml_type", [T.Q4_0, T.Q4_1, T.Q4_K], ids=lambda t: t.name)
+def test_int4_keeps_codes_and_rounds_scales(ggml_type: T) -> None:
+    """Groups of 32: w = (code - 8)·scale + zero with scale, zero rounded to bf16 (2^-9 relative);
+    the kernel itself rounds weights (or partial sums) to bf16 once more, and the output."""
+    rows = 48  # the int4 kernel wants a multiple of 16 rows
+    raw = random_blocks(ggml_type, rows, COLS)
+    weight = reference_weight(raw, ggml_type)
+    layer = quant_linear_from_ggml(raw, ggml_type, (rows, COLS), kernel="int4")
+    codes, scales, zeros = linear._nibble_codes(torch.from_numpy(raw), ggml_type, (rows, COLS))
+    rebuilt = (codes.double() - 8) * scales.double().repeat_interleave(32, 1) + zeros.double().repeat_interleave(32, 1)
+    assert torch.allclose(rebuilt, torch.from_numpy(weight).double(), rtol=0, atol=1e-7)  # codes are exact
+    per_weight = 2**-9 * (8 * scales.abs() + zeros.abs()).double().repeat_interleave(32, 1)
+    for n in (1, MANY):
+        x = torch.randn(n, COLS).bfloat16()
+        ref, scale = reference(x, weight, None)
+        bound = x.double().abs() @ per_weight.T + 2**-9 * scale + 2**-8 * ref.abs()
+        assert_within(layer(x), ref, bound)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building from GGUF tensors
+
+
+def test_parts_of_one_format_share_a_layer_and_mixed_formats_concatenate() -> None:
+    q, k = random_blocks(T.Q5_0, 32, COLS, seed=2), random_blocks(T.Q5_0, 8, COLS, seed=3)
+    v = random_blocks(T.Q8_0, 8, COLS, seed=4)
+    bias = torch.randn(48)
+    weight = np.concatenate([reference_weight(q, T.Q5_0), reference_weight(k, T.Q5_0), reference_weight(v, T.Q8_0)])
+    fused = quant_linear_from_parts([(q, T.Q5_0, (32, COLS)), (k, T.Q5_0, (8, COLS)), (v, T.Q8_0, (8, COLS))], bias)
+    assert isinstance(fused, ConcatLinear) and [p.out_features for p in fused.parts] == [40, 8]
+    assert fused.exact
+    for rows in (1, MANY):
+        x = torch.randn(rows, COLS)
+        ref, scale = reference(x, weight, bias)
+        assert_within(fused(x), ref, EPS * scale)
+    same = quant_linear_from_parts([(q, T.Q5_0, (32, COLS)), (k, T.Q5_0, (8, COLS))])
+    assert isinstance(same, BlockQuantLinear) and same.out_features == 40
+
+
+def test_quant_embedding_rows_are_gguf_rows() -> None:
+    raw = random_blocks(T.Q5_0, ROWS, COLS)
+    table = QuantEmbedding(torch.from_numpy(raw), T.Q5_0, (ROWS, COLS), torch.float32)
+    ids = torch.tensor([[3, 0, 39], [3, 7, 7]])
+    expected = torch.from_numpy(reference_weight(raw, T.Q5_0))[ids]
+    assert torch.equal(table(ids), expected)
+
+
+def test_bad_inputs_are_refused() -> None:
+    raw = random_blocks(T.Q8_0, ROWS, COLS)
+    with pytest.raises(ValueError, match="bytes do not hold"):
+        quant_linear_from_ggml(raw, T.Q8_0, (ROWS + 1, COLS))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        quant_linear_from_ggml(raw, T.Q8_0, (ROWS, 100))
+    with pytest.raises(ValueError, match="unknown kernel"):
+        quant_linear_from_ggml(raw, T.Q8_0, (ROWS, COLS), kernel="fast")
+    with pytest.raises(ValueError, match="int4 kernel takes"):
+        quant_linear_from_ggml(random_blocks(T.Q8_0, 48, COLS), T.Q8_0, (48, COLS), kernel="int4")
+    with pytest.raises(ValueError, match="x must be"):
+        kernels.gemv(torch.randn(2, COLS + 32), torch.from_numpy(raw), T.Q8_0, COLS)
