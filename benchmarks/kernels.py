@@ -4,11 +4,14 @@
     python benchmarks/kernels.py --quick      # fewer formats and timing windows
     python benchmarks/kernels.py --compile    # also the torch.compile fused dequant-matmul (slow to build)
 
-Per-layer table: µs per call (median of timing windows, 2 threads) for 1 row (decode) and 512 rows
-(prefill) of bf16 activations, and the largest error against float64 ``x @ W.T`` with W gguf's
-dequantized weights (relative to the largest |output|). One layer's weights fit in the CPU's cache,
-so its 1-row times are cache-warm; the model passes below read every layer once per token from
-memory, as decoding does. Weights are random blocks (random codes, realistic scales).
+Per-layer table: µs per call for 1 row (decode) and 512 rows (prefill) of bf16 activations, with
+2 threads; each the best of several timing windows started when the CPUs were idle (on a shared
+machine a busy core stalls OpenMP regions by whole scheduler ticks). Run it a few times and take
+medians. "weight error": max |W used - W gguf| / max |W| (the prefill weights for the block kernels);
+"output error": max |y - y_ref| / max |y_ref| against float64 x @ W_gguf.T, bf16 output rounding
+included. One layer's weights fit in the CPU's cache, so its 1-row times are cache-warm; the model
+passes read every layer once per token from memory, as decoding does. Weights are random blocks
+(random codes, realistic scales).
 
 Model passes (if the registry GGUF is present): all linear layers of the file — fused q/k/v and
 gate/up, down, lm_head — as the engine would build them, at 1 row (one decode step; lm_head on it)
@@ -19,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 from collections.abc import Callable
 
@@ -28,7 +30,15 @@ import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 from qwenvl.quant import kernels
-from qwenvl.quant.linear import BlockQuantLinear, quant_linear_from_ggml, quant_linear_from_parts
+from qwenvl.quant.linear import (
+    BlockQuantLinear,
+    DenseLinear,
+    Int4Linear,
+    Int8Linear,
+    nibble_codes,
+    quant_linear_from_ggml,
+    quant_linear_from_parts,
+)
 
 SHAPES = {  # name: (out, in) of the 0.5B
     "qkv": (1152, 896),
@@ -74,8 +84,8 @@ def wait_for_idle(limit: float = 0.2, timeout: float = 30.0) -> None:
 
 
 def timed(fn: Callable[[], object], windows: int, seconds: float = 0.1) -> float:
-    """Median µs per call over ``windows`` timing windows of about ``seconds`` each, each window
-    started when the machine is idle."""
+    """µs per call: the best of ``windows`` timing windows of about ``seconds`` each, each started
+    when the machine is idle (run the script a few times and take the median of those)."""
     fn()
     start = time.perf_counter()
     fn()
@@ -88,7 +98,7 @@ def timed(fn: Callable[[], object], windows: int, seconds: float = 0.1) -> float
         for _ in range(calls):
             fn()
         samples.append((time.perf_counter() - start) / calls * 1e6)
-    return statistics.median(samples)
+    return min(samples)
 
 
 def random_blocks(ggml_type: T, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
@@ -139,13 +149,31 @@ def max_error(layer: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor) -> 
     return ((layer(x).double() - ref).abs().max() / ref.abs().max()).item()
 
 
+def weight_error(layer: torch.nn.Module, raw: np.ndarray, ggml_type: T, weight: torch.Tensor) -> float:
+    """max |W used - W gguf| / max |W|: the re-quantization alone (bf16 output rounding aside)."""
+    if isinstance(layer, BlockQuantLinear):
+        pieces = kernels.dequantize(layer.blocks, ggml_type, layer.in_features, layer.pieces)
+        used = pieces.float().view(layer.out_features, layer.pieces, -1).sum(1)  # the prefill weights
+    elif isinstance(layer, DenseLinear):
+        used = layer.weight.float()
+    elif isinstance(layer, Int8Linear):
+        used = layer.codes.float() * layer.scales.float()[:, None]
+    elif isinstance(layer, Int4Linear):
+        codes, _, _ = nibble_codes(torch.from_numpy(raw), ggml_type, tuple(weight.shape))
+        scale, zero = (layer.scale_zero[..., i].float().t().repeat_interleave(32, 1) for i in (0, 1))
+        used = (codes.float() - 8) * scale + zero
+    else:
+        return float("nan")
+    return ((used - weight).abs().max() / weight.abs().max()).item()
+
+
 def layer_table(formats: list[T], windows: int) -> None:
     rng = np.random.default_rng(0)
     print(
         "| format | layer | kernel | exact | B/weight | µs, 1 row | GB/s | µs, 512 rows | "
-        "rel. error, 1 row | 512 rows |"
+        "weight error | output error, 1 row | 512 rows |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for ggml_type in formats:
         block_size = GGML_QUANT_SIZES[ggml_type][0]
         for name, (rows, cols) in SHAPES.items():
@@ -165,7 +193,7 @@ def layer_table(formats: list[T], windows: int) -> None:
                 print(
                     f"| {ggml_type.name} | {name} {cols}→{rows} | {variant} | {'yes' if layer.exact else 'no'} | "
                     f"{layer.weight_bytes / (rows * cols):.3g} | {decode:,.0f} | {layer.weight_bytes / decode / 1e3:.1f} | "
-                    f"{prefill:,.0f} | {err1:.1e} | {errp:.1e} |",
+                    f"{prefill:,.0f} | {weight_error(layer, raw, ggml_type, weight):.1e} | {err1:.1e} | {errp:.1e} |",
                     flush=True,
                 )
                 del layer
@@ -235,8 +263,8 @@ def layer_bytes(module: torch.nn.Module) -> int:
 
 
 def memory_bandwidth(windows: int) -> float:
-    """GB/s of reading a 1 GB tensor (sum over int32 words) with the current threads."""
-    data = torch.ones(256 << 20, dtype=torch.int32)
+    """GB/s of reading a 1 GB tensor (torch's fp32 sum) with the current threads."""
+    data = torch.ones(256 << 20, dtype=torch.float32)
     return data.numel() * 4 / timed(lambda: data.sum(), windows, seconds=0.5) / 1e3
 
 

@@ -265,20 +265,20 @@ def _engine_model(
     return _llama_cpp_model(target, say)
 
 
-def _transformers_model(options: BenchOptions, target: _Target, say: Callable[[str], None]):
-    dtype_note = "sdpa attention"
+def _transformers_model(
+    options: BenchOptions, target: _Target, say: Callable[[str], None]
+) -> tuple[str | None, str | None, str | None]:
     if target.model is None:
-        return None, None, f"{dtype_note}, random weights"
+        return None, None, "sdpa attention, random weights"
     if not target.is_gguf:
-        return target.model, None, dtype_note
+        return target.model, None, "sdpa attention"
     from .defaults import default_gguf_path, default_hf_export_path
 
     if target.mmproj is None and Path(target.model) == default_gguf_path().resolve():
-        say("exporting the default GGUF as an HF checkpoint (once) ...")
-        directory = default_hf_export_path()
+        directory = default_hf_export_path()  # the parity tests' export, made once
     else:
         directory = export_for_transformers(target.model, target.mmproj, say)
-    return str(directory), None, f"{dtype_note}, on qwenvl's float32 export {directory}"
+    return str(directory), None, f"sdpa attention, on qwenvl's float32 export {directory}"
 
 
 def export_for_transformers(gguf_path: str, mmproj: str | None, say: Callable[[str], None]) -> Path:
@@ -297,7 +297,7 @@ def export_for_transformers(gguf_path: str, mmproj: str | None, say: Callable[[s
         raise _Skip(f"needs an HF checkpoint and the export failed: {error}") from None
 
 
-def _llama_cpp_model(target: _Target, say: Callable[[str], None]):
+def _llama_cpp_model(target: _Target, say: Callable[[str], None]) -> tuple[str | None, str | None, str | None]:
     if target.model is None:
         raise _Skip("llama.cpp's vision encoder (clip) is not benchmarked")
     note = "use_extra_bufts off (no weight repacking)"
@@ -412,7 +412,8 @@ def format_table(records: list[dict[str, Any]]) -> str:
         rows.append([record["engine"]] + [_cell(record.get(f), fmt) for f, _, fmt in COLUMNS])
     for record in records:
         if record.get("ratio"):
-            rows.append([f"qwenvl ÷ {record['engine']}"] + [_ratio_cell(record["ratio"].get(f)) for f, _, _ in COLUMNS])
+            ratio = record["ratio"]
+            rows.append([f"qwenvl ÷ {record['engine']}"] + [_ratio_cell(ratio.get(f)) for f, _, _ in COLUMNS])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [" · ".join(head)]
     lines += ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
@@ -607,9 +608,8 @@ def measure_qwenvl(run: EngineRun) -> dict[str, Any]:
     import_rss = current_rss_mb()
     with _timer() as load_s:
         model = load(run.model, dtype=run.dtype, threads=run.threads, mmproj=run.mmproj)
-    figures: dict[str, Any] = {
-        "load_s": round(load_s[0], 3), "import_rss_mb": round(import_rss, 1), "dtype": str(model.dtype)[6:]
-    }
+    dtype = str(model.dtype).removeprefix("torch.")
+    figures: dict[str, Any] = {"load_s": round(load_s[0], 3), "import_rss_mb": round(import_rss, 1), "dtype": dtype}
     _qwenvl_generate(model, run.prompt_ids[:WARMUP_PROMPT_TOKENS], 2)
     runs = []
     for _ in range(run.repeat):

@@ -10,9 +10,11 @@ when the full-attention blocks follow no ``n_wa_pattern`` and ``clip.vision.toke
 is not 2 (llama.cpp hard-codes those three).
 
 Tensor types, as llama.cpp / qwen.cpp choose them: 1-D tensors and norms stay F32; every other weight
-gets the requested type; a row length that is not a multiple of the type's block size falls back to
-a wider type (K-quants: Q2_K/Q3_K → Q4_0, Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0; 32-blocks → F16),
-said in the summary. The mmproj's patch embedding is F16 in an F16 file and F32 otherwise.
+gets the requested type, except that below 8 bits the output projection (output.weight, or
+token_embd.weight when tied) is Q6_K as llama-quantize keeps it; a row length that is not a multiple
+of the type's block size falls back to a wider type (K-quants: Q2_K/Q3_K → Q4_0, Q4_K → Q5_0,
+Q5_K → Q5_1, Q6_K → Q8_0; 32-blocks → F16). Every exception is said in the summary. The mmproj's
+patch embedding is F16 in an F16 file and F32 otherwise.
 
 Output goes to a hidden temporary file next to the target, renamed into place when complete; an
 input is never overwritten.
@@ -69,6 +71,8 @@ FALLBACK = {
     Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0,
     Q.Q8_0: Q.F16, Q.Q4_0: Q.F16, Q.Q4_1: Q.F16, Q.Q5_0: Q.F16, Q.Q5_1: Q.F16,
 }
+# Below 8 bits the output projection is stored as Q6_K (llama.cpp's llama-quantize rule)
+LOW_BIT = {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K}
 # llama.cpp's converter names the tokenizer "qwen2" when these hash its probe text's token ids
 QWEN2_TOKENIZER_HASHES = {
     "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea",  # Qwen1.5 / Qwen2 / Qwen2.5
@@ -130,22 +134,32 @@ class PlannedTensor:
 
 
 def tensor_type(
-    name: str, shape: Sequence[int], requested: GGMLQuantizationType, *, mmproj: bool = False
+    name: str, shape: Sequence[int], requested: GGMLQuantizationType, *, mmproj: bool = False, tied: bool = False
 ) -> tuple[GGMLQuantizationType, str]:
-    """The type a tensor is stored in, and a note when it is not the requested one."""
+    """The type a tensor is stored in, and a note when it is not the requested one.
+
+    ``tied``: the model has no output.weight, token_embd.weight serves as the output projection.
+    """
     if len(shape) <= 1 or name.endswith("_norm.weight"):
         return Q.F32, ""
     if mmproj and name in names.GGUF_PATCH_EMBED:
         return (Q.F16 if requested == Q.F16 else Q.F32), ""
     if not name.endswith(".weight"):
         return Q.F32, ""
-    chosen = requested
+    target, note = requested, ""
+    if requested in LOW_BIT and (name == "output.weight" or (tied and name == "token_embd.weight")):
+        target = Q.Q6_K  # llama.cpp's quantize keeps the output projection at 6 bits
+        note = f"the output projection is kept at {Q.Q6_K.name}, as llama.cpp does"
+    chosen = target
     while shape[-1] % ggml_quant.block_size(chosen):
         chosen = FALLBACK[chosen]
-    if chosen == requested:
-        return chosen, ""
-    block = ggml_quant.block_size(requested)
-    return chosen, f"rows of {shape[-1]} are not a multiple of {requested.name}'s block of {block}: {chosen.name}"
+    if chosen != target:
+        block = ggml_quant.block_size(target)
+        reason = f"rows of {shape[-1]} are not a multiple of {target.name}'s block of {block}"
+        note = f"{note}; {reason}" if note else reason
+    if chosen != requested:
+        return chosen, f"{note}: {chosen.name}"
+    return chosen, ""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,8 +258,11 @@ def plan_text(source: HFSource, requested: GGMLQuantizationType) -> list[Planned
             raise ModelFileError(
                 f"{source.directory}: unexpected tensor {tensor.name} in a {source.config.arch} checkpoint"
             ) from None
-        chosen, note = tensor_type(gguf_name, tensor.shape, requested)
-        load = (lambda t=tensor: cache.get(t.name, t.load).numpy())
+        chosen, note = tensor_type(gguf_name, tensor.shape, requested, tied=source.config.text.tie_word_embeddings)
+
+        def load(t: SourceTensor = tensor) -> np.ndarray:
+            return cache.get(t.name, t.load).numpy()
+
         planned.append(PlannedTensor(gguf_name, tensor.shape, chosen, load, note))
     _check_complete(planned, expected_text_names(source.config), source.directory)
     return planned
@@ -253,7 +270,19 @@ def plan_text(source: HFSource, requested: GGMLQuantizationType) -> list[Planned
 
 def plan_mmproj(source: HFSource, requested: GGMLQuantizationType) -> list[PlannedTensor]:
     """The mmproj's tensors: renamed, q/k/v split in thirds, the Conv3d kernel in two temporal slices."""
-    assert source.config.vision is not None
+    from .models.vision import weight_names
+
+    vision = source.config.vision
+    assert vision is not None
+    if vision.temporal_patch_size != len(names.GGUF_PATCH_EMBED):
+        raise ModelFileError(
+            f"{source.directory}: an mmproj stores a temporal patch of 2 frames, "
+            f"this ViT has {vision.temporal_patch_size}"
+        )
+    present = {tensor.name for tensor in source.tensors}
+    missing = [f"visual.{name}" for name in weight_names(vision) if f"visual.{name}" not in present]
+    if missing:
+        raise ModelFileError(f"{source.directory}: missing tensor {missing[0]}")
     table = names.vision_table(source.config.arch)
     cache = _LastLoaded()
     planned = []
@@ -507,7 +536,9 @@ def write_gguf(
             for tensor in tensors:
                 data = tensor.encode()
                 if data.nbytes != tensor.n_bytes:
-                    raise ModelFileError(f"tensor {tensor.name}: {data.nbytes} bytes encoded, {tensor.n_bytes} expected")
+                    raise ModelFileError(
+                        f"tensor {tensor.name}: {data.nbytes} bytes encoded, {tensor.n_bytes} expected"
+                    )
                 writer.write_tensor_data(data)
                 bar.update(tensor.n_bytes)
         writer.close()
@@ -597,8 +628,8 @@ def quantize_gguf(
     Tensors already in their target type are copied byte for byte; the others are dequantized
     and quantized again (quantizing an already-quantized tensor adds its error to the first one).
     """
-    from .weights.gguf import open_gguf_file, read_gguf
-    from .weights.mmproj import read_mmproj
+    from .weights.gguf import open_gguf_file
+    from .weights.mmproj import MMProj
 
     in_path, out_path = Path(in_path), Path(out_path)
     requested = ggml_type(out_type)
@@ -610,12 +641,13 @@ def quantize_gguf(
         if is_mmproj:
             if out_type not in MMPROJ_TYPES:
                 raise QwenVLError(f"{in_path}: an mmproj is written as {', '.join(MMPROJ_TYPES)}, not {out_type}")
-            read_mmproj(in_path).close()  # checks it is a Qwen2-VL / Qwen2.5-VL projector
+            MMProj(source)  # checks it is a Qwen2-VL / Qwen2.5-VL projector
         else:
-            read_gguf(in_path).close()  # checks it is a qwen2 / qwen2vl text model
+            source.text_model()  # checks it is a qwen2 / qwen2vl text model
         planned = []
+        tied = "output.weight" not in source.tensor_infos
         for name, info in source.tensor_infos.items():
-            chosen, note = tensor_type(name, info.shape, requested, mmproj=is_mmproj)
+            chosen, note = tensor_type(name, info.shape, requested, mmproj=is_mmproj, tied=tied)
             raw = (lambda n=name: np.array(source.raw(n))) if info.ggml_type == chosen else None
             load = lambda n=name: source.tensor(n).numpy()  # noqa: E731
             planned.append(PlannedTensor(name, info.shape, chosen, load, note, raw))

@@ -16,9 +16,6 @@ from typing import Any
 
 from .errors import ModelFileError
 
-SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-
-
 def model_info(model: str | os.PathLike, mmproj: str | os.PathLike | None = None) -> dict[str, Any]:
     """A JSON-able description of a model (HF directory / hub id, GGUF text model or mmproj GGUF)."""
     path = Path(model).expanduser()
@@ -246,7 +243,9 @@ def format_info(info: dict[str, Any]) -> str:
         rope = f"theta {info['rope_theta']:g}" + (f", M-RoPE {info['mrope_section']}" if info["mrope_section"] else "")
         add("rope", rope)
         add("vocabulary", f"{info['vocab_size']} rows" + (", tied to the output" if info["tied_embeddings"] else ""))
-        specials = ", ".join(f"{name} {entry['token']!r} ({entry['id']})" for name, entry in info["special_tokens"].items())
+        specials = ", ".join(
+            f"{name} {entry['token']!r} ({entry['id']})" for name, entry in info["special_tokens"].items()
+        )
         add("special tokens", specials or "none")
         add("chat template", "yes" if info["chat_template"] else "no")
     vision = info.get("vision")

@@ -6,6 +6,8 @@ prompt and generated tokens; the figures are only checked to be there, positive 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 import pytest
@@ -37,24 +39,26 @@ def engine_rows(lines: list[str]) -> dict[str, list[str]]:
 
 @pytest.fixture(scope="module")
 def text_records(make_qwen2, tmp_path_factory):
-    """One --json run on a tiny Qwen2: qwenvl, transformers, and llama.cpp made to look absent."""
+    """One `qwenvl bench --json` run on a tiny Qwen2 against both peers (llama.cpp on a converted copy)."""
     directory = make_qwen2()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("QWENVL_CACHE", str(tmp_path_factory.mktemp("cache")))
-        patch.setattr(bench, "peer_installed", lambda engine: engine != "llama.cpp")
-        records = bench.run_bench(bench.BenchOptions(
-            model=str(directory), prompt_tokens=12, gen_tokens=3, threads=1, compare=("transformers", "llama.cpp"),
-        ))
-    return records
+        cache = tmp_path_factory.mktemp("cache")
+        patch.setenv("QWENVL_CACHE", str(cache))
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+            code = cli_main(["bench", str(directory), *TINY, "--compare", "transformers,llama.cpp", "--json"])
+    assert code == 0
+    return {"records": json.loads(out.getvalue()), "cache": cache}
 
 
 def test_json_has_one_object_per_engine_with_the_issue_keys(text_records, make_qwen2):
-    assert [r["engine"] for r in text_records] == ["qwenvl", "transformers", "llama.cpp"]
-    for record in text_records:
+    records = text_records["records"]
+    assert [r["engine"] for r in records] == ["qwenvl", "transformers", "llama.cpp"]
+    for record in records:
         assert JSON_KEYS <= set(record)
         assert record["threads"] == 1 and record["prompt_tokens"] == 12 and record["gen_tokens"] == 3
         assert record["image_encode_s"] is None and record["ttft_s"] is None  # a text-only model
-    ours, peer, _ = text_records
+    ours, peer, _ = records
     for record in (ours, peer):
         assert record["status"] == "ok", record["note"]
         assert all(record[key] > 0 for key in ("prefill_tok_s", "decode_tok_s", "load_s", "peak_rss_mb"))
@@ -66,51 +70,53 @@ def test_json_has_one_object_per_engine_with_the_issue_keys(text_records, make_q
 
 
 def test_ratio_is_qwenvl_over_peer(text_records):
-    ours, peer, _ = text_records
+    ours, peer, _ = text_records["records"]
     assert "ratio" not in ours
     assert set(peer["ratio"]) == {"prefill_tok_s", "decode_tok_s", "load_s", "peak_rss_mb"}
     for figure, ratio in peer["ratio"].items():
         assert ratio == pytest.approx(ours[figure] / peer[figure], rel=1e-2)
 
 
-def test_a_peer_that_is_not_installed_is_skipped_with_a_note(text_records):
-    skipped = text_records[2]
-    assert skipped["status"] == "skipped" and "llama-cpp-python is not installed" in skipped["note"]
-    assert all(skipped[figure] is None for figure in bench.FIGURES) and skipped["ratio"] is None
+def test_llama_cpp_runs_on_a_converted_copy(text_records):
+    pytest.importorskip("llama_cpp")
+    record = text_records["records"][2]
+    assert record["status"] == "ok", record["note"]
+    assert record["decoded_tokens"] == 3 and record["prefill_tok_s"] > 0 and record["decode_tok_s"] > 0
+    (converted,) = (text_records["cache"] / "bench").glob("*/*.gguf")
+    assert record["model"] == str(converted) and "f16 conversion" in record["note"]
+    assert set(record["ratio"]) == {"prefill_tok_s", "decode_tok_s", "load_s", "peak_rss_mb"}
 
 
 def test_table_has_a_row_per_engine_and_the_ratios(text_records):
-    lines = bench.format_table(text_records).splitlines()
+    records = text_records["records"]
+    lines = bench.format_table(records).splitlines()
     assert lines[0].startswith("model: ") and "threads: 1" in lines[0] and "prompt: 12 tokens, 3 generated" in lines[0]
     assert lines[1].split()[:3] == ["engine", "prefill", "tok/s"]
     rows = engine_rows(lines)
-    assert rows["qwenvl"][1] == f"{text_records[0]['prefill_tok_s']:.1f}"
-    assert rows["transformers"][2] == f"{text_records[1]['decode_tok_s']:.2f}"
-    assert rows["llama.cpp"][1] == "skipped"
+    assert rows["qwenvl"][1] == f"{records[0]['prefill_tok_s']:.1f}"
+    assert rows["transformers"][2] == f"{records[1]['decode_tok_s']:.2f}"
+    assert rows["qwenvl"][3:5] == ["—", "—"]  # no image figures for a text model
     ratio_row = next(line for line in lines if line.startswith("qwenvl ÷ transformers"))
-    assert ratio_row.split()[3] == f"{text_records[1]['ratio']['prefill_tok_s']:.2f}×"
-    assert any("llama-cpp-python is not installed" in line for line in lines)
+    assert ratio_row.split()[3] == f"{records[1]['ratio']['prefill_tok_s']:.2f}×"
 
 
-def test_vl_model_reports_image_encode_and_ttft(make_vl, tmp_path, monkeypatch, capsys):
+def test_vl_model_reports_image_figures_and_skips_absent_peers(make_vl, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("QWENVL_CACHE", str(tmp_path))
-    code, out, err = run_cli(["bench", str(make_vl()), *TINY, "--image", "84x56", "--json"], capsys)
+    monkeypatch.setattr(bench, "peer_installed", lambda engine: False)
+    argv = ["bench", str(make_vl()), *TINY, "--image", "84x56", "--compare", "llama.cpp,transformers", "--json"]
+    code, out, err = run_cli(argv, capsys)
     assert code == 0, err
-    (record,) = json.loads(out)
-    assert record["status"] == "ok" and record["image"] == "84x56"
-    assert record["image_encode_s"] > 0 and record["ttft_s"] > 0
-    assert record["prefill_tok_s"] > 0 and record["decode_tok_s"] > 0
-
-
-def test_llama_cpp_runs_on_a_converted_copy(make_qwen2, tmp_path, monkeypatch, capsys):
-    pytest.importorskip("llama_cpp")
-    monkeypatch.setenv("QWENVL_CACHE", str(tmp_path))
-    code, out, err = run_cli(["bench", str(make_qwen2()), *TINY, "--compare", "llama.cpp"], capsys)
-    assert code == 0, err
-    rows = engine_rows(out.splitlines())
-    assert float(rows["llama.cpp"][1]) > 0 and float(rows["llama.cpp"][2]) > 0  # prefill, decode tok/s
-    converted = list((tmp_path / "bench").glob("*/*.gguf"))
-    assert len(converted) == 1 and str(converted[0]) in out
+    ours, *skipped = json.loads(out)
+    assert ours["status"] == "ok" and ours["image"] == "84x56"
+    assert ours["image_encode_s"] > 0 and ours["ttft_s"] > 0
+    assert ours["prefill_tok_s"] > 0 and ours["decode_tok_s"] > 0
+    assert [r["engine"] for r in skipped] == ["llama.cpp", "transformers"]
+    for record, package in zip(skipped, ["llama-cpp-python", "transformers"]):
+        assert record["status"] == "skipped" and record["note"] == f"{package} is not installed"
+        assert all(record[figure] is None for figure in bench.FIGURES) and record["ratio"] is None
+    table = bench.format_table([ours, *skipped])
+    assert engine_rows(table.splitlines())["llama.cpp"][1] == "skipped"
+    assert "llama.cpp: llama-cpp-python is not installed" in table
 
 
 def test_a_worker_that_fails_is_reported_not_raised(tmp_path):

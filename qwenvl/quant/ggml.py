@@ -13,6 +13,8 @@ scale (and, for Q2_K/Q4_K/Q5_K, a min) relative to the block's fp16 ``d`` / ``dm
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from gguf import quants as gguf_quants
 from gguf.constants import GGML_QUANT_SIZES, QK_K, GGMLQuantizationType
@@ -35,9 +37,8 @@ def quantize(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
         if qtype in (Q.F32, Q.F16) or values.shape[-1] % block_size(qtype):
             return gguf_quants.quantize(values, qtype)
         # Blocks are independent and stored in order: quantize long rows (gguf loops over rows)
-        size = block_size(qtype) * 1024
-        rows = values.reshape(-1, size) if values.size % size == 0 else values.reshape(-1, block_size(qtype))
-        blocks = gguf_quants.quantize(rows, qtype)
+        per_row = math.gcd(values.size // block_size(qtype), 1024)
+        blocks = gguf_quants.quantize(values.reshape(-1, block_size(qtype) * per_row), qtype)
         return blocks.reshape(*values.shape[:-1], values.shape[-1] // block_size(qtype) * GGML_QUANT_SIZES[qtype][1])
     if values.shape[-1] % QK_K:
         raise ValueError(f"rows of {values.shape[-1]} values are not a multiple of the {qtype.name} block size {QK_K}")

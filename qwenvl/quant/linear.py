@@ -39,7 +39,7 @@ T = GGMLQuantizationType
 DEFAULT_KERNELS: dict[GGMLQuantizationType, str] = {
     T.BF16: "dense",
     T.F16: "blocks",
-    T.F32: "dense",
+    T.F32: "blocks",
     T.Q8_0: "blocks",
     T.Q5_0: "blocks",
     T.Q5_1: "blocks",
@@ -57,7 +57,7 @@ KERNELS = ("blocks", "dense", "int8", "int4")
 EXACT_PIECES: dict[GGMLQuantizationType, int] = {T.BF16: 1, T.F16: 2, T.Q4_0: 2, T.Q5_0: 2}
 
 # Up to this many rows the fused block GEMV wins; beyond, dequantize + GEMM (measured crossover).
-GEMV_MAX_ROWS = 8
+GEMV_MAX_ROWS = 16
 # Prefill dequantizes this many bytes of weight pieces at a time into a reused per-thread buffer
 # (a fresh large tensor per call costs page faults; small chunks stay in cache for the GEMM).
 PREFILL_CHUNK_BYTES = 8 << 20
@@ -109,9 +109,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x = x.reshape(-1, shape[-1])
-        y = torch.empty(x.shape[0], self.out_features, dtype=x.dtype)
-        self.forward_into(x, y)
+        y = self._compute(x.reshape(-1, shape[-1]))
         return y.reshape(*shape[:-1], self.out_features)
 
     def forward_into(self, x: torch.Tensor, out: torch.Tensor) -> None:
@@ -119,6 +117,7 @@ class QuantLinear(nn.Module):
         out.copy_(self._compute(x))
 
     def _compute(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, in] → [M, out] in x's dtype."""
         raise NotImplementedError
 
     def extra_repr(self) -> str:
@@ -152,12 +151,18 @@ class BlockQuantLinear(QuantLinear):
 
     def _method(self) -> str:
         return (
-            f"≤{self.gemv_max_rows} rows: fused block GEMV (fp32); more: {self.pieces} bf16 piece(s) + bf16 GEMM"
+            f"≤{self.gemv_max_rows} rows: fused block GEMV, fp32 accumulation; more rows: "
+            f"{self.pieces} bf16 piece(s) per weight + bf16 GEMM"
         )
+
+    def _compute(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.empty(x.shape[0], self.out_features, dtype=x.dtype)
+        self.forward_into(x, y)
+        return y
 
     def forward_into(self, x: torch.Tensor, out: torch.Tensor) -> None:
         if x.dtype not in (torch.float32, torch.bfloat16):
-            out.copy_(self(x.float()))
+            out.copy_(self._compute(x.float()))
             return
         if x.stride(-1) != 1:
             x = x.contiguous()
@@ -350,7 +355,7 @@ def dequantize_blocks(blocks: torch.Tensor, ggml_type: GGMLQuantizationType, sha
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape)
 
 
-def _nibble_codes(blocks: torch.Tensor, ggml_type: GGMLQuantizationType, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def nibble_codes(blocks: torch.Tensor, ggml_type: GGMLQuantizationType, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(codes 0..15 [N, K], scale [N, K/32], zero [N, K/32]) with w = (code - 8)·scale + zero exactly
     in real arithmetic, for the 4-bit formats."""
     n, k = shape
@@ -412,7 +417,7 @@ def quant_linear_from_ggml(
     if kernel == "int8":
         return Int8Linear(dequantize_blocks(blocks, ggml_type, shape), ggml_type, bias)
     if kernel == "int4":
-        return Int4Linear(*_nibble_codes(blocks, ggml_type, shape), ggml_type, bias)
+        return Int4Linear(*nibble_codes(blocks, ggml_type, shape), ggml_type, bias)
     raise ValueError(f"unknown kernel {kernel!r}; choose 'auto' or one of {', '.join(KERNELS)}")
 
 

@@ -2,8 +2,8 @@
 
 A ``qwen2`` text GGUF becomes a Qwen2ForCausalLM checkpoint; a ``qwen2vl`` text GGUF with its vision
 projector (mmproj) becomes a Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration one,
-named as transformers 5 saves them (``model.language_model.…``, ``model.visual.…``, ``lm_head``),
-with a ``preprocessor_config.json`` carrying the mmproj's image mean / std.
+named as the published checkpoints (``model.layers.…``, ``visual.…``, ``lm_head``), with a
+``preprocessor_config.json`` carrying the mmproj's image mean / std.
 
 The weights are dequantized one tensor at a time and streamed into a single ``model.safetensors``
 (its header is known up front from the GGUF shapes), so exporting needs memory for one tensor, not
@@ -32,7 +32,6 @@ from tqdm import tqdm
 
 from ..config import ModelConfig
 from ..errors import ModelFileError
-from . import names
 from .gguf import GGUFModel, read_gguf, vl_model_config
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -62,10 +61,10 @@ def export_hf(
     if dtype not in SAFETENSORS_DTYPES:
         raise ValueError(f"dtype must be one of {list(SAFETENSORS_DTYPES)}, not {dtype}")
     out_dir = Path(out_dir)
-    _check_target(out_dir, overwrite)
     for source in (gguf_path, mmproj):
         if source is not None:
             _check_not_inside(Path(source), out_dir)
+    _check_target(out_dir, overwrite)
     with ExitStack() as stack:
         model = stack.enter_context(read_gguf(gguf_path))
         projector = None
@@ -77,7 +76,7 @@ def export_hf(
             from .mmproj import read_mmproj
 
             projector = stack.enter_context(read_mmproj(mmproj))
-            config = vl_model_config(model, projector, model.tokenizer())
+            config = vl_model_config(model, projector)
         else:
             config = model.config
         out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -108,17 +107,11 @@ def _write_checkpoint(
 
 
 def export_tensors(model: GGUFModel, projector: Any = None) -> list[ExportTensor]:
-    """Every tensor of the checkpoint, named as transformers saves the model's class."""
-    if projector is None:
-        return [ExportTensor(n, model.info(n).shape, lambda n=n: model.tensor(n)) for n in model.hf_names()]
-    tensors = [
-        ExportTensor(names.transformers_vl_name(n), model.info(n).shape, lambda n=n: model.tensor(n))
-        for n in model.hf_names()
-    ]
-    tensors += [
-        ExportTensor(names.transformers_vl_name(n), projector.shape(n), lambda n=n: projector.tensor(n))
-        for n in projector.hf_names()
-    ]
+    """Every tensor of the checkpoint, named as the published checkpoints (and transformers' save)
+    name them: model.layers.…, lm_head.…, visual.…"""
+    tensors = [ExportTensor(n, model.info(n).shape, lambda n=n: model.tensor(n)) for n in model.hf_names()]
+    if projector is not None:
+        tensors += [ExportTensor(n, projector.shape(n), lambda n=n: projector.tensor(n)) for n in projector.hf_names()]
     return tensors
 
 

@@ -191,7 +191,10 @@ def _tensor_infos(
             n_bytes=n_elements // block_size * type_size,
         )
         if info.offset + info.n_bytes > file_size:
-            raise ModelFileError(f"{where}: truncated file (tensor {name} ends past its end)")
+            raise ModelFileError(
+                f"{where}: truncated file or bad tensor offset (tensor {name}'s data ends at byte "
+                f"{info.offset + info.n_bytes:,}, the file has {file_size:,})"
+            )
         infos[name] = info
     return infos
 
@@ -485,6 +488,10 @@ class GGUFFile:
             raise ModelFileError(f"{self.path}: tensor {name} has unsupported tensor type {info.ggml_type.name}")
         return dequantized_tensor(self._buf, info)
 
+    def text_model(self) -> GGUFModel:
+        """The file read as a qwen2 / qwen2vl text model (checked; shares this file's map)."""
+        return GGUFModel(self.path, self._buf, self.metadata, self.tensor_infos)
+
     def _info(self, name: str) -> GGUFTensorInfo:
         try:
             return self.tensor_infos[name]
@@ -565,12 +572,11 @@ class _DequantizedTensors(Mapping[str, torch.Tensor]):
 def open_gguf_checkpoint(path: str | os.PathLike, mmproj: str | os.PathLike | None = None) -> Checkpoint:
     """A GGUF text model (with its vision ``mmproj`` GGUF, if any) as the loaders' common Checkpoint view."""
     model = read_gguf(path)
-    tokenizer = model.tokenizer()
     if mmproj is None:
         return Checkpoint(
             source=str(model.path),
             config=model.config,
-            tokenizer=tokenizer,
+            tokenizer=model.tokenizer(),
             generation_config=model.generation_config,
             preprocess_config=PreprocessConfig(),
             chat_template=model.chat_template,
@@ -579,11 +585,11 @@ def open_gguf_checkpoint(path: str | os.PathLike, mmproj: str | os.PathLike | No
     from .mmproj import VisionTensors, read_mmproj
 
     projector = read_mmproj(mmproj)
-    config = vl_model_config(model, projector, tokenizer)
+    config = vl_model_config(model, projector)  # checked before the (slower) tokenizer is built
     return Checkpoint(
         source=str(model.path),
         config=config,
-        tokenizer=tokenizer,
+        tokenizer=model.tokenizer(),
         generation_config=model.generation_config,
         preprocess_config=projector.preprocess_config,
         chat_template=model.chat_template,
@@ -599,7 +605,7 @@ VISION_TOKENS = {  # ModelConfig field → token text
 }
 
 
-def vl_model_config(model: GGUFModel, projector: Any, tokenizer: Tokenizer) -> ModelConfig:
+def vl_model_config(model: GGUFModel, projector: Any) -> ModelConfig:
     """The ModelConfig of a text GGUF and its mmproj, after checking that they belong together."""
     text, where = model.config.text, str(projector.path)
     if model.config.arch != "qwen2_vl":
@@ -612,9 +618,10 @@ def vl_model_config(model: GGUFModel, projector: Any, tokenizer: Tokenizer) -> M
             f"{where}: its projector outputs {projector.projection_dim}-wide embeddings but {model.path} has "
             f"hidden size {text.hidden_size} (the mmproj belongs to another model)"
         )
+    added = {content: token_id for token_id, content, _ in model.added_tokens}
     token_ids = {}
     for field_name, token in VISION_TOKENS.items():
-        token_id = tokenizer.token_to_id(token)
+        token_id = added.get(token)
         if token_id is None:
             raise ModelFileError(f"{model.path}: the vocabulary has no {token} token, which images need")
         token_ids[field_name] = token_id

@@ -30,7 +30,7 @@ import torch
 from ..config import CLIP_MEAN, CLIP_STD, PreprocessConfig, VisionConfig
 from ..errors import ModelFileError
 from . import names
-from .gguf import GGUFFile, GGUFTensorInfo, _can_dequantize, dequantized_tensor, open_gguf_file
+from .gguf import GGUFFile, GGUFTensorInfo, _can_dequantize, open_gguf_file
 
 PROJECTOR_VARIANTS = {"qwen2vl_merger": "qwen2_vl", "qwen2.5vl_merger": "qwen2_5_vl"}
 VARIANT_PROJECTORS = {variant: projector for projector, variant in PROJECTOR_VARIANTS.items()}
@@ -189,7 +189,9 @@ class MMProj:
         extra = sorted(set(self.layouts) - set(expected))
         if extra:
             name = self.layouts[extra[0]].gguf_names[0]
-            raise ModelFileError(f"{where}: unexpected tensor {name} for a {self.vision.depth}-block {self.variant} ViT")
+            raise ModelFileError(
+                f"{where}: unexpected tensor {name} for a {self.vision.depth}-block {self.variant} ViT"
+            )
         for layout in self.layouts.values():
             for name in layout.gguf_names:
                 kind = self.file.tensor_infos[name].ggml_type
@@ -223,7 +225,7 @@ class MMProj:
     def tensor(self, hf_name: str) -> torch.Tensor:
         """One vision tensor (``visual.…``), dequantized to float32, pieces joined."""
         layout = self.layouts[hf_name]
-        pieces = [dequantized_tensor(self.file._buf, self.file.tensor_infos[name]) for name in layout.gguf_names]
+        pieces = [self.file.tensor(name) for name in layout.gguf_names]
         return names.join_vision(pieces, layout.join)
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:

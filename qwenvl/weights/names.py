@@ -239,15 +239,6 @@ def canonical_hf_name(name: str) -> str:
     return name
 
 
-def transformers_vl_name(name: str) -> str:
-    """A table-form name (``model.…``, ``visual.…``) as transformers 5 saves VL checkpoints."""
-    if name.startswith("visual."):
-        return "model." + name
-    if name.startswith("model."):
-        return "model.language_model." + name[len("model.") :]
-    return name
-
-
 __all__ = [
     "NameTable",
     "TEXT",
@@ -262,7 +253,6 @@ __all__ = [
     "split_vision",
     "join_vision",
     "canonical_hf_name",
-    "transformers_vl_name",
     "gguf_to_hf_name",
     "hf_to_gguf_name",
 ]
