@@ -113,7 +113,7 @@ def random_blocks(ggml_type: T, rows: int, cols: int, rng: np.random.Generator) 
     scale |= {T.Q4_K: 0.04 / 8 / 32, T.Q5_K: 0.04 / 16 / 32, T.Q6_K: 0.02 / 16 / 64}
 
     def halves(value: float) -> np.ndarray:
-        values = rng.uniform(0.5 * value, 1.5 * value, raw.shape[:2]).astype(np.float16)
+        values = rng.uniform(*sorted((0.5 * value, 1.5 * value)), raw.shape[:2]).astype(np.float16)
         return values.view(np.uint8).reshape(*raw.shape[:2], 2)
 
     if ggml_type == T.Q6_K:
@@ -190,10 +190,11 @@ def layer_table(formats: list[T], windows: int) -> None:
                 prefill = timed(lambda: layer(xp), max(3, windows // 2)) if full else float("nan")
                 err1 = max_error(layer, x1, weight)
                 errp = max_error(layer, xp[:64], weight) if full else float("nan")
+                bytes_ = layer.weight_bytes
                 print(
                     f"| {ggml_type.name} | {name} {cols}→{rows} | {variant} | {'yes' if layer.exact else 'no'} | "
-                    f"{layer.weight_bytes / (rows * cols):.3g} | {decode:,.0f} | {layer.weight_bytes / decode / 1e3:.1f} | "
-                    f"{prefill:,.0f} | {weight_error(layer, raw, ggml_type, weight):.1e} | {err1:.1e} | {errp:.1e} |",
+                    f"{bytes_ / (rows * cols):.3g} | {decode:,.0f} | {bytes_ / decode / 1e3:.1f} | {prefill:,.0f} | "
+                    f"{weight_error(layer, raw, ggml_type, weight):.1e} | {err1:.1e} | {errp:.1e} |",
                     flush=True,
                 )
                 del layer
@@ -254,7 +255,8 @@ def model_passes(path: str, windows: int, kernel_names: list[str]) -> None:
 
         d = timed(decode, windows, seconds=0.3) / 1e3
         p = timed(prefill, max(3, windows // 2), seconds=0.5) / 1e3
-        print(f"| {kernel} | {mb:,.0f} | {d:.1f} | {mb / d:.1f} | {p:,.0f} | {PREFILL_ROWS / p * 1e3:,.0f} |", flush=True)
+        rate = PREFILL_ROWS / p * 1e3
+        print(f"| {kernel} | {mb:,.0f} | {d:.1f} | {mb / d:.1f} | {p:,.0f} | {rate:,.0f} |", flush=True)
         del layers, lm_head
 
 

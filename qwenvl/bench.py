@@ -243,6 +243,7 @@ def _record_base(engine: str, options: BenchOptions, target: _Target, threads: i
         "repeat": options.repeat,
         "model_file_mb": None,
         "import_rss_mb": None,
+        "other_cpu_cores": None,
         "status": None,
         "note": None,
     }
@@ -355,12 +356,50 @@ def run_worker(run: EngineRun) -> dict[str, Any]:
         env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
                "TOKENIZERS_PARALLELISM": "false"}
         command = [sys.executable, "-m", "qwenvl.bench", "--worker", str(spec), str(result)]
-        done = subprocess.run(command, capture_output=True, text=True, env=env)
+        with OtherCpuUse() as others:
+            done = subprocess.run(command, capture_output=True, text=True, env=env)
         if result.is_file():
-            return json.loads(result.read_text(encoding="utf-8"))
+            return {**json.loads(result.read_text(encoding="utf-8")), "other_cpu_cores": others.cores}
     lines = [line for line in (done.stderr or "").splitlines() if line.strip()]
     reason = lines[-1].strip() if lines else f"exit status {done.returncode}"
     return {"status": "failed", "note": f"the worker died: {reason} (exit status {done.returncode})"}
+
+
+class OtherCpuUse:
+    """Cores that other processes kept busy, on average, while the block ran (None off Linux).
+
+    The machine's busy time (/proc/stat) minus the CPU time of this process's children: on a shared
+    machine this says how much the figures of that run were disturbed (0 = a quiet machine).
+    """
+
+    def __enter__(self) -> OtherCpuUse:
+        self.cores: float | None = None
+        self._start = (time.perf_counter(), _busy_cpu_seconds(), _children_cpu_seconds())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall, busy, children = self._start
+        busy_now = _busy_cpu_seconds()
+        if busy is None or busy_now is None:
+            return
+        elapsed = time.perf_counter() - wall
+        others = (busy_now - busy) - (_children_cpu_seconds() - children)
+        self.cores = round(max(0.0, others) / elapsed, 2) if elapsed > 0 else None
+
+
+def _busy_cpu_seconds() -> float | None:
+    """Seconds all CPUs have spent not idle since boot (user, nice, system, irq, softirq, steal)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as handle:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in handle.readline().split()[1:9])
+    except (OSError, ValueError):
+        return None
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def add_ratios(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -443,6 +482,8 @@ def _record_note(record: dict[str, Any]) -> str:
         parts.append(f"decoded {decoded} of {wanted} tokens (stopped at end-of-sequence)")
     if record.get("note"):
         parts.append(record["note"])
+    if record.get("other_cpu_cores"):
+        parts.append(f"other processes used {record['other_cpu_cores']:.2f} cores meanwhile")
     return "; ".join(parts)
 
 

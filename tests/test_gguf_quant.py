@@ -141,3 +141,26 @@ def _ggml_quantize():
 def test_bytes_equal_llama_cpp_reference(qtype):
     x = sample_weights(seed=1)
     assert np.array_equal(quantize(x, qtype), _ggml_quantize()(x, qtype))
+
+
+@pytest.mark.parametrize("qtype", [Q.IQ4_NL, Q.IQ4_XS, Q.IQ2_XXS, Q.IQ3_S, Q.IQ1_S], ids=lambda q: q.name)
+def test_iq_tensors_are_read_through_gguf(tmp_path, qtype):
+    """Types qwenvl cannot write but reads: the stored blocks reach gguf's dequantizer intact."""
+    from qwenvl.weights.gguf import open_gguf_file
+
+    block, size = GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 256, (8, 512 // block, size), dtype=np.uint8)
+    blocks[..., :2] = np.frombuffer(np.float16(0.01).tobytes(), dtype=np.uint8)  # a sane fp16 scale d
+    raw = blocks.reshape(8, -1)
+    path = tmp_path / "iq.gguf"
+    writer = gguf.GGUFWriter(path, "qwen2")
+    writer.add_tensor("blk.0.ffn_up.weight", raw, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with open_gguf_file(path) as file:
+        tensor = file.tensor("blk.0.ffn_up.weight")
+    assert tensor.shape == (8, 512)
+    assert np.array_equal(tensor.numpy(), gguf.quants.dequantize(raw, qtype))

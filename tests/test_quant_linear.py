@@ -5,10 +5,11 @@ for the K-quants (which gguf only dequantizes) random bytes with sane fp16 scale
 pattern is a valid block. The reference is float64 ``x @ dequantize(raw).T (+ bias)``.
 
 Tolerances, per output element, with ``scale = |x| @ |W|.T + |bias|`` (the size of the summed terms):
-- exact kernels, fp32 in and out: ``1e-5 · scale`` — fp32 accumulation over K ≤ 512 terms
-  (about √K·2⁻²⁴ typical, K·2⁻²⁴ = 3e-5 worst case); a single wrong weight code is far above it.
+- exact kernels, fp32 in and out: ``1e-6 · scale`` — fp32 accumulation over K = 512 terms is about
+  √K·2⁻²⁴ ≈ 1e-7 (measured ≤ 6e-8 even at K = 4864, including the bf16 dot products' offset);
+  a single wrong weight code is far above it.
 - exact kernels, bf16 in and out: the reference uses the same bf16 input, so the only extra error is
-  rounding the output (and, on the GEMM path, the bias) to bf16: ``2⁻⁸·(|y| + |bias|) + 1e-5 · scale``.
+  rounding the output (and, on the GEMM path, the bias) to bf16: ``2⁻⁸·(|y| + |bias|) + 1e-6 · scale``.
 - re-quantized kernels: their stated weight error bound (see each test) times |x|, plus the bf16 terms.
 Every kernel also has cosine ≥ 0.999 against the reference.
 """

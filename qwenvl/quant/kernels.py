@@ -691,6 +691,16 @@ inline void store(const GemvArgs& a, int64_t m, int64_t n, float v) {
 }
 
 #if QK_AVX512
+// Streaming from memory: while reading a block of NR rows, fetch the same block of the next NR
+// rows (the next tile, NR * row_bytes further on: rows are contiguous). Prefetches never fault.
+template <class F, int NR>
+inline void prefetch_next_tile(const uint8_t* block, int64_t row_bytes) {
+#pragma GCC unroll 16
+  for (int r = 0; r < NR; ++r)
+    for (int offset = 0; offset < F::kBytes; offset += 64)
+      _mm_prefetch((const char*)(block + (NR + r) * row_bytes + offset), _MM_HINT_T0);
+}
+
 // NR output rows of w against M rows of fp32 x; two accumulators per pair when M == 1 (latency)
 template <class F, int NR, int M>
 void gemv_tile_f32(const GemvArgs& a, int64_t n, int64_t m0) {
@@ -706,6 +716,7 @@ void gemv_tile_f32(const GemvArgs& a, int64_t n, int64_t m0) {
   const float* x = a.x + m0 * a.K;
   for (int64_t blk = 0; blk < a.K / F::kValues; ++blk) {
     const uint8_t* row = a.w + n * a.row_bytes + blk * F::kBytes;
+    prefetch_next_tile<F, NR>(row, a.row_bytes);
 #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) F::prepare(row + r * a.row_bytes, s[r]);
 #pragma GCC unroll 8
@@ -750,6 +761,7 @@ void gemv_tile_bf16(const GemvArgs& a, int64_t n, int64_t m0) {
   const __m512i magic = _mm512_set1_epi16((short)(0x3F80 + (F::kBits << 7)));  // bf16 of 2^kBits
   for (int64_t blk = 0; blk < a.K / F::kValues; ++blk) {
     const uint8_t* row = a.w + n * a.row_bytes + blk * F::kBytes;
+    prefetch_next_tile<F, NR>(row, a.row_bytes);
 #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) F::prepare(row + r * a.row_bytes, s[r]);
 #pragma GCC unroll 8

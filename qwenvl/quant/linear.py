@@ -194,7 +194,9 @@ class DenseLinear(QuantLinear):
 
     kernel = "dense"
 
-    def __init__(self, weight: torch.Tensor, ggml_type: GGMLQuantizationType, bias: torch.Tensor | None, dtype: torch.dtype):
+    def __init__(
+        self, weight: torch.Tensor, ggml_type: GGMLQuantizationType, bias: torch.Tensor | None, dtype: torch.dtype
+    ):
         super().__init__(ggml_type, weight.shape[0], weight.shape[1], bias)
         dense = weight.to(dtype).contiguous()
         self.register_buffer("weight", dense)
@@ -303,7 +305,9 @@ class ConcatLinear(nn.Module):
 class QuantEmbedding(nn.Module):
     """An embedding table kept in its GGML blocks: looked-up rows are dequantized (exactly) per call."""
 
-    def __init__(self, blocks: torch.Tensor, ggml_type: GGMLQuantizationType, shape: tuple[int, int], dtype: torch.dtype):
+    def __init__(
+        self, blocks: torch.Tensor, ggml_type: GGMLQuantizationType, shape: tuple[int, int], dtype: torch.dtype
+    ):
         super().__init__()
         self.ggml_type = GGMLQuantizationType(ggml_type)
         self.num_embeddings, self.embedding_dim = shape
@@ -324,7 +328,9 @@ class QuantEmbedding(nn.Module):
 # Building
 
 
-def _as_blocks(raw: np.ndarray | torch.Tensor, ggml_type: GGMLQuantizationType, shape: tuple[int, int], copy: bool) -> torch.Tensor:
+def _as_blocks(
+    raw: np.ndarray | torch.Tensor, ggml_type: GGMLQuantizationType, shape: tuple[int, int], copy: bool
+) -> torch.Tensor:
     """The raw bytes as a uint8 tensor [rows, bytes per row] (a copy unless ``copy=False``)."""
     block_size, type_size = GGML_QUANT_SIZES[ggml_type]
     rows, cols = shape
@@ -340,8 +346,9 @@ def _as_blocks(raw: np.ndarray | torch.Tensor, ggml_type: GGMLQuantizationType, 
             blocks.numpy()[...] = raw.reshape(rows, row_bytes)
             return blocks
         return torch.from_numpy(raw.reshape(rows, row_bytes))
-    if raw.numel() * raw.element_size() != rows * row_bytes:
-        raise ValueError(f"{raw.numel() * raw.element_size()} bytes do not hold a {ggml_type.name} {list(shape)} matrix")
+    n_bytes = raw.numel() * raw.element_size()
+    if n_bytes != rows * row_bytes:
+        raise ValueError(f"{n_bytes} bytes do not hold a {ggml_type.name} {list(shape)} matrix")
     blocks = raw.contiguous().view(torch.uint8).reshape(rows, row_bytes)
     return blocks.clone() if copy else blocks
 
@@ -355,28 +362,32 @@ def dequantize_blocks(blocks: torch.Tensor, ggml_type: GGMLQuantizationType, sha
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape)
 
 
-def nibble_codes(blocks: torch.Tensor, ggml_type: GGMLQuantizationType, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(codes 0..15 [N, K], scale [N, K/32], zero [N, K/32]) with w = (code - 8)·scale + zero exactly
-    in real arithmetic, for the 4-bit formats."""
+def _halves(raw: np.ndarray) -> np.ndarray:
+    """fp16 values stored as byte pairs [..., 2] → fp32 [...]."""
+    return np.ascontiguousarray(raw).view(np.float16)[..., 0].astype(np.float32)
+
+
+def nibble_codes(
+    blocks: torch.Tensor, ggml_type: GGMLQuantizationType, shape: tuple[int, int]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For the 4-bit formats: (codes 0..15 [N, K], scale [N, K/32], zero [N, K/32]) with
+    w = (code - 8)·scale + zero, exactly in real arithmetic."""
     n, k = shape
     raw = blocks.numpy()
     if ggml_type in (T.Q4_0, T.Q4_1):
-        head = 2 if ggml_type == T.Q4_0 else 4
-        b = raw.reshape(n, k // 32, 2 * (ggml_type == T.Q4_1) + 18)
-        d = b[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-        qs = b[..., head:]
-        codes = np.concatenate([qs & 0xF, qs >> 4], axis=-1)
-        zero = np.zeros_like(d) if ggml_type == T.Q4_0 else b[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) + 8 * d
+        b = raw.reshape(n, k // 32, GGML_QUANT_SIZES[ggml_type][1])
+        d = _halves(b[..., 0:2])
+        qs = b[..., 2:] if ggml_type == T.Q4_0 else b[..., 4:]
+        codes = np.concatenate([qs & 0xF, qs >> 4], axis=-1)  # weights 0-15 low nibbles, 16-31 high
+        zero = np.zeros_like(d) if ggml_type == T.Q4_0 else _halves(b[..., 2:4]) + 8 * d
         return torch.from_numpy(codes.reshape(n, k)), torch.from_numpy(d), torch.from_numpy(zero)
     if ggml_type == T.Q4_K:
         b = raw.reshape(n * (k // 256), 144)
-        d = b[:, 0:2].copy().view(np.float16).astype(np.float32)
-        dmin = b[:, 2:4].copy().view(np.float16).astype(np.float32)
         sc, m = gguf_quants.Q4_K.get_scale_min(b[:, 4:16].copy())
-        scale = d * sc.astype(np.float32)
-        zero = 8 * scale - dmin * m.astype(np.float32)
+        scale = _halves(b[:, 0:2])[:, None] * sc.astype(np.float32)
+        zero = 8 * scale - _halves(b[:, 2:4])[:, None] * m.astype(np.float32)
         qs = b[:, 16:].reshape(-1, 4, 1, 32) >> np.array([0, 4], dtype=np.uint8).reshape(1, 1, 2, 1)
-        codes = (qs & 0xF).reshape(n, k)
+        codes = (qs & 0xF).reshape(n, k)  # group 2c + s: nibble s of bytes 32c .. 32c + 31
         return torch.from_numpy(codes), torch.from_numpy(scale.reshape(n, -1)), torch.from_numpy(zero.reshape(n, -1))
     raise ValueError(f"the int4 kernel takes Q4_0, Q4_1 and Q4_K, not {ggml_type.name}")
 
