@@ -155,12 +155,23 @@ def test_default_kernel_of_the_registry_formats_is_exact(ggml_type: T) -> None:
     assert_within(y.reshape(-1, ROWS), ref, EPS * scale)
 
 
+def test_other_input_dtypes_compute_in_fp32() -> None:
+    raw = random_blocks(T.Q5_0, ROWS, COLS)
+    layer = quant_linear_from_ggml(raw, T.Q5_0, (ROWS, COLS))
+    x = torch.randn(3, COLS).half()
+    y = layer(x)
+    assert y.dtype == torch.float16
+    assert torch.equal(y, layer(x.float()).half())
+
+
 def test_prefill_in_chunks_matches_one_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
     raw = random_blocks(T.Q8_0, ROWS, COLS)
     layer = quant_linear_from_ggml(raw, T.Q8_0, (ROWS, COLS), bias=torch.randn(ROWS), kernel="blocks")
     x = torch.randn(MANY, COLS).bfloat16()
     whole = layer(x)
     monkeypatch.setattr(linear, "PREFILL_CHUNK_BYTES", 7 * COLS * 2 * layer.pieces)  # 7 rows per chunk
+    assert torch.equal(layer(x), whole)
+    linear.release_buffers()
     assert torch.equal(layer(x), whole)
 
 

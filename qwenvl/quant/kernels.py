@@ -235,7 +235,7 @@ SOURCE = r"""
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
 #define QK_AVX512 1
 #else
 #define QK_AVX512 0
@@ -306,76 +306,81 @@ inline uint16_t float_to_bf16(float f) {  // round to nearest even, NaN stays Na
 
 // ---------------------------------------------------------------------------------------------
 // Formats. Each block holds kValues weights in kBytes, read 32 at a time ("groups").
-// prepare(blk, s) fills s[g] for every group g of the block: the weights are
-//   w = s0 * code + off   (s1 instead of s0 for the group's second 16 weights: Q6_K)
+// prepare(blk, s) fills the scales of every group g of the block: the weights are
+//   w = s.s0[g] * code + s.off[g]   (s.s1[g] for the group's second 16 weights: Q6_K)
 // where code is the stored code minus kOffset, exactly as gguf computes them. Then
 //   scalar(blk, g, s, out)   the 32 weights of group g as fp32
 //   vec(blk, g, s, w0, w1)   the same in two zmm registers (AVX-512)
 //   codes(blk, g)            the raw codes (0 .. 2^kBits - 1), for the bf16 path (kBits > 0)
-// kOffset -1 marks formats with a minimum (w = s0 * code + off, off != 0).
+// kOffset -1 marks formats with a minimum (off != 0).
 
-struct Scale {
-  float s0, s1, off;
+struct Scales {  // of one block's groups; s0 and off adjacent, for one 16-float store
+  float s0[8], off[8], s1[8];
 };
+
+inline void one_scale(Scales* s, float d, float off) {  // the 32-value formats
+  s->s0[0] = s->s1[0] = d;
+  s->off[0] = off;
+}
 
 struct Q8_0 {
   static constexpr int kValues = 32, kBytes = 34, kBits = 0, kOffset = 0;
-  static void prepare(const uint8_t* b, Scale* s) { s[0] = {load_half(b), load_half(b), 0}; }
-  static void scalar(const uint8_t* b, int, const Scale* s, float* out) {
-    for (int i = 0; i < 32; ++i) out[i] = (float)(int8_t)b[2 + i] * s->s0;
+  static void prepare(const uint8_t* b, Scales* s) { one_scale(s, load_half(b), 0); }
+  static void scalar(const uint8_t* b, int, const Scales* s, float* out) {
+    for (int i = 0; i < 32; ++i) out[i] = (float)(int8_t)b[2 + i] * s->s0[0];
   }
 };
 
 struct Q4_0 {
   static constexpr int kValues = 32, kBytes = 18, kBits = 4, kOffset = 8;
-  static void prepare(const uint8_t* b, Scale* s) { s[0] = {load_half(b), load_half(b), 0}; }
-  static void scalar(const uint8_t* b, int, const Scale* s, float* out) {
+  static void prepare(const uint8_t* b, Scales* s) { one_scale(s, load_half(b), 0); }
+  static void scalar(const uint8_t* b, int, const Scales* s, float* out) {
     for (int i = 0; i < 16; ++i) {
-      out[i] = s->s0 * (float)((b[2 + i] & 0xF) - 8);
-      out[i + 16] = s->s0 * (float)((b[2 + i] >> 4) - 8);
+      out[i] = s->s0[0] * (float)((b[2 + i] & 0xF) - 8);
+      out[i + 16] = s->s0[0] * (float)((b[2 + i] >> 4) - 8);
     }
   }
 };
 
 struct Q4_1 {
   static constexpr int kValues = 32, kBytes = 20, kBits = 4, kOffset = -1;
-  static void prepare(const uint8_t* b, Scale* s) { s[0] = {load_half(b), load_half(b), load_half(b + 2)}; }
-  static void scalar(const uint8_t* b, int, const Scale* s, float* out) {
+  static void prepare(const uint8_t* b, Scales* s) { one_scale(s, load_half(b), load_half(b + 2)); }
+  static void scalar(const uint8_t* b, int, const Scales* s, float* out) {
     for (int i = 0; i < 16; ++i) {
-      out[i] = s->s0 * (float)(b[4 + i] & 0xF) + s->off;
-      out[i + 16] = s->s0 * (float)(b[4 + i] >> 4) + s->off;
+      out[i] = s->s0[0] * (float)(b[4 + i] & 0xF) + s->off[0];
+      out[i + 16] = s->s0[0] * (float)(b[4 + i] >> 4) + s->off[0];
     }
   }
 };
 
 struct Q5_0 {
   static constexpr int kValues = 32, kBytes = 22, kBits = 5, kOffset = 16;
-  static void prepare(const uint8_t* b, Scale* s) { s[0] = {load_half(b), load_half(b), 0}; }
-  static void scalar(const uint8_t* b, int, const Scale* s, float* out) {
+  static void prepare(const uint8_t* b, Scales* s) { one_scale(s, load_half(b), 0); }
+  static void scalar(const uint8_t* b, int, const Scales* s, float* out) {
     uint32_t qh;
     memcpy(&qh, b + 2, 4);
     for (int i = 0; i < 16; ++i) {
-      out[i] = s->s0 * (float)((int)((b[6 + i] & 0xF) | (((qh >> i) & 1) << 4)) - 16);
-      out[i + 16] = s->s0 * (float)((int)((b[6 + i] >> 4) | (((qh >> (i + 16)) & 1) << 4)) - 16);
+      out[i] = s->s0[0] * (float)((int)((b[6 + i] & 0xF) | (((qh >> i) & 1) << 4)) - 16);
+      out[i + 16] = s->s0[0] * (float)((int)((b[6 + i] >> 4) | (((qh >> (i + 16)) & 1) << 4)) - 16);
     }
   }
 };
 
 struct Q5_1 {
   static constexpr int kValues = 32, kBytes = 24, kBits = 5, kOffset = -1;
-  static void prepare(const uint8_t* b, Scale* s) { s[0] = {load_half(b), load_half(b), load_half(b + 2)}; }
-  static void scalar(const uint8_t* b, int, const Scale* s, float* out) {
+  static void prepare(const uint8_t* b, Scales* s) { one_scale(s, load_half(b), load_half(b + 2)); }
+  static void scalar(const uint8_t* b, int, const Scales* s, float* out) {
     uint32_t qh;
     memcpy(&qh, b + 4, 4);
     for (int i = 0; i < 16; ++i) {
-      out[i] = s->s0 * (float)((b[8 + i] & 0xF) | (((qh >> i) & 1) << 4)) + s->off;
-      out[i + 16] = s->s0 * (float)((b[8 + i] >> 4) | (((qh >> (i + 16)) & 1) << 4)) + s->off;
+      out[i] = s->s0[0] * (float)((b[8 + i] & 0xF) | (((qh >> i) & 1) << 4)) + s->off[0];
+      out[i + 16] = s->s0[0] * (float)((b[8 + i] >> 4) | (((qh >> (i + 16)) & 1) << 4)) + s->off[0];
     }
   }
 };
 
 // Q4_K / Q5_K: d, dmin, then 8 six-bit scales and 8 six-bit mins packed in 12 bytes
-void k_scales(const uint8_t* b, Scale* s) {
+void k_scales(const uint8_t* b, Scales* s) {
   const float d = load_half(b), dmin = load_half(b + 2);
   uint32_t u[4];  // unpacked as llama.cpp does: bytes 0-7 become the scales, 8-15 the mins
   memcpy(u, b + 4, 12);
@@ -384,65 +389,87 @@ void k_scales(const uint8_t* b, Scale* s) {
   u[1] = (u[2] & 0x0f0f0f0f) | (((u[0] >> 6) & 0x03030303) << 4);
   u[2] = mins_low;
   u[0] &= 0x3f3f3f3f;
+  // s0 = d * scale, off = -(dmin * min): products of an fp16 and 6 bits, exact
+#if QK_AVX512
+  const __m512 codes = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)u)));
+  const __m512 factors = _mm512_insertf32x8(_mm512_set1_ps(d), _mm256_set1_ps(-dmin), 1);
+  _mm512_storeu_ps(s->s0, _mm512_mul_ps(codes, factors));  // s0[0..7], then off[0..7]
+#else
   uint8_t q[16];
   memcpy(q, u, 16);
-  for (int j = 0; j < 8; ++j) {  // products of an fp16 and 6 bits: exact
-    const float sc = d * (float)q[j];
-    s[j] = {sc, sc, -(dmin * (float)q[8 + j])};
+  for (int j = 0; j < 8; ++j) {
+    s->s0[j] = d * (float)q[j];
+    s->off[j] = -(dmin * (float)q[8 + j]);
   }
+#endif
 }
 
 struct Q4_K {  // d, dmin, 12 bytes of scales, 128 bytes of nibbles
   static constexpr int kValues = 256, kBytes = 144, kBits = 4, kOffset = -1;
-  static void prepare(const uint8_t* b, Scale* s) { k_scales(b, s); }
-  static void scalar(const uint8_t* b, int g, const Scale* s, float* out) {
+  static void prepare(const uint8_t* b, Scales* s) { k_scales(b, s); }
+  static void scalar(const uint8_t* b, int g, const Scales* s, float* out) {
     const uint8_t* q = b + 16 + (g / 2) * 32;
     const int shift = (g % 2) * 4;
-    for (int i = 0; i < 32; ++i) out[i] = s->s0 * (float)((q[i] >> shift) & 0xF) + s->off;
+    for (int i = 0; i < 32; ++i) out[i] = s->s0[g] * (float)((q[i] >> shift) & 0xF) + s->off[g];
   }
 };
 
 struct Q5_K {  // d, dmin, 12 bytes of scales, 32 bytes of high bits, 128 bytes of nibbles
   static constexpr int kValues = 256, kBytes = 176, kBits = 5, kOffset = -1;
-  static void prepare(const uint8_t* b, Scale* s) { k_scales(b, s); }
-  static void scalar(const uint8_t* b, int g, const Scale* s, float* out) {
+  static void prepare(const uint8_t* b, Scales* s) { k_scales(b, s); }
+  static void scalar(const uint8_t* b, int g, const Scales* s, float* out) {
     const uint8_t* qh = b + 16;
     const uint8_t* q = b + 48 + (g / 2) * 32;
     const int shift = (g % 2) * 4;
-    for (int i = 0; i < 32; ++i) out[i] = s->s0 * (float)(((q[i] >> shift) & 0xF) | (((qh[i] >> g) & 1) << 4)) + s->off;
+    for (int i = 0; i < 32; ++i) {
+      const int q5 = ((q[i] >> shift) & 0xF) | (((qh[i] >> g) & 1) << 4);
+      out[i] = s->s0[g] * (float)q5 + s->off[g];
+    }
   }
 };
 
 struct Q6_K {  // 128 bytes of low nibbles, 64 bytes of high bit pairs, 16 int8 scales, d
   static constexpr int kValues = 256, kBytes = 210, kBits = 6, kOffset = 32;
-  static void prepare(const uint8_t* b, Scale* s) {
+  static void prepare(const uint8_t* b, Scales* s) {  // s0[g], s1[g]: d times scales 2g, 2g + 1 (exact)
     const float d = load_half(b + 208);
-    for (int g = 0; g < 8; ++g) s[g] = {d * (float)(int8_t)b[192 + 2 * g], d * (float)(int8_t)b[193 + 2 * g], 0};
+#if QK_AVX512
+    const __m512 scales = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(b + 192))));
+    const __m512i even_odd = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    const __m512 v = _mm512_permutexvar_ps(even_odd, _mm512_mul_ps(scales, _mm512_set1_ps(d)));
+    _mm256_storeu_ps(s->s0, _mm512_castps512_ps256(v));
+    _mm256_storeu_ps(s->s1, _mm512_extractf32x8_ps(v, 1));
+#else
+    for (int g = 0; g < 8; ++g) {
+      s->s0[g] = d * (float)(int8_t)b[192 + 2 * g];
+      s->s1[g] = d * (float)(int8_t)b[193 + 2 * g];
+    }
+#endif
+    s->off[0] = 0;
   }
-  static void scalar(const uint8_t* b, int g, const Scale* s, float* out) {
+  static void scalar(const uint8_t* b, int g, const Scales* s, float* out) {
     const int half = g / 4, part = g % 4;
     const uint8_t* ql = b + half * 64 + (part % 2) * 32;
     const uint8_t* qh = b + 128 + half * 32;
     const int lshift = (part / 2) * 4, hshift = part * 2;
     for (int i = 0; i < 32; ++i) {
       const int q = (((ql[i] >> lshift) & 0xF) | (((qh[i] >> hshift) & 3) << 4)) - 32;
-      out[i] = (i < 16 ? s->s0 : s->s1) * (float)q;
+      out[i] = (i < 16 ? s->s0[g] : s->s1[g]) * (float)q;
     }
   }
 };
 
 struct F16 {
   static constexpr int kValues = 32, kBytes = 64, kBits = 0, kOffset = 0;
-  static void prepare(const uint8_t*, Scale*) {}
-  static void scalar(const uint8_t* b, int, const Scale*, float* out) {
+  static void prepare(const uint8_t*, Scales*) {}
+  static void scalar(const uint8_t* b, int, const Scales*, float* out) {
     for (int i = 0; i < 32; ++i) out[i] = load_half(b + 2 * i);
   }
 };
 
 struct BF16 {
   static constexpr int kValues = 32, kBytes = 64, kBits = 0, kOffset = 0;
-  static void prepare(const uint8_t*, Scale*) {}
-  static void scalar(const uint8_t* b, int, const Scale*, float* out) {
+  static void prepare(const uint8_t*, Scales*) {}
+  static void scalar(const uint8_t* b, int, const Scales*, float* out) {
     for (int i = 0; i < 32; ++i) {
       uint16_t v;
       memcpy(&v, b + 2 * i, 2);
@@ -453,8 +480,8 @@ struct BF16 {
 
 struct F32 {
   static constexpr int kValues = 32, kBytes = 128, kBits = 0, kOffset = 0;
-  static void prepare(const uint8_t*, Scale*) {}
-  static void scalar(const uint8_t* b, int, const Scale*, float* out) { memcpy(out, b, 128); }
+  static void prepare(const uint8_t*, Scales*) {}
+  static void scalar(const uint8_t* b, int, const Scales*, float* out) { memcpy(out, b, 128); }
 };
 
 #if QK_AVX512
@@ -465,11 +492,11 @@ inline __m512 i8_to_ps(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi
 inline __m512 u8_to_ps(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v)); }
 
 template <class F>
-inline void vec(const uint8_t* b, int g, const Scale& s, __m512& w0, __m512& w1);
+inline void vec(const uint8_t* b, int g, const Scales& s, __m512& w0, __m512& w1);
 
 template <>
-inline void vec<Q8_0>(const uint8_t* b, int, const Scale& s, __m512& w0, __m512& w1) {
-  const __m512 d = _mm512_set1_ps(s.s0);
+inline void vec<Q8_0>(const uint8_t* b, int, const Scales& s, __m512& w0, __m512& w1) {
+  const __m512 d = _mm512_set1_ps(s.s0[0]);
   w0 = _mm512_mul_ps(i8_to_ps(_mm_loadu_si128((const __m128i*)(b + 2))), d);
   w1 = _mm512_mul_ps(i8_to_ps(_mm_loadu_si128((const __m128i*)(b + 18))), d);
 }
@@ -481,8 +508,8 @@ inline void nibbles(const uint8_t* p, __m128i& lo, __m128i& hi) {  // 16 bytes: 
 }
 
 template <>
-inline void vec<Q4_0>(const uint8_t* b, int, const Scale& s, __m512& w0, __m512& w1) {
-  const __m512 d = _mm512_set1_ps(s.s0);
+inline void vec<Q4_0>(const uint8_t* b, int, const Scales& s, __m512& w0, __m512& w1) {
+  const __m512 d = _mm512_set1_ps(s.s0[0]);
   const __m128i eight = _mm_set1_epi8(8);
   __m128i lo, hi;
   nibbles(b + 2, lo, hi);
@@ -491,8 +518,8 @@ inline void vec<Q4_0>(const uint8_t* b, int, const Scale& s, __m512& w0, __m512&
 }
 
 template <>
-inline void vec<Q4_1>(const uint8_t* b, int, const Scale& s, __m512& w0, __m512& w1) {
-  const __m512 d = _mm512_set1_ps(s.s0), m = _mm512_set1_ps(s.off);
+inline void vec<Q4_1>(const uint8_t* b, int, const Scales& s, __m512& w0, __m512& w1) {
+  const __m512 d = _mm512_set1_ps(s.s0[0]), m = _mm512_set1_ps(s.off[0]);
   __m128i lo, hi;
   nibbles(b + 4, lo, hi);
   w0 = _mm512_fmadd_ps(d, u8_to_ps(lo), m);  // d * code is exact: one rounding, as gguf's d * q + m
@@ -500,8 +527,8 @@ inline void vec<Q4_1>(const uint8_t* b, int, const Scale& s, __m512& w0, __m512&
 }
 
 template <>
-inline void vec<Q5_0>(const uint8_t* b, int, const Scale& s, __m512& w0, __m512& w1) {
-  const __m512 d = _mm512_set1_ps(s.s0);
+inline void vec<Q5_0>(const uint8_t* b, int, const Scales& s, __m512& w0, __m512& w1) {
+  const __m512 d = _mm512_set1_ps(s.s0[0]);
   uint32_t qh;
   memcpy(&qh, b + 2, 4);
   __m128i lo, hi;
@@ -514,8 +541,8 @@ inline void vec<Q5_0>(const uint8_t* b, int, const Scale& s, __m512& w0, __m512&
 }
 
 template <>
-inline void vec<Q5_1>(const uint8_t* b, int, const Scale& s, __m512& w0, __m512& w1) {
-  const __m512 d = _mm512_set1_ps(s.s0), m = _mm512_set1_ps(s.off);
+inline void vec<Q5_1>(const uint8_t* b, int, const Scales& s, __m512& w0, __m512& w1) {
+  const __m512 d = _mm512_set1_ps(s.s0[0]), m = _mm512_set1_ps(s.off[0]);
   uint32_t qh;
   memcpy(&qh, b + 4, 4);
   __m128i lo, hi;
@@ -532,8 +559,8 @@ inline __m256i nibbles32(const uint8_t* p, int high) {  // the low or high nibbl
   return _mm256_and_si256(high ? _mm256_srli_epi16(v, 4) : v, _mm256_set1_epi8(0xF));
 }
 
-inline void affine32(__m256i codes, const Scale& s, __m512& w0, __m512& w1) {
-  const __m512 d = _mm512_set1_ps(s.s0), m = _mm512_set1_ps(s.off);
+inline void affine32(__m256i codes, float scale, float offset, __m512& w0, __m512& w1) {
+  const __m512 d = _mm512_set1_ps(scale), m = _mm512_set1_ps(offset);
   w0 = _mm512_fmadd_ps(d, u8_to_ps(_mm256_castsi256_si128(codes)), m);  // one rounding, as gguf
   w1 = _mm512_fmadd_ps(d, u8_to_ps(_mm256_extracti128_si256(codes, 1)), m);
 }
@@ -545,13 +572,13 @@ inline __m256i q5k_high(const uint8_t* b, int g, __m256i codes) {
 }
 
 template <>
-inline void vec<Q4_K>(const uint8_t* b, int g, const Scale& s, __m512& w0, __m512& w1) {
-  affine32(nibbles32(b + 16 + (g / 2) * 32, g % 2), s, w0, w1);
+inline void vec<Q4_K>(const uint8_t* b, int g, const Scales& s, __m512& w0, __m512& w1) {
+  affine32(nibbles32(b + 16 + (g / 2) * 32, g % 2), s.s0[g], s.off[g], w0, w1);
 }
 
 template <>
-inline void vec<Q5_K>(const uint8_t* b, int g, const Scale& s, __m512& w0, __m512& w1) {
-  affine32(q5k_high(b, g, nibbles32(b + 48 + (g / 2) * 32, g % 2)), s, w0, w1);
+inline void vec<Q5_K>(const uint8_t* b, int g, const Scales& s, __m512& w0, __m512& w1) {
+  affine32(q5k_high(b, g, nibbles32(b + 48 + (g / 2) * 32, g % 2)), s.s0[g], s.off[g], w0, w1);
 }
 
 inline __m256i q6k_codes(const uint8_t* b, int g) {  // 6-bit codes 0..63
@@ -564,14 +591,14 @@ inline __m256i q6k_codes(const uint8_t* b, int g) {  // 6-bit codes 0..63
 }
 
 template <>
-inline void vec<Q6_K>(const uint8_t* b, int g, const Scale& s, __m512& w0, __m512& w1) {
+inline void vec<Q6_K>(const uint8_t* b, int g, const Scales& s, __m512& w0, __m512& w1) {
   const __m256i q = _mm256_sub_epi8(q6k_codes(b, g), _mm256_set1_epi8(32));
-  w0 = _mm512_mul_ps(_mm512_set1_ps(s.s0), i8_to_ps(_mm256_castsi256_si128(q)));
-  w1 = _mm512_mul_ps(_mm512_set1_ps(s.s1), i8_to_ps(_mm256_extracti128_si256(q, 1)));
+  w0 = _mm512_mul_ps(_mm512_set1_ps(s.s0[g]), i8_to_ps(_mm256_castsi256_si128(q)));
+  w1 = _mm512_mul_ps(_mm512_set1_ps(s.s1[g]), i8_to_ps(_mm256_extracti128_si256(q, 1)));
 }
 
 template <>
-inline void vec<F16>(const uint8_t* b, int, const Scale&, __m512& w0, __m512& w1) {
+inline void vec<F16>(const uint8_t* b, int, const Scales&, __m512& w0, __m512& w1) {
   w0 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)b));
   w1 = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(b + 32)));
 }
@@ -579,13 +606,13 @@ inline void vec<F16>(const uint8_t* b, int, const Scale&, __m512& w0, __m512& w1
 inline __m512 bf16_to_ps(__m256i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)); }
 
 template <>
-inline void vec<BF16>(const uint8_t* b, int, const Scale&, __m512& w0, __m512& w1) {
+inline void vec<BF16>(const uint8_t* b, int, const Scales&, __m512& w0, __m512& w1) {
   w0 = bf16_to_ps(_mm256_loadu_si256((const __m256i*)b));
   w1 = bf16_to_ps(_mm256_loadu_si256((const __m256i*)(b + 32)));
 }
 
 template <>
-inline void vec<F32>(const uint8_t* b, int, const Scale&, __m512& w0, __m512& w1) {
+inline void vec<F32>(const uint8_t* b, int, const Scales&, __m512& w0, __m512& w1) {
   w0 = _mm512_loadu_ps((const float*)b);
   w1 = _mm512_loadu_ps((const float*)(b + 64));
 }
@@ -654,13 +681,23 @@ inline __m256i codes<Q5_K>(const uint8_t* b, int g) {
 }
 
 template <>
-inline __m256i codes<Q6_K>(const uint8_t* b, int g) { return _mm256_slli_epi16(q6k_codes(b, g), 1); }
+inline __m256i codes<Q6_K>(const uint8_t* b, int g) {  // (low 4 bits | high 2 bits << 4) << 1
+  const int half = g / 4, part = g % 4;
+  const __m256i ql = _mm256_loadu_si256((const __m256i*)(b + half * 64 + (part % 2) * 32));
+  const __m256i qh = _mm256_loadu_si256((const __m256i*)(b + 128 + half * 32));
+  // 16-bit shifts: bits crossing between the two bytes of a word land outside the masks
+  const __m256i lo = _mm256_and_si256(part < 2 ? _mm256_slli_epi16(ql, 1) : _mm256_srli_epi16(ql, 3),
+                                      _mm256_set1_epi8(0x1E));
+  const int up = 5 - 2 * part;  // high bit pair 2 * part .. 2 * part + 1 moves to bits 5-6
+  const __m256i hi = up > 0 ? _mm256_slli_epi16(qh, up) : _mm256_srli_epi16(qh, -up);
+  return _mm256_ternarylogic_epi32(hi, _mm256_set1_epi8(0x60), lo, 0xEA);  // (hi & 0x60) | lo
+}
 
 template <class F>
-inline __m512 bf16_scale(const Scale& s) {  // lanes 0-7 pair up weights 0-15, lanes 8-15 the rest
+inline __m512 bf16_scale(const Scales& s, int g) {  // lanes 0-7 pair weights 0-15, 8-15 the rest
   if constexpr (F::kValues == 256 && F::kOffset > 0)  // Q6_K: a scale per 16 weights
-    return _mm512_insertf32x8(_mm512_set1_ps(s.s0), _mm256_set1_ps(s.s1), 1);
-  return _mm512_set1_ps(s.s0);
+    return _mm512_insertf32x8(_mm512_set1_ps(s.s0[g]), _mm256_set1_ps(s.s1[g]), 1);
+  return _mm512_set1_ps(s.s0[g]);
 }
 #endif  // QK_BF16
 
@@ -673,7 +710,7 @@ struct GemvArgs {
   const uint16_t* xb;  // [M, ldxb] bf16 (bf16 path)
   int64_t ldxb;
   const float* init;  // [M, K/2] the dots' initial values (bf16 path)
-  const float* xsum;  // [M, K/2] x[2i] + x[2i+1] (bf16 path, formats with a minimum)
+  const float* xsum;  // [M, K/32] sums of x over each group of 32 (bf16 path, formats with a minimum)
   const uint8_t* w;
   int64_t N, row_bytes;
   const float* bias;  // [N] or null
@@ -706,7 +743,7 @@ template <class F, int NR, int M>
 void gemv_tile_f32(const GemvArgs& a, int64_t n, int64_t m0) {
   constexpr int A = M == 1 ? 2 : 1, G = F::kValues / 32;
   __m512 acc[NR][M][A];
-  Scale s[NR][G];
+  Scales s[NR];
 #pragma GCC unroll 16
   for (int r = 0; r < NR; ++r)
 #pragma GCC unroll 16
@@ -718,14 +755,14 @@ void gemv_tile_f32(const GemvArgs& a, int64_t n, int64_t m0) {
     const uint8_t* row = a.w + n * a.row_bytes + blk * F::kBytes;
     prefetch_next_tile<F, NR>(row, a.row_bytes);
 #pragma GCC unroll 16
-    for (int r = 0; r < NR; ++r) F::prepare(row + r * a.row_bytes, s[r]);
+    for (int r = 0; r < NR; ++r) F::prepare(row + r * a.row_bytes, &s[r]);
 #pragma GCC unroll 8
     for (int g = 0; g < G; ++g) {
       const float* xg = x + blk * F::kValues + g * 32;
 #pragma GCC unroll 16
       for (int r = 0; r < NR; ++r) {
         __m512 w0, w1;
-        vec<F>(row + r * a.row_bytes, g, s[r][g], w0, w1);
+        vec<F>(row + r * a.row_bytes, g, s[r], w0, w1);
 #pragma GCC unroll 16
         for (int m = 0; m < M; ++m) {
           acc[r][m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xg + m * a.K), acc[r][m][0]);
@@ -746,40 +783,42 @@ void gemv_tile_f32(const GemvArgs& a, int64_t n, int64_t m0) {
 
 #if QK_BF16
 // The same for bf16 x: per group and row one vdpbf16ps over the codes (started from a.init),
-// times the scale; formats with a minimum add off * (x[2i] + x[2i+1]) in a second accumulator.
+// times the scale; formats with a minimum add off * (the group's sum of x) in scalar sums.
 template <class F, int NR, int M>
 void gemv_tile_bf16(const GemvArgs& a, int64_t n, int64_t m0) {
   constexpr bool kMin = F::kOffset < 0;
   constexpr int G = F::kValues / 32;
-  __m512 acc[NR][M], acc_min[NR][M];
-  Scale s[NR][G];
+  __m512 acc[NR][M];
+  float acc_min[NR][M];
+  Scales s[NR];
 #pragma GCC unroll 16
   for (int r = 0; r < NR; ++r)
 #pragma GCC unroll 16
-    for (int m = 0; m < M; ++m) acc[r][m] = acc_min[r][m] = _mm512_setzero_ps();
+    for (int m = 0; m < M; ++m) {
+      acc[r][m] = _mm512_setzero_ps();
+      acc_min[r][m] = 0;
+    }
   const int64_t half = a.K / 2;
   const __m512i magic = _mm512_set1_epi16((short)(0x3F80 + (F::kBits << 7)));  // bf16 of 2^kBits
   for (int64_t blk = 0; blk < a.K / F::kValues; ++blk) {
     const uint8_t* row = a.w + n * a.row_bytes + blk * F::kBytes;
     prefetch_next_tile<F, NR>(row, a.row_bytes);
 #pragma GCC unroll 16
-    for (int r = 0; r < NR; ++r) F::prepare(row + r * a.row_bytes, s[r]);
+    for (int r = 0; r < NR; ++r) F::prepare(row + r * a.row_bytes, &s[r]);
 #pragma GCC unroll 8
     for (int g = 0; g < G; ++g) {
       const int64_t k = blk * F::kValues + g * 32;
 #pragma GCC unroll 16
       for (int r = 0; r < NR; ++r) {
         const __m512i w = _mm512_or_si512(_mm512_cvtepu8_epi16(codes<F>(row + r * a.row_bytes, g)), magic);
-        const __m512 scale = bf16_scale<F>(s[r][g]);
+        const __m512 scale = bf16_scale<F>(s[r], g);
 #pragma GCC unroll 16
         for (int m = 0; m < M; ++m) {
           const int64_t i = m0 + m;
           const __m512i xv = _mm512_loadu_si512((const void*)(a.xb + i * a.ldxb + k));
           const __m512 dot = _mm512_dpbf16_ps(_mm512_loadu_ps(a.init + i * half + k / 2), (__m512bh)w, (__m512bh)xv);
           acc[r][m] = _mm512_fmadd_ps(scale, dot, acc[r][m]);
-          if constexpr (kMin)
-            acc_min[r][m] = _mm512_fmadd_ps(_mm512_set1_ps(s[r][g].off), _mm512_loadu_ps(a.xsum + i * half + k / 2),
-                                            acc_min[r][m]);
+          if constexpr (kMin) acc_min[r][m] += s[r].off[g] * a.xsum[i * (a.K / 32) + k / 32];
         }
       }
     }
@@ -788,8 +827,7 @@ void gemv_tile_bf16(const GemvArgs& a, int64_t n, int64_t m0) {
   for (int r = 0; r < NR; ++r)
 #pragma GCC unroll 16
     for (int m = 0; m < M; ++m) {
-      const __m512 sum = kMin ? _mm512_add_ps(acc[r][m], acc_min[r][m]) : acc[r][m];
-      store(a, m0 + m, n + r, _mm512_reduce_add_ps(sum));
+      store(a, m0 + m, n + r, _mm512_reduce_add_ps(acc[r][m]) + acc_min[r][m]);
     }
 }
 #endif
@@ -827,16 +865,16 @@ void gemv_rows(const GemvArgs& a, int64_t n) {
 template <class F, bool BF, int NR>
 void gemv_rows(const GemvArgs& a, int64_t n) {
   float w[32];
-  Scale s[F::kValues / 32];
+  Scales s;
   for (int r = 0; r < NR; ++r)
     for (int64_t m = 0; m < a.M; ++m) {
       float acc[32] = {0};
       const float* x = a.x + m * a.K;
       for (int64_t blk = 0; blk < a.K / F::kValues; ++blk) {
         const uint8_t* b = a.w + (n + r) * a.row_bytes + blk * F::kBytes;
-        F::prepare(b, s);
+        F::prepare(b, &s);
         for (int g = 0; g < F::kValues / 32; ++g) {
-          F::scalar(b, g, &s[g], w);
+          F::scalar(b, g, &s, w);
           const float* xg = x + blk * F::kValues + g * 32;
           for (int i = 0; i < 32; ++i) acc[i] += w[i] * xg[i];
         }
@@ -870,14 +908,14 @@ struct GemvFn {
     const int64_t M = a.M, K = a.K;
 #if QK_BF16
     if (F::kBits > 0 && x_bf16) {  // the dots' initial values take off the codes' 2^kBits + kOffset
-      std::vector<float> init((size_t)(M * K / 2)), xsum(F::kOffset < 0 ? init.size() : 0);
+      std::vector<float> init((size_t)(M * K / 2)), xsum(F::kOffset < 0 ? (size_t)(M * K / 32) : 0);
       const float shift = -(float)((1 << F::kBits) + (F::kOffset < 0 ? 0 : F::kOffset));
       for (int64_t m = 0; m < M; ++m)
         for (int64_t i = 0; i < K / 2; ++i) {
           const uint16_t* pair = (const uint16_t*)x + m * ldx + 2 * i;
           const float sum = bf16_to_float(pair[0]) + bf16_to_float(pair[1]);
           init[m * K / 2 + i] = shift * sum;
-          if (F::kOffset < 0) xsum[m * K / 2 + i] = sum;
+          if (F::kOffset < 0) xsum[m * K / 32 + i / 16] += sum;
         }
       a.xb = (const uint16_t*)x;
       a.ldxb = ldx;
@@ -899,15 +937,15 @@ struct GemvFn {
 
 template <class F>
 void dequant_row(const uint8_t* row, int64_t K, void* out, int pieces) {
-  Scale s[F::kValues / 32];
+  Scales s;
   for (int64_t blk = 0; blk < K / F::kValues; ++blk) {
     const uint8_t* b = row + blk * F::kBytes;
-    F::prepare(b, s);
+    F::prepare(b, &s);
     for (int g = 0; g < F::kValues / 32; ++g) {
       const int64_t k = blk * F::kValues + g * 32;
 #if QK_AVX512
       __m512 w[2];
-      vec<F>(b, g, s[g], w[0], w[1]);
+      vec<F>(b, g, s, w[0], w[1]);
       for (int h = 0; h < 2; ++h) {
         if (!pieces) {
           _mm512_storeu_ps((float*)out + k + 16 * h, w[h]);
@@ -922,7 +960,7 @@ void dequant_row(const uint8_t* row, int64_t K, void* out, int pieces) {
       }
 #else
       float w[32];
-      F::scalar(b, g, &s[g], w);
+      F::scalar(b, g, &s, w);
       for (int i = 0; i < 32; ++i) {
         if (!pieces) {
           ((float*)out)[k + i] = w[i];

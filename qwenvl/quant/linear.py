@@ -58,9 +58,10 @@ EXACT_PIECES: dict[GGMLQuantizationType, int] = {T.BF16: 1, T.F16: 2, T.Q4_0: 2,
 
 # Up to this many rows the fused block GEMV wins; beyond, dequantize + GEMM (measured crossover).
 GEMV_MAX_ROWS = 16
-# Prefill dequantizes this many bytes of weight pieces at a time into a reused per-thread buffer
-# (a fresh large tensor per call costs page faults; small chunks stay in cache for the GEMM).
-PREFILL_CHUNK_BYTES = 8 << 20
+# Prefill dequantizes up to this many bytes of weight pieces at a time, into a buffer each thread
+# reuses (a fresh large tensor per call costs page faults). One GEMM per layer is faster than
+# several smaller ones, so only the lm_head is split.
+PREFILL_CHUNK_BYTES = 64 << 20
 _buffers = threading.local()
 
 
@@ -72,6 +73,11 @@ def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
         buffer = torch.empty(numel, dtype=dtype)
         setattr(_buffers, key, buffer)
     return buffer
+
+
+def release_buffers() -> None:
+    """Free the calling thread's prefill buffers (up to PREFILL_CHUNK_BYTES each; e.g. after a prefill)."""
+    _buffers.__dict__.clear()
 
 
 class QuantLinear(nn.Module):
@@ -476,6 +482,8 @@ __all__ = [
     "QuantEmbedding",
     "QuantLinear",
     "dequantize_blocks",
+    "nibble_codes",
     "quant_linear_from_ggml",
     "quant_linear_from_parts",
+    "release_buffers",
 ]
