@@ -1,6 +1,6 @@
 """Benchmark the QuantLinear kernels on the Qwen2.5-0.5B layer shapes (a script, not a test).
 
-    python benchmarks/kernels.py              # per-layer table + whole-model passes (~10 min)
+    python benchmarks/kernels.py              # per-layer table + whole-model passes (~20 min)
     python benchmarks/kernels.py --quick      # fewer formats and timing windows
     python benchmarks/kernels.py --compile    # also the torch.compile fused dequant-matmul (slow to build)
 
@@ -21,6 +21,7 @@ and 512 rows (one prefill; lm_head on the last row only).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import time
 from collections.abc import Callable
@@ -167,6 +168,10 @@ def weight_error(layer: torch.nn.Module, raw: np.ndarray, ggml_type: T, weight: 
     return ((used - weight).abs().max() / weight.abs().max()).item()
 
 
+def cell(value: float, fmt: str) -> str:
+    return "–" if math.isnan(value) else fmt.format(value)
+
+
 def layer_table(formats: list[T], windows: int) -> None:
     rng = np.random.default_rng(0)
     print(
@@ -193,8 +198,9 @@ def layer_table(formats: list[T], windows: int) -> None:
                 bytes_ = layer.weight_bytes
                 print(
                     f"| {ggml_type.name} | {name} {cols}→{rows} | {variant} | {'yes' if layer.exact else 'no'} | "
-                    f"{bytes_ / (rows * cols):.3g} | {decode:,.0f} | {bytes_ / decode / 1e3:.1f} | {prefill:,.0f} | "
-                    f"{weight_error(layer, raw, ggml_type, weight):.1e} | {err1:.1e} | {errp:.1e} |",
+                    f"{bytes_ / (rows * cols):.3g} | {decode:,.0f} | {bytes_ / decode / 1e3:.1f} | "
+                    f"{cell(prefill, '{:,.0f}')} | {weight_error(layer, raw, ggml_type, weight):.1e} | {err1:.1e} | "
+                    f"{cell(errp, '{:.1e}')} |",
                     flush=True,
                 )
                 del layer

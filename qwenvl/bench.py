@@ -10,8 +10,8 @@ What each engine measures, after one warm-up generation (an 8-token prompt, 2 to
   cut, the same ids for every engine) over the time of their forward pass, KV cache filled, first
   token picked;
 - ``decode_tok_s``: the greedy tokens after the first one (which comes out of the prefill) over the
-  time of their one-token steps; transformers and llama.cpp decode exactly --gen-tokens, qwenvl stops
-  at an end-of-sequence token unless its sampler has ``ignore_eos`` (``decoded_tokens`` says how many);
+  time of their one-token steps; every engine decodes exactly --gen-tokens, end-of-sequence ignored
+  (``decoded_tokens`` says how many were timed);
 - ``image_encode_s`` (VL models, or ``--vision-config``): the vision encoder's forward pass on one
   preprocessed WxH image, after a 56x56 warm-up;
 - ``ttft_s`` (VL models): an image prompt, load excluded: image preprocessing + encode + prefill +
@@ -479,7 +479,7 @@ def _record_note(record: dict[str, Any]) -> str:
         parts.append(record["dtype"])
     decoded, wanted = record.get("decoded_tokens"), record.get("gen_tokens")
     if decoded is not None and wanted is not None and decoded != wanted:
-        parts.append(f"decoded {decoded} of {wanted} tokens (stopped at end-of-sequence)")
+        parts.append(f"decoded {decoded} of {wanted} tokens (stopped early)")
     if record.get("note"):
         parts.append(record["note"])
     if record.get("other_cpu_cores"):
@@ -663,12 +663,8 @@ def measure_qwenvl(run: EngineRun) -> dict[str, Any]:
 
 
 def _qwenvl_generate(model: Any, ids: list[int], tokens: int) -> Any:
-    from .engine.sampler import SamplingParams
-
-    options: dict[str, Any] = {"max_tokens": tokens, "temperature": 0.0}
-    if "ignore_eos" in SamplingParams.__dataclass_fields__:
-        options["ignore_eos"] = True
-    generation = model.generate(ids, **options)
+    """Greedy, end-of-sequence ignored: exactly ``tokens`` tokens; the GenerationResult."""
+    generation = model.generate(ids, max_tokens=tokens, temperature=0.0, ignore_eos=True)
     for _ in generation:
         pass
     return generation.result

@@ -2,9 +2,10 @@
 
 The C++ source below is compiled with the system compiler on first use (a few seconds: it includes
 no torch headers), cached under ``$XDG_CACHE_HOME/qwenvl/kernels/<hash>/`` and loaded with ctypes.
-It is built with ``-march=native``: an AVX-512 path where the CPU has it, portable C++ elsewhere.
-Both decode a group of 32 weights to exactly the fp32 values ``gguf.quants.dequantize`` gives (the
-same operations in the same order) and accumulate products in fp32.
+It is built with ``-march=native``: an AVX-512 path where the CPU has it (with bf16 dot products
+for bf16 inputs where it has AVX512-BF16), portable C++ elsewhere (or when the native build fails).
+All decode the weights to exactly the fp32 values ``gguf.quants.dequantize`` gives (the same
+operations in the same order) and accumulate exact products in fp32.
 
 Threads: the library links ``libgomp.so.1``; the dynamic loader resolves that soname to the copy
 torch has already loaded, so kernels and torch share one OpenMP pool. The count follows
@@ -120,8 +121,11 @@ def library() -> ctypes.CDLL | None:
     try:
         return load_library()
     except RuntimeError as error:
-        warnings.warn(f"qwenvl: block kernels unavailable, falling back to torch ({error})", stacklevel=2)
-        return None
+        try:
+            return load_library(portable=True)
+        except RuntimeError:
+            warnings.warn(f"qwenvl: block kernels unavailable, falling back to torch ({error})", stacklevel=2)
+            return None
 
 
 def available() -> bool:
@@ -133,7 +137,8 @@ def _row_bytes(ggml_type: GGMLQuantizationType, k: int) -> int:
     return k // block_size * type_size
 
 
-def _check_blocks(blocks: torch.Tensor, ggml_type: GGMLQuantizationType, n: int, k: int) -> None:
+def check_blocks(blocks: torch.Tensor, ggml_type: GGMLQuantizationType, n: int, k: int) -> None:
+    """Raise ValueError unless ``blocks`` is a uint8 [n, bytes] tensor (contiguous rows) of a [n, k] matrix."""
     if ggml_type not in SUPPORTED_TYPES:
         raise ValueError(f"block kernels do not support {ggml_type.name}")
     if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.stride(1) != 1:
@@ -157,7 +162,7 @@ def gemv(
     [M, N], rows may be strided), else a new tensor of x's dtype. ``bias`` must be fp32 [N].
     """
     n = blocks.shape[0]
-    _check_blocks(blocks, ggml_type, n, k)
+    check_blocks(blocks, ggml_type, n, k)
     if x.dtype not in (torch.float32, torch.bfloat16) or x.dim() != 2 or x.shape[1] != k or x.stride(1) != 1:
         raise ValueError(f"x must be fp32/bf16 [M, {k}] with contiguous rows")
     if out is None:
@@ -180,7 +185,7 @@ def gemv_unchecked(
 ) -> None:
     """``gemv`` without the argument checks, for callers that guarantee them (the per-token path)."""
     status = lib.qk_gemv(
-        ggml_type, x.data_ptr(), x.dtype == torch.bfloat16, x.shape[0], x.shape[1], x.stride(0),
+        int(ggml_type), x.data_ptr(), x.dtype == torch.bfloat16, x.shape[0], x.shape[1], x.stride(0),
         blocks.data_ptr(), blocks.shape[0], blocks.stride(0), None if bias is None else bias.data_ptr(),
         out.data_ptr(), out.dtype == torch.bfloat16, out.stride(0), torch.get_num_threads(),
     )  # fmt: skip
@@ -201,7 +206,7 @@ def dequantize(
     ``out``: a contiguous tensor of that dtype and shape to write into (else a new one)."""
     lib = lib or load_library()
     n = blocks.shape[0]
-    _check_blocks(blocks, ggml_type, n, k)
+    check_blocks(blocks, ggml_type, n, k)
     if not 0 <= pieces <= 3:
         raise ValueError("pieces must be 0 (fp32) or 1-3 (bf16 parts)")
     dtype, shape = (torch.bfloat16, (n, pieces * k)) if pieces else (torch.float32, (n, k))

@@ -37,7 +37,7 @@ T = GGMLQuantizationType
 
 # Per format: the default kernel (fastest exact one, see docs/quantization-kernels.md).
 DEFAULT_KERNELS: dict[GGMLQuantizationType, str] = {
-    T.BF16: "dense",
+    T.BF16: "blocks",
     T.F16: "blocks",
     T.F32: "blocks",
     T.Q8_0: "blocks",
@@ -145,11 +145,17 @@ class BlockQuantLinear(QuantLinear):
         gemv_max_rows: int = GEMV_MAX_ROWS,
     ):
         super().__init__(ggml_type, shape[0], shape[1], bias)
+        kernels.check_blocks(blocks, self.ggml_type, shape[0], shape[1])
+        if pieces is not None and not 1 <= pieces <= 3:
+            raise ValueError(f"pieces must be 1, 2 or 3, got {pieces}")
+        lib = kernels.library()
+        if lib is None:
+            raise RuntimeError("qwenvl: the block kernels are unavailable (no C++ compiler, or QWENVL_KERNELS=0)")
         self.register_buffer("blocks", blocks)
         self.exact_pieces = EXACT_PIECES.get(self.ggml_type, 3)
         self.pieces = pieces or self.exact_pieces  # bf16 pieces for prefill; fewer than exact = rounding
         self.gemv_max_rows = gemv_max_rows
-        self._lib = kernels.load_library()
+        self._lib, self._type = lib, int(self.ggml_type)
 
     @property
     def exact(self) -> bool:
@@ -167,20 +173,32 @@ class BlockQuantLinear(QuantLinear):
         return y
 
     def forward_into(self, x: torch.Tensor, out: torch.Tensor) -> None:
-        if x.dtype not in (torch.float32, torch.bfloat16):
+        # the per-token path, kept lean: a decode step makes over a hundred of these calls
+        bf16 = x.dtype == torch.bfloat16
+        if not bf16 and x.dtype != torch.float32:
             out.copy_(self._compute(x.float()))
-            return
-        if x.stride(-1) != 1:
-            x = x.contiguous()
-        if x.shape[0] <= self.gemv_max_rows:
-            kernels.gemv_unchecked(self._lib, self.ggml_type, x, self.blocks, self.bias, out)
-        else:
+        elif x.shape[0] > self.gemv_max_rows:
             self._gemm(x, out)
+        else:
+            if x.stride(-1) != 1:
+                x = x.contiguous()
+            bias = self.bias
+            status = self._lib.qk_gemv(
+                self._type, x.data_ptr(), bf16, x.shape[0], self.in_features, x.stride(0), self.blocks.data_ptr(),
+                self.out_features, self.blocks.stride(0), None if bias is None else bias.data_ptr(), out.data_ptr(),
+                out.dtype == torch.bfloat16, out.stride(0), torch.get_num_threads(),
+            )  # fmt: skip
+            if status:
+                raise ValueError(f"block kernels do not support {self.ggml_type.name}")
 
     def _gemm(self, x: torch.Tensor, out: torch.Tensor) -> None:
         """Dequantize row chunks of W into a reused buffer and multiply: bf16 pieces for bf16 x
         (one GEMM over x repeated ``pieces`` times along K), fp32 for fp32 x."""
         pieces = self.pieces if x.dtype == torch.bfloat16 else 0
+        stored = {T.BF16: (1, torch.bfloat16), T.F32: (0, torch.float32)}.get(self.ggml_type)
+        if stored == (pieces, x.dtype):  # the blocks are that dense matrix already
+            self._matmul(x, self.blocks.view(x.dtype), out, 0)
+            return
         xs = x.repeat(1, pieces) if pieces > 1 else x
         width = self.in_features * max(pieces, 1)
         chunk = max(1, PREFILL_CHUNK_BYTES // (width * xs.element_size()))
@@ -189,10 +207,15 @@ class BlockQuantLinear(QuantLinear):
             stop = min(start + chunk, self.out_features)
             w = buffer[: (stop - start) * width].view(stop - start, width)
             kernels.dequantize(self.blocks[start:stop], self.ggml_type, self.in_features, pieces, w, self._lib)
-            if self.bias is None:
-                torch.mm(xs, w.t(), out=out[:, start:stop])
-            else:
-                torch.addmm(self.bias[start:stop].to(x.dtype), xs, w.t(), out=out[:, start:stop])
+            self._matmul(xs, w, out, start)
+
+    def _matmul(self, x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, start: int) -> None:
+        """out[:, start : start + len(w)] = x @ w.T (+ that slice of the bias)."""
+        stop = start + w.shape[0]
+        if self.bias is None:
+            torch.mm(x, w.t(), out=out[:, start:stop])
+        else:
+            torch.addmm(self.bias[start:stop].to(x.dtype), x, w.t(), out=out[:, start:stop])
 
 
 class DenseLinear(QuantLinear):
@@ -415,20 +438,23 @@ def quant_linear_from_ggml(
     compute_dtype: torch.dtype = torch.bfloat16,
     kernel: str = "auto",
     copy: bool = True,
+    prefill_pieces: int | None = None,
 ) -> QuantLinear:
     """A linear layer from a GGML tensor's stored bytes.
 
     ``raw``: the bytes as in the GGUF file (e.g. ``GGUFModel.raw(name)``); ``shape``: (out, in) in
-    torch order; ``kernel``: "auto" or one of KERNELS; ``compute_dtype``: the dense / torch-kernel
-    compute dtype (the block kernels follow the input's dtype). ``copy=False`` keeps a writable
-    ``raw`` shared instead of copying it.
+    torch order; ``bias``: fp32-convertible [out]; ``kernel``: "auto" or one of KERNELS;
+    ``compute_dtype``: the dense / torch-kernel compute dtype (the block kernels follow the input's
+    dtype). ``copy=False`` keeps a writable ``raw`` shared instead of copying it.
+    ``prefill_pieces`` (block kernels): bf16 pieces per weight for many-row inputs; default the
+    exact count, 1 = each weight rounded to bf16 (faster prefill, no longer exact).
     """
     ggml_type = GGMLQuantizationType(ggml_type)
     shape = (int(shape[0]), int(shape[1]))
     blocks = _as_blocks(raw, ggml_type, shape, copy)
     kernel = default_kernel(ggml_type) if kernel == "auto" else kernel
     if kernel == "blocks":
-        return BlockQuantLinear(blocks, ggml_type, shape, bias)
+        return BlockQuantLinear(blocks, ggml_type, shape, bias, pieces=prefill_pieces)
     if kernel == "dense":
         return DenseLinear(dequantize_blocks(blocks, ggml_type, shape), ggml_type, bias, compute_dtype)
     if kernel == "int8":
@@ -443,6 +469,7 @@ def quant_linear_from_parts(
     bias: torch.Tensor | None = None,
     compute_dtype: torch.dtype = torch.bfloat16,
     kernel: str = "auto",
+    prefill_pieces: int | None = None,
 ) -> QuantLinear | ConcatLinear:
     """One layer for the row-wise concatenation of GGML tensors (fused q/k/v, gate/up): parts are
     (raw, ggml_type, (out, in)); ``bias`` is for the concatenated output.
@@ -454,19 +481,19 @@ def quant_linear_from_parts(
     if len(in_features) != 1:
         raise ValueError(f"parts differ in input size: {sorted(in_features)}")
     cols = in_features.pop()
-    groups: list[tuple[GGMLQuantizationType, list[torch.Tensor], int]] = []
+    groups: list[tuple[GGMLQuantizationType, list[torch.Tensor]]] = []  # runs of one format
     for raw, ggml_type, shape in parts:
-        ggml_type, shape = GGMLQuantizationType(ggml_type), (int(shape[0]), int(shape[1]))
-        blocks = _as_blocks(raw, ggml_type, shape, copy=False)
+        ggml_type = GGMLQuantizationType(ggml_type)
+        blocks = _as_blocks(raw, ggml_type, (int(shape[0]), cols), copy=False)
         if groups and groups[-1][0] == ggml_type:
             groups[-1][1].append(blocks)
-            groups[-1] = (ggml_type, groups[-1][1], groups[-1][2] + shape[0])
         else:
-            groups.append((ggml_type, [blocks], shape[0]))
-    biases = [None] * len(groups) if bias is None else list(bias.split([rows for _, _, rows in groups]))
+            groups.append((ggml_type, [blocks]))
+    rows = [sum(b.shape[0] for b in chunks) for _, chunks in groups]
+    biases = [None] * len(groups) if bias is None else list(bias.split(rows))
     layers = [
-        quant_linear_from_ggml(torch.cat(chunks), ggml_type, (rows, cols), b, compute_dtype, kernel, copy=False)
-        for (ggml_type, chunks, rows), b in zip(groups, biases)
+        quant_linear_from_ggml(torch.cat(chunks), ggml_type, (n, cols), b, compute_dtype, kernel, False, prefill_pieces)
+        for (ggml_type, chunks), n, b in zip(groups, rows, biases)
     ]
     return layers[0] if len(layers) == 1 else ConcatLinear(layers)
 
