@@ -6,6 +6,7 @@ The CLI and the server call this module and nothing below it.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,8 +23,10 @@ from .media.image import ImageInput, load_image, preprocess_image
 from .media.video import REQUEST_OPTIONS as VIDEO_REQUEST_OPTIONS
 from .media.video import VideoPlan, available_memory, decode_video, plan_video, video_options, vision_encoder_bytes
 from .models.rope import IMAGE, VIDEO
-from .models.text import TextModel
+from .models.text import VISION_PREFIXES, TextModel
 from .models.vision import VisionTransformer
+from .quant.linear import KERNELS
+from .quant.model import load_quantized_text
 from .runtime import resolve_dtype, set_threads
 from .tokenizer import Tokenizer
 from .weights.checkpoint import Checkpoint, open_checkpoint
@@ -167,6 +170,11 @@ class Model:
         return generation.result
 
 
+def _vision_only(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The vision tensors of a checkpoint, without reading (or dequantizing) any text tensor."""
+    return {name: tensors[name] for name in tensors if name.startswith(VISION_PREFIXES)}
+
+
 def _flatten_text_parts(message: dict[str, Any]) -> dict[str, Any]:
     """Text-only templates expect string content: join a list of text parts into one string."""
     content = message.get("content")
@@ -207,34 +215,49 @@ def load(
     threads: int | None = None,
     context: int | None = None,
     mmproj: str | os.PathLike | None = None,
+    kernel: str = "auto",
+    exact_prefill: bool = False,
 ) -> Model:
     """Load a checkpoint directory, hub id or GGUF file (``None``: the embedded default model).
 
     ``mmproj``: the vision GGUF that goes with a Qwen2-VL / Qwen2.5-VL text GGUF.
+    ``kernel`` (GGUF files): "auto" keeps each weight in its GGML format with the format's default
+    kernel; "dense" dequantizes everything to ``dtype`` at load; "blocks", "int8", "int4" force one
+    kernel (docs/quantization-kernels.md). ``exact_prefill``: with bf16 activations, multiply prompts
+    by the exact quantized weights too (slower); by default prompts use the weights rounded to bf16,
+    as a bf16 model does, and decoding is exact either way.
     """
+    if kernel != "auto" and kernel not in KERNELS:
+        raise QwenVLError(f"unknown kernel {kernel!r}; choose auto, {', '.join(KERNELS)}")
     set_threads(threads)
     if model is None:
         from .defaults import default_model_path
 
         model = default_model_path()
     checkpoint = open_checkpoint(model, mmproj=mmproj)
-    return _build(checkpoint, resolve_dtype(dtype), context)
+    return _build(checkpoint, resolve_dtype(dtype), context, kernel, exact_prefill)
 
 
-def _build(checkpoint: Checkpoint, dtype: torch.dtype, context: int | None) -> Model:
+def _build(
+    checkpoint: Checkpoint, dtype: torch.dtype, context: int | None, kernel: str = "auto", exact_prefill: bool = False
+) -> Model:
     config = checkpoint.config
     with torch.device("meta"):
         text_model = TextModel(config.text)
     text_model = text_model.to(dtype)
     tensors = checkpoint.tensors()
-    text_model.load_weights(tensors)
+    if checkpoint.quantized is not None and kernel != "dense":
+        pieces = None if exact_prefill or dtype == torch.float32 else 1
+        load_quantized_text(text_model, checkpoint.quantized, dtype, kernel, prefill_pieces=pieces)
+    else:
+        text_model.load_weights(tensors)
     text_model.eval()
     vision_model = None
     if config.vision is not None:
         with torch.device("meta"):
             vision_model = VisionTransformer(config.vision, dtype)
         vision_model = vision_model.to_empty(device="cpu")  # storage without random init
-        vision_model.load_weights(tensors)
+        vision_model.load_weights(_vision_only(tensors))
         vision_model.eval()
     del tensors
     limit = config.text.max_position_embeddings

@@ -7,6 +7,7 @@ the 256 byte symbols, a few merges, Qwen2's first special tokens, ``<tool_call>`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,31 +89,33 @@ def tiny_tiktoken(vocab: TinyVocab) -> tiktoken.Encoding:
     return tiktoken.Encoding("tiny-qwen", pat_str=QWEN_PAT_STR, mergeable_ranks=ranks, special_tokens=special)
 
 
-def tiny_weights(vocab_size: int, *, tied: bool, seed: int = 0) -> dict[str, np.ndarray]:
+def tiny_weights(
+    vocab_size: int, *, tied: bool, seed: int = 0, hidden: int = HIDDEN, ffn: int = FFN, std: float = 0.1
+) -> dict[str, np.ndarray]:
     """Float32 weights by GGUF name, in numpy (= torch) layout."""
     rng = np.random.default_rng(seed)
-    kv = KV_HEADS * HEAD_DIM
+    kv = KV_HEADS * hidden // HEADS
 
     def w(*shape: int) -> np.ndarray:
-        return (rng.standard_normal(shape) * 0.1).astype(np.float32)
+        return (rng.standard_normal(shape) * std).astype(np.float32)
 
-    weights = {"token_embd.weight": w(vocab_size, HIDDEN), "output_norm.weight": 1 + w(HIDDEN)}
+    weights = {"token_embd.weight": w(vocab_size, hidden), "output_norm.weight": 1 + w(hidden)}
     if not tied:
-        weights["output.weight"] = w(vocab_size, HIDDEN)
+        weights["output.weight"] = w(vocab_size, hidden)
     for layer in range(LAYERS):
         block = {
-            "attn_norm.weight": 1 + w(HIDDEN),
-            "attn_q.weight": w(HIDDEN, HIDDEN),
-            "attn_q.bias": w(HIDDEN),
-            "attn_k.weight": w(kv, HIDDEN),
+            "attn_norm.weight": 1 + w(hidden),
+            "attn_q.weight": w(hidden, hidden),
+            "attn_q.bias": w(hidden),
+            "attn_k.weight": w(kv, hidden),
             "attn_k.bias": w(kv),
-            "attn_v.weight": w(kv, HIDDEN),
+            "attn_v.weight": w(kv, hidden),
             "attn_v.bias": w(kv),
-            "attn_output.weight": w(HIDDEN, HIDDEN),
-            "ffn_norm.weight": 1 + w(HIDDEN),
-            "ffn_gate.weight": w(FFN, HIDDEN),
-            "ffn_up.weight": w(FFN, HIDDEN),
-            "ffn_down.weight": w(HIDDEN, FFN),
+            "attn_output.weight": w(hidden, hidden),
+            "ffn_norm.weight": 1 + w(hidden),
+            "ffn_gate.weight": w(ffn, hidden),
+            "ffn_up.weight": w(ffn, hidden),
+            "ffn_down.weight": w(hidden, ffn),
         }
         weights.update({f"blk.{layer}.{name}": value for name, value in block.items()})
     return weights
@@ -134,15 +137,24 @@ def write_tiny_gguf(
     drop: tuple[str, ...] = (),
     as_float64: tuple[str, ...] = (),
     eot_token: str | None = None,
+    hidden: int = HIDDEN,
+    ffn: int = FFN,
+    std: float = 0.1,
+    types: Callable[[str], Q] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Write the tiny model to ``path``; return its float32 weights by GGUF name (before quantizing)."""
+    """Write the tiny model to ``path``; return its float32 weights by GGUF name (before quantizing).
+
+    ``types`` picks each tensor's GGML type by GGUF name (default ``tensor_type``)."""
+    from qwenvl.quant.ggml import quantize
+
     vocab = tiny_vocab()
-    weights = tiny_weights(len(vocab.tokens), tied=tied)
+    weights = tiny_weights(len(vocab.tokens), tied=tied, hidden=hidden, ffn=ffn, std=std)
+    types = types or tensor_type
     writer = gguf.GGUFWriter(path, arch)
     writer.add_block_count(LAYERS)
     writer.add_context_length(256)
-    writer.add_embedding_length(HIDDEN)
-    writer.add_feed_forward_length(FFN)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(ffn)
     writer.add_head_count(HEADS)
     writer.add_head_count_kv(KV_HEADS)
     writer.add_layer_norm_rms_eps(1e-6)
@@ -167,8 +179,9 @@ def write_tiny_gguf(
         if name in as_float64:  # a type GGUF has but llama.cpp models do not use
             writer.add_tensor(name, value.astype(np.float64))
             continue
-        qtype = tensor_type(name)
-        data = gguf.quants.quantize(value, qtype)
+        qtype = types(name)
+        k_quant = qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K)  # gguf's Python package cannot write these
+        data = quantize(value, qtype) if k_quant else gguf.quants.quantize(value, qtype)
         writer.add_tensor(name, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

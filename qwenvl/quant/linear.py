@@ -50,6 +50,7 @@ DEFAULT_KERNELS: dict[GGMLQuantizationType, str] = {
     T.Q6_K: "blocks",
 }
 KERNELS = ("blocks", "dense", "int8", "int4")
+INT4_TYPES = frozenset({T.Q4_0, T.Q4_1, T.Q4_K})  # the formats the int4 kernel takes
 
 # bf16 pieces whose sum is exactly every value of the format: BF16 is one; F16 (11 significant
 # bits), Q4_0 (fp16 scale × 4-bit code: ≤ 14 bits) and Q5_0 (≤ 15 bits) fit in two (8 + 8 bits);

@@ -6,6 +6,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,6 +32,8 @@ class Checkpoint:
     preprocess_config: PreprocessConfig
     chat_template: str | None
     tensors: Callable[[], Mapping[str, torch.Tensor]]
+    # The text weights as stored (GGUF blocks), for layers that keep them quantized; None for HF files.
+    quantized: Any = None
 
 
 def open_checkpoint(model: str | os.PathLike, mmproj: str | os.PathLike | None = None) -> Checkpoint:

@@ -13,7 +13,7 @@ import math
 import mmap
 import os
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -425,6 +425,20 @@ class GGUFModel:
         """One tensor, dequantized to float32, in torch layout."""
         return dequantized_tensor(self._buf, self.info(hf_name))
 
+    def has(self, hf_name: str) -> bool:
+        return names.hf_to_gguf_name(hf_name) in self.tensor_infos
+
+    def release(self, hf_names: Sequence[str]) -> None:
+        """Drop the named tensors' pages from memory (after they were copied elsewhere): the map is
+        private and never written, so a later read just faults the file's bytes back in."""
+        page = mmap.PAGESIZE
+        for hf_name in hf_names:
+            info = self.info(hf_name)
+            start = -(-info.offset // page) * page
+            stop = (info.offset + info.n_bytes) // page * page
+            if stop > start:
+                self._buf.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(HF name, float32 tensor) for every tensor, one dequantized at a time."""
         for hf_name in self.hf_names():
@@ -541,7 +555,8 @@ def _open_map(path: Path) -> mmap.mmap:
         with open(path, "rb") as handle:
             if os.fstat(handle.fileno()).st_size == 0:
                 raise ModelFileError(f"{path}: not a GGUF file (empty)")
-            return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            # private and copy-on-write: tensors can share the pages without copying them (nothing writes)
+            return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
     except FileNotFoundError:
         raise ModelFileError(f"{path}: file not found") from None
     except IsADirectoryError:
@@ -581,6 +596,7 @@ def open_gguf_checkpoint(path: str | os.PathLike, mmproj: str | os.PathLike | No
             preprocess_config=PreprocessConfig(),
             chat_template=model.chat_template,
             tensors=lambda: _DequantizedTensors(model),
+            quantized=model,
         )
     from .mmproj import VisionTensors, read_mmproj
 
@@ -594,6 +610,7 @@ def open_gguf_checkpoint(path: str | os.PathLike, mmproj: str | os.PathLike | No
         preprocess_config=projector.preprocess_config,
         chat_template=model.chat_template,
         tensors=lambda: _ChainedTensors(_DequantizedTensors(model), VisionTensors(projector)),
+        quantized=model,
     )
 
 

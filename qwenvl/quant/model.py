@@ -1,0 +1,142 @@
+"""The Qwen2 decoder with its weights kept in the GGUF's own block formats.
+
+``load_quantized_text`` fills a ``TextModel`` built on the meta device from a quantized source (a
+GGUF opened lazily): every projection becomes a ``QuantLinear`` over the stored blocks (fused
+q/k/v and gate/up as one layer per run of equal formats), the embedding table a ``QuantEmbedding``
+(rows dequantized on lookup), and only norms and biases are dense. Nothing is dequantized at load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+import numpy as np
+import torch
+from gguf.constants import GGMLQuantizationType
+from torch import nn
+
+from ..models.text import TextModel
+from .linear import INT4_TYPES, BlockQuantLinear, ConcatLinear, QuantEmbedding, QuantLinear, _as_blocks, quant_linear_from_ggml, quant_linear_from_parts
+
+
+class TensorInfo(Protocol):
+    ggml_type: GGMLQuantizationType
+    shape: tuple[int, ...]
+
+
+class QuantizedSource(Protocol):
+    """HF-named tensors as stored: their format, raw bytes, and a dequantized fp32 copy."""
+
+    def info(self, hf_name: str) -> TensorInfo: ...
+
+    def raw(self, hf_name: str) -> np.ndarray: ...
+
+    def tensor(self, hf_name: str) -> torch.Tensor: ...
+
+    def has(self, hf_name: str) -> bool: ...
+
+    def release(self, hf_names: Sequence[str]) -> None: ...
+
+
+def load_quantized_text(
+    model: TextModel,
+    source: QuantizedSource,
+    dtype: torch.dtype,
+    kernel: str = "auto",
+    prefill_pieces: int | None = None,
+) -> None:
+    """Replace ``model``'s (meta) weights by the source's: projections stay quantized.
+
+    ``dtype`` is the activation dtype (norms and embeddings come out in it); ``prefill_pieces`` as in
+    ``quant_linear_from_ggml`` (None: exact).
+    """
+    cfg = model.config
+    build = _LayerBuilder(source, dtype, kernel, prefill_pieces)
+    for index, layer in enumerate(model.layers):
+        prefix = f"model.layers.{index}."
+        layer.input_layernorm.weight = build.dense(prefix + "input_layernorm.weight")
+        layer.post_attention_layernorm.weight = build.dense(prefix + "post_attention_layernorm.weight")
+        attn, mlp = prefix + "self_attn.", prefix + "mlp."
+        qkv_bias = torch.cat([source.tensor(f"{attn}{p}_proj.bias") for p in "qkv"])
+        layer.self_attn.qkv_proj = build.linear([f"{attn}{p}_proj.weight" for p in "qkv"], qkv_bias)
+        layer.self_attn.o_proj = build.linear([attn + "o_proj.weight"])
+        layer.mlp.gate_up_proj = build.linear([mlp + "gate_proj.weight", mlp + "up_proj.weight"])
+        layer.mlp.down_proj = build.linear([mlp + "down_proj.weight"])
+    model.norm.weight = build.dense("model.norm.weight")
+    model.embed_tokens = build.embedding("model.embed_tokens.weight")
+    tied = cfg.tie_word_embeddings or not source.has("lm_head.weight")
+    head = "model.embed_tokens.weight" if tied else "lm_head.weight"
+    model.lm_head = build.linear([head])
+    _check_materialized(model)
+
+
+class _LayerBuilder:
+    def __init__(self, source: QuantizedSource, dtype: torch.dtype, kernel: str, prefill_pieces: int | None):
+        self.source, self.dtype, self.kernel, self.pieces = source, dtype, kernel, prefill_pieces
+        self.shared: dict[str, torch.Tensor] = {}  # blocks used by two modules (a tied embedding)
+
+    def dense(self, name: str) -> nn.Parameter:
+        return nn.Parameter(self.source.tensor(name).to(self.dtype), requires_grad=False)
+
+    def blocks(self, name: str) -> torch.Tensor:
+        """The tensor's stored bytes as uint8 [rows, bytes per row], shared with the file map."""
+        if name not in self.shared:
+            info = self.source.info(name)
+            self.shared[name] = _as_blocks(self.source.raw(name), info.ggml_type, _matrix(info), copy=False)
+        return self.shared[name]
+
+    def linear(self, names: Sequence[str], bias: torch.Tensor | None = None) -> QuantLinear | ConcatLinear:
+        infos = [self.source.info(name) for name in names]
+        kernel = self.kernel_for(info.ggml_type for info in infos)
+        if len(names) == 1:
+            return quant_linear_from_ggml(
+                self.blocks(names[0]), infos[0].ggml_type, _matrix(infos[0]), bias, self.dtype, kernel,
+                copy=False, prefill_pieces=self.pieces,
+            )  # fmt: skip
+        parts = [(self.source.raw(name), info.ggml_type, _matrix(info)) for name, info in zip(names, infos)]
+        layer = quant_linear_from_parts(parts, bias, self.dtype, kernel, self.pieces)
+        self.source.release(names)  # the parts were copied into one fused matrix
+        return layer
+
+    def kernel_for(self, types: Iterable[GGMLQuantizationType]) -> str:
+        """The asked kernel, or the formats' default where it cannot take them (int4: 4-bit formats only)."""
+        if self.kernel == "int4" and not all(t in INT4_TYPES for t in types):
+            return "auto"
+        return self.kernel
+
+    def embedding(self, name: str) -> QuantEmbedding:
+        info = self.source.info(name)
+        return QuantEmbedding(self.blocks(name), info.ggml_type, _matrix(info), self.dtype)
+
+
+def _matrix(info: TensorInfo) -> tuple[int, int]:
+    rows, cols = info.shape
+    return int(rows), int(cols)
+
+
+def _check_materialized(model: nn.Module) -> None:
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"quantized load left tensors unset: {', '.join(left[:5])}")
+
+
+def describe_layers(model: TextModel) -> list[str]:
+    """One line per distinct (format, kernel, accuracy) of the model's projections, with how many use it."""
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            line = f"{module.ggml_type.name}: {module.kernel}, {_accuracy(module)}"
+            counts[line] = counts.get(line, 0) + 1
+    return [f"{line} × {count}" for line, count in sorted(counts.items())]
+
+
+def _accuracy(layer: QuantLinear) -> str:
+    if layer.exact:
+        return "exact"
+    if isinstance(layer, BlockQuantLinear):
+        return "exact decode, prompts with weights rounded to bf16"
+    return "re-quantized"
+
+
+__all__ = ["QuantizedSource", "describe_layers", "load_quantized_text"]
