@@ -52,6 +52,9 @@ def _gguf_info(path: Path) -> dict[str, Any]:
             "parameters": sum(n for _, n, _ in tensors),
             "tensor_types": _histogram(tensors),
         }
+        if file.architecture != "clip":
+            matrices = {i.ggml_type.name for i in file.tensor_infos.values() if len(i.shape) == 2}
+            _add_kernels(info["tensor_types"], matrices)
         if file.architecture == "clip":
             from .weights.mmproj import read_mmproj
 
@@ -74,6 +77,19 @@ def _gguf_info(path: Path) -> dict[str, Any]:
             chat_template=model.chat_template is not None,
         )
     return info
+
+
+def _add_kernels(histogram: dict[str, dict[str, Any]], matrices: set[str]) -> None:
+    """How ``qwenvl.load`` runs each format's matrices (1-D tensors, norms and biases, are dense)."""
+    from gguf.constants import GGMLQuantizationType
+
+    from .quant.linear import kernel_note
+
+    for kind, row in histogram.items():
+        if kind in matrices:
+            row["kernel"], row["kernel_note"] = kernel_note(GGMLQuantizationType[kind])
+        else:
+            row["kernel"], row["kernel_note"] = "dense", "norms and biases, dense"
 
 
 def _vision_info(projector: Any, parameters: int) -> dict[str, Any]:
@@ -234,8 +250,10 @@ def format_info(info: dict[str, Any]) -> str:
         add("model", f"{info['model']}" + (f" — {info['name']}" if info.get("name") else ""))
     add("parameters", f"{_count(info['parameters'])} ({info['parameters']:,})")
     for index, (kind, row) in enumerate(info["tensor_types"].items()):
+        runs = f"  {row['kernel_note']}" if "kernel" in row else ""
         add("tensor types" if index == 0 else "",
-            f"{kind:<6} {row['tensors']:>5} tensors {_count(row['parameters']):>9} params {_size(row['bytes']):>11}")
+            f"{kind:<6} {row['tensors']:>5} tensors {_count(row['parameters']):>9} params {_size(row['bytes']):>11}"
+            + runs)
     if "layers" in info:
         add("context length", info["context_length"])
         add("text model", f"{info['layers']} layers, hidden {info['hidden_size']}, {info['heads']} heads "

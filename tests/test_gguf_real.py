@@ -68,6 +68,8 @@ def test_info_describes_it(registry_gguf, capsys):
         parameters = sum(int(torch.tensor(i.shape).prod()) for i in model.tensor_infos.values())
     assert info["architecture"] == "qwen2" and info["parameters"] == parameters
     assert set(info["tensor_types"]) == {"Q4_K", "Q5_0", "Q6_K", "Q8_0", "F32"}
+    kernels = {kind: row["kernel"] for kind, row in info["tensor_types"].items()}
+    assert kernels == {"Q4_K": "blocks", "Q5_0": "blocks", "Q6_K": "blocks", "Q8_0": "blocks", "F32": "dense"}
     assert (info["layers"], info["hidden_size"], info["context_length"]) == (24, 896, 32768)
     assert info["special_tokens"]["eos"] == {"id": 151645, "token": "<|im_end|>"} and info["chat_template"]
 

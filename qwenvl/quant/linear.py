@@ -431,6 +431,16 @@ def default_kernel(ggml_type: GGMLQuantizationType) -> str:
     return kernel
 
 
+def kernel_note(ggml_type: GGMLQuantizationType) -> tuple[str, str]:
+    """(kernel, how) for a matrix of this format loaded with kernel="auto", without building anything."""
+    kernel = DEFAULT_KERNELS.get(ggml_type, "dense")
+    if kernel == "blocks" and (ggml_type not in kernels.SUPPORTED_TYPES or not kernels.available()):
+        kernel = "dense"
+    if kernel == "blocks":
+        return kernel, "kept as stored, exact block kernel"
+    return kernel, "dequantized to the compute dtype at load"
+
+
 def quant_linear_from_ggml(
     raw: np.ndarray | torch.Tensor,
     ggml_type: GGMLQuantizationType,
@@ -510,6 +520,7 @@ __all__ = [
     "QuantEmbedding",
     "QuantLinear",
     "dequantize_blocks",
+    "kernel_note",
     "nibble_codes",
     "quant_linear_from_ggml",
     "quant_linear_from_parts",
