@@ -27,7 +27,7 @@ from .models.text import VISION_PREFIXES, TextModel
 from .models.vision import VisionTransformer
 from .quant.linear import KERNELS
 from .quant.model import load_quantized_text
-from .runtime import resolve_dtype, set_threads
+from .runtime import release_free_memory, resolve_dtype, set_threads
 from .tokenizer import Tokenizer
 from .weights.checkpoint import Checkpoint, open_checkpoint
 
@@ -260,6 +260,7 @@ def _build(
         vision_model.load_weights(_vision_only(tensors))
         vision_model.eval()
     del tensors
+    release_free_memory()
     limit = config.text.max_position_embeddings
     if context is not None and context < 2:
         raise QwenVLError(f"context must be at least 2 tokens, got {context}")

@@ -34,6 +34,8 @@ class QuantizedSource(Protocol):
 
     def tensor(self, hf_name: str) -> torch.Tensor: ...
 
+    def raw_joined(self, hf_names: Sequence[str]) -> np.ndarray | None: ...
+
     def has(self, hf_name: str) -> bool: ...
 
     def release(self, hf_names: Sequence[str]) -> None: ...
@@ -92,6 +94,13 @@ class _LayerBuilder:
         if len(names) == 1:
             return quant_linear_from_ggml(
                 self.blocks(names[0]), infos[0].ggml_type, _matrix(infos[0]), bias, self.dtype, kernel,
+                copy=False, prefill_pieces=self.pieces,
+            )  # fmt: skip
+        joined = self.source.raw_joined(names)
+        if joined is not None:  # stored back to back: one view of the file, no copy
+            rows = sum(_matrix(info)[0] for info in infos)
+            return quant_linear_from_ggml(
+                joined, infos[0].ggml_type, (rows, _matrix(infos[0])[1]), bias, self.dtype, kernel,
                 copy=False, prefill_pieces=self.pieces,
             )  # fmt: skip
         parts = [(self.source.raw(name), info.ggml_type, _matrix(info)) for name, info in zip(names, infos)]

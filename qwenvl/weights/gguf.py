@@ -425,6 +425,20 @@ class GGUFModel:
         """One tensor, dequantized to float32, in torch layout."""
         return dequantized_tensor(self._buf, self.info(hf_name))
 
+    def raw_joined(self, hf_names: Sequence[str]) -> np.ndarray | None:
+        """The bytes of matrices stored back to back in one format (llama.cpp writes ffn_gate just
+        before ffn_up) as one uint8 view [total rows, bytes per row]; None when they are not."""
+        infos = [self.info(name) for name in hf_names]
+        first = infos[0]
+        for before, after in zip(infos, infos[1:]):
+            if after.offset != before.offset + before.n_bytes or after.ggml_type != first.ggml_type:
+                return None
+            if len(after.shape) != 2 or after.byte_shape[1:] != first.byte_shape[1:]:
+                return None
+        total = sum(info.n_bytes for info in infos)
+        data = np.frombuffer(self._buf, dtype=np.uint8, count=total, offset=first.offset)
+        return data.reshape(-1, first.byte_shape[-1])
+
     def has(self, hf_name: str) -> bool:
         return names.hf_to_gguf_name(hf_name) in self.tensor_infos
 
