@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     tokenize.set_defaults(handler=cmd_tokenize)
     _add_file_commands(commands)
     _add_bench_command(commands)
+    _add_serve_command(commands)
     return parser
 
 
@@ -168,12 +170,81 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run_bench_command(args)
 
 
+def _add_serve_command(commands: Any) -> None:
+    """serve (docs/serve.md): the OpenAI-compatible HTTP server."""
+    serve = commands.add_parser(
+        "serve", help="OpenAI-compatible HTTP server (chat, completions, images, videos, streaming)",
+        description="Serve /v1/chat/completions, /v1/completions, /v1/models and /health; concurrent requests "
+                    "are decoded together (continuous batching).",
+    )
+    _add_model_arguments(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--api-key", default=os.environ.get("QWENVL_API_KEY"),
+                       help="require Authorization: Bearer KEY on /v1 routes (default: $QWENVL_API_KEY, else none)")
+    serve.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most (default 8)")
+    serve.add_argument("--max-tokens", type=int, default=512, dest="default_max_tokens", metavar="N",
+                       help="max_tokens of requests that give none (default 512, capped by the context)")
+    media = serve.add_argument_group("media sources (data: URIs are always accepted)")
+    media.add_argument("--allowed-local-media-path", metavar="DIR",
+                       help="accept file:// URLs naming files under DIR (default: none)")
+    media.add_argument("--allowed-media-domains", metavar="D,...",
+                       help="fetch http(s) media from these hosts (*.example.com: subdomains too; default: none)")
+    media.add_argument("--limit-mm-per-prompt", metavar="image=N,video=N",
+                       help="most images / videos in one request (default image=8,video=2)")
+    media.add_argument("--media-timeout", type=float, default=10.0, help="seconds for one media download (default 10)")
+    media.add_argument("--max-media-mb", type=float, default=32.0, help="size cap of one media file (default 32)")
+    serve.add_argument("--max-body-mb", type=float, default=32.0, help="request body size cap, else 413 (default 32)")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(handler=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .server import ServerSettings, create_app, run_server
+    from .server.settings import local_media_root, parse_domains, parse_mm_limits
+
+    for name in ("port", "max_batch", "default_max_tokens", "media_timeout", "max_media_mb", "max_body_mb"):
+        if getattr(args, name) <= 0:
+            raise QwenVLError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    settings = ServerSettings(
+        model_id=Path(args.model).name if args.model else _default_model_name(),
+        api_key=args.api_key or None,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        default_max_tokens=args.default_max_tokens,
+        allowed_local_media_path=local_media_root(args.allowed_local_media_path),
+        allowed_media_domains=parse_domains(args.allowed_media_domains),
+        mm_limits=parse_mm_limits(args.limit_mm_per_prompt),
+        media_timeout=args.media_timeout,
+        max_media_bytes=int(args.max_media_mb * 2**20),
+    )
+    model, load_s = _load(args)
+    print(f"qwenvl serve: {settings.model_id} loaded in {load_s:.1f} s; http://{args.host}:{args.port}/v1",
+          file=sys.stderr)
+    run_server(create_app(model, settings, max_batch=args.max_batch), args.host, args.port, args.log_level)
+    return 0
+
+
+def _default_model_name() -> str:
+    from pathlib import Path
+
+    from .defaults import default_model_path
+
+    return Path(default_model_path()).name
+
+
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", nargs="?", help="HF checkpoint dir, hub id or .gguf (default: the embedded model)")
     parser.add_argument("--mmproj", metavar="FILE", help="the vision GGUF of a Qwen2-VL / Qwen2.5-VL text GGUF")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="compute dtype")
     parser.add_argument("--threads", type=int, help="threads (default: physical cores)")
     parser.add_argument("--ctx", type=int, help="context length in tokens (default: the model's, at most 32768)")
+    parser.add_argument("--kernel", default="auto", choices=["auto", "blocks", "dense", "int8", "int4"],
+                        help="how GGUF weights run (default auto: kept in their format, exact block kernels; "
+                             "dense: dequantized at load; see docs/quantization-kernels.md)")
+    parser.add_argument("--exact-prefill", action="store_true",
+                        help="bf16: multiply prompts by the exact quantized weights too (slower)")
 
 
 def _add_media_arguments(parser: argparse.ArgumentParser, repl: bool = False) -> None:
@@ -242,7 +313,8 @@ def _load(args: argparse.Namespace):
     from .api import load
 
     started = time.perf_counter()
-    model = load(args.model, dtype=args.dtype, threads=args.threads, context=args.ctx, mmproj=args.mmproj)
+    model = load(args.model, dtype=args.dtype, threads=args.threads, context=args.ctx, mmproj=args.mmproj,
+                 kernel=args.kernel, exact_prefill=args.exact_prefill)
     return model, time.perf_counter() - started
 
 

@@ -10,6 +10,7 @@ from qwenvl.engine.generate import StopMatcher
 from qwenvl.engine.sampler import (
     Sampler,
     SamplingParams,
+    apply_presence_frequency_penalty,
     apply_repetition_penalty,
     min_p_filter,
     sampling_params,
@@ -71,6 +72,13 @@ def test_seed_reproducible_and_greedy(logits):
     assert Sampler(SamplingParams(temperature=0))(logits, torch.tensor([], dtype=torch.long)) == int(logits.argmax())
 
 
+@pytest.mark.parametrize("temperature", [4.66e-220, 1e-9, 9.9e-6])
+def test_tiny_temperatures_are_greedy(logits, temperature):
+    """1/T would overflow the logits to inf (NaN probabilities): below 1e-5 sampling is greedy."""
+    sampler = Sampler(SamplingParams(temperature=temperature, seed=1))
+    assert sampler(logits, torch.tensor([], dtype=torch.long)) == int(logits.argmax())
+
+
 def test_defaults_come_from_generation_config():
     config = GenerationConfig(eos_token_ids=(1,), do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05)
     params = sampling_params(config, max_tokens=10)
@@ -82,11 +90,35 @@ def test_defaults_come_from_generation_config():
 @pytest.mark.parametrize(
     "bad",
     [dict(max_tokens=0), dict(max_tokens=-3), dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1),
-     dict(min_p=2), dict(repetition_penalty=0), dict(stop=[""])],
+     dict(min_p=2), dict(repetition_penalty=0), dict(stop=[""]), dict(presence_penalty=2.01),
+     dict(presence_penalty=-3), dict(frequency_penalty=2.5), dict(frequency_penalty=-2.1), dict(max_tokens="8"),
+     dict(temperature=float("nan")), dict(top_k=1.5), dict(seed="x")],
 )
 def test_invalid_sampling_values_are_request_errors(bad):
     with pytest.raises(RequestError, match=next(iter(bad))):
         sampling_params(GenerationConfig(), **bad)
+
+
+def test_presence_and_frequency_penalties_by_hand():
+    logits = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    generated = torch.tensor([1, 3, 3, 3, 4, 1])
+    # token 1 twice, 3 three times, 4 once: logits[t] -= presence * (count > 0) + frequency * count
+    expected = torch.tensor([1.0, 2.0 - 0.5 - 2 * 0.25, 3.0, 4.0 - 0.5 - 3 * 0.25, 5.0 - 0.5 - 0.25])
+    assert torch.allclose(apply_presence_frequency_penalty(logits, generated, 0.5, 0.25), expected)
+    assert torch.equal(logits, torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]))  # not modified in place
+    negative = apply_presence_frequency_penalty(logits, generated, -1.0, 0.0)
+    assert torch.allclose(negative, torch.tensor([1.0, 3.0, 3.0, 5.0, 6.0]))
+
+
+def test_penalties_count_generated_tokens_only():
+    logits = torch.tensor([0.0, 3.0, 2.9, 0.0])
+    prompt_and_output = torch.tensor([1, 1, 1, 2])  # the prompt repeats 1; the output is [2]
+    sampler = Sampler(SamplingParams(temperature=0, presence_penalty=0.5))
+    assert sampler(logits, prompt_and_output, prompt_and_output[3:]) == 1  # 2 penalised: 2.4 < 3.0
+    assert sampler(logits, prompt_and_output, prompt_and_output[:0]) == 1
+    sampler = Sampler(SamplingParams(temperature=0, frequency_penalty=0.2))
+    assert sampler(logits, prompt_and_output, prompt_and_output[1:]) == 2  # 1 twice: 3.0 - 0.4 < 2.9
+    assert sampler(logits, prompt_and_output) == 1  # no generated ids given: no penalty
 
 
 def test_unknown_option_rejected():

@@ -1,4 +1,8 @@
-"""Prefill then one-token decode steps for one request, streamed as text pieces."""
+"""Prefill then one-token decode steps for one request, streamed as text pieces.
+
+The pieces here (Request, prefill_chunk, accept_token, …) are shared with the batching engine
+(scheduler.py), so a request gives the same tokens alone or in a batch.
+"""
 
 from __future__ import annotations
 
@@ -20,9 +24,10 @@ class GenerationResult:
     text: str
     token_ids: list[int]
     prompt_tokens: int
-    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"; the engine adds "cancelled" and "error"
     prefill_s: float
     decode_s: float
+    error: str | None = None  # one-line message when finish_reason == "error"
 
     @property
     def completion_tokens(self) -> int:
@@ -68,6 +73,11 @@ def _overlap(text: str, stop: str) -> int:
     return 0
 
 
+# Prompts are prefilled in chunks of this many tokens (a chunk attends to the cache of the ones
+# before). The batching engine runs other requests' decode steps between chunks.
+PREFILL_CHUNK = 512
+
+
 @dataclass
 class Request:
     """Everything one generation owns: its prompt, KV cache, sampler and output so far."""
@@ -75,7 +85,7 @@ class Request:
     prompt: Prompt
     params: SamplingParams
     eos_token_ids: frozenset[int]
-    cache: KVCache
+    cache: KVCache | None  # None until allocated (a queued request of the batching engine) and once freed
     sampler: Sampler
     decoder: StreamDecoder
     stopper: StopMatcher
@@ -88,26 +98,45 @@ class Request:
     def next_position(self) -> int:
         return len(self.prompt.input_ids) + len(self.output_ids) - 1 + self.prompt.rope_delta
 
+    @property
+    def next_start(self) -> int:
+        """Cache index of the next decode step's token (the last one sampled)."""
+        return len(self.prompt.input_ids) + len(self.output_ids) - 1
+
+    def allocate_cache(self, model: TextModel) -> KVCache:
+        self.cache = KVCache(model.config, len(self.prompt.input_ids) + self.max_new_tokens, model.dtype)
+        return self.cache
+
 
 def new_request(
-    model: TextModel, tokenizer: Tokenizer, prompt: Prompt, params: SamplingParams, eos_ids, context: int
+    model: TextModel,
+    tokenizer: Tokenizer,
+    prompt: Prompt,
+    params: SamplingParams,
+    eos_ids,
+    context: int,
+    allocate: bool = True,
 ) -> Request:
+    """A request ready to run; ``allocate=False`` leaves its KV cache for ``Request.allocate_cache``."""
     length = len(prompt.input_ids)
     if length == 0:
         raise RequestError("empty prompt")
     if length >= context:
         raise RequestError(f"prompt has {length} tokens, the context holds {context}")
     max_new = min(params.max_tokens, context - length)
-    return Request(
+    request = Request(
         prompt=prompt,
         params=params,
         eos_token_ids=frozenset(eos_ids),
-        cache=KVCache(model.config, length + max_new, model.dtype),
+        cache=None,
         sampler=Sampler(params),
         decoder=StreamDecoder(tokenizer, skip_special_tokens=True),
         stopper=StopMatcher(params.stop),
         max_new_tokens=max_new,
     )
+    if allocate:
+        request.allocate_cache(model)
+    return request
 
 
 class Generation:
@@ -128,20 +157,17 @@ class Generation:
         logits = prefill(model, req)
         prefill_done = time.perf_counter()
         history = torch.tensor(req.prompt.input_ids, dtype=torch.long)
+        prompt_length = len(req.prompt.input_ids)
         while True:
-            token = req.sampler(logits, history)
+            token = req.sampler(logits, history, history[prompt_length:])
             req.output_ids.append(token)
-            piece = self._accept(token)
+            piece = accept_token(req, token)
             if piece:
                 yield piece
             if req.finish_reason:
                 break
             history = torch.cat([history, torch.tensor([token])])
             logits = decode_step(model, req, token)
-        tail = req.stopper.flush() if req.finish_reason == "length" else ""
-        if tail:
-            req.text += tail
-            yield tail
         finished = time.perf_counter()
         self.result = GenerationResult(
             text=req.text,
@@ -152,35 +178,53 @@ class Generation:
             decode_s=finished - prefill_done,
         )
 
-    def _accept(self, token: int) -> str:
-        """Detokenize one new token; set finish_reason on EOS, a stop string or the token limit."""
-        req = self.request
-        if token in req.eos_token_ids and not req.params.ignore_eos:
-            req.finish_reason = "stop"
-            raw = req.decoder.flush()
-        else:
-            raw = req.decoder.push(token)
-            if len(req.output_ids) >= req.max_new_tokens:
-                raw += req.decoder.flush()
-                req.finish_reason = "length"
-        piece, stopped = req.stopper.feed(raw)
-        if stopped:
-            req.finish_reason = "stop"
-        elif req.finish_reason == "stop":
-            piece += req.stopper.flush()
-        req.text += piece
-        return piece
+
+def accept_token(req: Request, token: int) -> str:
+    """Detokenize one new token (already in ``req.output_ids``); set finish_reason on EOS, a stop
+    string or the token limit. Returns the new text (held-back text included once finished)."""
+    if token in req.eos_token_ids and not req.params.ignore_eos:
+        req.finish_reason = "stop"
+        raw = req.decoder.flush()
+    else:
+        raw = req.decoder.push(token)
+        if len(req.output_ids) >= req.max_new_tokens:
+            raw += req.decoder.flush()
+            req.finish_reason = "length"
+    piece, stopped = req.stopper.feed(raw)
+    if stopped:
+        req.finish_reason = "stop"
+    elif req.finish_reason:
+        piece += req.stopper.flush()
+    req.text += piece
+    return piece
 
 
 def prefill(model: TextModel, req: Request) -> torch.Tensor:
+    """Run the whole prompt through the model (in PREFILL_CHUNK pieces); the last token's logits."""
+    length = len(req.prompt.input_ids)
+    logits = None
+    for start in range(0, length, PREFILL_CHUNK):
+        logits = prefill_chunk(model, req, start)
+    assert logits is not None
+    return logits
+
+
+def prefill_chunk(model: TextModel, req: Request, start: int) -> torch.Tensor | None:
+    """Prefill prompt tokens start … start + PREFILL_CHUNK (start a multiple of it, so every caller
+    cuts a prompt the same way); the logits after the prompt's last token, None before it."""
     prompt = req.prompt
-    ids = torch.tensor([prompt.input_ids], dtype=torch.long)
+    end = min(start + PREFILL_CHUNK, len(prompt.input_ids))
+    ids = torch.tensor([prompt.input_ids[start:end]], dtype=torch.long)
     embeds = model.embed(ids)
     if prompt.visual_embeds is not None:
-        slots = torch.isin(ids[0], torch.tensor(prompt.visual_token_ids))
-        embeds[0, slots] = prompt.visual_embeds.to(embeds.dtype)
-    hidden = model(embeds, prompt.position_ids[:, None, :], req.cache, start=0)
-    return model.logits(hidden[0, -1])
+        visual = torch.tensor(prompt.visual_token_ids)
+        slots = torch.isin(ids[0], visual)
+        if slots.any():
+            before = int(torch.isin(torch.tensor(prompt.input_ids[:start], dtype=torch.long), visual).sum())
+            rows = prompt.visual_embeds[before : before + int(slots.sum())]
+            embeds[0, slots] = rows.to(embeds.dtype)
+    hidden = model(embeds, prompt.position_ids[:, None, start:end], req.cache, start=start)
+    return model.logits(hidden[0, -1]) if end == len(prompt.input_ids) else None
 
 
 def decode_step(model: TextModel, req: Request, token: int) -> torch.Tensor:

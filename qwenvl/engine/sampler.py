@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -9,6 +10,9 @@ import torch
 
 from ..config import GenerationConfig
 from ..errors import RequestError
+
+
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
@@ -19,15 +23,19 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token generated so far
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in the generated tokens
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False  # keep going past EOS (benchmarks), as vLLM's option
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        # below 1e-5, 1/T overflows the logits: such temperatures are greedy (as vLLM rounds them)
+        return self.temperature < GREEDY_BELOW
 
     def validate(self) -> SamplingParams:
+        _check_types(self)
         checks = [
             (self.max_tokens > 0, f"max_tokens must be at least 1, got {self.max_tokens}"),
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
@@ -35,12 +43,30 @@ class SamplingParams:
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
             (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
+            (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
         ]
         for ok, message in checks:
             if not ok:
                 raise RequestError(message)
         return self
+
+
+_INTEGER_FIELDS = ("max_tokens", "top_k")
+_NUMBER_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
+
+
+def _check_types(params: SamplingParams) -> None:
+    for name in _INTEGER_FIELDS + ("seed",) + _NUMBER_FIELDS:
+        value = getattr(params, name)
+        if name == "seed" and value is None:
+            continue
+        integer = name in _INTEGER_FIELDS or name == "seed"
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+            raise RequestError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
+        if not integer and not math.isfinite(value):
+            raise RequestError(f"{name} must be a finite number, got {value!r}")
 
 
 def sampling_params(defaults: GenerationConfig, **overrides) -> SamplingParams:
@@ -69,11 +95,14 @@ class Sampler:
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         self.generator = torch.Generator().manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, history: torch.Tensor) -> int:
-        """logits [vocab] (float32); history: every token id so far (prompt + generated)."""
+    def __call__(self, logits: torch.Tensor, history: torch.Tensor, generated: torch.Tensor | None = None) -> int:
+        """logits [vocab] (float32); history: every token id so far (prompt + generated);
+        generated: the generated ones alone (what presence / frequency penalties count)."""
         p = self.params
         if p.repetition_penalty != 1.0 and history.numel():
             logits = apply_repetition_penalty(logits, history, p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and generated is not None and generated.numel():
+            logits = apply_presence_frequency_penalty(logits, generated, p.presence_penalty, p.frequency_penalty)
         if p.greedy:
             return int(torch.argmax(logits))
         logits = logits / p.temperature
@@ -92,6 +121,15 @@ def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalt
     seen = logits.gather(0, history)
     seen = torch.where(seen < 0, seen * penalty, seen / penalty)
     return logits.scatter(0, history, seen)
+
+
+def apply_presence_frequency_penalty(
+    logits: torch.Tensor, generated: torch.Tensor, presence: float, frequency: float
+) -> torch.Tensor:
+    """OpenAI / vLLM: logits[t] -= presence * (count[t] > 0) + frequency * count[t], counts over generated ids."""
+    tokens, counts = torch.unique(generated, return_counts=True)
+    penalty = presence + frequency * counts.to(logits.dtype)
+    return logits.index_add(0, tokens, -penalty)
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:

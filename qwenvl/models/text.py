@@ -7,7 +7,7 @@ The model holds weights only; positions and the KV cache belong to the request a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,7 @@ from torch import nn
 
 from ..config import TextConfig
 from ..errors import ModelFileError
-from .rope import apply_rope, rope_cos_sin, rope_inv_freq
+from .rope import apply_rope_heads, rope_cos_sin, rope_inv_freq, signed_sin
 
 # Prefixes under which checkpoints store the decoder: transformers 5 VL models, older VL models and Qwen2.
 TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
@@ -29,10 +29,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        # one fused op: x / rms(x) in fp32, times the weight, rounded once to x's dtype
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -45,18 +43,19 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, sum(self.qkv_sizes), bias=True)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVView | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVView | RowsKVView | None
+    ) -> torch.Tensor:
         batch, length, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.qkv_sizes, dim=-1)
-        q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        mask, causal = None, length > 1
-        if cache is not None:
-            k, v = cache.append(k, v)
-            mask, causal = cache.mask, cache.mask is None and length > 1
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        heads = self.qkv_proj(x).view(batch, length, -1, self.head_dim)  # q heads, k heads, v heads
+        q_and_k = apply_rope_heads(heads[:, :, : self.num_heads + self.num_kv_heads], cos, sin)
+        q = q_and_k[:, :, : self.num_heads].transpose(1, 2)
+        k = q_and_k[:, :, self.num_heads :].transpose(1, 2)
+        v = heads[:, :, self.num_heads + self.num_kv_heads :].transpose(1, 2)
+        if cache is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=length > 1, enable_gqa=True)
+        else:
+            out = cache.attend(q, k, v)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
 
@@ -70,7 +69,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(F.silu(gate).mul_(up))
 
 
 class DecoderLayer(nn.Module):
@@ -81,7 +80,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVView | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVView | RowsKVView | None
+    ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -96,6 +97,25 @@ class KVView:
         self.keys[:, :, self.start : self.end] = k
         self.values[:, :, self.start : self.end] = v
         return self.keys[:, :, : self.end], self.values[:, :, : self.end]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store this call's keys/values, then attention of q [B, heads, L, head_dim] over the cache."""
+        keys, values = self.append(k, v)
+        causal = self.mask is None and q.shape[2] > 1
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask, is_causal=causal, enable_gqa=True)
+
+
+class RowsKVView:
+    """One layer's caches for a batched decode step: row i of the batch is a request of its own,
+    with its own cache and length. Attention runs per row, on exactly the tensors a single-request
+    step would use, so each row's result does not depend on the others."""
+
+    def __init__(self, views: Sequence[KVView]):
+        self.views = views
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        rows = [view.attend(q[i : i + 1], k[i : i + 1], v[i : i + 1]) for i, view in enumerate(self.views)]
+        return torch.cat(rows)
 
 
 class TextModel(nn.Module):
@@ -122,8 +142,7 @@ class TextModel(nn.Module):
 
         With a cache, keys/values are written at ``start`` … ``start + L`` and attention covers all before.
         """
-        cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.config.mrope_section)
-        cos, sin = cos.to(embeds.dtype), sin.to(embeds.dtype)
+        cos, sin = self._rope(position_ids, embeds.dtype)
         length = embeds.shape[1]
         mask = causal_mask(start, length) if cache is not None and start > 0 and length > 1 else None
         x = embeds
@@ -131,6 +150,24 @@ class TextModel(nn.Module):
             view = cache.view(index, start, length, mask) if cache is not None else None
             x = layer(x, cos, sin, view)
         return self.norm(x)
+
+    def decode(
+        self, embeds: torch.Tensor, position_ids: torch.Tensor, caches: Sequence[KVCache], starts: Sequence[int]
+    ) -> torch.Tensor:
+        """One decode step for B independent requests: hidden states [B, 1, H] for embeddings [B, 1, H]
+        at ids [3, B, 1]. Row i's key/value goes to ``caches[i]`` at ``starts[i]``; it attends to that
+        cache only. The projections run once for all rows (the weights are read once per step)."""
+        cos, sin = self._rope(position_ids, embeds.dtype)
+        x = embeds
+        for index, layer in enumerate(self.layers):
+            views = RowsKVView([cache.view(index, start, 1, None) for cache, start in zip(caches, starts)])
+            x = layer(x, cos, sin, views)
+        return self.norm(x)
+
+    def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin [B, L, 1, head_dim] in ``dtype``, shared by every layer of a call."""
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.config.mrope_section)
+        return cos.to(dtype).unsqueeze(2), signed_sin(sin).to(dtype).unsqueeze(2)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
@@ -163,13 +200,21 @@ def causal_mask(start: int, length: int) -> torch.Tensor:
 
 
 class KVCache:
-    """Preallocated keys/values for every layer: [layers, batch, kv_heads, capacity, head_dim]."""
+    """Preallocated keys/values for every layer: [layers, batch, kv_heads, capacity, head_dim].
+
+    Left uninitialized: attention only reads the positions already written, and untouched pages of a
+    large allocation cost no memory.
+    """
 
     def __init__(self, cfg: TextConfig, capacity: int, dtype: torch.dtype, batch: int = 1):
         shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, capacity, cfg.head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype)
-        self.values = torch.zeros(shape, dtype=dtype)
+        self.keys = torch.empty(shape, dtype=dtype)
+        self.values = torch.empty(shape, dtype=dtype)
         self.capacity = capacity
+
+    @property
+    def nbytes(self) -> int:
+        return self.keys.nbytes + self.values.nbytes
 
     def view(self, layer: int, start: int, length: int, mask: torch.Tensor | None) -> KVView:
         if start + length > self.capacity:

@@ -1,0 +1,393 @@
+"""Continuous batching: many requests decoded together, the weights read once per step for all.
+
+One loop thread owns the model. Each iteration it
+1. retires cancelled requests (their KV caches are freed at once),
+2. admits waiting requests while fewer than ``max_batch`` are active (each gets its own KV cache)
+   and prefills prompt chunks, up to PREFILL_CHUNK tokens per iteration, so running requests keep
+   streaming while a long prompt is read,
+3. runs one decode step for every running request (``TextModel.decode``: one matmul per weight for
+   all rows, attention per row on the row's own cache and position), then samples each row with the
+   request's own sampler and streams the new text to the request's handle.
+A request never waits for another to finish, only for a free slot. A request whose step raises ends
+with finish_reason "error"; the others go on. docs/engine.md has the details.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..errors import QwenVLError, RequestError
+from .generate import PREFILL_CHUNK, GenerationResult, Request, accept_token, new_request, prefill_chunk
+from .prompt import Prompt
+from .sampler import sampling_params
+
+if TYPE_CHECKING:
+    from ..api import Model
+
+
+@dataclass
+class TokenEvent:
+    text: str  # new detokenized text since the previous event (may be "")
+    token_ids: list[int]  # new token ids since the previous event
+    finish_reason: str | None  # None while running; then "stop", "length", "cancelled" or "error"
+    prompt_tokens: int
+    completion_tokens: int  # total so far
+    error: str | None = None  # one-line message when finish_reason == "error"
+
+
+class RequestHandle:
+    """The caller's side of a submitted request: its events, its result, and cancel().
+
+    Events are delivered once, to one consumer (``events`` or ``aevents``); ``result`` works whether
+    or not they were consumed.
+    """
+
+    def __init__(self, request_id: str, prompt_tokens: int, wake_engine: Callable[[], None]):
+        self.request_id = request_id
+        self.prompt_tokens = prompt_tokens
+        self._wake_engine = wake_engine
+        self._queue: queue.SimpleQueue[TokenEvent] = queue.SimpleQueue()
+        self._notify: Callable[[], None] | None = None
+        self._cancel_requested = threading.Event()
+        self._done = threading.Event()
+        self._result: GenerationResult | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def cancel(self) -> None:
+        """Stop the request; its KV cache is freed before the engine's next step. Idempotent."""
+        if not self._done.is_set() and not self._cancel_requested.is_set():
+            self._cancel_requested.set()
+            self._wake_engine()
+
+    def events(self, timeout: float | None = None) -> Iterator[TokenEvent]:
+        """Blocking iterator over the events; the last one has finish_reason set.
+
+        ``timeout``: seconds to wait for each event; TimeoutError when exceeded.
+        """
+        while True:
+            try:
+                event = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                raise TimeoutError(f"request {self.request_id}: no event within {timeout} s") from None
+            yield event
+            if event.finish_reason is not None:
+                return
+
+    async def aevents(self) -> AsyncIterator[TokenEvent]:
+        """The events for asyncio code: waits without blocking the event loop (or using a thread)."""
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+        self._notify = lambda: loop.call_soon_threadsafe(ready.set)
+        try:
+            while True:
+                try:
+                    event = self._queue.get_nowait()
+                except queue.Empty:
+                    await ready.wait()
+                    ready.clear()
+                    continue
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            self._notify = None
+
+    def result(self) -> GenerationResult:
+        """Block until the request ends; its text, token ids, finish reason (and error) and timings."""
+        self._done.wait()
+        assert self._result is not None
+        return self._result
+
+    # -- the engine's side ----------------------------------------------------------------------
+    def _emit(self, event: TokenEvent) -> None:
+        self._queue.put(event)
+        notify = self._notify
+        if notify is not None:
+            try:
+                notify()
+            except RuntimeError:  # the consumer's event loop is closed: nobody is listening
+                pass
+
+    def _finish(self, result: GenerationResult) -> None:
+        self._result = result
+        self._done.set()
+
+
+class _Sequence:
+    """A request inside the engine: the shared Request plus the engine's bookkeeping."""
+
+    def __init__(self, handle: RequestHandle, request: Request):
+        self.handle = handle
+        self.request = request
+        prompt_length = len(request.prompt.input_ids)
+        self.prompt_length = prompt_length
+        # prompt + generated ids, filled as tokens come (the samplers' history without a copy per step)
+        self.history = torch.empty(prompt_length + request.max_new_tokens, dtype=torch.long)
+        self.history[:prompt_length] = torch.tensor(request.prompt.input_ids, dtype=torch.long)
+        self.prefilled = 0  # prompt tokens already in the KV cache
+        self.submitted = time.perf_counter()
+        self.admitted = 0.0
+        self.first_token = 0.0
+
+    @property
+    def cancelled(self) -> bool:
+        return self.handle._cancel_requested.is_set()
+
+
+class BatchEngine:
+    """Runs submitted requests concurrently on one model; see the module docstring."""
+
+    def __init__(self, model: Model, *, max_batch: int = 8, max_waiting: int = 1024):
+        if max_batch < 1:
+            raise QwenVLError(f"max_batch must be at least 1, got {max_batch}")
+        if max_waiting < 0:
+            raise QwenVLError(f"max_waiting must be >= 0, got {max_waiting}")
+        self.model = model
+        self.max_batch = max_batch
+        self.max_waiting = max_waiting
+        self._eos = model.generation_config.eos_token_ids or tuple(
+            i for i in (model.tokenizer.eos_token_id,) if i is not None
+        )
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._waiting: deque[_Sequence] = deque()
+        self._prefilling: list[_Sequence] = []  # admitted, prompt not fully in the cache yet
+        self._running: list[_Sequence] = []  # decoding
+        self._kv_bytes = 0
+        self._steps = 0
+        self._ids = itertools.count(1)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # -- the public side ----------------------------------------------------------------------
+    def start(self) -> None:
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError("the engine has been shut down")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="qwenvl-batch-engine", daemon=True)
+                self._thread.start()
+
+    def shutdown(self) -> None:
+        """Stop the loop, cancel every request (their last event says "cancelled"), join the thread."""
+        with self._work:
+            self._stopping = True
+            self._work.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+        self._cancel_everything()
+
+    def submit(self, prompt: Prompt | list[int], **sampling: Any) -> RequestHandle:
+        """Queue a request; RequestError here, synchronously, for anything wrong with it."""
+        if not isinstance(prompt, Prompt):
+            prompt = Prompt.text_only(list(prompt))
+        params = sampling_params(self.model.generation_config, **sampling)
+        context = self.model.context
+        length = len(prompt.input_ids)
+        if sampling.get("max_tokens") is not None and 0 < length < context and length + params.max_tokens > context:
+            raise RequestError(
+                f"prompt ({length} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
+                f"of {context} tokens"
+            )
+        request = new_request(
+            self.model.text_model, self.model.tokenizer, prompt, params, self._eos, context, allocate=False
+        )
+        self.start()
+        with self._work:
+            if self._stopping:
+                raise RuntimeError("the engine has been shut down")
+            if len(self._waiting) >= self.max_waiting:
+                raise RequestError(f"too many requests waiting ({self.max_waiting}); try again later")
+            handle = RequestHandle(f"req-{next(self._ids)}", length, self._wake)
+            self._waiting.append(_Sequence(handle, request))
+            self._work.notify_all()
+        return handle
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {
+                "running": len(self._running) + len(self._prefilling),
+                "waiting": len(self._waiting),
+                "kv_cache_bytes": self._kv_bytes,
+                "steps": self._steps,
+            }
+
+    # -- the loop -------------------------------------------------------------------------------
+    def _wake(self) -> None:
+        with self._work:
+            self._work.notify_all()
+
+    def _has_work(self) -> bool:
+        return bool(self._waiting or self._prefilling or self._running)
+
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._work:
+                    while not self._stopping and not self._has_work():
+                        self._work.wait()
+                    if self._stopping:
+                        return
+                try:
+                    self._iteration()
+                except Exception as exc:  # a fault of the loop itself: end what it held, keep serving
+                    for seq in self._prefilling + self._running:
+                        self._end(seq, "error", exc)
+
+    def _iteration(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        self._prefill()
+        if self._running:
+            self._decode()
+
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            waiting = [seq for seq in self._waiting if seq.cancelled]
+            for seq in waiting:
+                self._waiting.remove(seq)
+        for seq in waiting + [s for s in self._prefilling + self._running if s.cancelled]:
+            self._end(seq, "cancelled")
+
+    def _admit(self) -> None:
+        while True:
+            with self._lock:
+                if not self._waiting or len(self._prefilling) + len(self._running) >= self.max_batch:
+                    return
+                seq = self._waiting.popleft()
+                self._prefilling.append(seq)
+            try:
+                cache = seq.request.allocate_cache(self.model.text_model)
+            except Exception as exc:  # e.g. out of memory: this request only
+                self._end(seq, "error", exc)
+                continue
+            with self._lock:
+                self._kv_bytes += cache.nbytes
+            seq.admitted = time.perf_counter()
+
+    def _prefill(self) -> None:
+        """Prefill whole chunks (cut as generate.prefill cuts them) up to PREFILL_CHUNK tokens in all."""
+        budget = PREFILL_CHUNK
+        while self._prefilling and budget > 0:
+            seq = self._prefilling[0]
+            start = seq.prefilled
+            try:
+                logits = prefill_chunk(self.model.text_model, seq.request, start)
+            except Exception as exc:
+                self._end(seq, "error", exc)
+                continue
+            seq.prefilled = min(start + PREFILL_CHUNK, seq.prompt_length)
+            budget -= seq.prefilled - start
+            if logits is not None:
+                with self._lock:
+                    self._prefilling.remove(seq)
+                    self._running.append(seq)
+                seq.first_token = time.perf_counter()
+                self._take_token(seq, logits)
+
+    def _decode(self) -> None:
+        rows = list(self._running)
+        try:
+            logits = self._decode_rows(rows)
+        except Exception:
+            # find which request(s) the step fails for: each alone (rewriting the same cache slots)
+            for seq in rows:
+                try:
+                    self._take_token(seq, self._decode_rows([seq])[0])
+                except Exception as exc:
+                    self._end(seq, "error", exc)
+        else:
+            for seq, row in zip(rows, logits):
+                self._take_token(seq, row)
+        with self._lock:
+            self._steps += 1
+
+    def _decode_rows(self, rows: list[_Sequence]) -> torch.Tensor:
+        """Logits [B, vocab] of one decode step for these running requests."""
+        model = self.model.text_model
+        requests = [seq.request for seq in rows]
+        tokens = torch.tensor([[r.output_ids[-1]] for r in requests], dtype=torch.long)
+        positions = torch.tensor([r.next_position for r in requests], dtype=torch.long)
+        positions = positions.view(1, -1, 1).expand(3, -1, -1)
+        hidden = model.decode(model.embed(tokens), positions, [r.cache for r in requests], [r.next_start for r in requests])
+        return model.logits(hidden[:, -1])
+
+    def _take_token(self, seq: _Sequence, logits: torch.Tensor) -> None:
+        """Sample the request's next token from its logits, stream it, retire the request if done."""
+        try:
+            req = seq.request
+            count = seq.prompt_length + len(req.output_ids)
+            token = req.sampler(logits, seq.history[:count], seq.history[seq.prompt_length : count])
+            req.output_ids.append(token)
+            seq.history[count] = token
+            piece = accept_token(req, token)
+        except Exception as exc:
+            self._end(seq, "error", exc)
+            return
+        event = TokenEvent(piece, [token], req.finish_reason, seq.prompt_length, len(req.output_ids))
+        if req.finish_reason is None:
+            seq.handle._emit(event)
+        else:
+            self._end(seq, req.finish_reason, last_event=event)
+
+    def _end(
+        self, seq: _Sequence, reason: str, exc: BaseException | None = None, last_event: TokenEvent | None = None
+    ) -> None:
+        """Retire a request: free its KV cache, send its last event, set its result."""
+        req = seq.request
+        with self._lock:
+            for group in (self._prefilling, self._running):
+                if seq in group:
+                    group.remove(seq)
+            if req.cache is not None:
+                self._kv_bytes -= req.cache.nbytes
+                req.cache = None
+        if seq.handle.done:
+            return
+        message = _one_line(exc) if exc is not None else None
+        req.finish_reason = reason
+        if last_event is None:
+            last_event = TokenEvent("", [], reason, seq.prompt_length, len(req.output_ids), message)
+        now = time.perf_counter()
+        first = seq.first_token or now
+        seq.handle._emit(last_event)
+        seq.handle._finish(
+            GenerationResult(
+                text=req.text,
+                token_ids=list(req.output_ids),
+                prompt_tokens=seq.prompt_length,
+                finish_reason=reason,
+                prefill_s=first - (seq.admitted or first),
+                decode_s=now - first,
+                error=message,
+            )
+        )
+
+    def _cancel_everything(self) -> None:
+        with self._lock:
+            pending = list(self._waiting) + self._prefilling + self._running
+            self._waiting.clear()
+        for seq in pending:
+            self._end(seq, "cancelled")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    detail = text[0] if text else ""
+    if isinstance(exc, QwenVLError):
+        return detail or type(exc).__name__
+    return f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
