@@ -3,6 +3,7 @@
     python benchmarks/kernels.py              # per-layer table + whole-model passes (~20 min)
     python benchmarks/kernels.py --quick      # fewer formats and timing windows
     python benchmarks/kernels.py --compile    # also the torch.compile fused dequant-matmul (slow to build)
+    python benchmarks/kernels.py --rows       # only the rows sweep (batched decode), 2 and 1 threads
 
 Per-layer table: µs per call for 1 row (decode) and 512 rows (prefill) of bf16 activations, with
 2 threads; each the best of several timing windows started when the CPUs were idle (on a shared
@@ -16,6 +17,10 @@ passes read every layer once per token from memory, as decoding does. Weights ar
 Model passes (if the registry GGUF is present): all linear layers of the file — fused q/k/v and
 gate/up, down, lm_head — as the engine would build them, at 1 row (one decode step; lm_head on it)
 and 512 rows (one prefill; lm_head on the last row only).
+
+Rows sweep (``--rows``; also part of the full run): the same layers, lm_head included, on M = 1, 2,
+4, 8, 16 rows at once — one step of a server decoding M requests together — with 2 threads and
+with 1 (a busy core stalls the 2-thread OpenMP regions, 1 thread is the steadier comparison).
 """
 
 from __future__ import annotations
@@ -84,7 +89,7 @@ def wait_for_idle(limit: float = 0.2, timeout: float = 30.0) -> None:
     WAITS["waited"] += time.perf_counter() - start
 
 
-def timed(fn: Callable[[], object], windows: int, seconds: float = 0.1) -> float:
+def timed(fn: Callable[[], object], windows: int, seconds: float = 0.1, idle_timeout: float = 30.0) -> float:
     """µs per call: the best of ``windows`` timing windows of about ``seconds`` each, each started
     when the machine is idle (run the script a few times and take the median of those)."""
     fn()
@@ -94,7 +99,7 @@ def timed(fn: Callable[[], object], windows: int, seconds: float = 0.1) -> float
     calls = max(1, int(seconds / max(once, 1e-7)))
     samples = []
     for _ in range(windows):
-        wait_for_idle()
+        wait_for_idle(timeout=idle_timeout)
         start = time.perf_counter()
         for _ in range(calls):
             fn()
@@ -266,6 +271,34 @@ def model_passes(path: str, windows: int, kernel_names: list[str]) -> None:
         del layers, lm_head
 
 
+SWEEP_ROWS = (1, 2, 4, 8, 16)
+
+
+def rows_sweep(path: str, windows: int, thread_counts: tuple[int, ...] = (2, 1)) -> None:
+    """ms per decode step of M rows through every linear layer (lm_head on all M rows)."""
+    layers, lm_head, hidden = model_layers(path, "blocks")
+    inputs = {m.in_features for m in [*layers, lm_head]}
+    print(f"\nRows sweep: whole-model linear layers of {path}, M rows per call (best of {windows} windows)")
+    print("| threads | " + " | ".join(f"M = {m}" for m in SWEEP_ROWS) + " | M = 16 / M = 1 |")
+    print("|---|" + "---|" * (len(SWEEP_ROWS) + 1))
+    previous = torch.get_num_threads()
+    for threads in thread_counts:
+        torch.set_num_threads(threads)
+        cells = []
+        for rows in SWEEP_ROWS:
+            x = {k: torch.randn(rows, k).bfloat16() for k in inputs}
+
+            def step() -> None:
+                for m in [*layers, lm_head]:
+                    m(x[m.in_features])
+
+            cells.append(timed(step, windows, seconds=0.3, idle_timeout=3.0) / 1e3)
+        row = " | ".join(f"{ms:.1f}" for ms in cells)
+        print(f"| {threads} | {row} | {cells[-1] / cells[0]:.2f} |", flush=True)
+    torch.set_num_threads(previous)
+    del layers, lm_head
+
+
 def layer_bytes(module: torch.nn.Module) -> int:
     return sum(b.numel() * b.element_size() for name, b in module.named_buffers() if not name.endswith("bias"))
 
@@ -303,15 +336,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--formats", help="comma-separated GGML types for the layer table (default: all)")
     parser.add_argument("--skip-model", action="store_true", help="leave out the whole-model passes")
+    parser.add_argument("--rows", action="store_true", help="only the rows sweep (decode of 1-16 rows at once)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     windows = 3 if args.quick else 7
     lib = kernels.library()
     simd = {0: "portable C++", 1: "AVX-512", 2: "AVX-512 + AVX512-BF16"}[lib.qk_simd()] if lib else "unavailable"
     print(f"threads {torch.get_num_threads()}, block kernels: {simd}, load average {os.getloadavg()[0]:.1f}")
-    print(f"memory read bandwidth: {memory_bandwidth(windows):.1f} GB/s\n")
+    if not args.rows:
+        print(f"memory read bandwidth: {memory_bandwidth(windows):.1f} GB/s\n")
     formats = [T[name] for name in args.formats.split(",")] if args.formats else None
-    layer_table(formats or (QUICK_FORMATS if args.quick else FORMATS), windows)
+    if not args.rows:
+        layer_table(formats or (QUICK_FORMATS if args.quick else FORMATS), windows)
     path = args.gguf
     if args.skip_model:
         path = ""
@@ -322,8 +358,10 @@ def main() -> None:
             path = str(defaults.default_gguf_path())
         except Exception as error:  # the demo packages are optional
             print(f"\n(no registry GGUF: {error})")
-    if path:
+    if path and not args.rows:
         model_passes(path, windows, ["blocks", "blocks, 1 piece", "dense", "int8"])
+    if path:
+        rows_sweep(path, windows)
     if args.compile:
         compiled_fused(windows)
     print(

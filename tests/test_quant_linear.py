@@ -33,7 +33,7 @@ from qwenvl.quant.linear import (
 
 BLOCK_TYPES = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K]
 K_QUANTS = {T.Q4_K, T.Q5_K, T.Q6_K}
-ROWS, COLS = 40, 512  # 40: not a multiple of the kernels' 4-row tiles; 512: two K-quant blocks
+ROWS, COLS = 40, 512  # 512: two K-quant blocks (43 rows, with tile tails: the row-invariance test)
 FEW, MANY = (1, 3, 6), 23  # row counts for the fused GEMV and the dequantize + GEMM paths
 EPS = 1e-6
 
@@ -144,6 +144,33 @@ def test_block_linear_is_exact(ggml_type: T) -> None:
         y = layer(xb)
         assert y.dtype == torch.bfloat16
         assert_within(y, ref, 2**-8 * (ref.abs() + bias.abs()) + EPS * scale)
+
+
+def bits(y: torch.Tensor) -> torch.Tensor:
+    return y.view(torch.int16 if y.dtype == torch.bfloat16 else torch.int32)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("ggml_type", BLOCK_TYPES, ids=lambda t: t.name)
+def test_decode_rows_do_not_depend_on_each_other(ggml_type: T, dtype: torch.dtype) -> None:
+    """A batched server's answers must equal each request served alone: row i of an M-row call is
+    bit for bit the 1-row result of x[i], for every M the fused GEMV takes."""
+    out_rows = 43  # tails after the 4- and 2-row tiles
+    raw = random_blocks(ggml_type, out_rows, COLS, seed=5)
+    layer = quant_linear_from_ggml(raw, ggml_type, (out_rows, COLS), bias=torch.randn(out_rows), kernel="blocks")
+    most = layer.gemv_max_rows
+    x = (torch.randn(most, COLS) * torch.logspace(-2, 2, most)[:, None]).to(dtype)
+
+    def fp32_out(x: torch.Tensor) -> torch.Tensor:  # the kernel's sums before any bf16 rounding
+        return kernels.gemv(x, layer.blocks, ggml_type, COLS, out=torch.empty(x.shape[0], out_rows))
+
+    for run in (layer, fp32_out):
+        alone = torch.cat([bits(run(x[i : i + 1])) for i in range(most)])
+        for rows in range(1, most + 1):
+            together = bits(run(x[:rows]))
+            differ = (together != alone[:rows]).any(dim=1).nonzero().flatten().tolist()
+            assert not differ, f"{rows} rows: rows {differ} differ from their 1-row results"
 
 
 @needs_kernels

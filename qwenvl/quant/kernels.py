@@ -636,54 +636,52 @@ inline __m256i ps_to_bf16(__m512 v) {  // round to nearest even (no NaNs among w
 
 #if QK_BF16
 // ---------------------------------------------------------------------------------------------
-// bf16 path. A code c < 2^b becomes the bf16 number 2^b + c exactly: the bits of 2^b with c in the
-// top of its 7-bit mantissa, c << (7 - b). One vdpbf16ps sums 32 products (2^b + c) * x, each
-// exact in fp32; the 2^b + kOffset part comes off through the dot's initial value, made once per
-// call from x. codes() returns the 32 codes, pre-shifted, one byte each in value order.
+// bf16 dot path (bf16 x, small codes): the 32 codes of a group become 32 exact bf16 numbers (small
+// integers) and one vdpbf16ps per x row sums their 32 exact products in fp32 (16 lanes of pairs).
+// The group's scale then multiplies the 16 lane sums into the row's accumulator.
+// Codes of up to 5 bits go through a table: vpermw maps each 16-bit code to its bf16 value. Q6_K's
+// 6-bit codes c (a 64-entry table costs twice as much) become the bf16 number 64 + c exactly (the
+// bits of 64 with c in its mantissa: c << 1); once per block, -96 * scale times the sums of x over
+// each run of 16 weights takes the 64 + 32 off (at the cost of ~2 bits of the fp32 sums).
+// codes() returns the 32 codes of group g, one byte each in value order (Q6_K's pre-shifted).
 
-inline __m256i two_nibbles(const uint8_t* p, int shift) {  // 16 bytes: low nibbles, then high ones
+inline __m256i two_nibbles(const uint8_t* p) {  // 16 bytes: their low nibbles, then their high ones
   const __m256i v = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)p));
-  // rotate each 16-bit word: left by `shift` in the low lane, right by 4 - shift in the high lane
-  const __m256i counts = _mm256_setr_epi16(shift, shift, shift, shift, shift, shift, shift, shift, 12 + shift,
-                                           12 + shift, 12 + shift, 12 + shift, 12 + shift, 12 + shift,
-                                           12 + shift, 12 + shift);
-  return _mm256_and_si256(_mm256_shldv_epi16(v, v, counts), _mm256_set1_epi8((char)(0xF << shift)));
+  // the high lane rotates each 16-bit word right by 4 (left by 12), bringing the high nibbles down
+  const __m256i counts = _mm256_setr_epi16(0, 0, 0, 0, 0, 0, 0, 0, 12, 12, 12, 12, 12, 12, 12, 12);
+  return _mm256_and_si256(_mm256_shldv_epi16(v, v, counts), _mm256_set1_epi8(0xF));
+}
+
+inline __m256i add_high_bits(__m256i codes, uint32_t bits) {  // + 16 where the 5th bit is set
+  return _mm256_mask_add_epi8(codes, bits, codes, _mm256_set1_epi8(16));
+}
+
+inline uint32_t load_u32(const uint8_t* p) {
+  uint32_t v;
+  memcpy(&v, p, 4);
+  return v;
 }
 
 template <class F>
 inline __m256i codes(const uint8_t* b, int g);
 
 template <>
-inline __m256i codes<Q4_0>(const uint8_t* b, int) { return two_nibbles(b + 2, 3); }
+inline __m256i codes<Q4_0>(const uint8_t* b, int) { return two_nibbles(b + 2); }
 
 template <>
-inline __m256i codes<Q4_1>(const uint8_t* b, int) { return two_nibbles(b + 4, 3); }
+inline __m256i codes<Q4_1>(const uint8_t* b, int) { return two_nibbles(b + 4); }
 
 template <>
-inline __m256i codes<Q5_0>(const uint8_t* b, int) {
-  uint32_t qh;
-  memcpy(&qh, b + 2, 4);
-  const __m256i c = two_nibbles(b + 6, 2);
-  return _mm256_mask_add_epi8(c, qh, c, _mm256_set1_epi8(16 << 2));
-}
+inline __m256i codes<Q5_0>(const uint8_t* b, int) { return add_high_bits(two_nibbles(b + 6), load_u32(b + 2)); }
 
 template <>
-inline __m256i codes<Q5_1>(const uint8_t* b, int) {
-  uint32_t qh;
-  memcpy(&qh, b + 4, 4);
-  const __m256i c = two_nibbles(b + 8, 2);
-  return _mm256_mask_add_epi8(c, qh, c, _mm256_set1_epi8(16 << 2));
-}
+inline __m256i codes<Q5_1>(const uint8_t* b, int) { return add_high_bits(two_nibbles(b + 8), load_u32(b + 4)); }
 
 template <>
-inline __m256i codes<Q4_K>(const uint8_t* b, int g) {
-  return _mm256_slli_epi16(nibbles32(b + 16 + (g / 2) * 32, g % 2), 3);
-}
+inline __m256i codes<Q4_K>(const uint8_t* b, int g) { return nibbles32(b + 16 + (g / 2) * 32, g % 2); }
 
 template <>
-inline __m256i codes<Q5_K>(const uint8_t* b, int g) {
-  return _mm256_slli_epi16(q5k_high(b, g, nibbles32(b + 48 + (g / 2) * 32, g % 2)), 2);
-}
+inline __m256i codes<Q5_K>(const uint8_t* b, int g) { return q5k_high(b, g, nibbles32(b + 48 + (g / 2) * 32, g % 2)); }
 
 template <>
 inline __m256i codes<Q6_K>(const uint8_t* b, int g) {  // (low 4 bits | high 2 bits << 4) << 1
@@ -699,6 +697,38 @@ inline __m256i codes<Q6_K>(const uint8_t* b, int g) {  // (low 4 bits | high 2 b
 }
 
 template <class F>
+inline __m512i code_table() {  // bf16 of the codes 0 .. 31 minus the offset
+  const int first = -(F::kOffset > 0 ? F::kOffset : 0);
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512 lo = _mm512_cvtepi32_ps(_mm512_add_epi32(lanes, _mm512_set1_epi32(first)));
+  const __m512 hi = _mm512_cvtepi32_ps(_mm512_add_epi32(lanes, _mm512_set1_epi32(first + 16)));
+  return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);  // small integers: exact
+}
+
+// the formats that take the dot path for bf16 x; the others (Q8_0, F16, BF16, F32) convert x to fp32:
+// they decode as fast to fp32, and two FMAs beat one vdpbf16ps on this CPU
+template <class F>
+constexpr bool kDot = F::kBits > 0;
+
+template <class F>
+struct DotWeights {  // group g of a block as 32 exact bf16 values
+  __m512i table;
+  DotWeights() {
+    if constexpr (F::kBits < 6) table = code_table<F>();
+  }
+  inline __m512i operator()(const uint8_t* b, int g) const {
+    const __m512i code = _mm512_cvtepu8_epi16(codes<F>(b, g));
+    if constexpr (F::kBits == 6) return _mm512_or_si512(code, _mm512_set1_epi16(0x4280));  // 64 + c
+    return _mm512_permutexvar_epi16(code, table);
+  }
+};
+
+inline __m512 q6k_minus(const uint8_t* b) {  // -96 * d * scale of the block's 16 weight runs, in order
+  const __m512 scales = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(b + 192))));
+  return _mm512_mul_ps(_mm512_mul_ps(scales, _mm512_set1_ps(load_half(b + 208))), _mm512_set1_ps(-96.0f));
+}
+
+template <class F>
 inline __m512 bf16_scale(const Scales& s, int g) {  // lanes 0-7 pair weights 0-15, 8-15 the rest
   if constexpr (F::kValues == 256 && F::kOffset > 0)  // Q6_K: a scale per 16 weights
     return _mm512_insertf32x8(_mm512_set1_ps(s.s0[g]), _mm256_set1_ps(s.s1[g]), 1);
@@ -708,14 +738,18 @@ inline __m512 bf16_scale(const Scales& s, int g) {  // lanes 0-7 pair weights 0-
 
 // ---------------------------------------------------------------------------------------------
 // y[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n]) for a few rows m, reading w's blocks once.
+//
+// Row invariance: every output y[m, n] is computed by the same sequence of operations whatever M
+// is (each (x row, w row) pair has its own accumulators, updated group by group in the same order
+// and reduced the same way), so a row's result does not depend on the rows computed with it.
 
 struct GemvArgs {
   const float* x;  // [M, K] fp32 (fp32 path)
   int64_t M, K;
   const uint16_t* xb;  // [M, ldxb] bf16 (bf16 path)
   int64_t ldxb;
-  const float* init;  // [M, K/2] the dots' initial values (bf16 path)
-  const float* xsum;  // [M, K/32] sums of x over each group of 32 (bf16 path, formats with a minimum)
+  const float* xsum;  // bf16 path: [K/32, ldxs] sums of x over each group of 32 (formats with a
+  int64_t ldxs;       // minimum), or [M, ldxs = K/16] sums over each run of 16 (Q6_K)
   const uint8_t* w;
   int64_t N, row_bytes;
   const float* bias;  // [N] or null
@@ -743,18 +777,18 @@ inline void prefetch_next_tile(const uint8_t* block, int64_t row_bytes) {
       _mm_prefetch((const char*)(block + (NR + r) * row_bytes + offset), _MM_HINT_T0);
 }
 
-// NR output rows of w against M rows of fp32 x; two accumulators per pair when M == 1 (latency)
-template <class F, int NR, int M>
+// NR output rows of w against MB (<= 16) rows of fp32 x starting at m0: each group of each w row
+// is decoded once (two zmm of exact fp32 weights) for all MB rows; per x row two FMAs into the
+// pair's accumulator.
+template <class F, int NR, int MB>
 void gemv_tile_f32(const GemvArgs& a, int64_t n, int64_t m0) {
-  constexpr int A = M == 1 ? 2 : 1, G = F::kValues / 32;
-  __m512 acc[NR][M][A];
+  constexpr int G = F::kValues / 32;
+  __m512 acc[NR][MB];
   Scales s[NR];
 #pragma GCC unroll 16
   for (int r = 0; r < NR; ++r)
 #pragma GCC unroll 16
-    for (int m = 0; m < M; ++m)
-#pragma GCC unroll 2
-      for (int j = 0; j < A; ++j) acc[r][m][j] = _mm512_setzero_ps();
+    for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
   const float* x = a.x + m0 * a.K;
   for (int64_t blk = 0; blk < a.K / F::kValues; ++blk) {
     const uint8_t* row = a.w + n * a.row_bytes + blk * F::kBytes;
@@ -764,110 +798,143 @@ void gemv_tile_f32(const GemvArgs& a, int64_t n, int64_t m0) {
 #pragma GCC unroll 8
     for (int g = 0; g < G; ++g) {
       const float* xg = x + blk * F::kValues + g * 32;
+      __m512 w0[NR], w1[NR];
 #pragma GCC unroll 16
-      for (int r = 0; r < NR; ++r) {
-        __m512 w0, w1;
-        vec<F>(row + r * a.row_bytes, g, s[r], w0, w1);
+      for (int r = 0; r < NR; ++r) vec<F>(row + r * a.row_bytes, g, s[r], w0[r], w1[r]);
 #pragma GCC unroll 16
-        for (int m = 0; m < M; ++m) {
-          acc[r][m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xg + m * a.K), acc[r][m][0]);
-          acc[r][m][A - 1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xg + m * a.K + 16), acc[r][m][A - 1]);
-        }
+      for (int m = 0; m < MB; ++m) {
+        const __m512 x0 = _mm512_loadu_ps(xg + m * a.K), x1 = _mm512_loadu_ps(xg + m * a.K + 16);
+#pragma GCC unroll 16
+        for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_fmadd_ps(w1[r], x1, _mm512_fmadd_ps(w0[r], x0, acc[r][m]));
       }
     }
   }
 #pragma GCC unroll 16
   for (int r = 0; r < NR; ++r)
 #pragma GCC unroll 16
-    for (int m = 0; m < M; ++m) {
-      __m512 sum = acc[r][m][0];
-      if (A == 2) sum = _mm512_add_ps(sum, acc[r][m][A - 1]);
-      store(a, m0 + m, n + r, _mm512_reduce_add_ps(sum));
+    for (int m = 0; m < MB; ++m) store(a, m0 + m, n + r, _mm512_reduce_add_ps(acc[r][m]));
+}
+
+// w rows per tile for MB x rows: up to 16 accumulators
+constexpr int tile_rows(int mb) { return mb <= 4 ? 4 : mb <= 8 ? 2 : 1; }
+
+// rows of x per pass over w (each pass decodes w once): more rows share the decoding, fewer keep
+// the fp32 x rows in L1
+constexpr int kChunkRows = 8;
+
+template <class F, int MB, bool DOT>
+void gemv_pass(const GemvArgs& a, int64_t m0, int threads);
+
+template <class F, int MB, bool DOT>
+void gemv_chunk(const GemvArgs& a, int64_t m0, int64_t rows, int threads) {  // rows <= MB
+  if constexpr (MB > 1) {
+    if (rows < MB) {
+      gemv_chunk<F, MB - 1, DOT>(a, m0, rows, threads);
+      return;
     }
+  }
+  gemv_pass<F, MB, DOT>(a, m0, threads);
+}
+
+template <class F, bool DOT>
+void gemv_all(const GemvArgs& a, int threads) {
+  constexpr int C = DOT ? 16 : kChunkRows;
+  for (int64_t m0 = 0; m0 < a.M; m0 += C) gemv_chunk<F, C, DOT>(a, m0, a.M - m0 < C ? a.M - m0 : C, threads);
 }
 
 #if QK_BF16
-// The same for bf16 x: per group and row one vdpbf16ps over the codes (started from a.init),
-// times the scale; formats with a minimum add off * (the group's sum of x) in scalar sums.
-template <class F, int NR, int M>
-void gemv_tile_bf16(const GemvArgs& a, int64_t n, int64_t m0) {
-  constexpr bool kMin = F::kOffset < 0;
+// NR output rows of w against MB (<= 16) rows of bf16 x starting at m0: each group of each w row
+// is decoded once for all MB rows; per x row one vdpbf16ps and one FMA by the scale. Formats with
+// a minimum add off * (the group's sum of x), for all MB rows at once (lanes = x rows).
+template <class F, int NR, int MB>
+void gemv_tile_dot(const GemvArgs& a, int64_t n, int64_t m0) {
+  constexpr bool kMin = F::kOffset < 0, kSixBits = F::kBits == 6;
   constexpr int G = F::kValues / 32;
-  __m512 acc[NR][M];
-  float acc_min[NR][M];
+  __m512 acc[NR][MB], acc_min[NR];
   Scales s[NR];
 #pragma GCC unroll 16
-  for (int r = 0; r < NR; ++r)
+  for (int r = 0; r < NR; ++r) {
+    acc_min[r] = _mm512_setzero_ps();
 #pragma GCC unroll 16
-    for (int m = 0; m < M; ++m) {
-      acc[r][m] = _mm512_setzero_ps();
-      acc_min[r][m] = 0;
-    }
-  const int64_t half = a.K / 2;
-  const __m512i magic = _mm512_set1_epi16((short)(0x3F80 + (F::kBits << 7)));  // bf16 of 2^kBits
+    for (int m = 0; m < MB; ++m) acc[r][m] = _mm512_setzero_ps();
+  }
+  const DotWeights<F> weights;
+  const uint16_t* x = a.xb + m0 * a.ldxb;
   for (int64_t blk = 0; blk < a.K / F::kValues; ++blk) {
     const uint8_t* row = a.w + n * a.row_bytes + blk * F::kBytes;
     prefetch_next_tile<F, NR>(row, a.row_bytes);
 #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) F::prepare(row + r * a.row_bytes, &s[r]);
+    if constexpr (kSixBits) {  // the 64 + 32 off every weight: -96 * scale times x's sums over 16
+      __m512 minus[NR];
+#pragma GCC unroll 16
+      for (int r = 0; r < NR; ++r) minus[r] = q6k_minus(row + r * a.row_bytes);
+#pragma GCC unroll 16
+      for (int m = 0; m < MB; ++m) {
+        const __m512 sums = _mm512_loadu_ps(a.xsum + (m0 + m) * a.ldxs + blk * 16);
+#pragma GCC unroll 16
+        for (int r = 0; r < NR; ++r) acc[r][m] = _mm512_fmadd_ps(minus[r], sums, acc[r][m]);
+      }
+    }
 #pragma GCC unroll 8
     for (int g = 0; g < G; ++g) {
       const int64_t k = blk * F::kValues + g * 32;
+      __m512i w[NR];
+      __m512 scale[NR];
 #pragma GCC unroll 16
       for (int r = 0; r < NR; ++r) {
-        const __m512i w = _mm512_or_si512(_mm512_cvtepu8_epi16(codes<F>(row + r * a.row_bytes, g)), magic);
-        const __m512 scale = bf16_scale<F>(s[r], g);
+        w[r] = weights(row + r * a.row_bytes, g);
+        scale[r] = bf16_scale<F>(s[r], g);
+      }
+      if constexpr (kMin) {
+        const __m512 xsum = _mm512_loadu_ps(a.xsum + (k / 32) * a.ldxs + m0);
 #pragma GCC unroll 16
-        for (int m = 0; m < M; ++m) {
-          const int64_t i = m0 + m;
-          const __m512i xv = _mm512_loadu_si512((const void*)(a.xb + i * a.ldxb + k));
-          const __m512 dot = _mm512_dpbf16_ps(_mm512_loadu_ps(a.init + i * half + k / 2), (__m512bh)w, (__m512bh)xv);
-          acc[r][m] = _mm512_fmadd_ps(scale, dot, acc[r][m]);
-          if constexpr (kMin) acc_min[r][m] += s[r].off[g] * a.xsum[i * (a.K / 32) + k / 32];
+        for (int r = 0; r < NR; ++r) acc_min[r] = _mm512_fmadd_ps(_mm512_set1_ps(s[r].off[g]), xsum, acc_min[r]);
+      }
+#pragma GCC unroll 16
+      for (int m = 0; m < MB; ++m) {
+        const __m512bh xv = (__m512bh)_mm512_loadu_si512((const void*)(x + m * a.ldxb + k));
+#pragma GCC unroll 16
+        for (int r = 0; r < NR; ++r) {
+          const __m512 dot = _mm512_dpbf16_ps(_mm512_setzero_ps(), (__m512bh)w[r], xv);
+          acc[r][m] = _mm512_fmadd_ps(scale[r], dot, acc[r][m]);
         }
       }
     }
   }
 #pragma GCC unroll 16
-  for (int r = 0; r < NR; ++r)
+  for (int r = 0; r < NR; ++r) {
+    alignas(64) float mins[16];
+    _mm512_store_ps(mins, acc_min[r]);
 #pragma GCC unroll 16
-    for (int m = 0; m < M; ++m) {
-      store(a, m0 + m, n + r, _mm512_reduce_add_ps(acc[r][m]) + acc_min[r][m]);
+    for (int m = 0; m < MB; ++m) {
+      float v = _mm512_reduce_add_ps(acc[r][m]);
+      if constexpr (kMin) v += mins[m];
+      store(a, m0 + m, n + r, v);
     }
+  }
 }
-#endif
 
-template <class F, bool BF, int NR, int M>
-inline void gemv_tile(const GemvArgs& a, int64_t n, int64_t m0) {
+#endif  // QK_BF16
+
+template <class F, int MB, bool DOT>
+void gemv_pass(const GemvArgs& a, int64_t m0, int threads) {
+  constexpr int NR = tile_rows(MB);
+  const int64_t tiles = a.N / NR;
 #if QK_BF16
-  if constexpr (BF && F::kBits > 0) {
-    gemv_tile_bf16<F, NR, M>(a, n, m0);
+  if constexpr (DOT) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < tiles; ++t) gemv_tile_dot<F, NR, MB>(a, t * NR, m0);
+    for (int64_t n = tiles * NR; n < a.N; ++n) gemv_tile_dot<F, 1, MB>(a, n, m0);
     return;
   }
 #endif
-  gemv_tile_f32<F, NR, M>(a, n, m0);
-}
-
-// NR output rows against all M rows of x, four x rows at a time (the w rows stay in cache)
-template <class F, bool BF, int NR, int M>
-void gemv_block(const GemvArgs& a, int64_t n, int64_t m) {
-  constexpr int step = (M <= 2 || NR < 2) ? NR : 2;  // at most 16 accumulators
-  for (int r = 0; r < NR; r += step) gemv_tile<F, BF, step, M>(a, n + r, m);
-}
-
-template <class F, bool BF, int NR>
-void gemv_rows(const GemvArgs& a, int64_t n) {
-  int64_t m = 0;
-  for (; m + 4 <= a.M; m += 4) gemv_block<F, BF, NR, 4>(a, n, m);
-  switch (a.M - m) {
-    case 3: gemv_block<F, BF, NR, 3>(a, n, m); break;
-    case 2: gemv_block<F, BF, NR, 2>(a, n, m); break;
-    case 1: gemv_block<F, BF, NR, 1>(a, n, m); break;
-    default: break;
-  }
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t t = 0; t < tiles; ++t) gemv_tile_f32<F, NR, MB>(a, t * NR, m0);
+  for (int64_t n = tiles * NR; n < a.N; ++n) gemv_tile_f32<F, 1, MB>(a, n, m0);
 }
 #else
-template <class F, bool BF, int NR>
+template <class F, int NR>
 void gemv_rows(const GemvArgs& a, int64_t n) {
   float w[32];
   Scales s;
@@ -889,16 +956,13 @@ void gemv_rows(const GemvArgs& a, int64_t n) {
       store(a, m, n + r, sum);
     }
 }
-#endif
 
-template <class F, bool BF>
-void gemv(const GemvArgs& a, int threads) {
-  constexpr int NR = 4;
-  const int64_t tiles = a.N / NR;
+template <class F, bool DOT>
+void gemv_all(const GemvArgs& a, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t t = 0; t < tiles; ++t) gemv_rows<F, BF, NR>(a, t * NR);
-  for (int64_t n = tiles * NR; n < a.N; ++n) gemv_rows<F, BF, 1>(a, n);
+  for (int64_t n = 0; n < a.N; ++n) gemv_rows<F, 1>(a, n);
 }
+#endif
 
 // fp32 copy of x ([M, K], row stride ldx, fp32 or bf16)
 void load_x(const void* x, int x_bf16, int64_t M, int64_t K, int64_t ldx, float* out) {
@@ -912,28 +976,43 @@ struct GemvFn {
   static void run(const void* x, int x_bf16, int64_t ldx, GemvArgs a, int threads) {
     const int64_t M = a.M, K = a.K;
 #if QK_BF16
-    if (F::kBits > 0 && x_bf16) {  // the dots' initial values take off the codes' 2^kBits + kOffset
-      std::vector<float> init((size_t)(M * K / 2)), xsum(F::kOffset < 0 ? (size_t)(M * K / 32) : 0);
-      const float shift = -(float)((1 << F::kBits) + (F::kOffset < 0 ? 0 : F::kOffset));
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t i = 0; i < K / 2; ++i) {
-          const uint16_t* pair = (const uint16_t*)x + m * ldx + 2 * i;
-          const float sum = bf16_to_float(pair[0]) + bf16_to_float(pair[1]);
-          init[m * K / 2 + i] = shift * sum;
-          if (F::kOffset < 0) xsum[m * K / 32 + i / 16] += sum;
+    if constexpr (kDot<F>) {
+      if (x_bf16) {
+        // formats with a minimum: the sum of each group of 32 x values, x rows side by side
+        const int64_t groups = K / 32, ld = (M + 15) / 16 * 16;
+        std::vector<float> xsum(F::kOffset < 0 ? (size_t)(groups * ld) : 0, 0.0f);
+        if (F::kOffset < 0)
+          for (int64_t m = 0; m < M; ++m)
+            for (int64_t gi = 0; gi < groups; ++gi) {
+              const uint16_t* group = (const uint16_t*)x + m * ldx + gi * 32;
+              float sum = 0;
+              for (int i = 0; i < 32; ++i) sum += bf16_to_float(group[i]);
+              xsum[gi * ld + m] = sum;
+            }
+        // Q6_K: the sum of each run of 16 x values, [M, K/16]
+        if (F::kBits == 6) {
+          xsum.resize((size_t)(M * K / 16));
+          for (int64_t m = 0; m < M; ++m)
+            for (int64_t j = 0; j < K / 16; ++j) {
+              const uint16_t* run = (const uint16_t*)x + m * ldx + j * 16;
+              float sum = 0;
+              for (int i = 0; i < 16; ++i) sum += bf16_to_float(run[i]);
+              xsum[m * K / 16 + j] = sum;
+            }
         }
-      a.xb = (const uint16_t*)x;
-      a.ldxb = ldx;
-      a.init = init.data();
-      a.xsum = xsum.data();
-      gemv<F, true>(a, threads);
-      return;
+        a.xb = (const uint16_t*)x;
+        a.ldxb = ldx;
+        a.xsum = xsum.data();
+        a.ldxs = F::kBits == 6 ? K / 16 : ld;
+        gemv_all<F, true>(a, threads);
+        return;
+      }
     }
 #endif
     std::vector<float> xf((size_t)(M * K));
     load_x(x, x_bf16, M, K, ldx, xf.data());
     a.x = xf.data();
-    gemv<F, false>(a, threads);
+    gemv_all<F, false>(a, threads);
   }
 };
 
@@ -1020,7 +1099,7 @@ int qk_simd(void) { return QK_BF16 ? 2 : QK_AVX512; }
 // y[M, N] (row stride ldy, fp32 or bf16) = x[M, K] @ dequant(w)[N, K]^T (+ bias); 0 on success
 int qk_gemv(int type, const void* x, int x_bf16, int64_t M, int64_t K, int64_t ldx, const uint8_t* w, int64_t N,
             int64_t row_bytes, const float* bias, void* y, int y_bf16, int64_t ldy, int threads) {
-  const GemvArgs a{nullptr, M, K, nullptr, 0, nullptr, nullptr, w, N, row_bytes, bias, y, ldy, y_bf16};
+  const GemvArgs a{nullptr, M, K, nullptr, 0, nullptr, 0, w, N, row_bytes, bias, y, ldy, y_bf16};
   return dispatch<GemvFn>(type, x, x_bf16, ldx, a, threads);
 }
 
