@@ -21,7 +21,16 @@ from transformers import (
 
 from qwenvl.config import VisionConfig
 from qwenvl.errors import ModelFileError
-from qwenvl.models.vision import VisionTransformer, vision_weights, weight_names
+import torch.nn.functional as F
+
+from qwenvl.models.vision import (
+    Linear,
+    SegmentPlan,
+    VisionTransformer,
+    vision_weights,
+    weight_names,
+    window_layout,
+)
 
 TINY_TEXT = dict(
     vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -192,6 +201,61 @@ def test_bfloat16_close_to_float32_reference() -> None:
     out = ours(pixels, grid)
     assert out.dtype == torch.bfloat16
     assert relative_error(out, hf_encode(hf, pixels, grid)) <= 5e-2
+
+
+@pytest.mark.parametrize("case_name", ["2vl-d4-w64-h4", "25vl-d4-w64-h4-win56-full[1,3]"])
+def test_bfloat16_close_to_our_float32(case_name: str) -> None:
+    """The bf16 path (fused oneDNN linears, bf16 rotary and activations) against our own fp32 path."""
+    hf, ours32 = tiny_pair(case_name)
+    ours16 = VisionTransformer(CASES[case_name].vision_config(), dtype=torch.bfloat16)
+    ours16.load_weights(hf.state_dict())
+    grid = GRIDS["three-mixed"]
+    pixels = random_patches(grid)
+    out16, out32 = ours16(pixels, grid).float(), ours32(pixels, grid)
+    assert F.cosine_similarity(out16.flatten(), out32.flatten(), dim=0) >= 0.999
+    assert F.cosine_similarity(out16, out32, dim=1).min() >= 0.99  # every merged token, not just on average
+
+
+def test_linear_fused_forms_match_plain_linear() -> None:
+    generator = torch.Generator().manual_seed(3)
+    layer = Linear(48, 40)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(40, 48, generator=generator) / 7)
+        layer.bias.copy_(torch.randn(40, generator=generator))
+    x, residual = torch.randn(9, 48, generator=generator), torch.randn(9, 40, generator=generator)
+    plain = F.linear(x, layer.weight, layer.bias)
+    torch.testing.assert_close(layer.forward_plus(x, residual), plain + residual, rtol=0, atol=0)
+    torch.testing.assert_close(layer.forward_silu(x), F.silu(plain), rtol=0, atol=0)
+
+    layer16 = layer.to(torch.bfloat16)
+    x16, residual16 = x.bfloat16(), residual.bfloat16()
+    exact = F.linear(x16.float(), layer16.weight.float(), layer16.bias.float())
+    for got, want in [
+        (layer16(x16), exact),
+        (layer16.forward_silu(x16), F.silu(exact)),
+        (layer16.forward_plus(x16, residual16), exact + residual16.float()),
+    ]:
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("grid", [[[1, 10, 14]], [[2, 14, 10], [1, 4, 6]], [[1, 16, 16]]])
+def test_window_layout_is_a_partition_into_windows(grid: list[list[int]]) -> None:
+    """Each attention segment is exactly one window of one frame; equal windows share one run."""
+    side = 2  # merged tokens (window 56 px)
+    order, lengths = window_layout(grid, merge=2, side=side)
+    window_of_token = []  # (image, frame, window row, window col) of every merged token, original order
+    for image, (t, h, w) in enumerate(grid):
+        for frame in range(t):
+            window_of_token += [(image, frame, r // side, c // side) for r in range(h // 2) for c in range(w // 2)]
+    assert sorted(order.tolist()) == list(range(len(window_of_token)))
+    start = 0
+    for length in lengths:
+        windows = {window_of_token[i] for i in order[start : start + length // 4].tolist()}
+        assert len(windows) == 1
+        start += length // 4
+    assert len(set(lengths)) <= len(SegmentPlan.from_lengths(lengths).runs) <= 4 * sum(t for t, _, _ in grid)
+    assert len(lengths) == len(set(window_of_token))
 
 
 def test_older_prefix_and_bare_names_load_the_same() -> None:
