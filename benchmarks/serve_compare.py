@@ -82,6 +82,7 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=16, help="qwenvl --max-batch")
     parser.add_argument("--threads", type=int, help="qwenvl --threads (default: physical cores)")
+    parser.add_argument("--qwenvl-args", default="", help="extra `qwenvl serve` arguments, e.g. '--kernel dense'")
     parser.add_argument("--ignore-eos", action="store_true", help="ask for exactly --max-tokens tokens (qwenvl only honours it)")
     parser.add_argument("--skip", default="", help="comma-separated servers to skip: qwenvl, transformers")
     parser.add_argument("--start-timeout", type=float, default=600)
@@ -96,6 +97,7 @@ def main() -> int:
     if "qwenvl" not in skip:
         command = [sys.executable, "-m", "qwenvl", "serve", gguf, "--port", "8391", "--max-batch", str(args.max_batch),
                    "--max-tokens", str(args.max_tokens)] + (["--threads", str(args.threads)] if args.threads else [])
+        command += args.qwenvl_args.split()
         rows += measure("qwenvl", command, 8391, "default", args)
     if "transformers" not in skip:
         command = ["transformers", "serve", hf_dir, "--continuous-batching", "--dtype", "bfloat16",
