@@ -24,36 +24,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qwenvl.bench import published_vision_config
+from kernels import wait_for_idle  # benchmarks/kernels.py: time only while the CPUs are idle
+from qwenvl.bench import published_vision_config, randomize_weights
 from qwenvl.config import VisionConfig
 from qwenvl.models.vision import VisionTransformer
 
 MODELS = ("qwen2-vl-2b", "qwen2.5-vl-3b")
 ENGINES = ("qwenvl", "transformers")
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-def others_busy(seconds: float = 0.1) -> float:
-    """The fraction of CPU time other processes used over ``seconds`` (we sleep meanwhile)."""
-
-    def read() -> tuple[int, int]:
-        with open("/proc/stat") as handle:
-            values = [int(v) for v in handle.readline().split()[1:]]
-        return sum(values), values[3] + values[4]  # total, idle + iowait
-
-    total, idle = read()
-    time.sleep(seconds)
-    total2, idle2 = read()
-    return 1 - (idle2 - idle) / max(1, total2 - total)
-
-
-def wait_for_idle(timeout: float, limit: float = 0.2) -> None:
-    start = time.perf_counter()
-    try:
-        while time.perf_counter() - start < timeout and others_busy() > limit:
-            time.sleep(0.3)
-    except OSError:  # no /proc/stat: not Linux
-        return
 
 
 def transformers_encoder(config: VisionConfig, dtype: torch.dtype) -> nn.Module:
@@ -84,18 +62,6 @@ def transformers_encoder(config: VisionConfig, dtype: torch.dtype) -> nn.Module:
     return model_class._from_config(hf_config, dtype=dtype).eval()
 
 
-def randomize(module: nn.Module, seed: int = 0) -> None:
-    """O(1) activations: norm weights near 1, biases near 0, matrices scaled by their fan-in."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if param.ndim == 1:
-                param.copy_((1.0 if name.endswith("weight") else 0.0) + 0.02 * noise)
-            else:
-                param.copy_(noise / param[0].numel() ** 0.5)
-
-
 @dataclass(frozen=True)
 class Encoders:
     qwenvl: VisionTransformer
@@ -105,7 +71,7 @@ class Encoders:
 def build(name: str, dtype: torch.dtype) -> Encoders:
     config = published_vision_config(name)
     hf = transformers_encoder(config, dtype)
-    randomize(hf)
+    randomize_weights(hf)
     with torch.device("meta"):
         ours = VisionTransformer(config, dtype)
     ours = ours.to_empty(device="cpu")
@@ -132,7 +98,7 @@ def best_seconds(
         outs = {engine: fn() for engine, fn in fns.items()}  # warm-up
         for _ in range(repeat):
             for engine, fn in fns.items():
-                wait_for_idle(idle_wait)
+                wait_for_idle(timeout=idle_wait)
                 start = time.perf_counter()
                 outs[engine] = fn()
                 seconds[engine].append(time.perf_counter() - start)

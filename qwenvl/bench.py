@@ -712,7 +712,7 @@ def _qwenvl_vision_only(run: EngineRun) -> dict[str, Any]:
     with torch.device("meta"):
         vision = VisionTransformer(published_vision_config(run.vision_config), dtype)
     vision = vision.to_empty(device="cpu")
-    _randomize(vision)
+    randomize_weights(vision)
     vision.eval()
     config = PreprocessConfig()
 
@@ -739,7 +739,7 @@ def published_vision_config(name: str) -> Any:
                         fullatt_block_indexes=(7, 15, 23, 31), tokens_per_second=2)
 
 
-def _randomize(module: Any, seed: int = 0) -> None:
+def randomize_weights(module: Any, seed: int = 0) -> None:
     """O(1) activations: norm weights near 1, biases near 0, matrices scaled by their fan-in."""
     import torch
 

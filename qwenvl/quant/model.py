@@ -91,18 +91,13 @@ class _LayerBuilder:
     def linear(self, names: Sequence[str], bias: torch.Tensor | None = None) -> QuantLinear | ConcatLinear:
         infos = [self.source.info(name) for name in names]
         kernel = self.kernel_for(info.ggml_type for info in infos)
-        if len(names) == 1:
+        # one tensor, or several stored back to back: one view of the file, no copy
+        raw = self.blocks(names[0]) if len(names) == 1 else self.source.raw_joined(names)
+        if raw is not None:
+            shape = (sum(_matrix(info)[0] for info in infos), _matrix(infos[0])[1])
             return quant_linear_from_ggml(
-                self.blocks(names[0]), infos[0].ggml_type, _matrix(infos[0]), bias, self.dtype, kernel,
-                copy=False, prefill_pieces=self.pieces,
-            )  # fmt: skip
-        joined = self.source.raw_joined(names)
-        if joined is not None:  # stored back to back: one view of the file, no copy
-            rows = sum(_matrix(info)[0] for info in infos)
-            return quant_linear_from_ggml(
-                joined, infos[0].ggml_type, (rows, _matrix(infos[0])[1]), bias, self.dtype, kernel,
-                copy=False, prefill_pieces=self.pieces,
-            )  # fmt: skip
+                raw, infos[0].ggml_type, shape, bias, self.dtype, kernel, copy=False, prefill_pieces=self.pieces
+            )
         parts = [(self.source.raw(name), info.ggml_type, _matrix(info)) for name, info in zip(names, infos)]
         layer = quant_linear_from_parts(parts, bias, self.dtype, kernel, self.pieces)
         self.source.release(names)  # the parts were copied into one fused matrix
