@@ -154,23 +154,62 @@ def bits(y: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("ggml_type", BLOCK_TYPES, ids=lambda t: t.name)
 def test_decode_rows_do_not_depend_on_each_other(ggml_type: T, dtype: torch.dtype) -> None:
-    """A batched server's answers must equal each request served alone: row i of an M-row call is
-    bit for bit the 1-row result of x[i], for every M the fused GEMV takes."""
-    out_rows = 43  # tails after the 4- and 2-row tiles
+    """A batched step's rows must not depend on each other: row i of an M-row call is bit for bit
+    x[i]'s 1-row result on the same path, for every M the fused GEMV takes (AVX-512 below
+    ``amx_min_rows`` bf16 rows, AMX tiles from there on where the CPU has them)."""
+    out_rows = 43  # tails after the 4- and 2-row tiles (and the 16-row AMX tiles)
     raw = random_blocks(ggml_type, out_rows, COLS, seed=5)
     layer = quant_linear_from_ggml(raw, ggml_type, (out_rows, COLS), bias=torch.randn(out_rows), kernel="blocks")
     most = layer.gemv_max_rows
     x = (torch.randn(most, COLS) * torch.logspace(-2, 2, most)[:, None]).to(dtype)
 
-    def fp32_out(x: torch.Tensor) -> torch.Tensor:  # the kernel's sums before any bf16 rounding
-        return kernels.gemv(x, layer.blocks, ggml_type, COLS, out=torch.empty(x.shape[0], out_rows))
+    def fp32_out(x: torch.Tensor, amx: bool) -> torch.Tensor:  # the kernel's sums before any bf16 rounding
+        return kernels.gemv(x, layer.blocks, ggml_type, COLS, out=torch.empty(x.shape[0], out_rows), amx=amx)
 
-    for run in (layer, fp32_out):
-        alone = torch.cat([bits(run(x[i : i + 1])) for i in range(most)])
+    def layer_out(x: torch.Tensor, amx: bool) -> torch.Tensor:
+        out = torch.empty(x.shape[0], out_rows, dtype=x.dtype)
+        return kernels.gemv(x, layer.blocks, ggml_type, COLS, bias=layer.bias, out=out, amx=amx)
+
+    for run in (layer_out, fp32_out):
+        alone = {amx: torch.cat([bits(run(x[i : i + 1], amx)) for i in range(most)]) for amx in (False, True)}
         for rows in range(1, most + 1):
-            together = bits(run(x[:rows]))
-            differ = (together != alone[:rows]).any(dim=1).nonzero().flatten().tolist()
-            assert not differ, f"{rows} rows: rows {differ} differ from their 1-row results"
+            amx = dtype == torch.bfloat16 and rows >= layer.amx_min_rows
+            together = bits(run(x[:rows], amx))
+            differ = (together != alone[amx][:rows]).any(dim=1).nonzero().flatten().tolist()
+            assert not differ, f"{rows} rows (amx={amx}): rows {differ} differ from their 1-row results"
+            if run is layer_out:  # the layer takes the same path as this call
+                assert torch.equal(bits(layer(x[:rows])), together)
+
+
+AMX_TYPES = sorted(linear.AMX_TYPES, key=int)
+needs_amx = pytest.mark.skipif(not kernels.amx_available(), reason="no AMX tiles here")
+
+
+@needs_amx
+@pytest.mark.parametrize("ggml_type", AMX_TYPES, ids=lambda t: t.name)
+def test_amx_path_is_exact(ggml_type: T) -> None:
+    """bf16 x on AMX tiles: the same exact weights and the same fp32 bound as the AVX-512 path, for
+    1-16 rows and a row count past 16 (two tile passes)."""
+    torch.manual_seed(7)
+    raw = random_blocks(ggml_type, ROWS + 3, COLS, seed=7)  # rows past a 16-row tile
+    weight = reference_weight(raw, ggml_type)
+    blocks, bias = torch.from_numpy(raw), torch.randn(ROWS + 3) * 0.1
+    for rows in (1, 5, 16, 19):
+        x = torch.randn(rows, COLS).bfloat16()
+        ref, scale = reference(x, weight, bias)
+        out = torch.empty(rows, ROWS + 3)
+        got = kernels.gemv(x, blocks, ggml_type, COLS, bias=bias, out=out, amx=True)
+        assert_within(got, ref, EPS * scale)
+        vector = kernels.gemv(x, blocks, ggml_type, COLS, bias=bias, out=torch.empty_like(out))
+        assert not torch.equal(got, vector) or rows == 1  # really another path (sums in another order)
+
+
+@needs_amx
+def test_amx_can_be_turned_off(monkeypatch) -> None:
+    monkeypatch.setenv("QWENVL_AMX", "0")
+    raw = random_blocks(T.Q5_0, ROWS, COLS)
+    layer = quant_linear_from_ggml(raw, T.Q5_0, (ROWS, COLS), kernel="blocks")
+    assert layer.amx_min_rows > layer.gemv_max_rows and "AMX" not in layer.describe()
 
 
 @needs_kernels

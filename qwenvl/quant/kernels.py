@@ -80,7 +80,8 @@ def _build(compiler: str, flags: list[str], target: Path) -> None:
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.qk_simd.argtypes, lib.qk_simd.restype = [], i32
-    lib.qk_gemv.argtypes = [i32, ptr, i32, i64, i64, i64, ptr, i64, i64, ptr, ptr, i32, i64, i32]
+    lib.qk_amx.argtypes, lib.qk_amx.restype = [], i32
+    lib.qk_gemv.argtypes = [i32, ptr, i32, i64, i64, i64, ptr, i64, i64, ptr, ptr, i32, i64, i32, i32]
     lib.qk_gemv.restype = i32
     lib.qk_dequant.argtypes = [i32, ptr, i64, i64, i64, ptr, i32, i32]
     lib.qk_dequant.restype = i32
@@ -132,6 +133,13 @@ def available() -> bool:
     return library() is not None
 
 
+def amx_available(lib: ctypes.CDLL | None = None) -> bool:
+    """Whether bf16 products can run on AMX tiles here (the CPU has them and Linux grants them).
+    ``QWENVL_AMX=0`` turns them off."""
+    lib = lib or library()
+    return lib is not None and os.environ.get("QWENVL_AMX", "1") != "0" and bool(lib.qk_amx())
+
+
 def _row_bytes(ggml_type: GGMLQuantizationType, k: int) -> int:
     block_size, type_size = GGML_QUANT_SIZES[ggml_type]
     return k // block_size * type_size
@@ -155,11 +163,14 @@ def gemv(
     bias: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     lib: ctypes.CDLL | None = None,
+    amx: bool = False,
 ) -> torch.Tensor:
     """``x @ W.T (+ bias)`` for x [M, k] (fp32 or bf16), W the [N, k] matrix held in ``blocks``.
 
     Reads each block once for all M rows (meant for small M). Output: ``out`` if given (fp32 or bf16,
     [M, N], rows may be strided), else a new tensor of x's dtype. ``bias`` must be fp32 [N].
+    ``amx``: bf16 x on AMX tiles where ``amx_available()`` (formats with small codes: not F16/BF16/F32),
+    else AVX-512. Both give each row a result independent of the other rows; not the same bits.
     """
     n = blocks.shape[0]
     check_blocks(blocks, ggml_type, n, k)
@@ -171,7 +182,7 @@ def gemv(
         raise ValueError("out must be fp32/bf16 [M, N] with contiguous rows")
     if bias is not None and (bias.dtype != torch.float32 or bias.shape != (n,) or not bias.is_contiguous()):
         raise ValueError("bias must be a contiguous fp32 [N] tensor")
-    gemv_unchecked(lib or load_library(), ggml_type, x, blocks, bias, out)
+    gemv_unchecked(lib or load_library(), ggml_type, x, blocks, bias, out, amx)
     return out
 
 
@@ -182,12 +193,13 @@ def gemv_unchecked(
     blocks: torch.Tensor,
     bias: torch.Tensor | None,
     out: torch.Tensor,
+    amx: bool = False,
 ) -> None:
     """``gemv`` without the argument checks, for callers that guarantee them (the per-token path)."""
     status = lib.qk_gemv(
         int(ggml_type), x.data_ptr(), x.dtype == torch.bfloat16, x.shape[0], x.shape[1], x.stride(0),
         blocks.data_ptr(), blocks.shape[0], blocks.stride(0), None if bias is None else bias.data_ptr(),
-        out.data_ptr(), out.dtype == torch.bfloat16, out.stride(0), torch.get_num_threads(),
+        out.data_ptr(), out.dtype == torch.bfloat16, out.stride(0), torch.get_num_threads(), amx,
     )  # fmt: skip
     if status:
         raise ValueError(f"block kernels do not support {GGMLQuantizationType(ggml_type).name}")
@@ -235,6 +247,7 @@ SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -249,6 +262,13 @@ SOURCE = r"""
 #define QK_BF16 1
 #else
 #define QK_BF16 0
+#endif
+#if QK_BF16 && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#define QK_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#else
+#define QK_AMX 0
 #endif
 
 namespace {
@@ -917,6 +937,202 @@ void gemv_tile_dot(const GemvArgs& a, int64_t n, int64_t m0) {
 
 #endif  // QK_BF16
 
+#if QK_AMX
+// ---------------------------------------------------------------------------------------------
+// AMX path (bf16 x, small codes, when the kernel grants the tile state): per group of 32, one
+// tdpbf16ps multiplies 16 weight rows (tile A: the group's exact bf16 code values, as in the dot
+// path) by up to 16 x rows (tile B: x in VNNI order, made once per call) into a 16 x 16 fp32 tile
+// of raw dot products, which the groups' scales multiply into one accumulator per weight row
+// (lanes = x rows). Each output's sums depend only on its own weight row and x row.
+
+bool amx_permitted() {  // the kernel must grant the tile state (torch/oneDNN may have asked already)
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  return ok;
+}
+
+// Q8_0 on tiles too (not on the dot path: there two fp32 FMAs beat one vdpbf16ps): its int8 codes
+// are exact bf16 numbers
+template <>
+struct DotWeights<Q8_0> {
+  inline __m512i operator()(const uint8_t* b, int) const {
+    const __m512 lo = i8_to_ps(_mm_loadu_si128((const __m128i*)(b + 2)));
+    const __m512 hi = i8_to_ps(_mm_loadu_si128((const __m128i*)(b + 18)));
+    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+  }
+};
+
+// the formats the tiles take: small codes times a scale per 32 (or 16) weights
+template <class F>
+constexpr bool kAmx = kDot<F> || std::is_same_v<F, Q8_0>;
+
+struct alignas(64) TileConfig {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+inline void amx_configure() {  // tiles 0, 3, 5: C; 1, 4, 6, 7: A; 2: B — all 16 rows of 64 bytes
+  TileConfig cfg{};
+  cfg.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// x [M, K] bf16 → [K/32][16 pairs][16 rows][2]: group g's B tile at xv + g * 512 (uint16_t), rows
+// of x beyond M zero
+void vnni_x(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, uint16_t* xv) {
+  memset(xv, 0, (size_t)(K * 16 * 2));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) xv[(k / 32) * 512 + ((k % 32) / 2) * 32 + m * 2 + (k % 2)] = x[m * ldx + k];
+}
+
+struct AmxArgs {
+  const uint16_t* xv;  // VNNI x, see vnni_x
+  const float* xsum;   // [K/32][16] (formats with a minimum) or [K/16][16] (Q6_K), lanes = x rows
+};
+
+// Decodes group gi (of the whole row) of `rows` weight rows into an A buffer (Q6_K: two, one per 16).
+template <class F, bool kFull>
+inline void amx_decode(const GemvArgs& a, const DotWeights<F>& weights, int64_t n, int rows, int64_t gi,
+                       uint16_t* abuf) {
+  constexpr int G = F::kValues / 32;
+  const uint8_t* row = a.w + n * a.row_bytes + (gi / G) * F::kBytes;
+#pragma GCC unroll 16
+  for (int r = 0; r < 16; ++r) {
+    if (!kFull && r >= rows) break;
+    const __m512i w = weights(row + r * a.row_bytes, (int)(gi % G));
+    if constexpr (F::kBits == 6) {  // a scale per 16 weights: the halves in two A tiles
+      _mm512_store_si512((void*)(abuf + r * 32), _mm512_maskz_mov_epi16(0x0000FFFF, w));
+      _mm512_store_si512((void*)(abuf + 512 + r * 32), _mm512_maskz_mov_epi16(0xFFFF0000, w));
+    } else {
+      _mm512_store_si512((void*)(abuf + r * 32), w);
+    }
+  }
+}
+
+// The tile products of one group: A buffer(s) x B → C buffer(s), on tiles chosen by the parity
+// (GCC's tile intrinsics take literal tile numbers). Q6_K's second halves share C tile 3.
+template <bool kHalves>
+inline void amx_multiply(int parity, const uint16_t* abuf, const uint16_t* bx, float* cbuf) {
+  if (parity == 0) {  // C 0, A 1, B 2
+    _tile_zero(0);
+    _tile_loadd(1, abuf, 64);
+    _tile_loadd(2, bx, 64);
+    _tile_dpbf16ps(0, 1, 2);
+    _tile_stored(0, cbuf, 64);
+  } else {  // C 5, A 6, B 7
+    _tile_zero(5);
+    _tile_loadd(6, abuf, 64);
+    _tile_loadd(7, bx, 64);
+    _tile_dpbf16ps(5, 6, 7);
+    _tile_stored(5, cbuf, 64);
+  }
+  if constexpr (kHalves) {  // C 3, A 4, the same B
+    _tile_zero(3);
+    _tile_loadd(4, abuf + 512, 64);
+    if (parity == 0)
+      _tile_dpbf16ps(3, 4, 2);
+    else
+      _tile_dpbf16ps(3, 4, 7);
+    _tile_stored(3, cbuf + 256, 64);
+  }
+}
+
+// rows (<= 16) weight rows from n against the 16 (zero-padded) x rows. Two-stage pipeline over the
+// groups gi of a row: the tiles multiply group gi while the next group is decoded into the other
+// buffer (tiles are not renamed: alternate ones let consecutive groups overlap).
+template <class F, bool kFull>
+void amx_tile(const GemvArgs& a, const AmxArgs& b, int64_t n, int rows, uint16_t* abuf, float* cbuf) {
+  constexpr bool kMin = F::kOffset < 0, kSixBits = F::kBits == 6;
+  constexpr int G = F::kValues / 32;
+  const int64_t groups = a.K / 32;
+  __m512 acc[16];
+  Scales s[16];
+#pragma GCC unroll 16
+  for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+  const DotWeights<F> weights;
+  amx_decode<F, kFull>(a, weights, n, rows, 0, abuf);
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    const int64_t blk = gi / G;
+    const int g = (int)(gi % G);
+    const int parity = (int)(gi & 1);
+    uint16_t* current = abuf + parity * 1024;
+    float* result = cbuf + parity * 512;
+    amx_multiply<kSixBits>(parity, current, b.xv + gi * 512, result);
+    if (g == 0) {  // a new block: its scales (and Q6_K's 64 + 32 correction)
+      const uint8_t* row = a.w + n * a.row_bytes + blk * F::kBytes;
+      prefetch_next_tile<F, 16>(row, a.row_bytes);
+      for (int r = 0; r < 16; ++r) {
+        if (!kFull && r >= rows) break;
+        F::prepare(row + r * a.row_bytes, &s[r]);
+        if constexpr (kSixBits) {  // -96 * scale times x's sums over each run of 16
+          alignas(64) float minus[16];
+          _mm512_store_ps(minus, q6k_minus(row + r * a.row_bytes));
+#pragma GCC unroll 16
+          for (int j = 0; j < 16; ++j)
+            acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(minus[j]), _mm512_loadu_ps(b.xsum + (blk * 16 + j) * 16), acc[r]);
+        }
+      }
+    }
+    if (gi + 1 < groups) amx_decode<F, kFull>(a, weights, n, rows, gi + 1, abuf + (parity ^ 1) * 1024);
+    const __m512 xsum = kMin ? _mm512_loadu_ps(b.xsum + gi * 16) : _mm512_setzero_ps();
+#pragma GCC unroll 16
+    for (int r = 0; r < 16; ++r) {
+      if (!kFull && r >= rows) break;
+      acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(s[r].s0[g]), _mm512_load_ps(result + r * 16), acc[r]);
+      if constexpr (kSixBits)
+        acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(s[r].s1[g]), _mm512_load_ps(result + 256 + r * 16), acc[r]);
+      if constexpr (kMin) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(s[r].off[g]), xsum, acc[r]);
+    }
+  }
+  for (int r = 0; r < rows; ++r) {
+    alignas(64) float out[16];
+    _mm512_store_ps(out, acc[r]);
+    for (int64_t m = 0; m < a.M; ++m) store(a, m, n + r, out[m]);
+  }
+}
+
+template <class F>
+void gemv_amx(const GemvArgs& a, const AmxArgs& b, int threads) {  // a.M <= 16
+  const int64_t tiles = (a.N + 15) / 16;
+#pragma omp parallel num_threads(threads)
+  {
+    alignas(64) uint16_t abuf[2048] = {};
+    alignas(64) float cbuf[1024];
+    amx_configure();
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t n = t * 16;
+      if (n + 16 <= a.N)
+        amx_tile<F, true>(a, b, n, 16, abuf, cbuf);
+      else
+        amx_tile<F, false>(a, b, n, (int)(a.N - n), abuf, cbuf);
+    }
+    _tile_release();
+  }
+}
+
+// the AMX path for x [M <= 16, K] bf16
+template <class F>
+void run_amx(const uint16_t* x, int64_t ldx, GemvArgs a, int threads) {
+  const int64_t M = a.M, K = a.K;
+  std::vector<uint16_t> xv((size_t)(K * 16));
+  vnni_x(x, M, K, ldx, xv.data());
+  const int width = F::kBits == 6 ? 16 : 32;  // Q6_K: sums over 16, else over 32 (minimums)
+  std::vector<float> xsum((size_t)(K / width * 16), 0.0f);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < K / width; ++j) {
+      float sum = 0;
+      for (int i = 0; i < width; ++i) sum += bf16_to_float(x[m * ldx + j * width + i]);
+      xsum[j * 16 + m] = sum;
+    }
+  gemv_amx<F>(a, AmxArgs{xv.data(), xsum.data()}, threads);
+}
+#endif  // QK_AMX
+
 template <class F, int MB, bool DOT>
 void gemv_pass(const GemvArgs& a, int64_t m0, int threads) {
   constexpr int NR = tile_rows(MB);
@@ -973,8 +1189,21 @@ void load_x(const void* x, int x_bf16, int64_t M, int64_t K, int64_t ldx, float*
 
 template <class F>
 struct GemvFn {
-  static void run(const void* x, int x_bf16, int64_t ldx, GemvArgs a, int threads) {
+  static void run(const void* x, int x_bf16, int64_t ldx, GemvArgs a, int threads, int amx) {
     const int64_t M = a.M, K = a.K;
+#if QK_AMX
+    if constexpr (kAmx<F>) {
+      if (x_bf16 && amx && amx_permitted()) {
+        for (int64_t m0 = 0; m0 < M; m0 += 16) {
+          GemvArgs rows = a;
+          rows.M = M - m0 < 16 ? M - m0 : 16;
+          rows.y = (uint8_t*)a.y + m0 * a.ldy * (a.y_bf16 ? 2 : 4);
+          run_amx<F>((const uint16_t*)x + m0 * ldx, ldx, rows, threads);
+        }
+        return;
+      }
+    }
+#endif
 #if QK_BF16
     if constexpr (kDot<F>) {
       if (x_bf16) {
@@ -1096,11 +1325,21 @@ extern "C" {
 // 0: portable C++, 1: AVX-512, 2: AVX-512 with bf16 dot products for bf16 inputs
 int qk_simd(void) { return QK_BF16 ? 2 : QK_AVX512; }
 
-// y[M, N] (row stride ldy, fp32 or bf16) = x[M, K] @ dequant(w)[N, K]^T (+ bias); 0 on success
+// 1 if qk_gemv can take bf16 x on AMX tiles here (the CPU has them and the kernel grants them)
+int qk_amx(void) {
+#if QK_AMX
+  return amx_permitted();
+#else
+  return 0;
+#endif
+}
+
+// y[M, N] (row stride ldy, fp32 or bf16) = x[M, K] @ dequant(w)[N, K]^T (+ bias); 0 on success.
+// amx: bf16 x on AMX tiles where qk_amx() (formats with small codes; others ignore it)
 int qk_gemv(int type, const void* x, int x_bf16, int64_t M, int64_t K, int64_t ldx, const uint8_t* w, int64_t N,
-            int64_t row_bytes, const float* bias, void* y, int y_bf16, int64_t ldy, int threads) {
+            int64_t row_bytes, const float* bias, void* y, int y_bf16, int64_t ldy, int threads, int amx) {
   const GemvArgs a{nullptr, M, K, nullptr, 0, nullptr, 0, w, N, row_bytes, bias, y, ldy, y_bf16};
-  return dispatch<GemvFn>(type, x, x_bf16, ldx, a, threads);
+  return dispatch<GemvFn>(type, x, x_bf16, ldx, a, threads, amx);
 }
 
 // out = dequant(w) as fp32 [N, K] (pieces == 0) or as bf16 [N, pieces * K] parts summing to it

@@ -59,6 +59,12 @@ EXACT_PIECES: dict[GGMLQuantizationType, int] = {T.BF16: 1, T.F16: 2, T.Q4_0: 2,
 
 # Up to this many rows the fused block GEMV wins; beyond, dequantize + GEMM (measured crossover).
 GEMV_MAX_ROWS = 16
+# From this many bf16 rows on, the GEMV runs on AMX tiles where the CPU has them (formats with small
+# codes): its cost barely grows with the rows, the AVX-512 path's grows linearly but starts lower
+# (benchmarks/kernels.py --rows). A row's result then differs in the last bits from its 1-row result.
+AMX_MIN_ROWS = 6
+AMX_MIN_ROWS_BY_TYPE: dict[GGMLQuantizationType, int] = {T.Q8_0: 8, T.Q6_K: 12}
+AMX_TYPES = frozenset({T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K})
 # Prefill dequantizes up to this many bytes of weight pieces at a time, into a buffer each thread
 # reuses (a fresh large tensor per call costs page faults). One GEMM per layer is faster than
 # several smaller ones, so only the lm_head is split.
@@ -156,6 +162,9 @@ class BlockQuantLinear(QuantLinear):
         self.exact_pieces = EXACT_PIECES.get(self.ggml_type, 3)
         self.pieces = pieces or self.exact_pieces  # bf16 pieces for prefill; fewer than exact = rounding
         self.gemv_max_rows = gemv_max_rows
+        # bf16 calls with at least this many rows take the AMX tiles (beyond gemv_max_rows: never)
+        amx = self.ggml_type in AMX_TYPES and kernels.amx_available(lib)
+        self.amx_min_rows = AMX_MIN_ROWS_BY_TYPE.get(self.ggml_type, AMX_MIN_ROWS) if amx else gemv_max_rows + 1
         self._lib, self._type = lib, int(self.ggml_type)
 
     @property
@@ -163,8 +172,13 @@ class BlockQuantLinear(QuantLinear):
         return self.pieces >= self.exact_pieces
 
     def _method(self) -> str:
+        tiles = (
+            f" ({self.amx_min_rows}-{self.gemv_max_rows} bf16 rows on AMX tiles)"
+            if self.amx_min_rows <= self.gemv_max_rows
+            else ""
+        )
         return (
-            f"≤{self.gemv_max_rows} rows: fused block GEMV, fp32 accumulation; more rows: "
+            f"≤{self.gemv_max_rows} rows: fused block GEMV, fp32 accumulation{tiles}; more rows: "
             f"{self.pieces} bf16 piece(s) per weight + bf16 GEMM"
         )
 
@@ -188,6 +202,7 @@ class BlockQuantLinear(QuantLinear):
                 self._type, x.data_ptr(), bf16, x.shape[0], self.in_features, x.stride(0), self.blocks.data_ptr(),
                 self.out_features, self.blocks.stride(0), None if bias is None else bias.data_ptr(), out.data_ptr(),
                 out.dtype == torch.bfloat16, out.stride(0), torch.get_num_threads(),
+                bf16 and x.shape[0] >= self.amx_min_rows,
             )  # fmt: skip
             if status:
                 raise ValueError(f"block kernels do not support {self.ggml_type.name}")
