@@ -935,6 +935,18 @@ void gemv_tile_dot(const GemvArgs& a, int64_t n, int64_t m0) {
   }
 }
 
+// x's sums over each run of `width` (16 or 32) values of each of its M bf16 rows, summed in order:
+// the sum of row m's run j goes to out[j * run_stride + m * row_stride]
+void x_run_sums(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, int width, float* out, int64_t run_stride,
+                int64_t row_stride) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < K / width; ++j) {
+      const uint16_t* run = x + m * ldx + j * width;
+      float sum = 0;
+      for (int i = 0; i < width; ++i) sum += bf16_to_float(run[i]);
+      out[j * run_stride + m * row_stride] = sum;
+    }
+}
 #endif  // QK_BF16
 
 #if QK_AMX
@@ -971,7 +983,7 @@ struct alignas(64) TileConfig {
   uint8_t rows[16];
 };
 
-inline void amx_configure() {  // tiles 0, 3, 5: C; 1, 4, 6, 7: A; 2: B — all 16 rows of 64 bytes
+inline void amx_configure() {  // tiles 0, 3, 5: C; 1, 4, 6: A; 2, 7: B — all 16 rows of 64 bytes
   TileConfig cfg{};
   cfg.palette = 1;
   for (int t = 0; t < 8; ++t) {
@@ -1121,14 +1133,12 @@ void run_amx(const uint16_t* x, int64_t ldx, GemvArgs a, int threads) {
   const int64_t M = a.M, K = a.K;
   std::vector<uint16_t> xv((size_t)(K * 16));
   vnni_x(x, M, K, ldx, xv.data());
-  const int width = F::kBits == 6 ? 16 : 32;  // Q6_K: sums over 16, else over 32 (minimums)
-  std::vector<float> xsum((size_t)(K / width * 16), 0.0f);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t j = 0; j < K / width; ++j) {
-      float sum = 0;
-      for (int i = 0; i < width; ++i) sum += bf16_to_float(x[m * ldx + j * width + i]);
-      xsum[j * 16 + m] = sum;
-    }
+  std::vector<float> xsum;  // only formats with a minimum (sums over 32) and Q6_K (over 16) read it
+  if (F::kOffset < 0 || F::kBits == 6) {
+    const int width = F::kBits == 6 ? 16 : 32;
+    xsum.assign((size_t)(K / width * 16), 0.0f);
+    x_run_sums(x, M, K, ldx, width, xsum.data(), 16, 1);
+  }
   gemv_amx<F>(a, AmxArgs{xv.data(), xsum.data()}, threads);
 }
 #endif  // QK_AMX
@@ -1209,25 +1219,15 @@ struct GemvFn {
       if (x_bf16) {
         // formats with a minimum: the sum of each group of 32 x values, x rows side by side
         const int64_t groups = K / 32, ld = (M + 15) / 16 * 16;
-        std::vector<float> xsum(F::kOffset < 0 ? (size_t)(groups * ld) : 0, 0.0f);
-        if (F::kOffset < 0)
-          for (int64_t m = 0; m < M; ++m)
-            for (int64_t gi = 0; gi < groups; ++gi) {
-              const uint16_t* group = (const uint16_t*)x + m * ldx + gi * 32;
-              float sum = 0;
-              for (int i = 0; i < 32; ++i) sum += bf16_to_float(group[i]);
-              xsum[gi * ld + m] = sum;
-            }
+        std::vector<float> xsum;
+        if (F::kOffset < 0) {
+          xsum.assign((size_t)(groups * ld), 0.0f);
+          x_run_sums((const uint16_t*)x, M, K, ldx, 32, xsum.data(), ld, 1);
+        }
         // Q6_K: the sum of each run of 16 x values, [M, K/16]
         if (F::kBits == 6) {
           xsum.resize((size_t)(M * K / 16));
-          for (int64_t m = 0; m < M; ++m)
-            for (int64_t j = 0; j < K / 16; ++j) {
-              const uint16_t* run = (const uint16_t*)x + m * ldx + j * 16;
-              float sum = 0;
-              for (int i = 0; i < 16; ++i) sum += bf16_to_float(run[i]);
-              xsum[m * K / 16 + j] = sum;
-            }
+          x_run_sums((const uint16_t*)x, M, K, ldx, 16, xsum.data(), 1, K / 16);
         }
         a.xb = (const uint16_t*)x;
         a.ldxb = ldx;
