@@ -69,6 +69,30 @@ def test_concurrent_greedy_requests_equal_each_alone(model, engine):
     assert engine.stats() | {"steps": 0} == {"running": 0, "waiting": 0, "kv_cache_bytes": 0, "steps": 0}
 
 
+def test_waiting_prompts_are_prefilled_together(model, monkeypatch):
+    """Requests admitted together are prefilled in one packed forward and still answer as alone."""
+    prompts = random_prompts(6, seed=11)  # the last one needs two chunks
+    expected = [alone(model, p, temperature=0, max_tokens=8, ignore_eos=True).token_ids for p in prompts]
+    calls = []
+    forward_segments = model.text_model.forward_segments
+
+    def recording(embeds, positions, caches, starts, lengths):
+        calls.append((list(starts), list(lengths)))
+        return forward_segments(embeds, positions, caches, starts, lengths)
+
+    monkeypatch.setattr(model.text_model, "forward_segments", recording)
+    engine = BatchEngine(model, max_batch=8)
+    monkeypatch.setattr(engine, "start", lambda: None)  # queue everything before the loop runs
+    try:
+        handles = [engine.submit(p, temperature=0, max_tokens=8, ignore_eos=True) for p in prompts]
+        BatchEngine.start(engine)
+        assert [h.result().token_ids for h in handles] == expected
+    finally:
+        engine.shutdown()
+    # one forward for all six (budget permitting); the long prompt's second chunk is alone (prefill_chunk)
+    assert calls == [([0] * 6, [len(p) for p in prompts[:5]] + [PREFILL_CHUNK])]
+
+
 def test_events_add_up_to_the_result(model, engine):
     prompt = random_prompts(2, seed=3)[0]
     handle = engine.submit(prompt, temperature=0, max_tokens=12, ignore_eos=True)

@@ -7,7 +7,7 @@ The pieces here (Request, prefill_chunk, accept_token, …) are shared with the 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -212,19 +212,49 @@ def prefill(model: TextModel, req: Request) -> torch.Tensor:
 def prefill_chunk(model: TextModel, req: Request, start: int) -> torch.Tensor | None:
     """Prefill prompt tokens start … start + PREFILL_CHUNK (start a multiple of it, so every caller
     cuts a prompt the same way); the logits after the prompt's last token, None before it."""
+    embeds, positions, end = _chunk_inputs(model, req, start)
+    hidden = model(embeds[None], positions[:, None], req.cache, start=start)
+    return model.logits(hidden[0, -1]) if end == len(req.prompt.input_ids) else None
+
+
+def prefill_chunks(model: TextModel, chunks: Sequence[tuple[Request, int]]) -> list[torch.Tensor | None]:
+    """``prefill_chunk`` for several requests in one forward (their tokens packed into one sequence,
+    each chunk attending to its own cache): the weights are read once for all. Per chunk, the logits
+    after its prompt's last token, or None before it."""
+    if len(chunks) == 1:
+        return [prefill_chunk(model, *chunks[0])]
+    inputs = [_chunk_inputs(model, req, start) for req, start in chunks]
+    lengths = [embeds.shape[0] for embeds, _, _ in inputs]
+    hidden = model.forward_segments(
+        torch.cat([embeds for embeds, _, _ in inputs])[None],
+        torch.cat([positions for _, positions, _ in inputs], dim=1)[:, None],
+        [req.cache for req, _ in chunks],
+        [start for _, start in chunks],
+        lengths,
+    )
+    ends = torch.tensor(lengths).cumsum(0) - 1
+    finished = [i for i, (req, _) in enumerate(chunks) if inputs[i][2] == len(req.prompt.input_ids)]
+    logits = model.logits(hidden[0, ends[finished]]) if finished else None
+    out: list[torch.Tensor | None] = [None] * len(chunks)
+    for row, i in enumerate(finished):
+        out[i] = logits[row]
+    return out
+
+
+def _chunk_inputs(model: TextModel, req: Request, start: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Embeddings [L, H] (vision rows in place) and position ids [3, L] of the prompt chunk at start, and its end."""
     prompt = req.prompt
     end = min(start + PREFILL_CHUNK, len(prompt.input_ids))
-    ids = torch.tensor([prompt.input_ids[start:end]], dtype=torch.long)
+    ids = torch.tensor(prompt.input_ids[start:end], dtype=torch.long)
     embeds = model.embed(ids)
     if prompt.visual_embeds is not None:
         visual = torch.tensor(prompt.visual_token_ids)
-        slots = torch.isin(ids[0], visual)
+        slots = torch.isin(ids, visual)
         if slots.any():
             before = int(torch.isin(torch.tensor(prompt.input_ids[:start], dtype=torch.long), visual).sum())
             rows = prompt.visual_embeds[before : before + int(slots.sum())]
-            embeds[0, slots] = rows.to(embeds.dtype)
-    hidden = model(embeds, prompt.position_ids[:, None, start:end], req.cache, start=start)
-    return model.logits(hidden[0, -1]) if end == len(prompt.input_ids) else None
+            embeds[slots] = rows.to(embeds.dtype)
+    return embeds, prompt.position_ids[:, start:end], end
 
 
 def decode_step(model: TextModel, req: Request, token: int) -> torch.Tensor:

@@ -3,8 +3,8 @@
 One loop thread owns the model. Each iteration it
 1. retires cancelled requests (their KV caches are freed at once),
 2. admits waiting requests while fewer than ``max_batch`` are active (each gets its own KV cache)
-   and prefills prompt chunks, up to PREFILL_CHUNK tokens per iteration, so running requests keep
-   streaming while a long prompt is read,
+   and prefills their prompt chunks, up to PREFILL_CHUNK tokens per iteration, all in one forward
+   (``TextModel.forward_segments``), so running requests keep streaming while a long prompt is read,
 3. runs one decode step for every running request (``TextModel.decode``: one matmul per weight for
    all rows, attention per row on the row's own cache and position), then samples each row with the
    request's own sampler and streams the new text to the request's handle.
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import QwenVLError, RequestError
-from .generate import PREFILL_CHUNK, GenerationResult, Request, accept_token, new_request, prefill_chunk
+from .generate import PREFILL_CHUNK, GenerationResult, Request, accept_token, new_request, prefill_chunk, prefill_chunks
 from .prompt import Prompt
 from .sampler import sampling_params
 
@@ -280,18 +280,32 @@ class BatchEngine:
             seq.admitted = time.perf_counter()
 
     def _prefill(self) -> None:
-        """Prefill whole chunks (cut as generate.prefill cuts them) up to PREFILL_CHUNK tokens in all."""
-        budget = PREFILL_CHUNK
-        while self._prefilling and budget > 0:
-            seq = self._prefilling[0]
-            start = seq.prefilled
-            try:
-                logits = prefill_chunk(self.model.text_model, seq.request, start)
-            except Exception as exc:
-                self._end(seq, "error", exc)
+        """Prefill the admitted requests' next chunks (cut as generate.prefill cuts them), up to
+        PREFILL_CHUNK tokens in all, in one forward for all of them."""
+        chunks, budget = [], PREFILL_CHUNK
+        for seq in self._prefilling:
+            if budget <= 0:
+                break
+            chunks.append(seq)
+            budget -= min(PREFILL_CHUNK, seq.prompt_length - seq.prefilled)
+        if not chunks:
+            return
+        model = self.model.text_model
+        try:
+            results = prefill_chunks(model, [(seq.request, seq.prefilled) for seq in chunks])
+        except Exception:
+            # find which request(s) the packed forward fails for: each alone (rewriting the same cache slots)
+            results = []
+            for seq in chunks:
+                try:
+                    results.append(prefill_chunk(model, seq.request, seq.prefilled))
+                except Exception as exc:
+                    self._end(seq, "error", exc)
+                    results.append(None)
+        for seq, logits in zip(chunks, results):
+            if seq.handle.done:
                 continue
-            seq.prefilled = min(start + PREFILL_CHUNK, seq.prompt_length)
-            budget -= seq.prefilled - start
+            seq.prefilled = min(seq.prefilled + PREFILL_CHUNK, seq.prompt_length)
             if logits is not None:
                 with self._lock:
                     self._prefilling.remove(seq)

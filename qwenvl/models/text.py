@@ -15,6 +15,7 @@ from torch import nn
 
 from ..config import TextConfig
 from ..errors import ModelFileError
+from ..quant import kernels
 from .rope import apply_rope_heads, rope_cos_sin, rope_inv_freq, signed_sin
 
 # Prefixes under which checkpoints store the decoder: transformers 5 VL models, older VL models and Qwen2.
@@ -44,7 +45,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVView | RowsKVView | None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVView | RowsKVView | SegmentsKVView | None
     ) -> torch.Tensor:
         batch, length, _ = x.shape
         heads = self.qkv_proj(x).view(batch, length, -1, self.head_dim)  # q heads, k heads, v heads
@@ -81,7 +82,7 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVView | RowsKVView | None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVView | RowsKVView | SegmentsKVView | None
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -100,6 +101,10 @@ class KVView:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store this call's keys/values, then attention of q [B, heads, L, head_dim] over the cache."""
+        if q.shape[2] == 1 and self.mask is None and q.shape[0] == self.keys.shape[0] == 1:
+            kernel = decode_kernel([self.keys], [self.values], [self.start], q.dtype)  # [1, …] as one "layer"
+            if kernel is not None:
+                return kernel(q[:, :, 0], k[:, :, 0], v[:, :, 0], 0).unsqueeze(2)
         keys, values = self.append(k, v)
         causal = self.mask is None and q.shape[2] > 1
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask, is_causal=causal, enable_gqa=True)
@@ -107,15 +112,45 @@ class KVView:
 
 class RowsKVView:
     """One layer's caches for a batched decode step: row i of the batch is a request of its own,
-    with its own cache and length. Attention runs per row, on exactly the tensors a single-request
-    step would use, so each row's result does not depend on the others."""
+    with its own cache and length. Attention runs per row (in one kernel call for all rows, or one
+    SDPA call per row without the kernels), exactly as a single-request step runs it, so each row's
+    result does not depend on the others."""
 
-    def __init__(self, views: Sequence[KVView]):
-        self.views = views
+    def __init__(
+        self, caches: Sequence[KVCache], starts: Sequence[int], layer: int, kernel: kernels.DecodeAttention | None
+    ):
+        self.caches, self.starts, self.layer, self.kernel = caches, starts, layer, kernel
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        rows = [view.attend(q[i : i + 1], k[i : i + 1], v[i : i + 1]) for i, view in enumerate(self.views)]
-        return torch.cat(rows)
+        if self.kernel is not None:
+            return self.kernel(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.layer).unsqueeze(2)
+        views = [cache.view(self.layer, start, 1, None) for cache, start in zip(self.caches, self.starts)]
+        return torch.cat([view.attend(q[i : i + 1], k[i : i + 1], v[i : i + 1]) for i, view in enumerate(views)])
+
+
+def decode_kernel(
+    keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], positions: Sequence[int], dtype: torch.dtype
+) -> kernels.DecodeAttention | None:
+    """The compiled decode attention for these caches ([layers, kv_heads, capacity, head_dim] each),
+    or None where it does not apply (no kernels; a dtype other than fp32/bf16): callers then run SDPA.
+    Single-request steps take it too, so a row's result does not depend on the batch."""
+    lib = kernels.library()
+    if lib is None or dtype not in (torch.float32, torch.bfloat16) or keys[0].dtype != dtype:
+        return None
+    return kernels.DecodeAttention(keys, values, positions, lib)
+
+
+class SegmentsKVView:
+    """One layer's caches for several requests' prompt chunks packed into one sequence [1, N]:
+    consecutive segments of the N tokens belong to different requests. The projections see all N
+    rows; attention runs per segment, on its own cache, as the request's own prefill would."""
+
+    def __init__(self, views: Sequence[KVView], lengths: Sequence[int]):
+        self.views, self.lengths = views, list(lengths)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        pieces = zip(self.views, q.split(self.lengths, 2), k.split(self.lengths, 2), v.split(self.lengths, 2))
+        return torch.cat([view.attend(*qkv) for view, *qkv in pieces], dim=2)
 
 
 class TextModel(nn.Module):
@@ -158,10 +193,32 @@ class TextModel(nn.Module):
         at ids [3, B, 1]. Row i's key/value goes to ``caches[i]`` at ``starts[i]``; it attends to that
         cache only. The projections run once for all rows (the weights are read once per step)."""
         cos, sin = self._rope(position_ids, embeds.dtype)
+        for cache, start in zip(caches, starts):
+            if start >= cache.capacity:
+                raise ValueError(f"KV cache overflow: {start + 1} > {cache.capacity}")
+        kernel = decode_kernel([c.keys[:, 0] for c in caches], [c.values[:, 0] for c in caches], starts, embeds.dtype)
         x = embeds
         for index, layer in enumerate(self.layers):
-            views = RowsKVView([cache.view(index, start, 1, None) for cache, start in zip(caches, starts)])
-            x = layer(x, cos, sin, views)
+            x = layer(x, cos, sin, RowsKVView(caches, starts, index, kernel))
+        return self.norm(x)
+
+    def forward_segments(
+        self,
+        embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        caches: Sequence[KVCache],
+        starts: Sequence[int],
+        lengths: Sequence[int],
+    ) -> torch.Tensor:
+        """Prompt chunks of several requests in one call: embeddings [1, N, H] at ids [3, 1, N], the
+        first ``lengths[0]`` tokens request 0's (written to ``caches[0]`` at ``starts[0]``), and so on.
+        Hidden states [1, N, H]; each segment attends to its own cache only."""
+        cos, sin = self._rope(position_ids, embeds.dtype)
+        masks = [causal_mask(start, length) if start > 0 and length > 1 else None for start, length in zip(starts, lengths)]
+        x = embeds
+        for index, layer in enumerate(self.layers):
+            views = [cache.view(index, start, length, mask) for cache, start, length, mask in zip(caches, starts, lengths, masks)]
+            x = layer(x, cos, sin, SegmentsKVView(views, lengths))
         return self.norm(x)
 
     def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

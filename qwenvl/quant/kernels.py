@@ -1,4 +1,5 @@
-"""Compiled block kernels: matrix products and dequantization straight from GGML blocks.
+"""Compiled block kernels: matrix products and dequantization straight from GGML blocks, and the
+decode step's attention over per-request KV caches (``DecodeAttention``).
 
 The C++ source below is compiled with the system compiler on first use (a few seconds: it includes
 no torch headers), cached under ``$XDG_CACHE_HOME/qwenvl/kernels/<hash>/`` and loaded with ctypes.
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -85,6 +87,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.qk_gemv.restype = i32
     lib.qk_dequant.argtypes = [i32, ptr, i64, i64, i64, ptr, i32, i32]
     lib.qk_dequant.restype = i32
+    lib.qk_decode_attention.argtypes = [i64, i32, i32, i32, i32, ptr, i64, ptr, i64, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_float, i32]
+    lib.qk_decode_attention.restype = i32
     return lib
 
 
@@ -236,6 +240,45 @@ def dequantize(
 
 # ----------------------------------------------------------------------------------------------
 # The C++ source (no backslashes, so it can live in a raw string).
+
+class DecodeAttention:
+    """One decode step's attention for B requests, each over its own KV cache (``qk_decode_attention``).
+
+    keys[i] / values[i]: request i's cache, [layers, kv_heads, capacity, head_dim] with contiguous
+    [capacity, head_dim] blocks (fp32 or bf16). Calling it for a layer stores row i's new key and value
+    at ``positions[i]`` and attends over positions 0 … positions[i]. Checked once, called per layer.
+    """
+
+    def __init__(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], positions: Sequence[int], lib: ctypes.CDLL):
+        self.dtype, self.dim = keys[0].dtype, keys[0].shape[-1]
+        for cache, position in zip([*keys, *values], [*positions, *positions]):
+            if cache.dtype != self.dtype or cache.stride(-1) != 1 or cache.stride(-2) != self.dim or not 0 <= position < cache.shape[-2]:
+                raise ValueError("the KV caches must share a dtype and layout, with room for the position")
+        self.rows = len(keys)
+        self.lib = lib
+        self.table = torch.tensor(  # per row: key and value pointers, layer and head strides, position
+            [[t.data_ptr() for t in keys], [t.data_ptr() for t in values], [t.stride(0) for t in keys],
+             [t.stride(1) for t in keys], list(positions)],
+            dtype=torch.int64,
+        )  # fmt: skip
+        self.columns = [row.data_ptr() for row in self.table]
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
+        """q [B, heads, head_dim], k and v [B, kv_heads, head_dim] (heads head_dim apart, any row
+        stride, the caches' dtype) → [B, heads, head_dim]."""
+        rows, heads, dim = q.shape
+        if rows != self.rows or dim != self.dim or any(t.dtype != self.dtype or t.stride(-1) != 1 or t.stride(-2) != dim for t in (q, k, v)):
+            raise ValueError("q, k, v do not match the KV caches (rows, dtype or layout)")
+        out = torch.empty(rows, heads, dim, dtype=q.dtype)
+        status = self.lib.qk_decode_attention(
+            rows, heads, k.shape[1], dim, q.dtype == torch.bfloat16, q.data_ptr(), q.stride(0), k.data_ptr(),
+            k.stride(0), v.data_ptr(), v.stride(0), layer, *self.columns, out.data_ptr(), dim**-0.5,
+            torch.get_num_threads(),
+        )  # fmt: skip
+        if status:
+            raise ValueError(f"{heads} query heads cannot share {k.shape[1]} key/value heads")
+        return out
+
 
 SOURCE = r"""
 // qwenvl block kernels: matrix-vector products and dequantization straight from GGML blocks.
@@ -1318,6 +1361,174 @@ int dispatch(int type, Args... args) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Decode attention: one query token per row, each row a request of its own with its own KV cache.
+// A task is one (row, kv head): it stores the row's new key/value at its position, then runs the
+// kv head's G query heads over keys 0 .. position. The operations of a task do not depend on the
+// other rows, so a row gets the same result alone or in a batch.
+
+inline float to_float(float v) { return v; }
+inline float to_float(uint16_t v) { return bf16_to_float(v); }
+inline void store_as(float* p, float v) { *p = v; }
+inline void store_as(uint16_t* p, float v) { *p = float_to_bf16(v); }
+
+// exp(x) for x <= 0 (scores minus their maximum), branch-free so that loops over it vectorize:
+// 2^n * e^r with r = x - n ln2 in [-ln2/2, ln2/2] and a degree-6 Taylor polynomial (~2 ulp).
+inline float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (|.| < 2^22)
+  const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
+  float p = 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = ((int32_t)n + 127) << 23;
+  float scale;
+  memcpy(&scale, &bits, 4);
+  return p * scale;
+}
+
+constexpr int kLanes = 16;
+
+inline float sum_lanes(float* lanes) {  // a fixed pairwise order
+  for (int width = kLanes / 2; width > 0; width /= 2)
+    for (int l = 0; l < width; ++l) lanes[l] += lanes[l + width];
+  return lanes[0];
+}
+
+// sum of a[d] * b[d] in kLanes partial sums, then a fixed pairwise order
+inline float dot_lanes(const float* a, const float* b, int D) {
+  float lanes[kLanes] = {};
+  int d = 0;
+  for (; d + kLanes <= D; d += kLanes)
+    for (int l = 0; l < kLanes; ++l) lanes[l] += a[d + l] * b[d + l];
+  for (int l = 0; d + l < D; ++l) lanes[l] += a[d + l] * b[d + l];
+  return sum_lanes(lanes);
+}
+
+struct AttnArgs {
+  int heads, kv_heads, D;
+  const void *q, *k, *v;
+  int64_t q_row, k_row, v_row;  // element strides between rows; heads are D apart
+  int64_t layer;
+  const int64_t *key_ptrs, *value_ptrs, *layer_strides, *head_strides, *positions;  // per row
+  void* out;  // [rows, heads, D]
+  float scale;
+};
+
+// keys (or values) t .. t + n as fp32 rows of D
+template <class T>
+inline void load_rows(const T* src, int64_t n, int D, float* dst) {
+  for (int64_t i = 0; i < n * D; ++i) dst[i] = to_float(src[i]);
+}
+
+// scores[j * len + t] = q_j . key_t for the G query heads (q pre-scaled), keys as fp32 rows
+inline void score_rows(const float* qf, int G, int D, const float* keys, int64_t t0, int64_t n, int64_t len,
+                       float* scores) {
+#if QK_AVX512
+  if (D % 16 == 0) {
+    for (int64_t t = 0; t < n; ++t) {
+      const float* key = keys + t * D;
+      for (int j = 0; j < G; ++j) {
+        __m512 sum = _mm512_mul_ps(_mm512_loadu_ps(qf + j * D), _mm512_loadu_ps(key));
+        for (int d = 16; d < D; d += 16)
+          sum = _mm512_fmadd_ps(_mm512_loadu_ps(qf + j * D + d), _mm512_loadu_ps(key + d), sum);
+        scores[j * len + t0 + t] = _mm512_reduce_add_ps(sum);
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t t = 0; t < n; ++t)
+    for (int j = 0; j < G; ++j) scores[j * len + t0 + t] = dot_lanes(qf + j * D, keys + t * D, D);
+}
+
+// out[d] += sum over t of p[t] * rows[t][d], t in order (one accumulator per d)
+template <int C>
+inline void weigh_rows_avx512(const float* p, const float* rows, int64_t n, float* out) {
+#if QK_AVX512
+  __m512 acc[C];
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) acc[c] = _mm512_loadu_ps(out + 16 * c);
+  for (int64_t t = 0; t < n; ++t) {
+    const __m512 weight = _mm512_set1_ps(p[t]);
+#pragma GCC unroll 8
+    for (int c = 0; c < C; ++c) acc[c] = _mm512_fmadd_ps(weight, _mm512_loadu_ps(rows + t * 16 * C + 16 * c), acc[c]);
+  }
+#pragma GCC unroll 8
+  for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + 16 * c, acc[c]);
+#endif
+}
+
+inline void weigh_rows(const float* p, const float* rows, int64_t n, int D, float* out) {
+#if QK_AVX512
+  switch (D) {
+    case 64: weigh_rows_avx512<4>(p, rows, n, out); return;
+    case 128: weigh_rows_avx512<8>(p, rows, n, out); return;
+    default: break;
+  }
+#endif
+  for (int64_t t = 0; t < n; ++t)
+    for (int d = 0; d < D; ++d) out[d] += p[t] * rows[t * D + d];
+}
+
+constexpr int64_t kAttnBlock = 32;  // keys (values) converted to fp32 at a time
+
+template <class T>
+void attention_task(const AttnArgs& a, int64_t row, int g) {
+  const int G = a.heads / a.kv_heads, D = a.D;
+  const int64_t pos = a.positions[row], len = pos + 1, head_stride = a.head_strides[row];
+  const int64_t offset = a.layer * a.layer_strides[row] + g * head_stride;
+  T* keys = (T*)a.key_ptrs[row] + offset;
+  T* values = (T*)a.value_ptrs[row] + offset;
+  memcpy(keys + pos * D, (const T*)a.k + row * a.k_row + g * D, D * sizeof(T));
+  memcpy(values + pos * D, (const T*)a.v + row * a.v_row + g * D, D * sizeof(T));
+
+  thread_local std::vector<float> scratch;
+  scratch.resize((size_t)G * D * 2 + kAttnBlock * D + (size_t)G * len);
+  float *qf = scratch.data(), *acc = qf + G * D, *block = acc + G * D, *scores = block + kAttnBlock * D;
+  const T* q = (const T*)a.q + row * a.q_row + (int64_t)g * G * D;
+  for (int i = 0; i < G * D; ++i) qf[i] = to_float(q[i]) * a.scale;
+  for (int64_t t = 0; t < len; t += kAttnBlock) {
+    const int64_t n = len - t < kAttnBlock ? len - t : kAttnBlock;
+    load_rows(keys + t * D, n, D, block);
+    score_rows(qf, G, D, block, t, n, len, scores);
+  }
+  for (int j = 0; j < G; ++j) {  // softmax
+    float* s = scores + j * len;
+    float top = s[0];
+#pragma omp simd reduction(max : top)
+    for (int64_t t = 1; t < len; ++t) top = s[t] > top ? s[t] : top;  // order-free
+#pragma omp simd
+    for (int64_t t = 0; t < len; ++t) s[t] = exp_nonpositive(s[t] - top);
+    float lanes[kLanes] = {};
+    int64_t t = 0;
+    for (; t + kLanes <= len; t += kLanes)
+      for (int l = 0; l < kLanes; ++l) lanes[l] += s[t + l];
+    for (int l = 0; t + l < len; ++l) lanes[l] += s[t + l];
+    const float inv = 1.0f / sum_lanes(lanes);
+    for (int64_t t = 0; t < len; ++t) s[t] *= inv;
+  }
+  for (int i = 0; i < G * D; ++i) acc[i] = 0.0f;
+  for (int64_t t0 = 0; t0 < len; t0 += kAttnBlock) {
+    const int64_t n = len - t0 < kAttnBlock ? len - t0 : kAttnBlock;
+    load_rows(values + t0 * D, n, D, block);
+    for (int j = 0; j < G; ++j) weigh_rows(scores + j * len + t0, block, n, D, acc + j * D);
+  }
+  T* out = (T*)a.out + (row * a.heads + (int64_t)g * G) * D;
+  for (int i = 0; i < G * D; ++i) store_as(out + i, acc[i]);
+}
+
+template <class T>
+void decode_attention(const AttnArgs& a, int64_t rows, int threads) {
+  const int64_t tasks = rows * a.kv_heads;
+#pragma omp parallel for num_threads(threads) schedule(static) if (tasks > 1)
+  for (int64_t i = 0; i < tasks; ++i) attention_task<T>(a, i / a.kv_heads, (int)(i % a.kv_heads));
+}
+
 }  // namespace
 
 extern "C" {
@@ -1346,6 +1557,25 @@ int qk_gemv(int type, const void* x, int x_bf16, int64_t M, int64_t K, int64_t l
 int qk_dequant(int type, const uint8_t* w, int64_t N, int64_t K, int64_t row_bytes, void* out, int pieces,
                int threads) {
   return dispatch<DequantFn>(type, w, N, K, row_bytes, out, pieces, threads);
+}
+
+// One decode step's attention for `rows` requests (fp32 or bf16 throughout): row r's new key and
+// value (k, v: kv_heads x D each) are stored in its cache at positions[r], then its query heads
+// (q: heads x D) attend over keys 0 .. positions[r]. Row r's cache for `layer`: kv_heads blocks of
+// capacity x D elements, head_strides[r] apart, at key_ptrs[r] / value_ptrs[r] + layer *
+// layer_strides[r] elements. out: [rows, heads, D].
+int qk_decode_attention(int64_t rows, int heads, int kv_heads, int D, int bf16, const void* q, int64_t q_row,
+                        const void* k, int64_t k_row, const void* v, int64_t v_row, int64_t layer,
+                        const int64_t* key_ptrs, const int64_t* value_ptrs, const int64_t* layer_strides,
+                        const int64_t* head_strides, const int64_t* positions, void* out, float scale, int threads) {
+  if (heads % kv_heads) return 1;
+  const AttnArgs a{heads,  kv_heads, D,          q,     k,        v,      q_row, k_row, v_row, layer,
+                   key_ptrs, value_ptrs, layer_strides, head_strides, positions, out, scale};
+  if (bf16)
+    decode_attention<uint16_t>(a, rows, threads);
+  else
+    decode_attention<float>(a, rows, threads);
+  return 0;
 }
 }
 """

@@ -1,0 +1,106 @@
+"""The compiled decode attention: SDPA's result, each row independent of the batch, keys/values stored."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qwenvl.models.text import KVCache, RowsKVView, decode_kernel
+from qwenvl.quant import kernels
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler")
+
+
+def caches_and_step(rows, heads, kv_heads, dim, dtype, layers=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(dtype)
+
+    capacities = [40 + 13 * i for i in range(rows)]
+    positions = [0] + [5 + 11 * i for i in range(1, rows)]  # row 0 attends to its new key only
+    keys = [randn(layers, kv_heads, c, dim) for c in capacities]
+    values = [randn(layers, kv_heads, c, dim) for c in capacities]
+    q, k, v = randn(rows, heads, dim), randn(rows, kv_heads, dim), randn(rows, kv_heads, dim)
+    return keys, values, positions, q, k, v
+
+
+def reference(keys, values, positions, q, k, v, layer):
+    """Per row: SDPA in fp64 over the cache with the new key/value in place."""
+    out = []
+    for i, position in enumerate(positions):
+        K, V = keys[i][layer].clone(), values[i][layer].clone()
+        K[:, position], V[:, position] = k[i], v[i]
+        K, V = K[None, :, : position + 1].double(), V[None, :, : position + 1].double()
+        out.append(F.scaled_dot_product_attention(q[i : i + 1, :, None].double(), K, V, enable_gqa=True)[0, :, 0])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim"),
+    [(14, 2, 64), (12, 2, 128), (4, 4, 16), (4, 2, 20), (6, 3, 12)],  # vector paths (64, 128) and the generic one
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_sdpa_and_stores_the_new_key(heads, kv_heads, dim, dtype):
+    keys, values, positions, q, k, v = caches_and_step(5, heads, kv_heads, dim, dtype)
+    want = reference(keys, values, positions, q, k, v, layer=1)
+    got = kernels.DecodeAttention(keys, values, positions, kernels.library())(q, k, v, layer=1)
+    assert got.dtype == dtype and got.shape == (5, heads, dim)
+    tolerance = 2e-6 if dtype == torch.float32 else 8e-3  # bf16: the output's rounding
+    assert (got.double() - want).abs().max().item() < tolerance
+    for i, position in enumerate(positions):
+        assert torch.equal(keys[i][1, :, position], k[i]) and torch.equal(values[i][1, :, position], v[i])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_row_does_not_depend_on_the_batch(dtype):
+    keys, values, positions, q, k, v = caches_and_step(7, 14, 2, 64, dtype, seed=3)
+    lib = kernels.library()
+    batched = kernels.DecodeAttention(keys, values, positions, lib)(q, k, v, layer=2)
+    for i in range(7):
+        alone = kernels.DecodeAttention([keys[i]], [values[i]], [positions[i]], lib)(q[i : i + 1], k[i : i + 1], v[i : i + 1], 2)
+        assert torch.equal(alone[0], batched[i]), i
+
+
+def test_strided_rows_as_the_model_passes_them():
+    """q, k, v are slices of one fused projection (row stride > heads · dim)."""
+    keys, values, positions, q, k, v = caches_and_step(3, 4, 2, 16, torch.float32)
+    fused = torch.cat([q.flatten(1), k.flatten(1), v.flatten(1), torch.zeros(3, 5)], dim=1)
+    qs, ks, vs = fused[:, :64].view(3, 4, 16), fused[:, 64:96].view(3, 2, 16), fused[:, 96:128].view(3, 2, 16)
+    want = reference(keys, values, positions, q, k, v, layer=0)
+    got = kernels.DecodeAttention(keys, values, positions, kernels.library())(qs, ks, vs, layer=0)
+    assert (got.double() - want).abs().max().item() < 2e-6
+
+
+def test_mismatches_are_refused():
+    keys, values, positions, q, k, v = caches_and_step(2, 4, 2, 16, torch.float32)
+    lib = kernels.library()
+    with pytest.raises(ValueError, match="room for the position"):
+        kernels.DecodeAttention(keys, values, [0, keys[1].shape[2]], lib)
+    with pytest.raises(ValueError, match="share a dtype"):
+        kernels.DecodeAttention([keys[0], keys[1].bfloat16()], values, positions, lib)
+    attention = kernels.DecodeAttention(keys, values, positions, lib)
+    with pytest.raises(ValueError, match="do not match"):
+        attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0)
+    with pytest.raises(ValueError, match="cannot share"):
+        attention(torch.zeros(2, 3, 16), k, v, 0)
+
+
+def test_model_rows_take_the_kernel_or_sdpa_alike():
+    """RowsKVView with the kernel and without it (per-row SDPA, the fallback) agree."""
+    from qwenvl.config import TextConfig
+
+    config = TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=16, vocab_size=100)  # fmt: skip
+    caches = [KVCache(config, 30, torch.float32) for _ in range(3)]
+    for cache in caches:
+        cache.keys.normal_(), cache.values.normal_()
+    starts = [3, 17, 0]
+    q, k, v = torch.randn(3, 4, 1, 16), torch.randn(3, 2, 1, 16), torch.randn(3, 2, 1, 16)
+    kernel = decode_kernel([c.keys[:, 0] for c in caches], [c.values[:, 0] for c in caches], starts, torch.float32)
+    assert kernel is not None
+    fast = RowsKVView(caches, starts, 1, kernel).attend(q, k, v)
+    slow = RowsKVView(caches, starts, 1, None).attend(q, k, v)
+    assert fast.shape == slow.shape == (3, 4, 1, 16)
+    assert torch.allclose(fast, slow, atol=1e-6, rtol=0)
