@@ -59,7 +59,8 @@ def test_a_row_does_not_depend_on_the_batch(dtype):
     lib = kernels.library()
     batched = kernels.DecodeAttention(keys, values, positions, lib)(q, k, v, layer=2)
     for i in range(7):
-        alone = kernels.DecodeAttention([keys[i]], [values[i]], [positions[i]], lib)(q[i : i + 1], k[i : i + 1], v[i : i + 1], 2)
+        single = kernels.DecodeAttention([keys[i]], [values[i]], [positions[i]], lib)
+        alone = single(q[i : i + 1], k[i : i + 1], v[i : i + 1], 2)
         assert torch.equal(alone[0], batched[i]), i
 
 

@@ -214,10 +214,10 @@ class TextModel(nn.Module):
         first ``lengths[0]`` tokens request 0's (written to ``caches[0]`` at ``starts[0]``), and so on.
         Hidden states [1, N, H]; each segment attends to its own cache only."""
         cos, sin = self._rope(position_ids, embeds.dtype)
-        masks = [causal_mask(start, length) if start > 0 and length > 1 else None for start, length in zip(starts, lengths)]
+        masks = [causal_mask(s, n) if s > 0 and n > 1 else None for s, n in zip(starts, lengths)]
         x = embeds
         for index, layer in enumerate(self.layers):
-            views = [cache.view(index, start, length, mask) for cache, start, length, mask in zip(caches, starts, lengths, masks)]
+            views = [cache.view(index, s, n, mask) for cache, s, n, mask in zip(caches, starts, lengths, masks)]
             x = layer(x, cos, sin, SegmentsKVView(views, lengths))
         return self.norm(x)
 

@@ -87,7 +87,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.qk_gemv.restype = i32
     lib.qk_dequant.argtypes = [i32, ptr, i64, i64, i64, ptr, i32, i32]
     lib.qk_dequant.restype = i32
-    lib.qk_decode_attention.argtypes = [i64, i32, i32, i32, i32, ptr, i64, ptr, i64, ptr, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ctypes.c_float, i32]
+    lib.qk_decode_attention.argtypes = [i64, i32, i32, i32, i32, ptr, i64, ptr, i64, ptr, i64, i64]
+    lib.qk_decode_attention.argtypes += [ptr] * 6 + [ctypes.c_float, i32]
     lib.qk_decode_attention.restype = i32
     return lib
 
@@ -249,10 +250,13 @@ class DecodeAttention:
     at ``positions[i]`` and attends over positions 0 … positions[i]. Checked once, called per layer.
     """
 
-    def __init__(self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], positions: Sequence[int], lib: ctypes.CDLL):
+    def __init__(
+        self, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], positions: Sequence[int], lib: ctypes.CDLL
+    ):
         self.dtype, self.dim = keys[0].dtype, keys[0].shape[-1]
         for cache, position in zip([*keys, *values], [*positions, *positions]):
-            if cache.dtype != self.dtype or cache.stride(-1) != 1 or cache.stride(-2) != self.dim or not 0 <= position < cache.shape[-2]:
+            fits = 0 <= position < cache.shape[-2]
+            if cache.dtype != self.dtype or cache.stride(-1) != 1 or cache.stride(-2) != self.dim or not fits:
                 raise ValueError("the KV caches must share a dtype and layout, with room for the position")
         self.rows = len(keys)
         self.lib = lib
@@ -267,7 +271,8 @@ class DecodeAttention:
         """q [B, heads, head_dim], k and v [B, kv_heads, head_dim] (heads head_dim apart, any row
         stride, the caches' dtype) → [B, heads, head_dim]."""
         rows, heads, dim = q.shape
-        if rows != self.rows or dim != self.dim or any(t.dtype != self.dtype or t.stride(-1) != 1 or t.stride(-2) != dim for t in (q, k, v)):
+        layout_ok = all(t.dtype == self.dtype and t.stride(-1) == 1 and t.stride(-2) == dim for t in (q, k, v))
+        if rows != self.rows or dim != self.dim or not layout_ok:
             raise ValueError("q, k, v do not match the KV caches (rows, dtype or layout)")
         out = torch.empty(rows, heads, dim, dtype=q.dtype)
         status = self.lib.qk_decode_attention(
