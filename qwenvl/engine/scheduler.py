@@ -291,17 +291,11 @@ class BatchEngine:
         if not chunks:
             return
         model = self.model.text_model
-        try:
-            results = prefill_chunks(model, [(seq.request, seq.prefilled) for seq in chunks])
-        except Exception:
-            # find which request(s) the packed forward fails for: each alone (rewriting the same cache slots)
-            results = []
-            for seq in chunks:
-                try:
-                    results.append(prefill_chunk(model, seq.request, seq.prefilled))
-                except Exception as exc:
-                    self._end(seq, "error", exc)
-                    results.append(None)
+        results = self._together_or_alone(
+            chunks,
+            lambda seqs: prefill_chunks(model, [(seq.request, seq.prefilled) for seq in seqs]),
+            lambda seq: prefill_chunk(model, seq.request, seq.prefilled),
+        )
         for seq, logits in zip(chunks, results):
             if seq.handle.done:
                 continue
@@ -315,20 +309,29 @@ class BatchEngine:
 
     def _decode(self) -> None:
         rows = list(self._running)
-        try:
-            logits = self._decode_rows(rows)
-        except Exception:
-            # find which request(s) the step fails for: each alone (rewriting the same cache slots)
-            for seq in rows:
-                try:
-                    self._take_token(seq, self._decode_rows([seq])[0])
-                except Exception as exc:
-                    self._end(seq, "error", exc)
-        else:
-            for seq, row in zip(rows, logits):
+        logits = self._together_or_alone(rows, self._decode_rows, lambda seq: self._decode_rows([seq])[0])
+        for seq, row in zip(rows, logits):
+            if not seq.handle.done:
                 self._take_token(seq, row)
         with self._lock:
             self._steps += 1
+
+    def _together_or_alone(
+        self, seqs: list[_Sequence], together: Callable[[list[_Sequence]], Any], alone: Callable[[_Sequence], Any]
+    ) -> Any:
+        """``together(seqs)``; if it raises, ``alone(seq)`` for each to find which request(s) it fails
+        for (rewriting the same cache slots): those end with an error and get None, the others go on."""
+        try:
+            return together(seqs)
+        except Exception:
+            results = []
+            for seq in seqs:
+                try:
+                    results.append(alone(seq))
+                except Exception as exc:
+                    self._end(seq, "error", exc)
+                    results.append(None)
+            return results
 
     def _decode_rows(self, rows: list[_Sequence]) -> torch.Tensor:
         """Logits [B, vocab] of one decode step for these running requests."""

@@ -194,8 +194,7 @@ class TextModel(nn.Module):
         cache only. The projections run once for all rows (the weights are read once per step)."""
         cos, sin = self._rope(position_ids, embeds.dtype)
         for cache, start in zip(caches, starts):
-            if start >= cache.capacity:
-                raise ValueError(f"KV cache overflow: {start + 1} > {cache.capacity}")
+            cache.check_room(start, 1)
         kernel = decode_kernel([c.keys[:, 0] for c in caches], [c.values[:, 0] for c in caches], starts, embeds.dtype)
         x = embeds
         for index, layer in enumerate(self.layers):
@@ -273,9 +272,12 @@ class KVCache:
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
-    def view(self, layer: int, start: int, length: int, mask: torch.Tensor | None) -> KVView:
+    def check_room(self, start: int, length: int) -> None:
         if start + length > self.capacity:
             raise ValueError(f"KV cache overflow: {start + length} > {self.capacity}")
+
+    def view(self, layer: int, start: int, length: int, mask: torch.Tensor | None) -> KVView:
+        self.check_room(start, length)
         return KVView(self.keys[layer], self.values[layer], start, length, mask)
 
 
