@@ -1,13 +1,16 @@
 #!/usr/bin/env python
 """Throughput of `qwenvl serve` and `transformers serve --continuous-batching`, side by side in one run.
 
-    python benchmarks/serve_compare.py [--gguf FILE] [--hf-dir DIR] [--clients 1,8,16] [--max-tokens 64]
+    python benchmarks/serve_compare.py [--gguf FILE] [--hf-dir DIR] [--clients 1,8,16] [--max-tokens 64] [--rounds 2]
 
-Each server is started in turn on the same model (qwenvl: the GGUF; transformers: its HF export in
-bfloat16; transformers serve needs `accelerate` installed), warmed up with one request, then driven by scripts/loadgen.py with each client count
-(streamed chat completions, greedy, `--requests-per-client` requests per client). Prints a table of
-aggregate tok/s and mean time to first token, and the ratio qwenvl ÷ transformers; `--json` writes
-the raw reports. A benchmark, not a test: run it on a quiet machine.
+Both servers are started on the same model (qwenvl: the GGUF; transformers: its HF export in
+bfloat16; transformers serve needs `accelerate` installed), warmed up with one request each, and stay
+up while scripts/loadgen.py drives them in turn: each round runs every client count on each server,
+the server order alternating from round to round, so a slow spell of a shared machine falls on both
+(streamed chat completions, greedy, `--requests-per-client` requests per client; an idle server uses
+no CPU). Prints each run, then per client count the mean over the rounds of aggregate tok/s and of
+mean time to first token, and the ratio qwenvl ÷ transformers; `--json` writes every run. A
+benchmark, not a test: run it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -16,14 +19,31 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from loadgen import run_load  # noqa: E402
+
+
+@dataclass
+class Server:
+    name: str
+    command: list[str]
+    port: int
+    model: str
+    process: subprocess.Popen | None = None
+    log: IO[str] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
 
 def wait_healthy(base_url: str, process: subprocess.Popen, timeout: float) -> None:
@@ -40,35 +60,37 @@ def wait_healthy(base_url: str, process: subprocess.Popen, timeout: float) -> No
     raise RuntimeError(f"{base_url} not healthy after {timeout:.0f} s")
 
 
-def measure(name: str, command: list[str], port: int, model: str, args: argparse.Namespace) -> list[dict]:
-    base_url = f"http://127.0.0.1:{port}"
-    log = open(Path(args.log_dir) / f"{name}.log", "w")
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+def start(server: Server, args: argparse.Namespace) -> None:
+    server.log = open(Path(args.log_dir) / f"{server.name}.log", "w")
+    server.process = subprocess.Popen(server.command, stdout=server.log, stderr=subprocess.STDOUT, start_new_session=True)
+    wait_healthy(server.base_url, server.process, args.start_timeout)
+    run_load(server.base_url, clients=1, requests=1, max_tokens=8, model=server.model)  # warm-up
+
+
+def measure(servers: list[Server], args: argparse.Namespace) -> list[dict]:
     rows = []
-    try:
-        wait_healthy(base_url, process, args.start_timeout)
-        run_load(base_url, clients=1, requests=1, max_tokens=8, model=model)  # warm-up
+    for round_index in range(args.rounds):
+        order = servers if round_index % 2 == 0 else servers[::-1]
         for clients in args.clients:
-            report, _ = run_load(base_url, clients=clients, requests=clients * args.requests_per_client,
-                                 max_tokens=args.max_tokens, model=model, ignore_eos=args.ignore_eos)
-            row = {"server": name, **vars(report)}
-            rows.append(row)
-            print(f"{name:>12} {clients:>3} clients: {report.tok_s:7.1f} tok/s, mean TTFT "
-                  f"{report.mean_ttft_s or 0:.2f} s, {report.errors} errors", flush=True)
-    finally:
-        _stop(process)
-        log.close()
+            for server in order:
+                report, _ = run_load(server.base_url, clients=clients, requests=clients * args.requests_per_client,
+                                     max_tokens=args.max_tokens, model=server.model, ignore_eos=args.ignore_eos)
+                rows.append({"server": server.name, "round": round_index + 1, **vars(report)})
+                print(f"round {round_index + 1} {server.name:>12} {clients:>3} clients: {report.tok_s:7.1f} tok/s, "
+                      f"mean TTFT {report.mean_ttft_s or 0:.2f} s, {report.errors} errors", flush=True)
     return rows
 
 
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+def _stop(server: Server) -> None:
+    process = server.process
+    if process is not None and process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+    if server.log is not None:
+        server.log.close()
 
 
 def main() -> int:
@@ -79,6 +101,7 @@ def main() -> int:
     parser.add_argument("--hf-dir", help="the same model as an HF checkpoint, for transformers (default: its export)")
     parser.add_argument("--clients", default="1,8,16", help="comma-separated client counts")
     parser.add_argument("--requests-per-client", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2, help="runs of every client count on each server (default 2)")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=16, help="qwenvl --max-batch")
     parser.add_argument("--threads", type=int, help="qwenvl --threads (default: physical cores)")
@@ -93,16 +116,22 @@ def main() -> int:
     skip = set(filter(None, args.skip.split(",")))
     gguf = args.gguf or str(default_gguf_path())
     hf_dir = args.hf_dir or str(default_hf_export_path())
-    rows: list[dict] = []
+    servers = []
     if "qwenvl" not in skip:
         command = [sys.executable, "-m", "qwenvl", "serve", gguf, "--port", "8391", "--max-batch", str(args.max_batch),
                    "--max-tokens", str(args.max_tokens)] + (["--threads", str(args.threads)] if args.threads else [])
-        command += args.qwenvl_args.split()
-        rows += measure("qwenvl", command, 8391, "default", args)
+        servers.append(Server("qwenvl", command + args.qwenvl_args.split(), 8391, "default"))
     if "transformers" not in skip:
         command = ["transformers", "serve", hf_dir, "--continuous-batching", "--dtype", "bfloat16",
                    "--port", "8392", "--host", "127.0.0.1"]
-        rows += measure("transformers", command, 8392, hf_dir, args)
+        servers.append(Server("transformers", command, 8392, hf_dir))
+    try:
+        for server in servers:
+            start(server, args)
+        rows = measure(servers, args)
+    finally:
+        for server in servers:
+            _stop(server)
     _print_ratios(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
@@ -110,12 +139,19 @@ def main() -> int:
 
 
 def _print_ratios(rows: list[dict]) -> None:
-    by = {(r["server"], r["clients"]): r for r in rows}
-    for (server, clients), row in sorted(by.items()):
-        peer = by.get(("transformers", clients))
-        if server == "qwenvl" and peer and peer["tok_s"]:
-            print(f"{clients:>3} clients: qwenvl ÷ transformers tok/s = {row['tok_s'] / peer['tok_s']:.2f}, "
-                  f"TTFT {row['mean_ttft_s'] or 0:.2f} s vs {peer['mean_ttft_s'] or 0:.2f} s")
+    """Per client count: each server's mean tok/s and mean TTFT over the rounds, and the tok/s ratio."""
+    means: dict[tuple[str, int], tuple[float, float, int]] = {}
+    for key in sorted({(r["server"], r["clients"]) for r in rows}):
+        runs = [r for r in rows if (r["server"], r["clients"]) == key]
+        tok_s = statistics.fmean(r["tok_s"] for r in runs)
+        means[key] = tok_s, statistics.fmean(r["mean_ttft_s"] or 0 for r in runs), len(runs)
+    for (server, clients), (tok_s, ttft, runs) in means.items():
+        print(f"{server:>12} {clients:>3} clients, mean of {runs}: {tok_s:7.1f} tok/s, mean TTFT {ttft:.2f} s")
+    for (server, clients), (tok_s, ttft, _) in means.items():
+        peer = means.get(("transformers", clients))
+        if server == "qwenvl" and peer and peer[0]:
+            print(f"{clients:>3} clients: qwenvl ÷ transformers tok/s = {tok_s / peer[0]:.2f}, "
+                  f"TTFT {ttft:.2f} s vs {peer[1]:.2f} s")
 
 
 if __name__ == "__main__":

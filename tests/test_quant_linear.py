@@ -258,6 +258,33 @@ def test_fewer_pieces_is_reported_as_rounding() -> None:
     assert_within(layer(x), ref, 2**-9 * scale + 2**-8 * ref.abs() + EPS * scale)
 
 
+@needs_kernels
+@pytest.mark.skipif(not linear._onednn_linear_available(), reason="this torch has no oneDNN packed linear")
+@pytest.mark.parametrize("ggml_type", [T.Q5_0, T.Q8_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+def test_packed_prefill_weights_give_the_same_bits(ggml_type: T) -> None:
+    """pack_prefill keeps the one-piece prefill weights dequantized in oneDNN's layout: the same
+    weights, the same sums — a prefill's output does not change, only its speed."""
+    raw = random_blocks(ggml_type, ROWS, COLS)
+    layer = BlockQuantLinear(torch.from_numpy(raw), ggml_type, (ROWS, COLS), bias=torch.randn(ROWS), pieces=1)
+    inputs = [torch.randn(rows, COLS).bfloat16() for rows in (17, MANY, 300)]
+    decode_x = torch.randn(4, COLS).bfloat16()
+    before = [layer(x) for x in inputs] + [layer(decode_x), layer(inputs[1].float())]
+    assert layer.packed_bytes == 0
+    assert layer.pack_prefill() == ROWS * COLS * 2 == layer.packed_bytes
+    after = [layer(x) for x in inputs] + [layer(decode_x), layer(inputs[1].float())]
+    for old, new in zip(before, after):
+        assert torch.equal(old, new)
+    strided = torch.randn(MANY, 2 * COLS).bfloat16()[:, ::2]  # rows need not be contiguous
+    assert torch.equal(layer(strided), layer(strided.contiguous()))
+
+
+@needs_kernels
+def test_exact_prefill_is_never_packed() -> None:
+    raw = random_blocks(T.Q8_0, ROWS, COLS)
+    layer = BlockQuantLinear(torch.from_numpy(raw), T.Q8_0, (ROWS, COLS))  # exact: 3 pieces
+    assert layer.pack_prefill() == 0 and layer.packed_bytes == 0
+
+
 # ----------------------------------------------------------------------------------------------
 # Re-quantized layers, each within its stated bound
 

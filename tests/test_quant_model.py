@@ -20,7 +20,7 @@ from gguf.constants import GGMLQuantizationType as Q
 from gguf_fixtures import write_tiny_gguf
 
 from qwenvl.quant.linear import ConcatLinear, QuantEmbedding, QuantLinear
-from qwenvl.quant.model import describe_layers
+from qwenvl.quant.model import describe_layers, pack_prefill_weights
 
 # hidden and ffn multiples of 256 so that the K-quants apply to every matrix; the tiny vocabulary
 # of gguf_fixtures keeps files small. Embeddings and norms stay F32 / Q8_0 as in published files.
@@ -145,3 +145,39 @@ def test_tied_embedding_shares_its_blocks_with_the_head(gguf_files):
 def test_unknown_kernel_is_a_clear_error(gguf_files):
     with pytest.raises(qwenvl.errors.QwenVLError, match="unknown kernel"):
         qwenvl.load(gguf_files("q8_0"), kernel="fastest")
+
+
+@pytest.mark.parametrize("kind", ["q5_0", "q4_k"])
+def test_packed_prefill_weights_change_nothing_but_speed(gguf_files, kind):
+    """Packing the layers' prompt weights (the server's --prefill-weights) gives bit-identical prompt
+    logits and greedy answers; a budget too small for all of them packs none."""
+    model = qwenvl.load(gguf_files(kind), dtype="bfloat16")
+    ids = PROMPTS[1] * 3  # 30 tokens: the prompt takes the GEMM path
+    logits, tokens = prompt_logits(model, ids), greedy(model, ids)
+    layers = [m for m in model.text_model.layers.modules() if hasattr(m, "packed_bytes")]
+    needed = sum(m.out_features * m.in_features * 2 for m in layers)
+    assert pack_prefill_weights(model.text_model, needed - 1) == 0
+    assert all(m.packed_bytes == 0 for m in layers)
+    packed = pack_prefill_weights(model.text_model, needed)
+    if packed == 0:
+        pytest.skip("this torch has no oneDNN packed linear")
+    assert packed == needed and all(m.packed_bytes for m in layers)
+    assert model.text_model.lm_head.packed_bytes == 0
+    assert torch.equal(prompt_logits(model, ids), logits)
+    assert greedy(model, ids) == tokens
+
+
+def test_serve_prefill_weights_choices(gguf_files):
+    from qwenvl.cli import _pack_prefill_weights, build_parser
+
+    args = build_parser().parse_args(["serve", "m.gguf"])
+    assert args.prefill_weights == "auto"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "m.gguf", "--prefill-weights", "dense"])
+    model = qwenvl.load(gguf_files("q8_0"), dtype="bfloat16")
+    layers = [m for m in model.text_model.layers.modules() if hasattr(m, "packed_bytes")]
+    assert _pack_prefill_weights(model, "blocks") == "" and not any(m.packed_bytes for m in layers)
+    note = _pack_prefill_weights(model, "packed")
+    if not any(m.packed_bytes for m in layers):
+        pytest.skip("this torch has no oneDNN packed linear")
+    assert note.startswith(", prompt weights packed (") and note.endswith(" MB)")

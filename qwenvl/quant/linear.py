@@ -20,6 +20,7 @@ Input x is [..., in] in bf16 or fp32; the output has x's dtype. Exact kernels ar
 
 from __future__ import annotations
 
+import functools
 import threading
 import warnings
 from collections.abc import Sequence
@@ -62,8 +63,8 @@ GEMV_MAX_ROWS = 16
 # From this many bf16 rows on, the GEMV runs on AMX tiles where the CPU has them (formats with small
 # codes): its cost barely grows with the rows, the AVX-512 path's grows linearly but starts lower
 # (benchmarks/kernels.py --rows). A row's result then differs in the last bits from its 1-row result.
-AMX_MIN_ROWS = 6
-AMX_MIN_ROWS_BY_TYPE: dict[GGMLQuantizationType, int] = {T.Q8_0: 8, T.Q6_K: 12}
+AMX_MIN_ROWS = 5
+AMX_MIN_ROWS_BY_TYPE: dict[GGMLQuantizationType, int] = {T.Q8_0: 8, T.Q6_K: 10}
 AMX_TYPES = frozenset({T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K})
 # Prefill dequantizes up to this many bytes of weight pieces at a time, into a buffer each thread
 # reuses (a fresh large tensor per call costs page faults). One GEMM per layer is faster than
@@ -80,6 +81,17 @@ def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
         buffer = torch.empty(numel, dtype=dtype)
         setattr(_buffers, key, buffer)
     return buffer
+
+
+@functools.cache
+def _onednn_linear_available() -> bool:
+    """Whether this torch has oneDNN's packed-weight linear (the ops inductor uses for frozen weights)."""
+    try:
+        weight = torch.ops.mkldnn._reorder_linear_weight(torch.ones(16, 32, dtype=torch.bfloat16), None)
+        y = torch.ops.mkldnn._linear_pointwise(torch.ones(2, 32, dtype=torch.bfloat16), weight, None, "none", [], "")
+    except (AttributeError, RuntimeError):
+        return False
+    return bool(torch.all(y == 32))
 
 
 def release_buffers() -> None:
@@ -166,6 +178,7 @@ class BlockQuantLinear(QuantLinear):
         amx = self.ggml_type in AMX_TYPES and kernels.amx_available(lib)
         self.amx_min_rows = AMX_MIN_ROWS_BY_TYPE.get(self.ggml_type, AMX_MIN_ROWS) if amx else gemv_max_rows + 1
         self._lib, self._type = lib, int(self.ggml_type)
+        self._packed: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see pack_prefill
 
     @property
     def exact(self) -> bool:
@@ -207,9 +220,31 @@ class BlockQuantLinear(QuantLinear):
             if status:
                 raise ValueError(f"block kernels do not support {self.ggml_type.name}")
 
+    @property
+    def packed_bytes(self) -> int:
+        """Bytes held by the packed prefill weights (0 until ``pack_prefill``)."""
+        return self.out_features * self.in_features * 2 if self._packed is not None else 0
+
+    def pack_prefill(self) -> int:
+        """Keep the prefill weights (one bf16 piece: W rounded to bf16, exactly what a prefill of bf16
+        rows dequantizes per call) dequantized once, in oneDNN's blocked layout: bf16 prefills then
+        skip the dequantization and run a faster GEMM, with the same weights. Decoding is unchanged.
+        Returns the bytes now held (0 where it does not apply: exact multi-piece prefill, or no
+        oneDNN linear in this torch)."""
+        if self._packed is None and self.pieces == 1 and _onednn_linear_available():
+            dense = kernels.dequantize(self.blocks, self.ggml_type, self.in_features, 1, lib=self._lib)
+            bias = None if self.bias is None else self.bias.to(torch.bfloat16)
+            self._packed = (torch.ops.mkldnn._reorder_linear_weight(dense, None), bias)
+        return self.packed_bytes
+
     def _gemm(self, x: torch.Tensor, out: torch.Tensor) -> None:
         """Dequantize row chunks of W into a reused buffer and multiply: bf16 pieces for bf16 x
-        (one GEMM over x repeated ``pieces`` times along K), fp32 for fp32 x."""
+        (one GEMM over x repeated ``pieces`` times along K), fp32 for fp32 x. With packed prefill
+        weights (bf16 x), one oneDNN GEMM over them."""
+        if self._packed is not None and x.dtype == torch.bfloat16:
+            weight, bias = self._packed
+            out.copy_(torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], ""))
+            return
         pieces = self.pieces if x.dtype == torch.bfloat16 else 0
         stored = {T.BF16: (1, torch.bfloat16), T.F32: (0, torch.float32)}.get(self.ggml_type)
         if stored == (pieces, x.dtype):  # the blocks are that dense matrix already

@@ -125,6 +125,18 @@ def _check_materialized(model: nn.Module) -> None:
         raise RuntimeError(f"quantized load left tensors unset: {', '.join(left[:5])}")
 
 
+def pack_prefill_weights(model: TextModel, budget_bytes: int) -> int:
+    """Pack the decoder layers' prefill weights (``BlockQuantLinear.pack_prefill``: dequantized once,
+    bf16, oneDNN layout; prefills give the same results, faster) if all of them fit in
+    ``budget_bytes``. Returns the bytes packed (0: nothing packed). The lm_head is left alone: a
+    prefill multiplies it by the last rows only, through the block GEMV."""
+    layers = [m for m in model.layers.modules() if isinstance(m, BlockQuantLinear) and m.pieces == 1]
+    needed = sum(m.out_features * m.in_features * 2 for m in layers)
+    if not layers or needed > budget_bytes:
+        return 0
+    return sum(m.pack_prefill() for m in layers)
+
+
 def describe_layers(model: TextModel) -> list[str]:
     """One line per distinct (format, kernel, accuracy) of the model's projections, with how many use it."""
     counts: dict[str, int] = {}
