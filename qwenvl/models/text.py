@@ -30,8 +30,19 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # one fused op: x / rms(x) in fp32, times the weight, rounded once to x's dtype
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return self.add_and_norm(x, None)[1]
+
+    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, RMSNorm(h)) for h = x + delta (the residual add), or h = x without delta: x / rms(x) in
+        fp32, times the weight, rounded once to x's dtype — one compiled call where the kernels are
+        (``kernels.rms_norm``), else torch's fused op."""
+        lib = kernels.library()
+        weight = self.weight
+        fits = x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16) and x.is_contiguous()
+        if lib is not None and fits and (delta is None or (delta.dtype == x.dtype and delta.is_contiguous())):
+            return kernels.rms_norm_unchecked(lib, x, delta, weight, self.eps)
+        h = x if delta is None else x + delta
+        return h, F.rms_norm(h, (h.shape[-1],), weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -84,8 +95,9 @@ class DecoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVView | RowsKVView | SegmentsKVView | None
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        x, normed = self.post_attention_layernorm.add_and_norm(x, attended)  # x + attention, and its norm
+        return x + self.mlp(normed)
 
 
 class KVView:

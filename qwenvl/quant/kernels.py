@@ -90,6 +90,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.qk_decode_attention.argtypes = [i64, i32, i32, i32, i32, ptr, i64, ptr, i64, ptr, i64, i64]
     lib.qk_decode_attention.argtypes += [ptr] * 6 + [ctypes.c_float, i32]
     lib.qk_decode_attention.restype = i32
+    lib.qk_rms_norm.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ctypes.c_float, i32]
+    lib.qk_rms_norm.restype = i32
     return lib
 
 
@@ -285,6 +287,41 @@ class DecodeAttention:
         return out
 
 
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    delta: torch.Tensor | None = None,
+    lib: ctypes.CDLL | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``F.rms_norm(h, (H,), weight, eps)`` for rows h [..., H] in fp32 or bf16 (``weight`` [H] in the
+    same dtype), where h = x, or h = x + delta (the residual add, rounded to the dtype) when ``delta``
+    is given. Returns (h, normed); h is x itself without delta. A row's result depends on that row
+    only (its squares are summed in a fixed order)."""
+    dim = x.shape[-1]
+    if x.dtype not in (torch.float32, torch.bfloat16) or any(t.dtype != x.dtype for t in (weight, delta) if t is not None):
+        raise ValueError("rms_norm takes fp32 or bf16 tensors of one dtype")
+    if weight.shape != (dim,) or (delta is not None and delta.shape != x.shape):
+        raise ValueError(f"rms_norm: weight must be [{dim}] and delta shaped as x")
+    x, weight = x.contiguous(), weight.contiguous()
+    return rms_norm_unchecked(lib or load_library(), x, None if delta is None else delta.contiguous(), weight, eps)
+
+
+def rms_norm_unchecked(
+    lib: ctypes.CDLL, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rms_norm`` for callers that guarantee its conditions and contiguous x, delta and weight
+    (the per-token path)."""
+    rows, dim = x.numel() // x.shape[-1], x.shape[-1]
+    normed = torch.empty(x.shape, dtype=x.dtype)
+    total = x if delta is None else torch.empty(x.shape, dtype=x.dtype)
+    lib.qk_rms_norm(
+        x.data_ptr(), None if delta is None else delta.data_ptr(), total.data_ptr(), weight.data_ptr(),
+        normed.data_ptr(), rows, dim, dim, dim, dim, dim, eps, x.dtype == torch.bfloat16,
+    )  # fmt: skip
+    return total, normed
+
 SOURCE = r"""
 // qwenvl block kernels: matrix-vector products and dequantization straight from GGML blocks.
 //
@@ -294,6 +331,8 @@ SOURCE = r"""
 // bf16 dot products where it has AVX512-BF16), portable C++ otherwise.
 #include <stdint.h>
 #include <string.h>
+
+#include <cmath>
 
 #include <type_traits>
 #include <vector>
@@ -1536,6 +1575,41 @@ void decode_attention(const AttnArgs& a, int64_t rows, int threads) {
 
 }  // namespace
 
+// ---------------------------------------------------------------------------------------------
+// RMSNorm of the decoder's rows, as torch's fused F.rms_norm computes it: in fp32,
+// y = (h * rsqrt(mean(h^2) + eps)) * w, rounded once to the dtype, where h = x, or with a residual
+// delta h = x + delta rounded to the dtype (the residual add), also stored in `sum`. Squares are
+// summed in 16 lanes, then the lanes in a fixed order: a row's result depends on that row only.
+template <class T>
+void rms_norm_rows(const T* x, const T* delta, T* sum, const T* w, T* y, int64_t rows, int64_t dim, int64_t ldx,
+                   int64_t ldd, int64_t lds, int64_t ldy, float eps) {
+  std::vector<float> h((size_t)dim), wf((size_t)dim);
+  for (int64_t i = 0; i < dim; ++i) wf[i] = to_float(w[i]);
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * ldx;
+    if (delta != nullptr) {
+      const T* dr = delta + r * ldd;
+      T* sr = sum + r * lds;
+      for (int64_t i = 0; i < dim; ++i) {
+        store_as(sr + i, to_float(xr[i]) + to_float(dr[i]));
+        h[i] = to_float(sr[i]);
+      }
+    } else {
+      for (int64_t i = 0; i < dim; ++i) h[i] = to_float(xr[i]);
+    }
+    float lanes[16] = {};
+    int64_t i = 0;
+    for (; i + 16 <= dim; i += 16)
+      for (int l = 0; l < 16; ++l) lanes[l] += h[i + l] * h[i + l];
+    for (; i < dim; ++i) lanes[i % 16] += h[i] * h[i];
+    float total = 0.0f;
+    for (int l = 0; l < 16; ++l) total += lanes[l];
+    const float scale = 1.0f / std::sqrt(total / (float)dim + eps);
+    T* yr = y + r * ldy;
+    for (int64_t j = 0; j < dim; ++j) store_as(yr + j, h[j] * scale * wf[j]);
+  }
+}
+
 extern "C" {
 
 // 0: portable C++, 1: AVX-512, 2: AVX-512 with bf16 dot products for bf16 inputs
@@ -1562,6 +1636,18 @@ int qk_gemv(int type, const void* x, int x_bf16, int64_t M, int64_t K, int64_t l
 int qk_dequant(int type, const uint8_t* w, int64_t N, int64_t K, int64_t row_bytes, void* out, int pieces,
                int threads) {
   return dispatch<DequantFn>(type, w, N, K, row_bytes, out, pieces, threads);
+}
+
+// RMSNorm of `rows` rows (see rms_norm_rows); delta (and sum) may be null; fp32 or bf16 throughout.
+int qk_rms_norm(const void* x, const void* delta, void* sum, const void* w, void* y, int64_t rows, int64_t dim,
+                int64_t ldx, int64_t ldd, int64_t lds, int64_t ldy, float eps, int bf16) {
+  if (bf16)
+    rms_norm_rows<uint16_t>((const uint16_t*)x, (const uint16_t*)delta, (uint16_t*)sum, (const uint16_t*)w,
+                            (uint16_t*)y, rows, dim, ldx, ldd, lds, ldy, eps);
+  else
+    rms_norm_rows<float>((const float*)x, (const float*)delta, (float*)sum, (const float*)w, (float*)y, rows, dim,
+                         ldx, ldd, lds, ldy, eps);
+  return 0;
 }
 
 // One decode step's attention for `rows` requests (fp32 or bf16 throughout): row r's new key and

@@ -1,0 +1,79 @@
+"""The compiled RMSNorm (with the residual add fused in): torch's fused F.rms_norm, row by row."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qwenvl.models.text import RMSNorm
+from qwenvl.quant import kernels
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler")
+SHAPES = [(1, 896), (16, 896), (37, 896), (3, 20)]  # 20: not a multiple of the 16 summing lanes
+
+
+def inputs(rows, dim, dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = (torch.randn(rows, dim, generator=generator) * 3).to(dtype)
+    delta = torch.randn(rows, dim, generator=generator).to(dtype)
+    weight = (torch.randn(dim, generator=generator) * 0.5 + 1).to(dtype)
+    return x, delta, weight
+
+
+def reference(h, weight, eps=1e-6):
+    """fp64 x / rms(x) * w, then rounded to the dtype once."""
+    h64 = h.double()
+    return (h64 * torch.rsqrt(h64.pow(2).mean(-1, keepdim=True) + eps) * weight.double()).to(h.dtype)
+
+
+@pytest.mark.parametrize("rows, dim", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_matches_torch_and_fp64(rows, dim, dtype):
+    x, delta, weight = inputs(rows, dim, dtype)
+    h, normed = kernels.rms_norm(x, weight, 1e-6)
+    assert h is x
+    ours, torch_y, exact = normed.double(), F.rms_norm(x, (dim,), weight, 1e-6).double(), reference(x, weight).double()
+    if dtype == torch.float32:  # fp32 sums in another order: a few ulp
+        assert torch.allclose(ours, exact, rtol=2e-6, atol=1e-7)
+        assert torch.allclose(ours, torch_y, rtol=2e-6, atol=1e-7)
+    else:  # one rounding to bf16 of nearly the same fp32 value: equal but for rare ties, one ulp apart
+        assert (ours == torch_y).double().mean() > 0.999
+        assert torch.allclose(ours, exact, rtol=2**-7, atol=0)
+
+    total, normed_sum = kernels.rms_norm(x, weight, 1e-6, delta=delta)
+    assert torch.equal(total, x + delta)  # the residual add, rounded to the dtype as torch rounds it
+    h, normed_again = kernels.rms_norm(x + delta, weight, 1e-6)
+    assert torch.equal(normed_sum, normed_again)
+
+
+def test_rows_do_not_depend_on_each_other():
+    x, delta, weight = inputs(16, 896, torch.bfloat16)
+    _, batched = kernels.rms_norm(x, weight, 1e-6, delta=delta)
+    for i in range(16):
+        _, alone = kernels.rms_norm(x[i : i + 1], weight, 1e-6, delta=delta[i : i + 1])
+        assert torch.equal(alone[0], batched[i])
+
+
+def test_module_uses_the_kernel_and_falls_back_elsewhere():
+    norm = RMSNorm(20, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 1.5, 20))
+    x, delta, _ = inputs(3, 20, torch.float32)
+    h, y = norm.add_and_norm(x, delta)
+    assert torch.equal(h, x + delta) and torch.allclose(y, F.rms_norm(x + delta, (20,), norm.weight, 1e-6), rtol=2e-6)
+    strided = torch.randn(3, 40)[:, ::2]  # not contiguous: torch's op
+    assert torch.equal(norm(strided), F.rms_norm(strided, (20,), norm.weight, 1e-6))
+    half = norm.half()  # fp16: torch's op
+    x16 = x.half()
+    assert torch.equal(half(x16), F.rms_norm(x16, (20,), half.weight, 1e-6))
+
+
+def test_bad_inputs_are_refused():
+    x, delta, weight = inputs(2, 20, torch.float32)
+    with pytest.raises(ValueError, match="one dtype"):
+        kernels.rms_norm(x, weight.bfloat16(), 1e-6)
+    with pytest.raises(ValueError, match="weight must be"):
+        kernels.rms_norm(x, weight[:10], 1e-6)
+    with pytest.raises(ValueError, match="delta shaped"):
+        kernels.rms_norm(x, weight, 1e-6, delta=delta[:1])
