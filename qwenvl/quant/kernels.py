@@ -92,6 +92,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.qk_decode_attention.restype = i32
     lib.qk_rms_norm.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i64, i64, ctypes.c_float, i32]
     lib.qk_rms_norm.restype = i32
+    lib.qk_silu_mul.argtypes, lib.qk_silu_mul.restype = [ptr, ptr, i64, i64, i64, i64, i32, i32], i32
     return lib
 
 
@@ -321,6 +322,26 @@ def rms_norm_unchecked(
         normed.data_ptr(), rows, dim, dim, dim, dim, dim, eps, x.dtype == torch.bfloat16,
     )  # fmt: skip
     return total, normed
+
+
+def silu_mul(gate_up: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """SwiGLU's ``F.silu(gate) * up`` for ``gate, up = gate_up.chunk(2, -1)``, gate_up [..., 2·I] in
+    fp32 or bf16 (bf16: silu rounded, then the product, as torch rounds them) → [..., I]."""
+    if gate_up.dtype not in (torch.float32, torch.bfloat16) or gate_up.shape[-1] % 2:
+        raise ValueError("silu_mul takes an fp32 or bf16 tensor with an even last dimension")
+    return silu_mul_unchecked(lib or load_library(), gate_up.contiguous())
+
+
+def silu_mul_unchecked(lib: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:
+    """``silu_mul`` for callers that guarantee its conditions and a contiguous gate_up (the per-token path)."""
+    inter = gate_up.shape[-1] // 2
+    rows = gate_up.numel() // (2 * inter)
+    y = torch.empty(*gate_up.shape[:-1], inter, dtype=gate_up.dtype)
+    lib.qk_silu_mul(
+        gate_up.data_ptr(), y.data_ptr(), rows, inter, 2 * inter, inter, gate_up.dtype == torch.bfloat16,
+        torch.get_num_threads(),
+    )
+    return y
 
 SOURCE = r"""
 // qwenvl block kernels: matrix-vector products and dequantization straight from GGML blocks.
@@ -1610,6 +1631,76 @@ void rms_norm_rows(const T* x, const T* delta, T* sum, const T* w, T* y, int64_t
   }
 }
 
+// SwiGLU's product for rows of the fused gate/up output (gate: the first `inter` values of a row,
+// up: the next `inter`): y = silu(g) * u with torch's roundings for F.silu(gate).mul_(up) — silu(g) =
+// g / (1 + exp(-g)) in fp32 (as g * e / (1 + e), e = exp(g), for g < 0: the same value without
+// overflow) rounded to the dtype, then the product rounded again.
+inline float silu_of(float x) {
+  const float e = exp_nonpositive(x < 0.0f ? x : -x);
+  return (x < 0.0f ? x * e : x) / (1.0f + e);
+}
+
+#if QK_BF16
+inline __m512 exp_nonpositive16(__m512 x) {  // exp_nonpositive, 16 lanes (2^n applied by scalef)
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723e-6f),
+                                    _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x));
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __m512 bf16x16_to_ps(const uint16_t* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
+
+inline __m512 round_ps_to_bf16(__m512 v) {  // v rounded to bf16 (nearest even), back in fp32 lanes
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
+
+void silu_mul_row_bf16(const uint16_t* g, const uint16_t* u, uint16_t* y, int64_t inter) {
+  int64_t i = 0;
+  for (; i + 16 <= inter; i += 16) {
+    const __m512 x = bf16x16_to_ps(g + i);
+    const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
+    const __m512 e = exp_nonpositive16(_mm512_mask_blend_ps(negative, _mm512_sub_ps(_mm512_setzero_ps(), x), x));
+    const __m512 numerator = _mm512_mask_mul_ps(x, negative, x, e);
+    const __m512 silu = round_ps_to_bf16(_mm512_div_ps(numerator, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
+    const __m512 product = _mm512_mul_ps(silu, bf16x16_to_ps(u + i));
+    _mm256_storeu_si256((__m256i*)(y + i), (__m256i)_mm512_cvtneps_pbh(product));
+  }
+  for (; i < inter; ++i) y[i] = float_to_bf16(bf16_to_float(float_to_bf16(silu_of(bf16_to_float(g[i])))) * bf16_to_float(u[i]));
+}
+#endif
+
+template <class T>
+void silu_mul_row(const T* g, const T* u, T* y, int64_t inter) {
+#if QK_BF16
+  if constexpr (std::is_same_v<T, uint16_t>) {
+    silu_mul_row_bf16(g, u, y, inter);
+    return;
+  }
+#endif
+  for (int64_t i = 0; i < inter; ++i) {
+    const float silu = to_float(g[i]) == to_float(g[i]) ? silu_of(to_float(g[i])) : to_float(g[i]);  // NaN stays
+    T rounded;
+    store_as(&rounded, silu);
+    store_as(y + i, to_float(rounded) * to_float(u[i]));
+  }
+}
+
+template <class T>
+void silu_mul_rows(const T* gate_up, T* y, int64_t rows, int64_t inter, int64_t ldg, int64_t ldy, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows > 1 && rows * inter >= 32768)
+  for (int64_t r = 0; r < rows; ++r) silu_mul_row(gate_up + r * ldg, gate_up + r * ldg + inter, y + r * ldy, inter);
+}
+
 extern "C" {
 
 // 0: portable C++, 1: AVX-512, 2: AVX-512 with bf16 dot products for bf16 inputs
@@ -1647,6 +1738,16 @@ int qk_rms_norm(const void* x, const void* delta, void* sum, const void* w, void
   else
     rms_norm_rows<float>((const float*)x, (const float*)delta, (float*)sum, (const float*)w, (float*)y, rows, dim,
                          ldx, ldd, lds, ldy, eps);
+  return 0;
+}
+
+// y [rows, inter] = silu(gate) * up for gate_up [rows, 2 * inter] (see silu_mul_rows); fp32 or bf16.
+int qk_silu_mul(const void* gate_up, void* y, int64_t rows, int64_t inter, int64_t ldg, int64_t ldy, int bf16,
+                int threads) {
+  if (bf16)
+    silu_mul_rows<uint16_t>((const uint16_t*)gate_up, (uint16_t*)y, rows, inter, ldg, ldy, threads);
+  else
+    silu_mul_rows<float>((const float*)gate_up, (float*)y, rows, inter, ldg, ldy, threads);
   return 0;
 }
 

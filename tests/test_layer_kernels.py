@@ -1,4 +1,5 @@
-"""The compiled RMSNorm (with the residual add fused in): torch's fused F.rms_norm, row by row."""
+"""The compiled per-layer helpers — RMSNorm (residual add fused in) and SwiGLU's silu(gate) * up — against
+torch's ops and fp64, row by row."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qwenvl.models.text import RMSNorm
+from qwenvl.models.text import RMSNorm, swiglu
 from qwenvl.quant import kernels
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler")
@@ -77,3 +78,45 @@ def test_bad_inputs_are_refused():
         kernels.rms_norm(x, weight[:10], 1e-6)
     with pytest.raises(ValueError, match="delta shaped"):
         kernels.rms_norm(x, weight, 1e-6, delta=delta[:1])
+
+
+def gate_up_rows(rows, inter, dtype, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    gate_up = torch.randn(rows, 2 * inter, generator=generator) * 4
+    gate_up[0, :8] = torch.tensor([0.0, -0.0, 100.0, -100.0, 88.0, -88.0, 1e-30, -1e-30])  # extremes
+    return gate_up.to(dtype)
+
+
+@pytest.mark.parametrize("rows, inter", [(1, 4864), (16, 4864), (3, 20)])  # 20: a 16-lane tail
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_silu_mul_matches_torch_and_fp64(rows, inter, dtype):
+    gate_up = gate_up_rows(rows, inter, dtype)
+    ours = kernels.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch_y = F.silu(gate).mul_(up)
+    assert ours.shape == (rows, inter) and torch.isfinite(ours).all()
+    g64, u64 = gate.double(), up.double()
+    exact = g64 * torch.sigmoid(g64) * u64
+    vanishing = g64 < -80  # silu(g) < 1e-33: both sides are (sub)normal dust, not compared bit for bit
+    assert (ours[vanishing].abs() < 1e-30).all()
+    ours, torch_y, exact = ours[~vanishing].double(), torch_y[~vanishing].double(), exact[~vanishing]
+    if dtype == torch.float32:  # exp to ~2 ulp, then two roundings
+        assert torch.allclose(ours, exact, rtol=1e-6, atol=1e-30)
+    else:  # bf16: silu rounded, then the product — as torch; a near-tie may land one ulp apart
+        assert (ours == torch_y).double().mean() > 0.999
+        assert torch.allclose(ours, torch_y, rtol=2**-7, atol=0)
+
+
+def test_silu_mul_rows_are_independent_and_swiglu_falls_back():
+    gate_up = gate_up_rows(16, 64, torch.bfloat16)
+    batched = kernels.silu_mul(gate_up)
+    for i in range(16):
+        assert torch.equal(kernels.silu_mul(gate_up[i : i + 1])[0], batched[i])
+    assert torch.equal(swiglu(gate_up.view(16, 1, 128)), batched.view(16, 1, 64))
+    half = gate_up.half()  # fp16: torch's ops
+    gate, up = half.chunk(2, dim=-1)
+    assert torch.equal(swiglu(half), F.silu(gate) * up)
+    nan = torch.tensor([[float("nan"), 1.0]])
+    assert torch.isnan(kernels.silu_mul(nan)).all() and torch.isnan(kernels.silu_mul(nan.bfloat16())).all()
+    with pytest.raises(ValueError, match="even last dimension"):
+        kernels.silu_mul(torch.randn(2, 7))
