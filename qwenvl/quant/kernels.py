@@ -303,8 +303,8 @@ def rms_norm(
     dim = x.shape[-1]
     if x.dtype not in (torch.float32, torch.bfloat16) or any(t.dtype != x.dtype for t in (weight, delta) if t is not None):
         raise ValueError("rms_norm takes fp32 or bf16 tensors of one dtype")
-    if weight.shape != (dim,) or (delta is not None and delta.shape != x.shape):
-        raise ValueError(f"rms_norm: weight must be [{dim}] and delta shaped as x")
+    if dim == 0 or weight.shape != (dim,) or (delta is not None and delta.shape != x.shape):
+        raise ValueError(f"rms_norm: rows must be non-empty, weight [{dim}] and delta shaped as x")
     x, weight = x.contiguous(), weight.contiguous()
     return rms_norm_unchecked(lib or load_library(), x, None if delta is None else delta.contiguous(), weight, eps)
 
@@ -327,8 +327,8 @@ def rms_norm_unchecked(
 def silu_mul(gate_up: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """SwiGLU's ``F.silu(gate) * up`` for ``gate, up = gate_up.chunk(2, -1)``, gate_up [..., 2·I] in
     fp32 or bf16 (bf16: silu rounded, then the product, as torch rounds them) → [..., I]."""
-    if gate_up.dtype not in (torch.float32, torch.bfloat16) or gate_up.shape[-1] % 2:
-        raise ValueError("silu_mul takes an fp32 or bf16 tensor with an even last dimension")
+    if gate_up.dtype not in (torch.float32, torch.bfloat16) or gate_up.shape[-1] % 2 or not gate_up.shape[-1]:
+        raise ValueError("silu_mul takes an fp32 or bf16 tensor with an even, non-zero last dimension")
     return silu_mul_unchecked(lib or load_library(), gate_up.contiguous())
 
 
@@ -1643,7 +1643,8 @@ inline float silu_of(float x) {
 #if QK_BF16
 inline __m512 exp_nonpositive16(__m512 x) {  // exp_nonpositive, 16 lanes (2^n applied by scalef)
   x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860682030941723e-6f),
                                     _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x));
   __m512 p = _mm512_set1_ps(1.0f / 720);
@@ -1675,7 +1676,10 @@ void silu_mul_row_bf16(const uint16_t* g, const uint16_t* u, uint16_t* y, int64_
     const __m512 product = _mm512_mul_ps(silu, bf16x16_to_ps(u + i));
     _mm256_storeu_si256((__m256i*)(y + i), (__m256i)_mm512_cvtneps_pbh(product));
   }
-  for (; i < inter; ++i) y[i] = float_to_bf16(bf16_to_float(float_to_bf16(silu_of(bf16_to_float(g[i])))) * bf16_to_float(u[i]));
+  for (; i < inter; ++i) {
+    const float silu = bf16_to_float(float_to_bf16(silu_of(bf16_to_float(g[i]))));
+    y[i] = float_to_bf16(silu * bf16_to_float(u[i]));
+  }
 }
 #endif
 
@@ -1688,7 +1692,7 @@ void silu_mul_row(const T* g, const T* u, T* y, int64_t inter) {
   }
 #endif
   for (int64_t i = 0; i < inter; ++i) {
-    const float silu = to_float(g[i]) == to_float(g[i]) ? silu_of(to_float(g[i])) : to_float(g[i]);  // NaN stays
+    const float silu = silu_of(to_float(g[i]));  // NaN in, NaN out
     T rounded;
     store_as(&rounded, silu);
     store_as(y + i, to_float(rounded) * to_float(u[i]));
