@@ -1657,24 +1657,16 @@ inline __m512 exp_nonpositive16(__m512 x) {  // exp_nonpositive, 16 lanes (2^n a
   return _mm512_scalef_ps(p, n);
 }
 
-inline __m512 bf16x16_to_ps(const uint16_t* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-
-inline __m512 round_ps_to_bf16(__m512 v) {  // v rounded to bf16 (nearest even), back in fp32 lanes
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
-}
-
 void silu_mul_row_bf16(const uint16_t* g, const uint16_t* u, uint16_t* y, int64_t inter) {
   int64_t i = 0;
   for (; i + 16 <= inter; i += 16) {
-    const __m512 x = bf16x16_to_ps(g + i);
+    const __m512 x = bf16_to_ps(_mm256_loadu_si256((const __m256i*)(g + i)));
     const __mmask16 negative = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ);
     const __m512 e = exp_nonpositive16(_mm512_mask_blend_ps(negative, _mm512_sub_ps(_mm512_setzero_ps(), x), x));
     const __m512 numerator = _mm512_mask_mul_ps(x, negative, x, e);
-    const __m512 silu = round_ps_to_bf16(_mm512_div_ps(numerator, _mm512_add_ps(_mm512_set1_ps(1.0f), e)));
-    const __m512 product = _mm512_mul_ps(silu, bf16x16_to_ps(u + i));
-    _mm256_storeu_si256((__m256i*)(y + i), (__m256i)_mm512_cvtneps_pbh(product));
+    const __m512 silu = bf16_to_ps(ps_to_bf16(_mm512_div_ps(numerator, _mm512_add_ps(_mm512_set1_ps(1.0f), e))));
+    const __m512 product = _mm512_mul_ps(silu, bf16_to_ps(_mm256_loadu_si256((const __m256i*)(u + i))));
+    _mm256_storeu_si256((__m256i*)(y + i), ps_to_bf16(product));
   }
   for (; i < inter; ++i) {
     const float silu = bf16_to_float(float_to_bf16(silu_of(bf16_to_float(g[i]))));

@@ -221,9 +221,14 @@ class BlockQuantLinear(QuantLinear):
                 raise ValueError(f"block kernels do not support {self.ggml_type.name}")
 
     @property
+    def prefill_pack_size(self) -> int:
+        """Bytes ``pack_prefill`` holds: the weight matrix in bf16."""
+        return self.out_features * self.in_features * 2
+
+    @property
     def packed_bytes(self) -> int:
         """Bytes held by the packed prefill weights (0 until ``pack_prefill``)."""
-        return self.out_features * self.in_features * 2 if self._packed is not None else 0
+        return self.prefill_pack_size if self._packed is not None else 0
 
     def pack_prefill(self) -> int:
         """Keep the prefill weights (one bf16 piece: W rounded to bf16, exactly what a prefill of bf16

@@ -131,7 +131,7 @@ def pack_prefill_weights(model: TextModel, budget_bytes: int) -> int:
     ``budget_bytes``. Returns the bytes packed (0: nothing packed). The lm_head is left alone: a
     prefill multiplies it by the last rows only, through the block GEMV."""
     layers = [m for m in model.layers.modules() if isinstance(m, BlockQuantLinear) and m.pieces == 1]
-    needed = sum(m.out_features * m.in_features * 2 for m in layers)
+    needed = sum(m.prefill_pack_size for m in layers)
     if not layers or needed > budget_bytes:
         return 0
     return sum(m.pack_prefill() for m in layers)
