@@ -205,6 +205,23 @@ def test_amx_path_is_exact(ggml_type: T) -> None:
 
 
 @needs_amx
+@pytest.mark.parametrize("ggml_type", [T.Q5_0, T.Q4_K, T.Q6_K], ids=lambda t: t.name)
+def test_amx_takes_strided_and_unaligned_rows(ggml_type: T) -> None:
+    """x rows inside a wider buffer (an even stride, an odd one, a start two bytes off alignment) give
+    the bits of the same rows contiguous: the tiles' x layout (and the sums that formats with a
+    minimum or Q6_K take from it) does not depend on where the rows lie."""
+    raw = random_blocks(ggml_type, ROWS, COLS, seed=11)
+    blocks = torch.from_numpy(raw)
+    assert COLS % 2 == 0
+    for rows in (5, 16):
+        for extra, start in ((4, 0), (4, 1), (3, 0)):  # even stride; start off alignment; odd stride
+            x = torch.randn(rows, COLS + extra).bfloat16()[:, start : start + COLS]
+            strided = kernels.gemv(x, blocks, ggml_type, COLS, out=torch.empty(rows, ROWS), amx=True)
+            packed = kernels.gemv(x.contiguous(), blocks, ggml_type, COLS, out=torch.empty(rows, ROWS), amx=True)
+            assert torch.equal(strided, packed), (rows, extra, start)
+
+
+@needs_amx
 def test_amx_can_be_turned_off(monkeypatch) -> None:
     monkeypatch.setenv("QWENVL_AMX", "0")
     raw = random_blocks(T.Q5_0, ROWS, COLS)

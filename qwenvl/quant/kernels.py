@@ -886,6 +886,14 @@ struct GemvArgs {
   int y_bf16;
 };
 
+// Output tiles go to the threads in chunks, a chunk to whichever thread is free: a thread the OS
+// (or another process) holds back does not hold the others at the end of the call. ~16 chunks a
+// thread keep the handing-out cheap.
+inline int64_t dynamic_chunk(int64_t tiles, int threads) {
+  const int64_t chunk = tiles / ((int64_t)threads * 16);
+  return chunk > 0 ? chunk : 1;
+}
+
 inline void store(const GemvArgs& a, int64_t m, int64_t n, float v) {
   if (a.bias) v += a.bias[n];
   if (a.y_bf16)
@@ -1102,11 +1110,37 @@ inline void amx_configure() {  // tiles 0, 3, 5: C; 1, 4, 6: A; 2, 7: B — all 
 }
 
 // x [M, K] bf16 → [K/32][16 pairs][16 rows][2]: group g's B tile at xv + g * 512 (uint16_t), rows
-// of x beyond M zero
+// of x beyond M zero. A pair of bf16 values moves as one 32-bit word: per group, a 16 x 16 word
+// transpose.
 void vnni_x(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, uint16_t* xv) {
-  memset(xv, 0, (size_t)(K * 16 * 2));
-  for (int64_t m = 0; m < M; ++m)
+  uint32_t* out = (uint32_t*)xv;
+  const int64_t groups = K / 32;
+  if (M < 16)
+    for (int64_t i = 0; i < groups * 16; ++i) memset(out + i * 16 + M, 0, (size_t)(16 - M) * 4);
+  if (ldx % 2 == 0 && (uintptr_t)x % 4 == 0) {
+    for (int64_t m = 0; m < M; ++m) {
+      const uint32_t* row = (const uint32_t*)(x + m * ldx);
+      for (int64_t j = 0; j < groups * 16; ++j) out[j * 16 + m] = row[j];
+    }
+    return;
+  }
+  for (int64_t m = 0; m < M; ++m)  // rows not 4-byte aligned
     for (int64_t k = 0; k < K; ++k) xv[(k / 32) * 512 + ((k % 32) / 2) * 32 + m * 2 + (k % 2)] = x[m * ldx + k];
+}
+
+// x_run_sums' sums (runs of `width` 16 or 32) from the VNNI x, all 16 rows at once: [K / width][16]
+// (lanes = rows). Each lane adds its row's values in x_run_sums' order, so the sums are the same.
+void vnni_run_sums(const uint16_t* xv, int64_t K, int width, float* out) {
+  const int pairs = width / 2;
+  for (int64_t j = 0; j < K / width; ++j) {
+    __m512 sum = _mm512_setzero_ps();
+    for (int p = 0; p < pairs; ++p) {  // one word per row: x[2p] in the low half, x[2p + 1] high
+      const __m512i words = _mm512_loadu_si512((const void*)(xv + (j * pairs + p) * 32));
+      sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_slli_epi32(words, 16)));
+      sum = _mm512_add_ps(sum, _mm512_castsi512_ps(_mm512_and_si512(words, _mm512_set1_epi32((int)0xFFFF0000))));
+    }
+    _mm512_storeu_ps(out + j * 16, sum);
+  }
 }
 
 struct AmxArgs {
@@ -1217,13 +1251,13 @@ void amx_tile(const GemvArgs& a, const AmxArgs& b, int64_t n, int rows, uint16_t
 
 template <class F>
 void gemv_amx(const GemvArgs& a, const AmxArgs& b, int threads) {  // a.M <= 16
-  const int64_t tiles = (a.N + 15) / 16;
+  const int64_t tiles = (a.N + 15) / 16, chunk = dynamic_chunk(tiles, threads);
 #pragma omp parallel num_threads(threads)
   {
     alignas(64) uint16_t abuf[2048] = {};
     alignas(64) float cbuf[1024];
     amx_configure();
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, chunk)
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t n = t * 16;
       if (n + 16 <= a.N)
@@ -1235,17 +1269,18 @@ void gemv_amx(const GemvArgs& a, const AmxArgs& b, int threads) {  // a.M <= 16
   }
 }
 
-// the AMX path for x [M <= 16, K] bf16
+// the AMX path for x [M <= 16, K] bf16; the VNNI x and its sums in buffers kept by the thread
 template <class F>
 void run_amx(const uint16_t* x, int64_t ldx, GemvArgs a, int threads) {
   const int64_t M = a.M, K = a.K;
-  std::vector<uint16_t> xv((size_t)(K * 16));
+  thread_local std::vector<uint16_t> xv;
+  thread_local std::vector<float> xsum;  // only formats with a minimum (sums over 32) and Q6_K (over 16) read it
+  xv.resize((size_t)(K * 16));
   vnni_x(x, M, K, ldx, xv.data());
-  std::vector<float> xsum;  // only formats with a minimum (sums over 32) and Q6_K (over 16) read it
   if (F::kOffset < 0 || F::kBits == 6) {
     const int width = F::kBits == 6 ? 16 : 32;
-    xsum.assign((size_t)(K / width * 16), 0.0f);
-    x_run_sums(x, M, K, ldx, width, xsum.data(), 16, 1);
+    xsum.resize((size_t)(K / width * 16));
+    vnni_run_sums(xv.data(), K, width, xsum.data());
   }
   gemv_amx<F>(a, AmxArgs{xv.data(), xsum.data()}, threads);
 }
@@ -1254,16 +1289,16 @@ void run_amx(const uint16_t* x, int64_t ldx, GemvArgs a, int threads) {
 template <class F, int MB, bool DOT>
 void gemv_pass(const GemvArgs& a, int64_t m0, int threads) {
   constexpr int NR = tile_rows(MB);
-  const int64_t tiles = a.N / NR;
+  const int64_t tiles = a.N / NR, chunk = dynamic_chunk(tiles, threads);
 #if QK_BF16
   if constexpr (DOT) {
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(threads) schedule(dynamic, chunk)
     for (int64_t t = 0; t < tiles; ++t) gemv_tile_dot<F, NR, MB>(a, t * NR, m0);
     for (int64_t n = tiles * NR; n < a.N; ++n) gemv_tile_dot<F, 1, MB>(a, n, m0);
     return;
   }
 #endif
-#pragma omp parallel for num_threads(threads) schedule(static)
+#pragma omp parallel for num_threads(threads) schedule(dynamic, chunk)
   for (int64_t t = 0; t < tiles; ++t) gemv_tile_f32<F, NR, MB>(a, t * NR, m0);
   for (int64_t n = tiles * NR; n < a.N; ++n) gemv_tile_f32<F, 1, MB>(a, n, m0);
 }
@@ -1590,7 +1625,7 @@ void attention_task(const AttnArgs& a, int64_t row, int g) {
 template <class T>
 void decode_attention(const AttnArgs& a, int64_t rows, int threads) {
   const int64_t tasks = rows * a.kv_heads;
-#pragma omp parallel for num_threads(threads) schedule(static) if (tasks > 1)
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (tasks > 1)
   for (int64_t i = 0; i < tasks; ++i) attention_task<T>(a, i / a.kv_heads, (int)(i % a.kv_heads));
 }
 
