@@ -886,9 +886,10 @@ struct GemvArgs {
   int y_bf16;
 };
 
-// Output tiles go to the threads in chunks, a chunk to whichever thread is free: a thread the OS
-// (or another process) holds back does not hold the others at the end of the call. ~16 chunks a
-// thread keep the handing-out cheap.
+// Output tiles go to the threads in shrinking chunks (OpenMP's guided schedule: the first ones half
+// the work, as a static split, so each thread streams through long runs of rows), each to whichever
+// thread is free: a thread the OS (or another process) holds back does not hold the others at the end
+// of the call. Chunks of no fewer than ~1/16 of a thread's share keep the handing-out cheap.
 inline int64_t dynamic_chunk(int64_t tiles, int threads) {
   const int64_t chunk = tiles / ((int64_t)threads * 16);
   return chunk > 0 ? chunk : 1;
@@ -1109,23 +1110,41 @@ inline void amx_configure() {  // tiles 0, 3, 5: C; 1, 4, 6: A; 2, 7: B — all 
   _tile_loadconfig(&cfg);
 }
 
-// x [M, K] bf16 → [K/32][16 pairs][16 rows][2]: group g's B tile at xv + g * 512 (uint16_t), rows
-// of x beyond M zero. A pair of bf16 values moves as one 32-bit word: per group, a 16 x 16 word
-// transpose.
-void vnni_x(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, uint16_t* xv) {
-  uint32_t* out = (uint32_t*)xv;
-  const int64_t groups = K / 32;
-  if (M < 16)
-    for (int64_t i = 0; i < groups * 16; ++i) memset(out + i * 16 + M, 0, (size_t)(16 - M) * 4);
-  if (ldx % 2 == 0 && (uintptr_t)x % 4 == 0) {
-    for (int64_t m = 0; m < M; ++m) {
-      const uint32_t* row = (const uint32_t*)(x + m * ldx);
-      for (int64_t j = 0; j < groups * 16; ++j) out[j * 16 + m] = row[j];
-    }
-    return;
+// Transposes 16 rows of 16 32-bit words in place: r[p] becomes word p of every row.
+inline void transpose_words(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {  // per 128-bit lane: words 0-1 / 2-3 of rows i, i + 1 interleaved
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
   }
-  for (int64_t m = 0; m < M; ++m)  // rows not 4-byte aligned
-    for (int64_t k = 0; k < K; ++k) xv[(k / 32) * 512 + ((k % 32) / 2) * 32 + m * 2 + (k % 2)] = x[m * ldx + k];
+  for (int i = 0; i < 16; i += 4) {  // u[i + k], lane L: word 4L + k of rows i .. i + 3
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  for (int k = 0; k < 4; ++k) {  // the 4 x 4 lanes of r[k], r[4 + k], r[8 + k], r[12 + k]
+    const __m512i v0 = _mm512_shuffle_i32x4(r[k], r[4 + k], 0x88), v1 = _mm512_shuffle_i32x4(r[k], r[4 + k], 0xDD);
+    const __m512i v2 = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0x88);
+    const __m512i v3 = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0xDD);
+    t[k] = _mm512_shuffle_i32x4(v0, v2, 0x88);
+    t[8 + k] = _mm512_shuffle_i32x4(v0, v2, 0xDD);
+    t[4 + k] = _mm512_shuffle_i32x4(v1, v3, 0x88);
+    t[12 + k] = _mm512_shuffle_i32x4(v1, v3, 0xDD);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
+// x [M, K] bf16 → [K/32][16 pairs][16 rows][2]: group g's B tile at xv + g * 512 (uint16_t), rows
+// of x beyond M zero. A pair of bf16 values is one 32-bit word: per group, a 16 x 16 word transpose.
+void vnni_x(const uint16_t* x, int64_t M, int64_t K, int64_t ldx, uint16_t* xv) {
+  for (int64_t g = 0; g < K / 32; ++g) {
+    __m512i r[16];
+    for (int m = 0; m < 16; ++m)
+      r[m] = m < M ? _mm512_loadu_si512((const void*)(x + m * ldx + g * 32)) : _mm512_setzero_si512();
+    transpose_words(r);
+    for (int p = 0; p < 16; ++p) _mm512_storeu_si512((void*)(xv + (g * 16 + p) * 32), r[p]);
+  }
 }
 
 // x_run_sums' sums (runs of `width` 16 or 32) from the VNNI x, all 16 rows at once: [K / width][16]
@@ -1252,12 +1271,13 @@ void amx_tile(const GemvArgs& a, const AmxArgs& b, int64_t n, int rows, uint16_t
 template <class F>
 void gemv_amx(const GemvArgs& a, const AmxArgs& b, int threads) {  // a.M <= 16
   const int64_t tiles = (a.N + 15) / 16, chunk = dynamic_chunk(tiles, threads);
-#pragma omp parallel num_threads(threads)
+  // a few tiles (v of q/k/v: 8) are quicker on one thread than the fork and join
+#pragma omp parallel num_threads(tiles > 16 ? threads : 1)
   {
     alignas(64) uint16_t abuf[2048] = {};
     alignas(64) float cbuf[1024];
     amx_configure();
-#pragma omp for schedule(dynamic, chunk)
+#pragma omp for schedule(guided, chunk)
     for (int64_t t = 0; t < tiles; ++t) {
       const int64_t n = t * 16;
       if (n + 16 <= a.N)
@@ -1265,8 +1285,7 @@ void gemv_amx(const GemvArgs& a, const AmxArgs& b, int threads) {  // a.M <= 16
       else
         amx_tile<F, false>(a, b, n, (int)(a.N - n), abuf, cbuf);
     }
-    _tile_release();
-  }
+  }  // tiles stay configured: releasing them cost ~7 µs a call here, and each user loads its own configuration
 }
 
 // the AMX path for x [M <= 16, K] bf16; the VNNI x and its sums in buffers kept by the thread
@@ -1292,13 +1311,13 @@ void gemv_pass(const GemvArgs& a, int64_t m0, int threads) {
   const int64_t tiles = a.N / NR, chunk = dynamic_chunk(tiles, threads);
 #if QK_BF16
   if constexpr (DOT) {
-#pragma omp parallel for num_threads(threads) schedule(dynamic, chunk)
+#pragma omp parallel for num_threads(threads) schedule(guided, chunk)
     for (int64_t t = 0; t < tiles; ++t) gemv_tile_dot<F, NR, MB>(a, t * NR, m0);
     for (int64_t n = tiles * NR; n < a.N; ++n) gemv_tile_dot<F, 1, MB>(a, n, m0);
     return;
   }
 #endif
-#pragma omp parallel for num_threads(threads) schedule(dynamic, chunk)
+#pragma omp parallel for num_threads(threads) schedule(guided, chunk)
   for (int64_t t = 0; t < tiles; ++t) gemv_tile_f32<F, NR, MB>(a, t * NR, m0);
   for (int64_t n = tiles * NR; n < a.N; ++n) gemv_tile_f32<F, 1, MB>(a, n, m0);
 }
