@@ -890,7 +890,7 @@ struct GemvArgs {
 // the work, as a static split, so each thread streams through long runs of rows), each to whichever
 // thread is free: a thread the OS (or another process) holds back does not hold the others at the end
 // of the call. Chunks of no fewer than ~1/16 of a thread's share keep the handing-out cheap.
-inline int64_t dynamic_chunk(int64_t tiles, int threads) {
+inline int64_t min_chunk(int64_t tiles, int threads) {
   const int64_t chunk = tiles / ((int64_t)threads * 16);
   return chunk > 0 ? chunk : 1;
 }
@@ -1270,7 +1270,7 @@ void amx_tile(const GemvArgs& a, const AmxArgs& b, int64_t n, int rows, uint16_t
 
 template <class F>
 void gemv_amx(const GemvArgs& a, const AmxArgs& b, int threads) {  // a.M <= 16
-  const int64_t tiles = (a.N + 15) / 16, chunk = dynamic_chunk(tiles, threads);
+  const int64_t tiles = (a.N + 15) / 16, chunk = min_chunk(tiles, threads);
   // a few tiles (v of q/k/v: 8) are quicker on one thread than the fork and join
 #pragma omp parallel num_threads(tiles > 16 ? threads : 1)
   {
@@ -1308,7 +1308,7 @@ void run_amx(const uint16_t* x, int64_t ldx, GemvArgs a, int threads) {
 template <class F, int MB, bool DOT>
 void gemv_pass(const GemvArgs& a, int64_t m0, int threads) {
   constexpr int NR = tile_rows(MB);
-  const int64_t tiles = a.N / NR, chunk = dynamic_chunk(tiles, threads);
+  const int64_t tiles = a.N / NR, chunk = min_chunk(tiles, threads);
 #if QK_BF16
   if constexpr (DOT) {
 #pragma omp parallel for num_threads(threads) schedule(guided, chunk)
@@ -1711,7 +1711,8 @@ inline __m512 exp_nonpositive16(__m512 x) {  // exp_nonpositive, 16 lanes (2^n a
   return _mm512_scalef_ps(p, n);
 }
 
-void silu_mul_row_bf16(const uint16_t* g, const uint16_t* u, uint16_t* y, int64_t inter) {
+// the first multiple of 16 values of a row; returns how many (silu_mul_row does the rest)
+int64_t silu_mul_row_bf16(const uint16_t* g, const uint16_t* u, uint16_t* y, int64_t inter) {
   int64_t i = 0;
   for (; i + 16 <= inter; i += 16) {
     const __m512 x = bf16_to_ps(_mm256_loadu_si256((const __m256i*)(g + i)));
@@ -1722,22 +1723,17 @@ void silu_mul_row_bf16(const uint16_t* g, const uint16_t* u, uint16_t* y, int64_
     const __m512 product = _mm512_mul_ps(silu, bf16_to_ps(_mm256_loadu_si256((const __m256i*)(u + i))));
     _mm256_storeu_si256((__m256i*)(y + i), ps_to_bf16(product));
   }
-  for (; i < inter; ++i) {
-    const float silu = bf16_to_float(float_to_bf16(silu_of(bf16_to_float(g[i]))));
-    y[i] = float_to_bf16(silu * bf16_to_float(u[i]));
-  }
+  return i;
 }
 #endif
 
 template <class T>
 void silu_mul_row(const T* g, const T* u, T* y, int64_t inter) {
+  int64_t i = 0;
 #if QK_BF16
-  if constexpr (std::is_same_v<T, uint16_t>) {
-    silu_mul_row_bf16(g, u, y, inter);
-    return;
-  }
+  if constexpr (std::is_same_v<T, uint16_t>) i = silu_mul_row_bf16(g, u, y, inter);
 #endif
-  for (int64_t i = 0; i < inter; ++i) {
+  for (; i < inter; ++i) {
     const float silu = silu_of(to_float(g[i]));  // NaN in, NaN out
     T rounded;
     store_as(&rounded, silu);
