@@ -157,6 +157,8 @@ def check_blocks(blocks: torch.Tensor, ggml_type: GGMLQuantizationType, n: int, 
     """Raise ValueError unless ``blocks`` is a uint8 [n, bytes] tensor (contiguous rows) of a [n, k] matrix."""
     if ggml_type not in SUPPORTED_TYPES:
         raise ValueError(f"block kernels do not support {ggml_type.name}")
+    if k % GGML_QUANT_SIZES[ggml_type][0]:
+        raise ValueError(f"a {ggml_type.name} row holds a multiple of {GGML_QUANT_SIZES[ggml_type][0]} values, not {k}")
     if blocks.dtype != torch.uint8 or blocks.dim() != 2 or blocks.stride(1) != 1:
         raise ValueError("blocks must be a uint8 tensor [rows, bytes] with contiguous rows")
     if blocks.shape != (n, _row_bytes(ggml_type, k)):
@@ -458,6 +460,7 @@ inline void one_scale(Scales* s, float d, float off) {  // the 32-value formats
 
 struct Q8_0 {
   static constexpr int kValues = 32, kBytes = 34, kBits = 0, kOffset = 0;
+  static constexpr bool kFloat = false;
   static void prepare(const uint8_t* b, Scales* s) { one_scale(s, load_half(b), 0); }
   static void scalar(const uint8_t* b, int, const Scales* s, float* out) {
     for (int i = 0; i < 32; ++i) out[i] = (float)(int8_t)b[2 + i] * s->s0[0];
@@ -466,6 +469,7 @@ struct Q8_0 {
 
 struct Q4_0 {
   static constexpr int kValues = 32, kBytes = 18, kBits = 4, kOffset = 8;
+  static constexpr bool kFloat = false;
   static void prepare(const uint8_t* b, Scales* s) { one_scale(s, load_half(b), 0); }
   static void scalar(const uint8_t* b, int, const Scales* s, float* out) {
     for (int i = 0; i < 16; ++i) {
@@ -477,6 +481,7 @@ struct Q4_0 {
 
 struct Q4_1 {
   static constexpr int kValues = 32, kBytes = 20, kBits = 4, kOffset = -1;
+  static constexpr bool kFloat = false;
   static void prepare(const uint8_t* b, Scales* s) { one_scale(s, load_half(b), load_half(b + 2)); }
   static void scalar(const uint8_t* b, int, const Scales* s, float* out) {
     for (int i = 0; i < 16; ++i) {
@@ -488,6 +493,7 @@ struct Q4_1 {
 
 struct Q5_0 {
   static constexpr int kValues = 32, kBytes = 22, kBits = 5, kOffset = 16;
+  static constexpr bool kFloat = false;
   static void prepare(const uint8_t* b, Scales* s) { one_scale(s, load_half(b), 0); }
   static void scalar(const uint8_t* b, int, const Scales* s, float* out) {
     uint32_t qh;
@@ -501,6 +507,7 @@ struct Q5_0 {
 
 struct Q5_1 {
   static constexpr int kValues = 32, kBytes = 24, kBits = 5, kOffset = -1;
+  static constexpr bool kFloat = false;
   static void prepare(const uint8_t* b, Scales* s) { one_scale(s, load_half(b), load_half(b + 2)); }
   static void scalar(const uint8_t* b, int, const Scales* s, float* out) {
     uint32_t qh;
@@ -539,6 +546,7 @@ void k_scales(const uint8_t* b, Scales* s) {
 
 struct Q4_K {  // d, dmin, 12 bytes of scales, 128 bytes of nibbles
   static constexpr int kValues = 256, kBytes = 144, kBits = 4, kOffset = -1;
+  static constexpr bool kFloat = false;
   static void prepare(const uint8_t* b, Scales* s) { k_scales(b, s); }
   static void scalar(const uint8_t* b, int g, const Scales* s, float* out) {
     const uint8_t* q = b + 16 + (g / 2) * 32;
@@ -549,6 +557,7 @@ struct Q4_K {  // d, dmin, 12 bytes of scales, 128 bytes of nibbles
 
 struct Q5_K {  // d, dmin, 12 bytes of scales, 32 bytes of high bits, 128 bytes of nibbles
   static constexpr int kValues = 256, kBytes = 176, kBits = 5, kOffset = -1;
+  static constexpr bool kFloat = false;
   static void prepare(const uint8_t* b, Scales* s) { k_scales(b, s); }
   static void scalar(const uint8_t* b, int g, const Scales* s, float* out) {
     const uint8_t* qh = b + 16;
@@ -563,6 +572,7 @@ struct Q5_K {  // d, dmin, 12 bytes of scales, 32 bytes of high bits, 128 bytes 
 
 struct Q6_K {  // 128 bytes of low nibbles, 64 bytes of high bit pairs, 16 int8 scales, d
   static constexpr int kValues = 256, kBytes = 210, kBits = 6, kOffset = 32;
+  static constexpr bool kFloat = false;
   static void prepare(const uint8_t* b, Scales* s) {  // s0[g], s1[g]: d times scales 2g, 2g + 1 (exact)
     const float d = load_half(b + 208);
 #if QK_AVX512
@@ -591,31 +601,54 @@ struct Q6_K {  // 128 bytes of low nibbles, 64 bytes of high bit pairs, 16 int8 
   }
 };
 
+// The float formats have no blocks (GGML's block size is 1): rows of any length K. Their kernels read
+// them 32 values at a time like the block formats and take the last K % 32 values one by one, with
+// at(row, k) (kFloat formats only). The block formats' K is always a multiple of kValues.
 struct F16 {
   static constexpr int kValues = 32, kBytes = 64, kBits = 0, kOffset = 0;
+  static constexpr bool kFloat = true;
+  static float at(const uint8_t* row, int64_t k) { return load_half(row + 2 * k); }
   static void prepare(const uint8_t*, Scales*) {}
   static void scalar(const uint8_t* b, int, const Scales*, float* out) {
-    for (int i = 0; i < 32; ++i) out[i] = load_half(b + 2 * i);
+    for (int i = 0; i < 32; ++i) out[i] = at(b, i);
   }
 };
 
 struct BF16 {
   static constexpr int kValues = 32, kBytes = 64, kBits = 0, kOffset = 0;
+  static constexpr bool kFloat = true;
+  static float at(const uint8_t* row, int64_t k) {
+    uint16_t v;
+    memcpy(&v, row + 2 * k, 2);
+    return bf16_to_float(v);
+  }
   static void prepare(const uint8_t*, Scales*) {}
   static void scalar(const uint8_t* b, int, const Scales*, float* out) {
-    for (int i = 0; i < 32; ++i) {
-      uint16_t v;
-      memcpy(&v, b + 2 * i, 2);
-      out[i] = bf16_to_float(v);
-    }
+    for (int i = 0; i < 32; ++i) out[i] = at(b, i);
   }
 };
 
 struct F32 {
   static constexpr int kValues = 32, kBytes = 128, kBits = 0, kOffset = 0;
+  static constexpr bool kFloat = true;
+  static float at(const uint8_t* row, int64_t k) {
+    float v;
+    memcpy(&v, row + 4 * k, 4);
+    return v;
+  }
   static void prepare(const uint8_t*, Scales*) {}
   static void scalar(const uint8_t* b, int, const Scales*, float* out) { memcpy(out, b, 128); }
 };
+
+// sum of w[k] * x[k] over the last K % 32 values of a float format's row, in order (0 for the
+// block formats, whose K is a multiple of kValues)
+template <class F>
+inline float tail_dot(const uint8_t* w, const float* x, int64_t K) {
+  float sum = 0.0f;
+  if constexpr (F::kFloat)
+    for (int64_t k = K / 32 * 32; k < K; ++k) sum += F::at(w, k) * x[k];
+  return sum;
+}
 
 #if QK_AVX512
 // ---------------------------------------------------------------------------------------------
@@ -949,7 +982,10 @@ void gemv_tile_f32(const GemvArgs& a, int64_t n, int64_t m0) {
 #pragma GCC unroll 16
   for (int r = 0; r < NR; ++r)
 #pragma GCC unroll 16
-    for (int m = 0; m < MB; ++m) store(a, m0 + m, n + r, _mm512_reduce_add_ps(acc[r][m]));
+    for (int m = 0; m < MB; ++m) {
+      const float tail = tail_dot<F>(a.w + (n + r) * a.row_bytes, x + m * a.K, a.K);
+      store(a, m0 + m, n + r, _mm512_reduce_add_ps(acc[r][m]) + tail);
+    }
 }
 
 // w rows per tile for MB x rows: up to 16 accumulators
@@ -1341,7 +1377,7 @@ void gemv_rows(const GemvArgs& a, int64_t n) {
       }
       float sum = 0;
       for (int i = 0; i < 32; ++i) sum += acc[i];
-      store(a, m, n + r, sum);
+      store(a, m, n + r, sum + tail_dot<F>(a.w + (n + r) * a.row_bytes, x, a.K));
     }
 }
 
@@ -1410,6 +1446,19 @@ struct GemvFn {
 // ---------------------------------------------------------------------------------------------
 // Dequantization: rows of fp32, or of `pieces` bf16 parts [hi | mid | lo] whose sum is the value.
 
+// value v of column k as fp32, or as `pieces` bf16 parts (part p at p * K + k) summing to it
+inline void put_value(void* out, int64_t K, int64_t k, float v, int pieces) {
+  if (!pieces) {
+    ((float*)out)[k] = v;
+    return;
+  }
+  for (int p = 0; p < pieces; ++p) {
+    const uint16_t part = float_to_bf16(v);
+    ((uint16_t*)out)[p * K + k] = part;
+    v -= bf16_to_float(part);
+  }
+}
+
 template <class F>
 void dequant_row(const uint8_t* row, int64_t K, void* out, int pieces) {
   Scales s;
@@ -1436,21 +1485,12 @@ void dequant_row(const uint8_t* row, int64_t K, void* out, int pieces) {
 #else
       float w[32];
       F::scalar(b, g, &s, w);
-      for (int i = 0; i < 32; ++i) {
-        if (!pieces) {
-          ((float*)out)[k + i] = w[i];
-          continue;
-        }
-        float rest = w[i];
-        for (int p = 0; p < pieces; ++p) {
-          const uint16_t part = float_to_bf16(rest);
-          ((uint16_t*)out)[p * K + k + i] = part;
-          rest -= bf16_to_float(part);
-        }
-      }
+      for (int i = 0; i < 32; ++i) put_value(out, K, k + i, w[i], pieces);
 #endif
     }
   }
+  if constexpr (F::kFloat)
+    for (int64_t k = K / 32 * 32; k < K; ++k) put_value(out, K, k, F::at(row, k), pieces);
 }
 
 template <class F>
