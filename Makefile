@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PROMPT ?= Write a Python function that returns the n-th Fibonacci number.
 
-.PHONY: setup demo test test-slow clean
+.PHONY: setup demo lint test test-slow clean
 
 setup: $(STAMP)
 
@@ -18,7 +18,11 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(VENV)/bin/qwenvl run -p "$(PROMPT)" --temperature 0 --max-tokens 160
 
-test: setup
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: setup lint
 	$(PY) -m pytest -q
 
 test-slow: setup

@@ -20,9 +20,22 @@ import qwenvl
 from qwenvl.engine.scheduler import BatchEngine
 
 TOPICS = [
-    "binary search", "a linked list", "quicksort", "a hash map", "Dijkstra's algorithm", "a trie",
-    "merge sort", "a min-heap", "BFS on a grid", "an LRU cache", "the knapsack problem", "a ring buffer",
-    "topological sort", "union-find", "matrix multiplication", "a bloom filter",
+    "binary search",
+    "a linked list",
+    "quicksort",
+    "a hash map",
+    "Dijkstra's algorithm",
+    "a trie",
+    "merge sort",
+    "a min-heap",
+    "BFS on a grid",
+    "an LRU cache",
+    "the knapsack problem",
+    "a ring buffer",
+    "topological sort",
+    "union-find",
+    "matrix multiplication",
+    "a bloom filter",
 ]
 
 

@@ -33,7 +33,8 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf.constants import GGML_QUANT_SIZES
+from gguf.constants import GGMLQuantizationType as T
 
 from qwenvl.quant import kernels
 from qwenvl.quant.linear import (
@@ -208,7 +209,7 @@ def layer_table(formats: list[T], windows: int) -> None:
                     f"{cell(errp, '{:.1e}')} |",
                     flush=True,
                 )
-                del layer
+                layer = None  # free it before the next one is built
 
 
 def model_layers(path: str, kernel: str) -> tuple[list[torch.nn.Module], torch.nn.Module, int]:
@@ -268,7 +269,7 @@ def model_passes(path: str, windows: int, kernel_names: list[str]) -> None:
         p = timed(prefill, max(3, windows // 2), seconds=0.5) / 1e3
         rate = PREFILL_ROWS / p * 1e3
         print(f"| {kernel} | {mb:,.0f} | {d:.1f} | {mb / d:.1f} | {p:,.0f} | {rate:,.0f} |", flush=True)
-        del layers, lm_head
+        layers = lm_head = None  # free them before the next ones are built
 
 
 SWEEP_ROWS = (1, 2, 4, 8, 16)
@@ -296,7 +297,7 @@ def rows_sweep(path: str, windows: int, thread_counts: tuple[int, ...] = (2, 1))
         row = " | ".join(f"{ms:.1f}" for ms in cells)
         print(f"| {threads} | {row} | {cells[-1] / cells[0]:.2f} |", flush=True)
     torch.set_num_threads(previous)
-    del layers, lm_head
+    layers = lm_head = None  # free them before the next ones are built
 
 
 def layer_bytes(module: torch.nn.Module) -> int:

@@ -62,7 +62,9 @@ def wait_healthy(base_url: str, process: subprocess.Popen, timeout: float) -> No
 
 def start(server: Server, args: argparse.Namespace) -> None:
     server.log = open(Path(args.log_dir) / f"{server.name}.log", "w")
-    server.process = subprocess.Popen(server.command, stdout=server.log, stderr=subprocess.STDOUT, start_new_session=True)
+    server.process = subprocess.Popen(
+        server.command, stdout=server.log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     wait_healthy(server.base_url, server.process, args.start_timeout)
     run_load(server.base_url, clients=1, requests=1, max_tokens=8, model=server.model)  # warm-up
 
@@ -73,11 +75,20 @@ def measure(servers: list[Server], args: argparse.Namespace) -> list[dict]:
         order = servers if round_index % 2 == 0 else servers[::-1]
         for clients in args.clients:
             for server in order:
-                report, _ = run_load(server.base_url, clients=clients, requests=clients * args.requests_per_client,
-                                     max_tokens=args.max_tokens, model=server.model, ignore_eos=args.ignore_eos)
+                report, _ = run_load(
+                    server.base_url,
+                    clients=clients,
+                    requests=clients * args.requests_per_client,
+                    max_tokens=args.max_tokens,
+                    model=server.model,
+                    ignore_eos=args.ignore_eos,
+                )
                 rows.append({"server": server.name, "round": round_index + 1, **vars(report)})
-                print(f"round {round_index + 1} {server.name:>12} {clients:>3} clients: {report.tok_s:7.1f} tok/s, "
-                      f"mean TTFT {report.mean_ttft_s or 0:.2f} s, {report.errors} errors", flush=True)
+                print(
+                    f"round {round_index + 1} {server.name:>12} {clients:>3} clients: {report.tok_s:7.1f} tok/s, "
+                    f"mean TTFT {report.mean_ttft_s or 0:.2f} s, {report.errors} errors",
+                    flush=True,
+                )
     return rows
 
 
@@ -106,7 +117,9 @@ def main() -> int:
     parser.add_argument("--max-batch", type=int, default=16, help="qwenvl --max-batch")
     parser.add_argument("--threads", type=int, help="qwenvl --threads (default: physical cores)")
     parser.add_argument("--qwenvl-args", default="", help="extra `qwenvl serve` arguments, e.g. '--kernel dense'")
-    parser.add_argument("--ignore-eos", action="store_true", help="ask for exactly --max-tokens tokens (qwenvl only honours it)")
+    parser.add_argument(
+        "--ignore-eos", action="store_true", help="ask for exactly --max-tokens tokens (qwenvl only honours it)"
+    )
     parser.add_argument("--skip", default="", help="comma-separated servers to skip: qwenvl, transformers")
     parser.add_argument("--start-timeout", type=float, default=600)
     parser.add_argument("--log-dir", default="/tmp")
@@ -118,12 +131,33 @@ def main() -> int:
     hf_dir = args.hf_dir or str(default_hf_export_path())
     servers = []
     if "qwenvl" not in skip:
-        command = [sys.executable, "-m", "qwenvl", "serve", gguf, "--port", "8391", "--max-batch", str(args.max_batch),
-                   "--max-tokens", str(args.max_tokens)] + (["--threads", str(args.threads)] if args.threads else [])
+        command = [
+            sys.executable,
+            "-m",
+            "qwenvl",
+            "serve",
+            gguf,
+            "--port",
+            "8391",
+            "--max-batch",
+            str(args.max_batch),
+            "--max-tokens",
+            str(args.max_tokens),
+        ] + (["--threads", str(args.threads)] if args.threads else [])
         servers.append(Server("qwenvl", command + args.qwenvl_args.split(), 8391, "default"))
     if "transformers" not in skip:
-        command = ["transformers", "serve", hf_dir, "--continuous-batching", "--dtype", "bfloat16",
-                   "--port", "8392", "--host", "127.0.0.1"]
+        command = [
+            "transformers",
+            "serve",
+            hf_dir,
+            "--continuous-batching",
+            "--dtype",
+            "bfloat16",
+            "--port",
+            "8392",
+            "--host",
+            "127.0.0.1",
+        ]
         servers.append(Server("transformers", command, 8392, hf_dir))
     try:
         for server in servers:
@@ -150,8 +184,10 @@ def _print_ratios(rows: list[dict]) -> None:
     for (server, clients), (tok_s, ttft, _) in means.items():
         peer = means.get(("transformers", clients))
         if server == "qwenvl" and peer and peer[0]:
-            print(f"{clients:>3} clients: qwenvl ÷ transformers tok/s = {tok_s / peer[0]:.2f}, "
-                  f"TTFT {ttft:.2f} s vs {peer[1]:.2f} s")
+            print(
+                f"{clients:>3} clients: qwenvl ÷ transformers tok/s = {tok_s / peer[0]:.2f}, "
+                f"TTFT {ttft:.2f} s vs {peer[1]:.2f} s"
+            )
 
 
 if __name__ == "__main__":

@@ -22,9 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from kernels import wait_for_idle  # benchmarks/kernels.py: time only while the CPUs are idle
 from torch import nn
 
-from kernels import wait_for_idle  # benchmarks/kernels.py: time only while the CPUs are idle
 from qwenvl.bench import published_vision_config, randomize_weights
 from qwenvl.config import VisionConfig
 from qwenvl.models.vision import VisionTransformer
@@ -41,8 +41,11 @@ def transformers_encoder(config: VisionConfig, dtype: torch.dtype) -> nn.Module:
         from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
         hf_config = Qwen2VLVisionConfig(
-            depth=config.depth, embed_dim=config.hidden_size, num_heads=config.num_heads,
-            mlp_ratio=config.intermediate_size // config.hidden_size, hidden_size=config.out_hidden_size,
+            depth=config.depth,
+            embed_dim=config.hidden_size,
+            num_heads=config.num_heads,
+            mlp_ratio=config.intermediate_size // config.hidden_size,
+            hidden_size=config.out_hidden_size,
             hidden_act=config.hidden_act,
         )
         model_class: type = Qwen2VisionTransformerPretrainedModel
@@ -51,9 +54,13 @@ def transformers_encoder(config: VisionConfig, dtype: torch.dtype) -> nn.Module:
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
 
         hf_config = Qwen2_5_VLVisionConfig(
-            depth=config.depth, hidden_size=config.hidden_size, num_heads=config.num_heads,
-            intermediate_size=config.intermediate_size, out_hidden_size=config.out_hidden_size,
-            hidden_act=config.hidden_act, window_size=config.window_size,
+            depth=config.depth,
+            hidden_size=config.hidden_size,
+            num_heads=config.num_heads,
+            intermediate_size=config.intermediate_size,
+            out_hidden_size=config.out_hidden_size,
+            hidden_act=config.hidden_act,
+            window_size=config.window_size,
             fullatt_block_indexes=list(config.fullatt_block_indexes),
             tokens_per_second=int(config.tokens_per_second),
         )
@@ -147,8 +154,11 @@ def main() -> None:
         encoders = build(name, dtype)
         for height, width in sizes:
             grid = [[1, height // 14, width // 14]]
-            pixels = torch.randn(height // 14 * (width // 14), encoders.qwenvl.config.patch_dim,
-                                 generator=torch.Generator().manual_seed(1)).to(dtype)
+            pixels = torch.randn(
+                height // 14 * (width // 14),
+                encoders.qwenvl.config.patch_dim,
+                generator=torch.Generator().manual_seed(1),
+            ).to(dtype)
             fns = {e: encode_fn(encoders, e, pixels, grid) for e in engines}
             results = best_seconds(fns, args.repeat, args.idle_wait)
             line = f"{name:14} {f'{height}x{width}':>8} {pixels.shape[0]:>7} "

@@ -1,8 +1,8 @@
 """qwenvl: Qwen2-VL, Qwen2.5-VL and Qwen2/Qwen2.5 on a CPU.
 
-    import qwenvl
-    model = qwenvl.load("Qwen/Qwen2-VL-2B-Instruct")
-    print(model.chat([{"role": "user", "content": "Hello"}]).text)
+import qwenvl
+model = qwenvl.load("Qwen/Qwen2-VL-2B-Instruct")
+print(model.chat([{"role": "user", "content": "Hello"}]).text)
 """
 
 from __future__ import annotations

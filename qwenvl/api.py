@@ -61,7 +61,9 @@ class Model:
 
     # -- prompts ------------------------------------------------------------------------------
     def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
-        return render_chat(self.chat_template, normalize_messages(messages), add_generation_prompt=add_generation_prompt)
+        return render_chat(
+            self.chat_template, normalize_messages(messages), add_generation_prompt=add_generation_prompt
+        )
 
     def prepare(self, messages: list[dict[str, Any]], **media: Any) -> Prompt:
         """Render the chat template, tokenize, encode the images and videos and assemble the prompt.

@@ -93,17 +93,25 @@ class BenchOptions:
     def validate(self) -> BenchOptions:
         checks = [
             (self.prompt_tokens >= 1, f"--prompt-tokens must be at least 1, got {self.prompt_tokens}"),
-            (self.gen_tokens >= 2, f"--gen-tokens must be at least 2 (the first token comes from the prefill), "
-                                   f"got {self.gen_tokens}"),
+            (
+                self.gen_tokens >= 2,
+                f"--gen-tokens must be at least 2 (the first token comes from the prefill), got {self.gen_tokens}",
+            ),
             (self.threads is None or self.threads >= 1, f"--threads must be at least 1, got {self.threads}"),
             (self.repeat >= 1, f"--repeat must be at least 1, got {self.repeat}"),
             (self.dtype in DTYPE_CHOICES, f"--dtype {self.dtype!r}: choose from {', '.join(DTYPE_CHOICES)}"),
-            (self.peer_dtype in PEER_DTYPE_CHOICES,
-             f"--peer-dtype {self.peer_dtype!r}: choose from {', '.join(PEER_DTYPE_CHOICES)}"),
-            (self.vision_config is None or self.vision_config in VISION_CONFIG_NAMES,
-             f"--vision-config {self.vision_config!r}: choose from {', '.join(VISION_CONFIG_NAMES)}"),
-            (not (self.vision_config and (self.model or self.mmproj)),
-             "--vision-config benchmarks a random-weight vision encoder: it takes no MODEL or --mmproj"),
+            (
+                self.peer_dtype in PEER_DTYPE_CHOICES,
+                f"--peer-dtype {self.peer_dtype!r}: choose from {', '.join(PEER_DTYPE_CHOICES)}",
+            ),
+            (
+                self.vision_config is None or self.vision_config in VISION_CONFIG_NAMES,
+                f"--vision-config {self.vision_config!r}: choose from {', '.join(VISION_CONFIG_NAMES)}",
+            ),
+            (
+                not (self.vision_config and (self.model or self.mmproj)),
+                "--vision-config benchmarks a random-weight vision encoder: it takes no MODEL or --mmproj",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -168,10 +176,17 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] | None = No
             records.append({**base, "status": "skipped", "note": str(skip)})
             continue
         run = EngineRun(
-            engine=engine, model=model, mmproj=mmproj, arch=target.arch, prompt_ids=target.prompt_ids,
-            gen_tokens=options.gen_tokens, image=target.image, threads=threads,
+            engine=engine,
+            model=model,
+            mmproj=mmproj,
+            arch=target.arch,
+            prompt_ids=target.prompt_ids,
+            gen_tokens=options.gen_tokens,
+            image=target.image,
+            threads=threads,
             dtype=options.dtype if engine == "qwenvl" else options.peer_dtype,
-            vision_config=options.vision_config, repeat=options.repeat,
+            vision_config=options.vision_config,
+            repeat=options.repeat,
         )
         say(f"running {engine} ...")
         result = run_worker(run)
@@ -210,8 +225,10 @@ def _bench_target(options: BenchOptions) -> _Target:
     checkpoint = open_checkpoint(model, mmproj=options.mmproj)
     is_vl = checkpoint.config.vision is not None
     if options.image and not is_vl:
-        raise QwenVLError(f"{checkpoint.source} is a text-only model: --image needs a Qwen2-VL / Qwen2.5-VL model "
-                          "(or --vision-config)")
+        raise QwenVLError(
+            f"{checkpoint.source} is a text-only model: --image needs a Qwen2-VL / Qwen2.5-VL model "
+            "(or --vision-config)"
+        )
     image = (options.image or DEFAULT_IMAGE) if is_vl else None
     is_gguf = Path(model).suffix.lower() == ".gguf"
     mmproj = str(Path(options.mmproj).resolve()) if options.mmproj else None
@@ -353,8 +370,12 @@ def run_worker(run: EngineRun) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="qwenvl-bench-") as folder:
         spec, result = Path(folder) / "spec.json", Path(folder) / "result.json"
         spec.write_text(json.dumps(asdict(run)), encoding="utf-8")
-        env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-               "TOKENIZERS_PARALLELISM": "false"}
+        env = {
+            **os.environ,
+            "TRANSFORMERS_VERBOSITY": "error",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
         command = [sys.executable, "-m", "qwenvl.bench", "--worker", str(spec), str(result)]
         with OtherCpuUse() as others:
             done = subprocess.run(command, capture_output=True, text=True, env=env)
@@ -455,8 +476,10 @@ def format_table(records: list[dict[str, Any]]) -> str:
             rows.append([f"qwenvl ÷ {record['engine']}"] + [_ratio_cell(ratio.get(f)) for f, _, _ in COLUMNS])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [" · ".join(head)]
-    lines += ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-              for row in rows]
+    lines += [
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        for row in rows
+    ]
     notes = [f"  {r['engine']}: {_record_note(r)}" for r in records if _record_note(r)]
     if notes:
         lines += ["notes:"] + notes
@@ -492,22 +515,35 @@ def _record_note(record: dict[str, Any]) -> str:
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", metavar="MODEL",
-                        help="HF checkpoint dir, hub id or .gguf (default: the embedded Qwen2.5-Coder-0.5B GGUF)")
+    parser.add_argument(
+        "model",
+        nargs="?",
+        metavar="MODEL",
+        help="HF checkpoint dir, hub id or .gguf (default: the embedded Qwen2.5-Coder-0.5B GGUF)",
+    )
     parser.add_argument("--mmproj", metavar="FILE", help="the vision GGUF of a Qwen2-VL / Qwen2.5-VL text GGUF")
     parser.add_argument("--prompt-tokens", default="512", metavar="N", help="prompt length for prefill (default 512)")
     parser.add_argument("--gen-tokens", default="128", metavar="N", help="greedy tokens to generate (default 128)")
-    parser.add_argument("--image", metavar="WxH",
-                        help="image size for image encode and TTFT (VL models; default 448x448)")
+    parser.add_argument(
+        "--image", metavar="WxH", help="image size for image encode and TTFT (VL models; default 448x448)"
+    )
     parser.add_argument("--threads", metavar="N", help="threads for every engine (default: physical cores)")
     parser.add_argument("--compare", metavar="PEERS", help="also run these engines: transformers,llama.cpp")
-    parser.add_argument("--dtype", default="auto", metavar="DTYPE",
-                        help="qwenvl compute dtype: auto, bfloat16, float32 (default auto)")
-    parser.add_argument("--peer-dtype", default="bfloat16", metavar="DTYPE",
-                        help="transformers dtype: bfloat16 or float32 (default bfloat16)")
-    parser.add_argument("--vision-config", metavar="NAME",
-                        help="benchmark a random-weight vision encoder of published dims instead of MODEL: "
-                             + ", ".join(VISION_CONFIG_NAMES))
+    parser.add_argument(
+        "--dtype", default="auto", metavar="DTYPE", help="qwenvl compute dtype: auto, bfloat16, float32 (default auto)"
+    )
+    parser.add_argument(
+        "--peer-dtype",
+        default="bfloat16",
+        metavar="DTYPE",
+        help="transformers dtype: bfloat16 or float32 (default bfloat16)",
+    )
+    parser.add_argument(
+        "--vision-config",
+        metavar="NAME",
+        help="benchmark a random-weight vision encoder of published dims instead of MODEL: "
+        + ", ".join(VISION_CONFIG_NAMES),
+    )
     parser.add_argument("--repeat", default="1", metavar="N", help="timed runs per engine; the median is shown")
     parser.add_argument("--json", action="store_true", help="print a JSON list, one object per engine")
     _one_line_errors(parser)
@@ -732,11 +768,27 @@ def published_vision_config(name: str) -> Any:
     from .config import VisionConfig
 
     if name == "qwen2-vl-2b":
-        return VisionConfig(variant="qwen2_vl", depth=32, hidden_size=1280, num_heads=16, intermediate_size=5120,
-                            out_hidden_size=1536, hidden_act="quick_gelu")
-    return VisionConfig(variant="qwen2_5_vl", depth=32, hidden_size=1280, num_heads=16, intermediate_size=3420,
-                        out_hidden_size=2048, hidden_act="silu", window_size=112,
-                        fullatt_block_indexes=(7, 15, 23, 31), tokens_per_second=2)
+        return VisionConfig(
+            variant="qwen2_vl",
+            depth=32,
+            hidden_size=1280,
+            num_heads=16,
+            intermediate_size=5120,
+            out_hidden_size=1536,
+            hidden_act="quick_gelu",
+        )
+    return VisionConfig(
+        variant="qwen2_5_vl",
+        depth=32,
+        hidden_size=1280,
+        num_heads=16,
+        intermediate_size=3420,
+        out_hidden_size=2048,
+        hidden_act="silu",
+        window_size=112,
+        fullatt_block_indexes=(7, 15, 23, 31),
+        tokens_per_second=2,
+    )
 
 
 def randomize_weights(module: Any, seed: int = 0) -> None:
@@ -842,8 +894,12 @@ def _hf_image_inputs(tokenizer: Any, processor: Any, config: Any, image: Any) ->
     before, after = text.split("<|image_pad|>", 1)
     ids = torch.tensor([tokenizer.encode(before + "<|image_pad|>" * int(grid.prod() // 4) + after)])
     kinds = (ids == config.image_token_id).int()
-    return {"input_ids": ids, "pixel_values": pixels["pixel_values"], "image_grid_thw": pixels["image_grid_thw"],
-            "mm_token_type_ids": kinds}
+    return {
+        "input_ids": ids,
+        "pixel_values": pixels["pixel_values"],
+        "image_grid_thw": pixels["image_grid_thw"],
+        "mm_token_type_ids": kinds,
+    }
 
 
 def _transformers_vision_only(run: EngineRun, dtype: Any) -> dict[str, Any]:
@@ -873,20 +929,31 @@ def _transformers_vision_model(name: str, dtype: Any) -> Any:
         from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig as Config
         from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel as Model
 
-        config = Config(depth=ours.depth, embed_dim=ours.hidden_size, num_heads=ours.num_heads,
-                        mlp_ratio=ours.intermediate_size // ours.hidden_size, hidden_size=ours.out_hidden_size,
-                        hidden_act=ours.hidden_act)
+        config = Config(
+            depth=ours.depth,
+            embed_dim=ours.hidden_size,
+            num_heads=ours.num_heads,
+            mlp_ratio=ours.intermediate_size // ours.hidden_size,
+            hidden_size=ours.out_hidden_size,
+            hidden_act=ours.hidden_act,
+        )
     else:
         from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig as Config
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
             Qwen2_5_VisionTransformerPretrainedModel as Model,
         )
 
-        config = Config(depth=ours.depth, hidden_size=ours.hidden_size, num_heads=ours.num_heads,
-                        intermediate_size=ours.intermediate_size, out_hidden_size=ours.out_hidden_size,
-                        hidden_act=ours.hidden_act, window_size=ours.window_size,
-                        fullatt_block_indexes=list(ours.fullatt_block_indexes),
-                        tokens_per_second=int(ours.tokens_per_second))
+        config = Config(
+            depth=ours.depth,
+            hidden_size=ours.hidden_size,
+            num_heads=ours.num_heads,
+            intermediate_size=ours.intermediate_size,
+            out_hidden_size=ours.out_hidden_size,
+            hidden_act=ours.hidden_act,
+            window_size=ours.window_size,
+            fullatt_block_indexes=list(ours.fullatt_block_indexes),
+            tokens_per_second=int(ours.tokens_per_second),
+        )
     config._attn_implementation = "sdpa"
     return Model._from_config(config, dtype=dtype).eval()
 
@@ -900,10 +967,11 @@ def measure_llama_cpp(run: EngineRun) -> dict[str, Any]:
     n_ctx = len(run.prompt_ids) + run.gen_tokens + 8
     import_rss = current_rss_mb()
     with _timer() as load_s, _no_extra_buffer_types():
-        llm = llama_cpp.Llama(run.model, n_ctx=n_ctx, n_threads=run.threads, n_threads_batch=run.threads,
-                              verbose=False)
+        llm = llama_cpp.Llama(run.model, n_ctx=n_ctx, n_threads=run.threads, n_threads_batch=run.threads, verbose=False)
     figures: dict[str, Any] = {
-        "load_s": round(load_s[0], 3), "import_rss_mb": round(import_rss, 1), "dtype": llm._model.desc()
+        "load_s": round(load_s[0], 3),
+        "import_rss_mb": round(import_rss, 1),
+        "dtype": llm._model.desc(),
     }
     _llama_cpp_generate(llm, run.prompt_ids[:WARMUP_PROMPT_TOKENS], 2)
     runs = [_llama_cpp_generate(llm, run.prompt_ids, run.gen_tokens) for _ in range(run.repeat)]

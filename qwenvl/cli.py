@@ -74,7 +74,8 @@ def _add_file_commands(commands: Any) -> None:
     from .convert import CONVERT_TYPES, MMPROJ_TYPES, QUANTIZE_TYPES
 
     convert = commands.add_parser(
-        "convert", help="HF checkpoint → GGUF (+ mmproj for VL models)",
+        "convert",
+        help="HF checkpoint → GGUF (+ mmproj for VL models)",
         description="Write the text GGUF and, for Qwen2-VL / Qwen2.5-VL, the mmproj GGUF, as llama.cpp does.",
     )
     convert.add_argument("hf_dir", metavar="HF_DIR", help="checkpoint directory or hub id")
@@ -99,8 +100,12 @@ def _add_file_commands(commands: Any) -> None:
     export.add_argument("input", metavar="IN.gguf")
     export.add_argument("--mmproj", metavar="FILE", help="the vision GGUF of a Qwen2-VL / Qwen2.5-VL text GGUF")
     export.add_argument("-o", "--out-dir", required=True, metavar="HF_DIR")
-    export.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                        help="weight dtype (default float32: the dequantized values exactly)")
+    export.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="weight dtype (default float32: the dequantized values exactly)",
+    )
     export.add_argument("--force", action="store_true", help="replace HF_DIR if it is not empty")
     export.set_defaults(handler=cmd_export)
 
@@ -115,7 +120,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .convert import convert_hf, summary_table
 
     written = convert_hf(
-        args.hf_dir, args.out_dir, out_type=args.type, mmproj_type=args.mmproj_type, force=args.force,
+        args.hf_dir,
+        args.out_dir,
+        out_type=args.type,
+        mmproj_type=args.mmproj_type,
+        force=args.force,
         progress=sys.stderr.isatty(),
     )
     print("\n".join(summary_table(file) for file in written))
@@ -136,7 +145,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .weights.export import export_hf
 
     out = export_hf(
-        args.input, args.out_dir, mmproj=args.mmproj, dtype=getattr(torch, args.dtype), overwrite=args.force,
+        args.input,
+        args.out_dir,
+        mmproj=args.mmproj,
+        dtype=getattr(torch, args.dtype),
+        overwrite=args.force,
         progress=sys.stderr.isatty(),
     )
     print(out)
@@ -156,9 +169,10 @@ def _add_bench_command(commands: Any) -> None:
     from .bench import add_bench_arguments
 
     bench = commands.add_parser(
-        "bench", help="prefill / decode / image encode speed, vs transformers and llama.cpp",
+        "bench",
+        help="prefill / decode / image encode speed, vs transformers and llama.cpp",
         description="Prefill and decode tok/s, image encode and TTFT seconds, load time and peak RSS of qwenvl "
-                    "and of each installed peer (--compare) on the same model, each engine in its own process.",
+        "and of each installed peer (--compare) on the same model, each engine in its own process.",
     )
     add_bench_arguments(bench)
     bench.set_defaults(handler=cmd_bench)
@@ -173,29 +187,50 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _add_serve_command(commands: Any) -> None:
     """serve (docs/serve.md): the OpenAI-compatible HTTP server."""
     serve = commands.add_parser(
-        "serve", help="OpenAI-compatible HTTP server (chat, completions, images, videos, streaming)",
+        "serve",
+        help="OpenAI-compatible HTTP server (chat, completions, images, videos, streaming)",
         description="Serve /v1/chat/completions, /v1/completions, /v1/models and /health; concurrent requests "
-                    "are decoded together (continuous batching).",
+        "are decoded together (continuous batching).",
     )
     _add_model_arguments(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    serve.add_argument("--api-key", default=os.environ.get("QWENVL_API_KEY"),
-                       help="require Authorization: Bearer KEY on /v1 routes (default: $QWENVL_API_KEY, else none)")
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get("QWENVL_API_KEY"),
+        help="require Authorization: Bearer KEY on /v1 routes (default: $QWENVL_API_KEY, else none)",
+    )
     serve.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most (default 8)")
-    serve.add_argument("--prefill-weights", choices=["auto", "packed", "blocks"], default="auto",
-                       help="GGUF models: 'packed' keeps the layers' weights dequantized to bf16 for prompts "
-                            "(same results, faster prompts, +2 bytes per weight); 'blocks' dequantizes them per "
-                            "prompt; 'auto' (default) packs when that takes at most a quarter of the free memory")
-    serve.add_argument("--max-tokens", type=int, default=512, dest="default_max_tokens", metavar="N",
-                       help="max_tokens of requests that give none (default 512, capped by the context)")
+    serve.add_argument(
+        "--prefill-weights",
+        choices=["auto", "packed", "blocks"],
+        default="auto",
+        help="GGUF models: 'packed' keeps the layers' weights dequantized to bf16 for prompts "
+        "(same results, faster prompts, +2 bytes per weight); 'blocks' dequantizes them per "
+        "prompt; 'auto' (default) packs when that takes at most a quarter of the free memory",
+    )
+    serve.add_argument(
+        "--max-tokens",
+        type=int,
+        default=512,
+        dest="default_max_tokens",
+        metavar="N",
+        help="max_tokens of requests that give none (default 512, capped by the context)",
+    )
     media = serve.add_argument_group("media sources (data: URIs are always accepted)")
-    media.add_argument("--allowed-local-media-path", metavar="DIR",
-                       help="accept file:// URLs naming files under DIR (default: none)")
-    media.add_argument("--allowed-media-domains", metavar="D,...",
-                       help="fetch http(s) media from these hosts (*.example.com: subdomains too; default: none)")
-    media.add_argument("--limit-mm-per-prompt", metavar="image=N,video=N",
-                       help="most images / videos in one request (default image=8,video=2)")
+    media.add_argument(
+        "--allowed-local-media-path", metavar="DIR", help="accept file:// URLs naming files under DIR (default: none)"
+    )
+    media.add_argument(
+        "--allowed-media-domains",
+        metavar="D,...",
+        help="fetch http(s) media from these hosts (*.example.com: subdomains too; default: none)",
+    )
+    media.add_argument(
+        "--limit-mm-per-prompt",
+        metavar="image=N,video=N",
+        help="most images / videos in one request (default image=8,video=2)",
+    )
     media.add_argument("--media-timeout", type=float, default=10.0, help="seconds for one media download (default 10)")
     media.add_argument("--max-media-mb", type=float, default=32.0, help="size cap of one media file (default 32)")
     serve.add_argument("--max-body-mb", type=float, default=32.0, help="request body size cap, else 413 (default 32)")
@@ -225,8 +260,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     model, load_s = _load(args)
     packed = _pack_prefill_weights(model, args.prefill_weights)
-    print(f"qwenvl serve: {settings.model_id} loaded in {load_s:.1f} s{packed}; http://{args.host}:{args.port}/v1",
-          file=sys.stderr)
+    print(
+        f"qwenvl serve: {settings.model_id} loaded in {load_s:.1f} s{packed}; http://{args.host}:{args.port}/v1",
+        file=sys.stderr,
+    )
     run_server(create_app(model, settings, max_batch=args.max_batch), args.host, args.port, args.log_level)
     return 0
 
@@ -241,8 +278,11 @@ def _pack_prefill_weights(model: Any, choice: str) -> str:
     budget = (available_memory() or 0) // 4 if choice == "auto" else 1 << 62
     packed = pack_prefill_weights(model.text_model, budget)
     if not packed and choice == "packed":
-        print("qwenvl serve: --prefill-weights packed: nothing to pack (not a GGUF model with bf16 prompts, "
-              "or no oneDNN in this torch)", file=sys.stderr)
+        print(
+            "qwenvl serve: --prefill-weights packed: nothing to pack (not a GGUF model with bf16 prompts, "
+            "or no oneDNN in this torch)",
+            file=sys.stderr,
+        )
     return f", prompt weights packed ({packed / 2**20:.0f} MB)" if packed else ""
 
 
@@ -260,18 +300,28 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="compute dtype")
     parser.add_argument("--threads", type=int, help="threads (default: physical cores)")
     parser.add_argument("--ctx", type=int, help="context length in tokens (default: the model's, at most 32768)")
-    parser.add_argument("--kernel", default="auto", choices=["auto", "blocks", "dense", "int8", "int4"],
-                        help="how GGUF weights run (default auto: kept in their format, exact block kernels; "
-                             "dense: dequantized at load; see docs/quantization-kernels.md)")
-    parser.add_argument("--exact-prefill", action="store_true",
-                        help="bf16: multiply prompts by the exact quantized weights too (slower)")
+    parser.add_argument(
+        "--kernel",
+        default="auto",
+        choices=["auto", "blocks", "dense", "int8", "int4"],
+        help="how GGUF weights run (default auto: kept in their format, exact block kernels; "
+        "dense: dequantized at load; see docs/quantization-kernels.md)",
+    )
+    parser.add_argument(
+        "--exact-prefill",
+        action="store_true",
+        help="bf16: multiply prompts by the exact quantized weights too (slower)",
+    )
 
 
 def _add_media_arguments(parser: argparse.ArgumentParser, repl: bool = False) -> None:
     group = parser.add_argument_group("images")
     if not repl:
         group.add_argument(
-            "--image", action="append", default=[], metavar="PATH|URL",
+            "--image",
+            action="append",
+            default=[],
+            metavar="PATH|URL",
             help="an image for the prompt (repeatable; path, file://, data: or http(s) URL)",
         )
     group.add_argument("--min-pixels", type=int, help="override the model's min_pixels for image resizing")
@@ -279,7 +329,10 @@ def _add_media_arguments(parser: argparse.ArgumentParser, repl: bool = False) ->
     videos = parser.add_argument_group("videos (sampling and sizing as qwen-vl-utils: see docs/video.md)")
     if not repl:
         videos.add_argument(
-            "--video", action="append", default=[], metavar="PATH|DIR|URL",
+            "--video",
+            action="append",
+            default=[],
+            metavar="PATH|DIR|URL",
             help="a video for the prompt (repeatable; a video file, a directory of frame images, or an http(s) URL)",
         )
     sampling = videos.add_mutually_exclusive_group()
@@ -291,7 +344,8 @@ def _add_media_arguments(parser: argparse.ArgumentParser, repl: bool = False) ->
     videos.add_argument("--video-end", type=float, metavar="SECONDS", help="end of the segment to use")
     videos.add_argument("--video-max-pixels", type=int, help="pixels per frame at most (default 768*28*28)")
     videos.add_argument(
-        "--video-total-pixels", type=int,
+        "--video-total-pixels",
+        type=int,
         help="pixel budget of the whole clip, shared by its frames (default 128000*28*28*0.9)",
     )
 
@@ -333,8 +387,15 @@ def _load(args: argparse.Namespace):
     from .api import load
 
     started = time.perf_counter()
-    model = load(args.model, dtype=args.dtype, threads=args.threads, context=args.ctx, mmproj=args.mmproj,
-                 kernel=args.kernel, exact_prefill=args.exact_prefill)
+    model = load(
+        args.model,
+        dtype=args.dtype,
+        threads=args.threads,
+        context=args.ctx,
+        mmproj=args.mmproj,
+        kernel=args.kernel,
+        exact_prefill=args.exact_prefill,
+    )
     return model, time.perf_counter() - started
 
 
@@ -400,7 +461,7 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
 
     if len(args.words) > 2:
         raise QwenVLError("tokenize takes [MODEL] TEXT: quote the text")
-    model_name, text = (args.words if len(args.words) == 2 else (None, args.words[0]))
+    model_name, text = args.words if len(args.words) == 2 else (None, args.words[0])
     if model_name is None:
         from .defaults import default_model_path
 
@@ -449,7 +510,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print("(conversation cleared)", file=sys.stderr)
             continue
         if text.startswith("/image"):
-            path = text[len("/image"):].strip()
+            path = text[len("/image") :].strip()
             if not path:
                 print("usage: /image PATH", file=sys.stderr)
             else:
@@ -457,7 +518,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 print(f"(image attached to your next message: {path})", file=sys.stderr)
             continue
         if text.startswith("/video"):
-            path = text[len("/video"):].strip()
+            path = text[len("/video") :].strip()
             if not path:
                 print("usage: /video PATH", file=sys.stderr)
             else:

@@ -157,9 +157,7 @@ def detect_arch(raw: dict[str, Any], where: str = "config.json") -> str:
     if model_type in MODEL_TYPES:
         return MODEL_TYPES[model_type]
     shown = (raw.get("architectures") or [model_type])[0]
-    raise ModelFileError(
-        f"{where}: unsupported architecture {shown!r} (qwenvl runs {', '.join(ARCHITECTURES)})"
-    )
+    raise ModelFileError(f"{where}: unsupported architecture {shown!r} (qwenvl runs {', '.join(ARCHITECTURES)})")
 
 
 def _rope_settings(section: dict[str, Any], top: dict[str, Any]) -> tuple[float, tuple[int, ...] | None]:

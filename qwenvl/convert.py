@@ -68,8 +68,16 @@ FILE_TYPES = {
 }
 # When a row does not split into whole blocks: llama.cpp's fallbacks (IQ4_NL replaced by Q4_0).
 FALLBACK = {
-    Q.Q2_K: Q.Q4_0, Q.Q3_K: Q.Q4_0, Q.Q4_K: Q.Q5_0, Q.Q5_K: Q.Q5_1, Q.Q6_K: Q.Q8_0,
-    Q.Q8_0: Q.F16, Q.Q4_0: Q.F16, Q.Q4_1: Q.F16, Q.Q5_0: Q.F16, Q.Q5_1: Q.F16,
+    Q.Q2_K: Q.Q4_0,
+    Q.Q3_K: Q.Q4_0,
+    Q.Q4_K: Q.Q5_0,
+    Q.Q5_K: Q.Q5_1,
+    Q.Q6_K: Q.Q8_0,
+    Q.Q8_0: Q.F16,
+    Q.Q4_0: Q.F16,
+    Q.Q4_1: Q.F16,
+    Q.Q5_0: Q.F16,
+    Q.Q5_1: Q.F16,
 }
 # Below 8 bits the output projection is stored as Q6_K (llama.cpp's llama-quantize rule)
 LOW_BIT = {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K}
@@ -87,7 +95,7 @@ TOKENIZER_PROBE = (  # llama.cpp's chktxt (convert_hf_to_gguf.py get_vocab_base_
 
 
 def ggml_type(name: str) -> GGMLQuantizationType:
-    """"q4_0" → Q4_0 (the names of --type)."""
+    """ "q4_0" → Q4_0 (the names of --type)."""
     try:
         return Q[name.upper()]
     except KeyError:
@@ -598,18 +606,28 @@ def convert_hf(
         check_output(target, inputs, force)
     written = [
         write_gguf(
-            text_path, text_arch, plan_text(source, text_q),
+            text_path,
+            text_arch,
+            plan_text(source, text_q),
             lambda w: text_metadata(w, source, FILE_TYPES[text_q]),
-            requested=text_q, inputs=inputs, force=force, progress=progress,
+            requested=text_q,
+            inputs=inputs,
+            force=force,
+            progress=progress,
         )
     ]
     if source.config.is_vision:
         mm_q = ggml_type(mmproj_type)
         written.append(
             write_gguf(
-                mm_path, "clip", plan_mmproj(source, mm_q),
+                mm_path,
+                "clip",
+                plan_mmproj(source, mm_q),
                 lambda w: mmproj_metadata(w, source, FILE_TYPES[mm_q]),
-                requested=mm_q, inputs=inputs, force=force, progress=progress,
+                requested=mm_q,
+                inputs=inputs,
+                force=force,
+                progress=progress,
             )
         )
     return written
@@ -656,8 +674,14 @@ def quantize_gguf(
             copy_metadata(writer, source, FILE_TYPES[requested])
 
         return write_gguf(
-            out_path, source.architecture or "", planned, add_metadata,
-            requested=requested, inputs=[in_path], force=force, progress=progress,
+            out_path,
+            source.architecture or "",
+            planned,
+            add_metadata,
+            requested=requested,
+            inputs=[in_path],
+            force=force,
+            progress=progress,
         )
 
 

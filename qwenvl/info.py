@@ -16,6 +16,7 @@ from typing import Any
 
 from .errors import ModelFileError
 
+
 def model_info(model: str | os.PathLike, mmproj: str | os.PathLike | None = None) -> dict[str, Any]:
     """A JSON-able description of a model (HF directory / hub id, GGUF text model or mmproj GGUF)."""
     path = Path(model).expanduser()
@@ -68,8 +69,10 @@ def _gguf_info(path: Path) -> dict[str, Any]:
             context_length=text.max_position_embeddings,
             **_text_shape(text),
             special_tokens={
-                key.removesuffix("_token_id"): {"id": model.metadata[f"tokenizer.ggml.{key}"],
-                                               "token": model.token_text(model.metadata[f"tokenizer.ggml.{key}"])}
+                key.removesuffix("_token_id"): {
+                    "id": model.metadata[f"tokenizer.ggml.{key}"],
+                    "token": model.token_text(model.metadata[f"tokenizer.ggml.{key}"]),
+                }
                 for key in ("bos_token_id", "eos_token_id", "padding_token_id", "eot_token_id", "eom_token_id")
                 if f"tokenizer.ggml.{key}" in model.metadata
             },
@@ -251,13 +254,18 @@ def format_info(info: dict[str, Any]) -> str:
     add("parameters", f"{_count(info['parameters'])} ({info['parameters']:,})")
     for index, (kind, row) in enumerate(info["tensor_types"].items()):
         runs = f"  {row['kernel_note']}" if "kernel" in row else ""
-        add("tensor types" if index == 0 else "",
+        add(
+            "tensor types" if index == 0 else "",
             f"{kind:<6} {row['tensors']:>5} tensors {_count(row['parameters']):>9} params {_size(row['bytes']):>11}"
-            + runs)
+            + runs,
+        )
     if "layers" in info:
         add("context length", info["context_length"])
-        add("text model", f"{info['layers']} layers, hidden {info['hidden_size']}, {info['heads']} heads "
-            f"({info['kv_heads']} kv) of {info['head_dim']}, ffn {info['intermediate_size']}")
+        add(
+            "text model",
+            f"{info['layers']} layers, hidden {info['hidden_size']}, {info['heads']} heads "
+            f"({info['kv_heads']} kv) of {info['head_dim']}, ffn {info['intermediate_size']}",
+        )
         rope = f"theta {info['rope_theta']:g}" + (f", M-RoPE {info['mrope_section']}" if info["mrope_section"] else "")
         add("rope", rope)
         add("vocabulary", f"{info['vocab_size']} rows" + (", tied to the output" if info["tied_embeddings"] else ""))
@@ -268,9 +276,11 @@ def format_info(info: dict[str, Any]) -> str:
         add("chat template", "yes" if info["chat_template"] else "no")
     vision = info.get("vision")
     if vision:
-        line = (f"{vision['variant']}: {vision['depth']} blocks, hidden {vision['hidden_size']}, "
-                f"{vision['heads']} heads, ffn {vision['intermediate_size']} ({vision['activation']}), "
-                f"merger → {vision['out_hidden_size']}, {_count(vision['parameters'])} params")
+        line = (
+            f"{vision['variant']}: {vision['depth']} blocks, hidden {vision['hidden_size']}, "
+            f"{vision['heads']} heads, ffn {vision['intermediate_size']} ({vision['activation']}), "
+            f"merger → {vision['out_hidden_size']}, {_count(vision['parameters'])} params"
+        )
         add("vision", line)
         if vision.get("fullatt_block_indexes") is not None:
             add("", f"window {vision['window_size']} px, full attention in blocks {vision['fullatt_block_indexes']}")

@@ -107,7 +107,7 @@ def _read_events(response: http.client.HTTPResponse, result: RequestResult, star
         line = raw.decode("utf-8").strip()
         if not line.startswith("data:"):
             continue
-        data = line[len("data:"):].strip()
+        data = line[len("data:") :].strip()
         if data == "[DONE]":
             break
         event = json.loads(data)
@@ -188,8 +188,10 @@ def summarize(results: list[RequestResult], clients: int, wall_s: float) -> Load
 
 
 def format_report(report: LoadReport) -> str:
-    ttft = "n/a" if report.mean_ttft_s is None else (
-        f"{report.mean_ttft_s:.3f} s (p50 {report.p50_ttft_s:.3f} s, p90 {report.p90_ttft_s:.3f} s)"
+    ttft = (
+        "n/a"
+        if report.mean_ttft_s is None
+        else (f"{report.mean_ttft_s:.3f} s (p50 {report.p50_ttft_s:.3f} s, p90 {report.p90_ttft_s:.3f} s)")
     )
     lines = [
         f"clients {report.clients}, requests {report.requests}: {report.ok} ok, {report.errors} errors",
@@ -211,8 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="default", help="the request's model field (default 'default')")
     parser.add_argument("--prompt", help="one prompt for every request (default: a rotation of 8 prompts)")
     parser.add_argument("--temperature", type=float, default=0.0, help="default 0 (greedy)")
-    parser.add_argument("--ignore-eos", action="store_true", 
-                        help="ask for exactly max_tokens (vLLM / llama.cpp / qwenvl)")
+    parser.add_argument(
+        "--ignore-eos", action="store_true", help="ask for exactly max_tokens (vLLM / llama.cpp / qwenvl)"
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     args = parser.parse_args(argv)
@@ -220,8 +223,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--clients, --requests and --max-tokens must be at least 1")
     base_url = args.base_url.rstrip("/").removesuffix("/v1")
     report, _ = run_load(
-        base_url, clients=args.clients, requests=args.requests, max_tokens=args.max_tokens, api_key=args.api_key,
-        model=args.model, prompt=args.prompt, temperature=args.temperature, ignore_eos=args.ignore_eos,
+        base_url,
+        clients=args.clients,
+        requests=args.requests,
+        max_tokens=args.max_tokens,
+        api_key=args.api_key,
+        model=args.model,
+        prompt=args.prompt,
+        temperature=args.temperature,
+        ignore_eos=args.ignore_eos,
         timeout=args.timeout,
     )
     print(json.dumps(asdict(report)) if args.json else format_report(report))

@@ -93,14 +93,26 @@ def build_vl(
         from transformers import Qwen2VLConfig as Config
         from transformers import Qwen2VLForConditionalGeneration as Model
 
-        vision_config = {"depth": 2, "embed_dim": 32, "num_heads": 2, "mlp_ratio": 2, "hidden_size": text["hidden_size"]}
+        vision_config = {
+            "depth": 2,
+            "embed_dim": 32,
+            "num_heads": 2,
+            "mlp_ratio": 2,
+            "hidden_size": text["hidden_size"],
+        }
     else:
         from transformers import Qwen2_5_VLConfig as Config
         from transformers import Qwen2_5_VLForConditionalGeneration as Model
 
         vision_config = {
-            "depth": 2, "hidden_size": 32, "num_heads": 2, "intermediate_size": 48, "out_hidden_size": text["hidden_size"],
-            "window_size": 56, "fullatt_block_indexes": [1], "tokens_per_second": 2,
+            "depth": 2,
+            "hidden_size": 32,
+            "num_heads": 2,
+            "intermediate_size": 48,
+            "out_hidden_size": text["hidden_size"],
+            "window_size": 56,
+            "fullatt_block_indexes": [1],
+            "tokens_per_second": 2,
         }
     vision_config.update(vision or {})
     config = Config(text_config=text, vision_config=vision_config, tie_word_embeddings=tie)

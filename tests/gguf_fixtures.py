@@ -23,9 +23,24 @@ HIDDEN, HEADS, KV_HEADS, FFN, LAYERS = 64, 4, 2, 128, 2
 HEAD_DIM = HIDDEN // HEADS
 
 MERGES = [
-    ("h", "e"), ("l", "l"), ("he", "ll"), ("hell", "o"), ("Ġ", "w"), ("o", "r"), ("Ġw", "or"),
-    ("l", "d"), ("Ġwor", "ld"), ("Ġ", "t"), ("Ġt", "he"), ("i", "n"), ("Ġ", "in"), ("Ġin", "g"),
-    ("Ġ", "Ġ"), ("ĠĠ", "ĠĠ"), ("e", "r"), ("Ġ", "h"),
+    ("h", "e"),
+    ("l", "l"),
+    ("he", "ll"),
+    ("hell", "o"),
+    ("Ġ", "w"),
+    ("o", "r"),
+    ("Ġw", "or"),
+    ("l", "d"),
+    ("Ġwor", "ld"),
+    ("Ġ", "t"),
+    ("Ġt", "he"),
+    ("i", "n"),
+    ("Ġ", "in"),
+    ("Ġin", "g"),
+    ("Ġ", "Ġ"),
+    ("ĠĠ", "ĠĠ"),
+    ("e", "r"),
+    ("Ġ", "h"),
 ]
 ADDED = [  # (content, token type), ids follow the BPE vocabulary
     ("<|endoftext|>", TokenType.CONTROL),

@@ -21,7 +21,12 @@ MEDIA = {"min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS}
 VL_CONFIGS = {
     "qwen2_vl-d2": dict(arch="qwen2_vl", hidden=64, heads=4, kv_heads=2, ffn=128, mrope_section=[2, 3, 3]),
     "qwen2_5_vl-w56": dict(
-        arch="qwen2_5_vl", hidden=64, heads=4, kv_heads=2, ffn=128, mrope_section=[2, 3, 3],
+        arch="qwen2_5_vl",
+        hidden=64,
+        heads=4,
+        kv_heads=2,
+        ffn=128,
+        mrope_section=[2, 3, 3],
         vision={"depth": 2, "window_size": 56, "fullatt_block_indexes": [1]},
     ),
 }

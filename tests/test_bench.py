@@ -122,8 +122,17 @@ def test_vl_model_reports_image_figures_and_skips_absent_peers(make_vl, tmp_path
 def test_a_worker_that_fails_is_reported_not_raised(tmp_path):
     pytest.importorskip("llama_cpp")
     run = bench.EngineRun(
-        engine="llama.cpp", model=str(tmp_path / "missing.gguf"), mmproj=None, arch="qwen2", prompt_ids=[1, 2, 3],
-        gen_tokens=2, image=None, threads=1, dtype="bfloat16", vision_config=None, repeat=1,
+        engine="llama.cpp",
+        model=str(tmp_path / "missing.gguf"),
+        mmproj=None,
+        arch="qwen2",
+        prompt_ids=[1, 2, 3],
+        gen_tokens=2,
+        image=None,
+        threads=1,
+        dtype="bfloat16",
+        vision_config=None,
+        repeat=1,
     )
     result = bench.run_worker(run)
     assert result["status"] == "failed" and "missing.gguf" in result["note"]

@@ -34,7 +34,6 @@ TOOLS = [
 ]
 
 
-
 def text(value: str) -> dict:
     return {"type": "text", "text": value}
 

@@ -21,7 +21,9 @@ def hf_chat_greedy(directory, prompt, max_new_tokens):
 
     tokenizer = AutoTokenizer.from_pretrained(directory)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt")
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt"
+    )
     ids = ids["input_ids"] if not isinstance(ids, torch.Tensor) else ids
     with torch.inference_mode():
         out = model.generate(ids, do_sample=False, max_new_tokens=max_new_tokens)
@@ -32,7 +34,21 @@ def hf_chat_greedy(directory, prompt, max_new_tokens):
 def test_run_json_greedy_equals_transformers(make_qwen2, capsys, prompt):
     directory = make_qwen2("default")
     prompt_tokens, expected = hf_chat_greedy(directory, prompt, 32)
-    code = cli_main(["run", str(directory), "-p", prompt, "--temperature", "0", "--max-tokens", "32", "--json", "--dtype", "float32"])
+    code = cli_main(
+        [
+            "run",
+            str(directory),
+            "-p",
+            prompt,
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "32",
+            "--json",
+            "--dtype",
+            "float32",
+        ]
+    )
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["tokens"] == expected
@@ -54,7 +70,19 @@ def test_run_streams_the_same_text_as_json(make_qwen2, capsys):
 
 def test_run_stop_string_and_seed(make_qwen2, capsys):
     directory = str(make_qwen2("default"))
-    base = ["run", directory, "-p", PROMPTS[1], "--max-tokens", "24", "--json", "--dtype", "float32", "--temperature", "1.5"]
+    base = [
+        "run",
+        directory,
+        "-p",
+        PROMPTS[1],
+        "--max-tokens",
+        "24",
+        "--json",
+        "--dtype",
+        "float32",
+        "--temperature",
+        "1.5",
+    ]
     cli_main(base + ["--seed", "3"])
     first = json.loads(capsys.readouterr().out)
     cli_main(base + ["--seed", "3"])
@@ -84,7 +112,10 @@ def test_tokenize(make_qwen2, capsys):
     assert 151644 not in plain["ids"] and model.tokenizer.decode(plain["ids"]) == text
     assert cli_main(["tokenize", directory, "Hi there"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines == [f"{i:6d} -> {p!r}" for i, p in zip(model.tokenizer.encode("Hi there"), model.tokenizer.pieces(model.tokenizer.encode("Hi there")))]
+    assert lines == [
+        f"{i:6d} -> {p!r}"
+        for i, p in zip(model.tokenizer.encode("Hi there"), model.tokenizer.pieces(model.tokenizer.encode("Hi there")))
+    ]
 
 
 class RecordingModel:
@@ -98,11 +129,13 @@ class RecordingModel:
         self.calls.append([dict(m) for m in messages])
         generation = self.model.stream(messages, **options)
         if len(self.calls) == self.interrupt_turn:
+
             def interrupted():
                 for index, piece in enumerate(generation):
                     if index == 2:
                         raise KeyboardInterrupt
                     yield piece
+
             return interrupted()
         return generation
 
@@ -123,8 +156,12 @@ def _run_repl(monkeypatch, model, lines, extra=()):
 
 def test_chat_repl_keeps_history_and_resets(make_qwen2, monkeypatch, capsys):
     model = RecordingModel(qwenvl.load(make_qwen2("default"), dtype="float32"))
-    code = _run_repl(monkeypatch, model, ["Hello", "And again?", "/reset", "Fresh start", "/quit", "never read"],
-                     extra=["--system", "Be brief."])
+    code = _run_repl(
+        monkeypatch,
+        model,
+        ["Hello", "And again?", "/reset", "Fresh start", "/quit", "never read"],
+        extra=["--system", "Be brief."],
+    )
     assert code == 0
     first, second, third = model.calls
     assert [m["role"] for m in first] == ["system", "user"]
@@ -147,7 +184,9 @@ def test_chat_repl_image_attaches_to_next_message(make_vl, monkeypatch, tmp_path
 
     path = tmp_path / "red.png"
     Image.new("RGB", (60, 60), (255, 0, 0)).save(path)
-    model = RecordingModel(qwenvl.load(make_vl("qwen2_vl-cli", arch="qwen2_vl", mrope_section=[2, 3, 3]), dtype="float32"))
+    model = RecordingModel(
+        qwenvl.load(make_vl("qwen2_vl-cli", arch="qwen2_vl", mrope_section=[2, 3, 3]), dtype="float32")
+    )
     assert _run_repl(monkeypatch, model, [f"/image {path}", "What colour?", "And now?"]) == 0
     first, second = model.calls
     assert first[-1]["content"][0] == {"type": "image", "image": str(path)}

@@ -30,8 +30,8 @@ from qwenvl.cli import main as cli_main
 from qwenvl.config import model_config_from_hf
 from qwenvl.convert import convert_hf, quantize_gguf, summary_table, tensor_type
 from qwenvl.errors import QwenVLError
-from qwenvl.weights import names
 from qwenvl.models.text import TextModel
+from qwenvl.weights import names
 from qwenvl.weights.gguf import open_gguf_file, read_gguf
 
 Q = GGMLQuantizationType
@@ -299,8 +299,13 @@ def test_info_of_an_hf_checkpoint(make_vl, capsys):
     state = _hf_state(hf_dir)
     assert info["architecture"] == "Qwen2_5_VLForConditionalGeneration" and info["model"] == "qwen2_5_vl"
     assert info["parameters"] == sum(t.numel() for t in state.values())
-    assert info["tensor_types"] == {"F32": {"tensors": len(state), "parameters": info["parameters"],
-                                            "bytes": sum(t.numel() * 4 for t in state.values())}}
+    assert info["tensor_types"] == {
+        "F32": {
+            "tensors": len(state),
+            "parameters": info["parameters"],
+            "bytes": sum(t.numel() * 4 for t in state.values()),
+        }
+    }
     assert info["special_tokens"]["eos"]["token"] == "<|im_end|>" and info["chat_template"]
 
 

@@ -140,8 +140,11 @@ def test_llama_cpp_converter_writes_our_files(make_vl, tmp_path, kind):
 
     configs = {
         "qwen2_vl-d4": dict(VL_CONFIGS["qwen2_vl-d2"], vision={"depth": 4}),
-        "qwen2_5_vl-d4": dict(VL_CONFIGS["qwen2_5_vl-w56"], tie=True,
-                              vision={"depth": 4, "window_size": 112, "fullatt_block_indexes": [1, 3]}),
+        "qwen2_5_vl-d4": dict(
+            VL_CONFIGS["qwen2_5_vl-w56"],
+            tie=True,
+            vision={"depth": 4, "window_size": 112, "fullatt_block_indexes": [1, 3]},
+        ),
     }
     stub = tmp_path / "stub" / "sentencepiece"  # the converter imports it even for BPE vocabularies
     stub.mkdir(parents=True)

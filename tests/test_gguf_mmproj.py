@@ -73,8 +73,17 @@ def test_legacy_surgery_layout_reads_the_same(pairs, image, tmp_path, arch):
     with read_mmproj(legacy) as projector:
         assert projector.legacy  # ffn_down holds the first MLP layer
     ours, theirs = model.config.vision, reference.config.vision
-    for field in ("variant", "depth", "hidden_size", "num_heads", "intermediate_size", "out_hidden_size",
-                  "hidden_act", "patch_size", "spatial_merge_size"):
+    for field in (
+        "variant",
+        "depth",
+        "hidden_size",
+        "num_heads",
+        "intermediate_size",
+        "out_hidden_size",
+        "hidden_act",
+        "patch_size",
+        "spatial_merge_size",
+    ):
         assert getattr(ours, field) == getattr(theirs, field), field
     if arch.startswith("qwen2_5"):
         assert (ours.window_size, ours.fullatt_block_indexes) == (theirs.window_size, theirs.fullatt_block_indexes)
@@ -95,8 +104,23 @@ def test_gguf_pair_answers_like_the_hf_checkpoint_through_the_cli(pairs, image, 
     from qwenvl.cli import main as cli_main
 
     hf_dir, text, mmproj = pairs("qwen2_5_vl-w56")
-    common = ["-p", "Describe the picture.", "--image", image, "--temperature", "0", "-n", "12", "--json",
-              "--dtype", "float32", "--min-pixels", str(MEDIA["min_pixels"]), "--max-pixels", str(MEDIA["max_pixels"])]
+    common = [
+        "-p",
+        "Describe the picture.",
+        "--image",
+        image,
+        "--temperature",
+        "0",
+        "-n",
+        "12",
+        "--json",
+        "--dtype",
+        "float32",
+        "--min-pixels",
+        str(MEDIA["min_pixels"]),
+        "--max-pixels",
+        str(MEDIA["max_pixels"]),
+    ]
     assert cli_main(["run", str(text), "--mmproj", str(mmproj), *common]) == 0
     ours = json.loads(capsys.readouterr().out)
     assert cli_main(["run", str(hf_dir), *common]) == 0
@@ -149,7 +173,14 @@ def test_bad_mmproj_files(pairs, tmp_path):
 def test_mmproj_of_another_model(pairs, make_vl, tmp_path):
     _, text, mmproj = pairs("qwen2_vl-d2")
     wide = make_vl(  # tests/test_vl.py's "qwen2_vl-d3-h4"
-        "qwen2_vl-d3-h4", arch="qwen2_vl", hidden=96, heads=4, kv_heads=1, ffn=128, mrope_section=[4, 4, 4], tie=True,
+        "qwen2_vl-d3-h4",
+        arch="qwen2_vl",
+        hidden=96,
+        heads=4,
+        kv_heads=1,
+        ffn=128,
+        mrope_section=[4, 4, 4],
+        tie=True,
         vision={"depth": 3, "embed_dim": 48, "num_heads": 4, "mlp_ratio": 3},
     )
     wide_text, wide_mmproj = (w.path for w in convert_hf(wide, tmp_path, out_type="q8_0", progress=False))

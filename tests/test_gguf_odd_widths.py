@@ -18,7 +18,12 @@ from qwenvl.convert import convert_hf, quantize_gguf
 ODD = {
     "qwen2_vl-ffn200": dict(arch="qwen2_vl", hidden=64, heads=4, kv_heads=2, ffn=200, mrope_section=[2, 3, 3]),
     "qwen2_5_vl-ffn200-v3420": dict(
-        arch="qwen2_5_vl", hidden=64, heads=4, kv_heads=2, ffn=200, mrope_section=[2, 3, 3],
+        arch="qwen2_5_vl",
+        hidden=64,
+        heads=4,
+        kv_heads=2,
+        ffn=200,
+        mrope_section=[2, 3, 3],
         vision={"depth": 2, "window_size": 56, "fullatt_block_indexes": [1], "intermediate_size": 3420},
     ),
 }

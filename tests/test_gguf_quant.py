@@ -123,8 +123,15 @@ def _ggml_quantize():
     library = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so"))
     function = library.ggml_quantize_chunk
     function.restype = ctypes.c_size_t
-    function.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                         ctypes.c_int64, ctypes.c_void_p]
+    function.argtypes = [
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+    ]
 
     def run(x: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)

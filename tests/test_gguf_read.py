@@ -449,7 +449,7 @@ CORPUS = [
     "Emoji 🤖🎉👩‍💻 and symbols ©®™ ∑∫√ ≤≥ → ← «quotes» “curly” 'single'",
     "I'm sure they'll say we've done it; THEY'RE 'd 's 't",
     "URLs https://example.com/path?query=1&x=y#frag and e-mails someone@example.org",
-    "{\"json\": [1, 2.5, -3e10, true, null], \"nested\": {\"k\": \"v\"}}",
+    '{"json": [1, 2.5, -3e10, true, null], "nested": {"k": "v"}}',
     "Ünïcödé ñ ç ø å ß ẞ ǅ ﬁ ﬂ — combining: e\u0301 a\u0308",
     "x" * 300 + " " + "ab" * 100,
 ]

@@ -30,7 +30,7 @@ CORPUS = [
     "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)\n",
     "Hello, world! I'm sure they'll say we've done it; THEY'RE here.   \n\n\ttabs",
     "数字 12345678901234567890 和中文; 日本語; Ελληνικά; 🤖🎉👩‍💻 «quotes»",
-    "<|im_start|>user\nHi<|im_end|>\n<tool_call>{\"name\": \"f\"}</tool_call><|endoftext|>",
+    '<|im_start|>user\nHi<|im_end|>\n<tool_call>{"name": "f"}</tool_call><|endoftext|>',
 ]
 
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf.constants import GGML_QUANT_SIZES
+from gguf.constants import GGMLQuantizationType as T
+from test_quant_linear import BLOCK_TYPES, EPS, assert_within, bits, random_blocks, reference, reference_weight
 
 from qwenvl.quant import kernels
 from qwenvl.quant.linear import AMX_TYPES
-from test_quant_linear import BLOCK_TYPES, EPS, assert_within, bits, random_blocks, reference, reference_weight
 
 # in/out widths of the published layers: text hidden sizes and MLPs (0.5B … 7B), vision embed, MLPs
 PUBLISHED_WIDTHS = (896, 1280, 1536, 2048, 3420, 3584, 4864, 5120, 8960, 11008, 18944)

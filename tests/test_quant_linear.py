@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 import torch
 from gguf import quants as gguf_quants
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf.constants import GGML_QUANT_SIZES
+from gguf.constants import GGMLQuantizationType as T
 
 from qwenvl.quant import kernels, linear
 from qwenvl.quant.linear import (

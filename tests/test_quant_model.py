@@ -14,11 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
-import qwenvl
 from gguf.constants import GGMLQuantizationType as Q
 from gguf_fixtures import write_tiny_gguf
 
+import qwenvl
 from qwenvl.quant.linear import ConcatLinear, QuantEmbedding, QuantLinear
 from qwenvl.quant.model import describe_layers, pack_prefill_weights
 

@@ -36,11 +36,27 @@ def test_real_model_as_hf_checkpoint_matches_transformers(capsys, prompt):
     directory = defaults.default_hf_export_path()
     tokenizer = AutoTokenizer.from_pretrained(directory)
     reference = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt")
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt"
+    )
     ids = ids["input_ids"] if not isinstance(ids, torch.Tensor) else ids
     with torch.inference_mode():
         expected = reference.generate(ids, do_sample=False, max_new_tokens=32)[0, ids.shape[1] :].tolist()
-    code = cli_main(["run", str(directory), "-p", prompt, "--temperature", "0", "--max-tokens", "32", "--json", "--dtype", "float32"])
+    code = cli_main(
+        [
+            "run",
+            str(directory),
+            "-p",
+            prompt,
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "32",
+            "--json",
+            "--dtype",
+            "float32",
+        ]
+    )
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["prompt_tokens"] == ids.shape[1]

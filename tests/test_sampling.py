@@ -80,7 +80,9 @@ def test_tiny_temperatures_are_greedy(logits, temperature):
 
 
 def test_defaults_come_from_generation_config():
-    config = GenerationConfig(eos_token_ids=(1,), do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05)
+    config = GenerationConfig(
+        eos_token_ids=(1,), do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05
+    )
     params = sampling_params(config, max_tokens=10)
     assert (params.temperature, params.top_k, params.top_p, params.repetition_penalty) == (0.7, 20, 0.8, 1.05)
     assert sampling_params(config, temperature=0).greedy
@@ -89,10 +91,25 @@ def test_defaults_come_from_generation_config():
 
 @pytest.mark.parametrize(
     "bad",
-    [dict(max_tokens=0), dict(max_tokens=-3), dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1),
-     dict(min_p=2), dict(repetition_penalty=0), dict(stop=[""]), dict(presence_penalty=2.01),
-     dict(presence_penalty=-3), dict(frequency_penalty=2.5), dict(frequency_penalty=-2.1), dict(max_tokens="8"),
-     dict(temperature=float("nan")), dict(top_k=1.5), dict(seed="x")],
+    [
+        dict(max_tokens=0),
+        dict(max_tokens=-3),
+        dict(temperature=-1),
+        dict(top_p=0),
+        dict(top_p=1.5),
+        dict(top_k=-1),
+        dict(min_p=2),
+        dict(repetition_penalty=0),
+        dict(stop=[""]),
+        dict(presence_penalty=2.01),
+        dict(presence_penalty=-3),
+        dict(frequency_penalty=2.5),
+        dict(frequency_penalty=-2.1),
+        dict(max_tokens="8"),
+        dict(temperature=float("nan")),
+        dict(top_k=1.5),
+        dict(seed="x"),
+    ],
 )
 def test_invalid_sampling_values_are_request_errors(bad):
     with pytest.raises(RequestError, match=next(iter(bad))):

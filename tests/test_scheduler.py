@@ -123,7 +123,9 @@ def test_async_events(model, engine):
 
 def test_seeded_sampling_does_not_depend_on_the_batch(model, engine):
     prompts = random_prompts(6, seed=1)[:5]
-    options = [dict(temperature=0.9, top_k=40, top_p=0.95, seed=10 + i, max_tokens=20, ignore_eos=True) for i in range(5)]
+    options = [
+        dict(temperature=0.9, top_k=40, top_p=0.95, seed=10 + i, max_tokens=20, ignore_eos=True) for i in range(5)
+    ]
     options[2] |= dict(repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=0.3)
     expected = [alone(model, p, **o).token_ids for p, o in zip(prompts, options)]
     noise = [engine.submit(p, temperature=0, max_tokens=25, ignore_eos=True) for p in random_prompts(3, seed=9)[:2]]

@@ -15,10 +15,10 @@ import time
 import openai
 import pytest
 import requests
+from test_server_support import data_uri, live_server, png_bytes, sse_payloads, video_file
 
 import qwenvl
 from qwenvl.cli import main as cli_main
-from test_server_support import data_uri, live_server, png_bytes, sse_payloads, video_file
 
 MAX_TOKENS = 12
 
@@ -87,8 +87,19 @@ def test_greedy_answer_equals_qwenvl_run(client, vl_dir, capsys, tmp_path, with_
     prompt = "Describe this." if with_image else "Say hello."
     image = png_bytes(64, 48, seed=3)
     (tmp_path / "picture.png").write_bytes(image)
-    run_args = ["run", str(vl_dir), "-p", prompt, "--temperature", "0", "-n", str(MAX_TOKENS), "--json",
-                "--dtype", "float32"]
+    run_args = [
+        "run",
+        str(vl_dir),
+        "-p",
+        prompt,
+        "--temperature",
+        "0",
+        "-n",
+        str(MAX_TOKENS),
+        "--json",
+        "--dtype",
+        "float32",
+    ]
     assert cli_main(run_args + (["--image", str(tmp_path / "picture.png")] if with_image else [])) == 0
     expected = json.loads(capsys.readouterr().out)
     content = [image_part(image), {"type": "text", "text": prompt}] if with_image else prompt
@@ -125,8 +136,9 @@ def test_video_url(client, model, tmp_path):
     part = {"type": "video_url", "video_url": {"url": data_uri(clip, "video/mp4")}}
     messages = [{"role": "user", "content": [part, {"type": "text", "text": "What happens?"}]}]
     response = chat(client, messages, extra_body={"mm_processor_kwargs": {"nframes": 4}})
-    prompt_tokens, expected = alone(model, [{"role": "user", "content": [{"type": "video", "video": clip},
-                                                                         messages[0]["content"][1]]}], nframes=4)
+    prompt_tokens, expected = alone(
+        model, [{"role": "user", "content": [{"type": "video", "video": clip}, messages[0]["content"][1]]}], nframes=4
+    )
     assert response.usage.prompt_tokens == prompt_tokens
     assert response.choices[0].message.content == expected.text
     # a video item's own keys (qwen-vl-utils names) sit beside video_url
@@ -201,8 +213,9 @@ def test_completions_string_and_token_ids(client, model):
 
 def test_default_max_tokens_and_max_completion_tokens(client):
     messages = [{"role": "user", "content": "Go on forever."}]
-    response = client.chat.completions.create(model="any-name", messages=messages, temperature=0,
-                                              max_completion_tokens=5, extra_body={"ignore_eos": True})
+    response = client.chat.completions.create(
+        model="any-name", messages=messages, temperature=0, max_completion_tokens=5, extra_body={"ignore_eos": True}
+    )
     assert response.usage.completion_tokens == 5 and response.choices[0].finish_reason == "length"
 
 
@@ -218,8 +231,13 @@ def _wait_idle(base_url: str, seconds: float) -> dict:
 @pytest.mark.parametrize("stream", [True, False])
 def test_disconnected_client_is_cancelled(server, stream):
     """A long request whose client goes away stops at once (it would take many seconds to finish)."""
-    body = {"messages": [{"role": "user", "content": "Go."}], "max_tokens": 3000, "temperature": 0,
-            "ignore_eos": True, "stream": stream}
+    body = {
+        "messages": [{"role": "user", "content": "Go."}],
+        "max_tokens": 3000,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": stream,
+    }
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
     if stream:
@@ -246,10 +264,24 @@ def _free_port() -> int:
 def test_serve_command(vl_dir):
     """`qwenvl serve` binds to 127.0.0.1 by default and answers the openai client."""
     port = _free_port()
-    command = [sys.executable, "-m", "qwenvl", "serve", str(vl_dir), "--port", str(port), "--dtype", "float32",
-               "--max-batch", "2", "--log-level", "warning"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "QWENVL_API_KEY": ""})
+    command = [
+        sys.executable,
+        "-m",
+        "qwenvl",
+        "serve",
+        str(vl_dir),
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--max-batch",
+        "2",
+        "--log-level",
+        "warning",
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "QWENVL_API_KEY": ""}
+    )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -262,8 +294,9 @@ def test_serve_command(vl_dir):
                 time.sleep(0.2)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
         assert [card.id for card in client.models.list().data] == [vl_dir.name]
-        answer = client.chat.completions.create(model=vl_dir.name, messages=[{"role": "user", "content": "Hi"}],
-                                                max_tokens=3, temperature=0)
+        answer = client.chat.completions.create(
+            model=vl_dir.name, messages=[{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0
+        )
         assert answer.usage.completion_tokens >= 1
     finally:
         process.send_signal(signal.SIGINT)

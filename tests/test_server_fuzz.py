@@ -10,15 +10,19 @@ import pytest
 import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_server_support import data_uri, live_server, png_bytes
 
 import qwenvl
-from test_server_support import data_uri, live_server, png_bytes
 
 EXAMPLES = 150
 TIMEOUT_S = 30
 IMAGE_URI = data_uri(png_bytes(28, 28, seed=9))
-FUZZ_SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
-                         suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+FUZZ_SETTINGS = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 
 json_scalars = (
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=12)
@@ -30,22 +34,39 @@ json_values = st.recursive(
 )
 
 # -- well-typed bodies: every field within the schema, so requests reach the media, template and engine layers
-urls = st.sampled_from([
-    IMAGE_URI, IMAGE_URI, IMAGE_URI, "data:image/png;base64,AAAA", "data:image/png;base64,@@", "data:,", "",
-    "http://localhost/x.png", "http://169.254.169.254/latest", "file:///etc/passwd", "ftp://host/x", "/etc/passwd",
-    "data:video/mp4;base64,AAAA", "data:image/png;base64," + "A" * 40,
-])
+urls = st.sampled_from(
+    [
+        IMAGE_URI,
+        IMAGE_URI,
+        IMAGE_URI,
+        "data:image/png;base64,AAAA",
+        "data:image/png;base64,@@",
+        "data:,",
+        "",
+        "http://localhost/x.png",
+        "http://169.254.169.254/latest",
+        "file:///etc/passwd",
+        "ftp://host/x",
+        "/etc/passwd",
+        "data:video/mp4;base64,AAAA",
+        "data:image/png;base64," + "A" * 40,
+    ]
+)
 parts = st.one_of(
     st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=30)}),
     st.fixed_dictionaries({"type": st.just("image_url"), "image_url": urls | st.fixed_dictionaries({"url": urls})}),
-    st.fixed_dictionaries({"type": st.just("video_url"), "video_url": st.fixed_dictionaries({"url": urls})},
-                          optional={"nframes": st.integers(-2, 8), "fps": st.floats(0, 4),
-                                    "max_pixels": st.integers(0, 10**5)}),
+    st.fixed_dictionaries(
+        {"type": st.just("video_url"), "video_url": st.fixed_dictionaries({"url": urls})},
+        optional={"nframes": st.integers(-2, 8), "fps": st.floats(0, 4), "max_pixels": st.integers(0, 10**5)},
+    ),
 )
 messages = st.lists(
-    st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "user", "assistant", "tool"])},
-                          optional={"content": st.text(max_size=40) | st.lists(parts, max_size=3) | st.none()}),
-    min_size=1, max_size=3,
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["system", "user", "user", "assistant", "tool"])},
+        optional={"content": st.text(max_size=40) | st.lists(parts, max_size=3) | st.none()},
+    ),
+    min_size=1,
+    max_size=3,
 )
 sampling = {
     "model": st.text(max_size=10),
@@ -65,36 +86,60 @@ sampling = {
 }
 chat_bodies = st.fixed_dictionaries(
     {"messages": messages},
-    optional={**sampling, "max_completion_tokens": st.integers(1, 12), "mm_processor_kwargs": st.fixed_dictionaries(
-        {}, optional={"min_pixels": st.integers(1, 2 * 10**5), "max_pixels": st.integers(1, 10**6),
-                      "fps": st.floats(0.01, 10), "nframes": st.integers(1, 8)})},
+    optional={
+        **sampling,
+        "max_completion_tokens": st.integers(1, 12),
+        "mm_processor_kwargs": st.fixed_dictionaries(
+            {},
+            optional={
+                "min_pixels": st.integers(1, 2 * 10**5),
+                "max_pixels": st.integers(1, 10**6),
+                "fps": st.floats(0.01, 10),
+                "nframes": st.integers(1, 8),
+            },
+        ),
+    },
 )
 completion_bodies = st.fixed_dictionaries(
-    {"prompt": st.text(max_size=40) | st.lists(st.integers(0, 151_000), max_size=8)
-     | st.lists(st.text(max_size=10), min_size=1, max_size=1)},
+    {
+        "prompt": st.text(max_size=40)
+        | st.lists(st.integers(0, 151_000), max_size=8)
+        | st.lists(st.text(max_size=10), min_size=1, max_size=1)
+    },
     optional=sampling,
 )
 
 # -- anything at all, JSON or not: the schema layer
-junk_bodies = st.dictionaries(
-    st.sampled_from(["messages", "prompt", *sampling, "n", "logprobs", "echo", "mm_processor_kwargs"]), json_values,
-    max_size=6,
-) | json_values
+junk_bodies = (
+    st.dictionaries(
+        st.sampled_from(["messages", "prompt", *sampling, "n", "logprobs", "echo", "mm_processor_kwargs"]),
+        json_values,
+        max_size=6,
+    )
+    | json_values
+)
 
 
 @pytest.fixture(scope="module")
 def server(make_vl):
     model = qwenvl.load(make_vl("default"), dtype="float32", context=192)
-    with live_server(model, max_batch=4, default_max_tokens=6, mm_limits={"image": 2, "video": 1},
-                     allowed_media_domains=("localhost",), media_timeout=2.0) as running:
+    with live_server(
+        model,
+        max_batch=4,
+        default_max_tokens=6,
+        mm_limits={"image": 2, "video": 1},
+        allowed_media_domains=("localhost",),
+        media_timeout=2.0,
+    ) as running:
         yield running
 
 
 def check(server, path: str, data: bytes) -> None:
     """Within the timeout; no 5xx; an error body on refusal; a complete answer (or SSE stream) otherwise."""
     started = time.monotonic()
-    response = requests.post(server.base_url + path, data=data, headers={"Content-Type": "application/json"},
-                             timeout=TIMEOUT_S)
+    response = requests.post(
+        server.base_url + path, data=data, headers={"Content-Type": "application/json"}, timeout=TIMEOUT_S
+    )
     assert time.monotonic() - started < TIMEOUT_S
     assert response.status_code < 500, response.text
     if response.status_code != 200:

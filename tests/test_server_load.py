@@ -14,10 +14,10 @@ from pathlib import Path
 import openai
 import pytest
 import requests
+from test_server_support import data_uri, live_server, png_bytes
 
 import qwenvl
 from qwenvl.engine.scheduler import RequestHandle
-from test_server_support import data_uri, live_server, png_bytes
 
 LOADGEN = Path(__file__).resolve().parent.parent / "scripts" / "loadgen.py"
 MAX_TOKENS = 16
@@ -53,8 +53,9 @@ def image_messages(seed: int) -> list[dict]:
 
 
 def streamed_text(client, messages) -> str:
-    chunks = client.chat.completions.create(model="tiny", messages=messages, max_tokens=MAX_TOKENS, temperature=0,
-                                            stream=True)
+    chunks = client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=MAX_TOKENS, temperature=0, stream=True
+    )
     return "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
 
 
@@ -99,17 +100,45 @@ def test_concurrent_answers_equal_answers_alone(server, loadgen):
 
 def test_loadgen_command_line(server):
     out = subprocess.run(
-        [sys.executable, str(LOADGEN), "--base-url", server.base_url + "/v1", "--clients", "3", "--requests", "4",
-         "--max-tokens", "4", "--ignore-eos", "--json"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(LOADGEN),
+            "--base-url",
+            server.base_url + "/v1",
+            "--clients",
+            "3",
+            "--requests",
+            "4",
+            "--max-tokens",
+            "4",
+            "--ignore-eos",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["ok"] == 4 and report["errors"] == 0 and report["completion_tokens"] == 16
     text = subprocess.run(
-        [sys.executable, str(LOADGEN), "--base-url", server.base_url, "--clients", "1", "--requests", "1",
-         "--max-tokens", "2", "--prompt", "Hi"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(LOADGEN),
+            "--base-url",
+            server.base_url,
+            "--clients",
+            "1",
+            "--requests",
+            "1",
+            "--max-tokens",
+            "2",
+            "--prompt",
+            "Hi",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert text.returncode == 0 and "aggregate" in text.stdout and "mean TTFT" in text.stdout
 

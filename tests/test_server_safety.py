@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import requests
+from test_server_support import data_uri, live_server, png_bytes
 
 import qwenvl
 from qwenvl.server import fetch
-from test_server_support import data_uri, live_server, png_bytes
 
 KEY = "sekret-key"
 IMAGE = png_bytes(56, 56, seed=5)
@@ -113,9 +113,12 @@ def model(make_vl):
 @pytest.fixture(scope="module")
 def server(model, media_dir):
     settings = dict(
-        max_body_bytes=2**20, allowed_local_media_path=(media_dir / "allowed").resolve(),
-        allowed_media_domains=("127.0.0.2", "127.0.0.1", "localhost"), mm_limits={"image": 2, "video": 1},
-        media_timeout=1.0, max_media_bytes=MAX_MEDIA,
+        max_body_bytes=2**20,
+        allowed_local_media_path=(media_dir / "allowed").resolve(),
+        allowed_media_domains=("127.0.0.2", "127.0.0.1", "localhost"),
+        mm_limits={"image": 2, "video": 1},
+        media_timeout=1.0,
+        max_media_bytes=MAX_MEDIA,
     )
     with live_server(model, max_batch=4, **settings) as running:
         yield running
@@ -166,8 +169,9 @@ def test_invalid_json_and_schema(server):
     assert_error(post(server, {"prompt": ["a", "b"]}, "/v1/completions"), 400, "one prompt")
     assert_error(post(server, {"prompt": [1, 10**9]}, "/v1/completions"), 400, "vocabulary")
     assert_error(post(server, {"prompt": ""}, "/v1/completions"), 400)
-    assert_error(post(server, {"prompt": "<|vision_start|><|image_pad|><|vision_end|>"}, "/v1/completions"), 400,
-                 "placeholder")
+    assert_error(
+        post(server, {"prompt": "<|vision_start|><|image_pad|><|vision_end|>"}, "/v1/completions"), 400, "placeholder"
+    )
     assert_error(post(server, {"messages": [{"role": "user", "content": "<|image_pad|>"}]}), 400, "placeholder")
 
 
@@ -197,8 +201,9 @@ def test_prompt_longer_than_the_context_and_max_tokens_beyond_it(server):
     long_text = "hello " * 400
     assert_error(post(server, {"messages": [{"role": "user", "content": long_text}]}), 400, "context holds 256")
     assert_error(post(server, {"prompt": long_text}, "/v1/completions"), 400, "context holds 256")
-    error = assert_error(post(server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 256}), 400,
-                         "beyond the context")
+    error = assert_error(
+        post(server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 256}), 400, "beyond the context"
+    )
     assert error["param"] == "max_tokens"
     assert post(server, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}).status_code == 200
 
@@ -222,8 +227,9 @@ def test_oversized_body(server):
     # no Content-Length (chunked upload): counted as it arrives
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     chunks = (json.dumps(huge)[i : i + 65536].encode() for i in range(0, 2**21, 65536))
-    connection.request("POST", "/v1/chat/completions", body=chunks, headers={"Content-Type": "application/json"},
-                       encode_chunked=True)
+    connection.request(
+        "POST", "/v1/chat/completions", body=chunks, headers={"Content-Type": "application/json"}, encode_chunked=True
+    )
     response = connection.getresponse()
     assert response.status == 413 and json.loads(response.read())["error"]["message"].startswith("request body")
     connection.close()
@@ -304,8 +310,20 @@ def test_data_uri_decodes_to_the_exact_bytes():
 
 
 def test_public_address_rules():
-    for address in ("127.0.0.1", "10.1.2.3", "192.168.0.1", "172.16.5.4", "169.254.169.254", "::1", "fe80::1",
-                    "fc00::1", "0.0.0.0", "100.64.0.1", "::ffff:127.0.0.1", "224.0.0.1"):
+    for address in (
+        "127.0.0.1",
+        "10.1.2.3",
+        "192.168.0.1",
+        "172.16.5.4",
+        "169.254.169.254",
+        "::1",
+        "fe80::1",
+        "fc00::1",
+        "0.0.0.0",
+        "100.64.0.1",
+        "::ffff:127.0.0.1",
+        "224.0.0.1",
+    ):
         assert not fetch.is_public_address(address), address
     for address in ("8.8.8.8", "1.1.1.1", "2606:4700:4700::1111"):
         assert fetch.is_public_address(address), address

@@ -17,7 +17,7 @@ import uvicorn
 from PIL import Image
 
 
-def live_server(model: Any, *, max_batch: int = 8, model_id: str = "tiny", **settings: Any) -> "LiveServer":
+def live_server(model: Any, *, max_batch: int = 8, model_id: str = "tiny", **settings: Any) -> LiveServer:
     """A LiveServer over ``model`` with a new BatchEngine and these ServerSettings."""
     from qwenvl.server import ServerSettings, create_app
 
@@ -87,6 +87,6 @@ def sse_payloads(text: str) -> list[Any]:
         if not block:
             continue
         assert block.startswith("data: "), block
-        data = block[len("data: "):]
+        data = block[len("data: ") :]
         payloads.append(data if data == "[DONE]" else json.loads(data))
     return payloads

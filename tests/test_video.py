@@ -43,7 +43,12 @@ CONFIGS = {
     "video-qwen2_vl": dict(arch="qwen2_vl", hidden=64, heads=4, kv_heads=2, ffn=128, mrope_section=[2, 3, 3]),
     # tokens_per_second 3: 0.5 s per temporal patch puts time ids 1.5 apart (fractional intervals)
     "video-qwen2_5_vl-tps3": dict(
-        arch="qwen2_5_vl", hidden=64, heads=4, kv_heads=2, ffn=128, mrope_section=[2, 3, 3],
+        arch="qwen2_5_vl",
+        hidden=64,
+        heads=4,
+        kv_heads=2,
+        ffn=128,
+        mrope_section=[2, 3, 3],
         vision={"depth": 2, "window_size": 56, "fullatt_block_indexes": [1], "tokens_per_second": 3},
     ),
 }
@@ -51,7 +56,10 @@ CONFIGS = {
 CASES = {
     "video-qwen2_vl": ("odd-frame-list", "image-and-video", "two-turns"),
     "video-qwen2_5_vl-tps3": (
-        "file-fps4-half-second-grids", "file-nframes-segment", "odd-frame-list", "image-and-video",
+        "file-fps4-half-second-grids",
+        "file-nframes-segment",
+        "odd-frame-list",
+        "image-and-video",
     ),
 }
 
@@ -516,10 +524,25 @@ def test_cli_video_prompt_matches_transformers(reference_libs, monkeypatch, clip
     inputs = hf_inputs(reference_libs, monkeypatch, directory, arch, messages)
     with torch.inference_mode():
         out = hf_model(directory, arch).generate(**inputs, do_sample=False, max_new_tokens=24)
-    code = cli_main([
-        "run", str(directory), "--video", media["clip"], "--fps", "1", "-p", "What happens?",
-        "--temperature", "0", "--max-tokens", "24", "--json", "--dtype", "float32",
-    ])
+    code = cli_main(
+        [
+            "run",
+            str(directory),
+            "--video",
+            media["clip"],
+            "--fps",
+            "1",
+            "-p",
+            "What happens?",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "24",
+            "--json",
+            "--dtype",
+            "float32",
+        ]
+    )
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["tokens"] == out[0, inputs["input_ids"].shape[1] :].tolist()

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from functools import cache
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import (
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -21,8 +22,6 @@ from transformers import (
 
 from qwenvl.config import VisionConfig
 from qwenvl.errors import ModelFileError
-import torch.nn.functional as F
-
 from qwenvl.models.vision import (
     Linear,
     SegmentPlan,
@@ -33,7 +32,11 @@ from qwenvl.models.vision import (
 )
 
 TINY_TEXT = dict(
-    vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
     num_key_value_heads=1,
 )
 
@@ -102,15 +105,24 @@ def build_hf(case: Case, random_weights: bool = True, seed: int = 0) -> torch.nn
     torch.manual_seed(seed)
     if case.variant == "qwen2_vl":
         vision = dict(
-            depth=case.depth, embed_dim=case.width, num_heads=case.heads, mlp_ratio=case.ffn // case.width,
-            hidden_size=case.out, hidden_act=case.act,
+            depth=case.depth,
+            embed_dim=case.width,
+            num_heads=case.heads,
+            mlp_ratio=case.ffn // case.width,
+            hidden_size=case.out,
+            hidden_act=case.act,
         )
         config = Qwen2VLConfig(text_config=TINY_TEXT, vision_config=vision, attn_implementation=case.attn)
         model = Qwen2VLForConditionalGeneration(config)
     else:
         vision = dict(
-            depth=case.depth, hidden_size=case.width, num_heads=case.heads, intermediate_size=case.ffn,
-            out_hidden_size=case.out, hidden_act=case.act, window_size=case.window,
+            depth=case.depth,
+            hidden_size=case.width,
+            num_heads=case.heads,
+            intermediate_size=case.ffn,
+            out_hidden_size=case.out,
+            hidden_act=case.act,
+            window_size=case.window,
             fullatt_block_indexes=list(case.fullatt),
         )
         config = Qwen2_5_VLConfig(text_config=TINY_TEXT, vision_config=vision, attn_implementation=case.attn)
@@ -121,7 +133,7 @@ def build_hf(case: Case, random_weights: bool = True, seed: int = 0) -> torch.nn
     return model
 
 
-@lru_cache(maxsize=None)
+@cache
 def tiny_pair(case_name: str) -> tuple[torch.nn.Module, VisionTransformer]:
     case = CASES[case_name]
     hf = build_hf(case)
@@ -357,7 +369,9 @@ def test_real_size_matches_transformers(model_name: str) -> None:
     our_seconds = time.perf_counter() - start
 
     diff, scale = (out - ref).abs().max().item(), ref.abs().max().item()
-    print(f"\n{model_name} 448x448 fp32: transformers {hf_seconds:.2f}s, qwenvl {our_seconds:.2f}s, "
-          f"max abs diff {diff:.3g}, max |ref| {scale:.3g}, relative {diff / scale:.3g}")
+    print(
+        f"\n{model_name} 448x448 fp32: transformers {hf_seconds:.2f}s, qwenvl {our_seconds:.2f}s, "
+        f"max abs diff {diff:.3g}, max |ref| {scale:.3g}, relative {diff / scale:.3g}"
+    )
     assert out.shape == (256, case.out)
     assert diff <= 1e-3 * scale

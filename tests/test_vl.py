@@ -23,20 +23,48 @@ MIN_PIXELS, MAX_PIXELS = 56 * 56, 160 * 160
 CONFIGS = {
     "qwen2_vl-d2": dict(arch="qwen2_vl", hidden=64, heads=4, kv_heads=2, ffn=128, mrope_section=[2, 3, 3]),
     "qwen2_vl-d3-h4": dict(
-        arch="qwen2_vl", hidden=96, heads=4, kv_heads=1, ffn=128, mrope_section=[4, 4, 4], tie=True,
+        arch="qwen2_vl",
+        hidden=96,
+        heads=4,
+        kv_heads=1,
+        ffn=128,
+        mrope_section=[4, 4, 4],
+        tie=True,
         vision={"depth": 3, "embed_dim": 48, "num_heads": 4, "mlp_ratio": 3},
     ),
     "qwen2_5_vl-w56": dict(
-        arch="qwen2_5_vl", hidden=64, heads=4, kv_heads=2, ffn=128, mrope_section=[2, 3, 3],
+        arch="qwen2_5_vl",
+        hidden=64,
+        heads=4,
+        kv_heads=2,
+        ffn=128,
+        mrope_section=[2, 3, 3],
         vision={"depth": 2, "window_size": 56, "fullatt_block_indexes": [1]},
     ),
     "qwen2_5_vl-w84-d4": dict(
-        arch="qwen2_5_vl", hidden=80, heads=4, kv_heads=2, ffn=96, mrope_section=[4, 3, 3], tie=True,
-        vision={"depth": 4, "hidden_size": 48, "num_heads": 3, "intermediate_size": 64,
-                "window_size": 84, "fullatt_block_indexes": [0, 3]},
+        arch="qwen2_5_vl",
+        hidden=80,
+        heads=4,
+        kv_heads=2,
+        ffn=96,
+        mrope_section=[4, 3, 3],
+        tie=True,
+        vision={
+            "depth": 4,
+            "hidden_size": 48,
+            "num_heads": 3,
+            "intermediate_size": 64,
+            "window_size": 84,
+            "fullatt_block_indexes": [0, 3],
+        },
     ),
     "qwen2_5_vl-nofull": dict(
-        arch="qwen2_5_vl", hidden=64, heads=2, kv_heads=1, ffn=64, mrope_section=[6, 5, 5],
+        arch="qwen2_5_vl",
+        hidden=64,
+        heads=2,
+        kv_heads=1,
+        ffn=64,
+        mrope_section=[6, 5, 5],
         vision={"depth": 2, "window_size": 112, "fullatt_block_indexes": []},
     ),
 }
@@ -65,15 +93,33 @@ def _image_item(path):
 def conversations(images):
     a, b, c, d = images
     return {
-        "one-image-then-text": [{"role": "user", "content": [_image_item(a), {"type": "text", "text": "What is this?"}]}],
+        "one-image-then-text": [
+            {"role": "user", "content": [_image_item(a), {"type": "text", "text": "What is this?"}]}
+        ],
         "text-between-two": [
             {"role": "system", "content": "You are terse."},
-            {"role": "user", "content": [
-                {"type": "text", "text": "First:"}, _image_item(b), {"type": "text", "text": "and second:"},
-                _image_item(c), {"type": "text", "text": "Compare them."}]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "First:"},
+                    _image_item(b),
+                    {"type": "text", "text": "and second:"},
+                    _image_item(c),
+                    {"type": "text", "text": "Compare them."},
+                ],
+            },
         ],
-        "three-images-text-after": [{"role": "user", "content": [
-            _image_item(a), _image_item(d), _image_item(c), {"type": "text", "text": "Which is widest?"}]}],
+        "three-images-text-after": [
+            {
+                "role": "user",
+                "content": [
+                    _image_item(a),
+                    _image_item(d),
+                    _image_item(c),
+                    {"type": "text", "text": "Which is widest?"},
+                ],
+            }
+        ],
         "two-turns": [
             {"role": "user", "content": [_image_item(d), {"type": "text", "text": "Describe it."}]},
             {"role": "assistant", "content": "A colourful gradient."},
@@ -120,7 +166,13 @@ def our_prompt_logits(model, prompt):
 
 
 def image_paths_of(messages):
-    return [item["image"] for m in messages if isinstance(m["content"], list) for item in m["content"] if item.get("type") == "image"]
+    return [
+        item["image"]
+        for m in messages
+        if isinstance(m["content"], list)
+        for item in m["content"]
+        if item.get("type") == "image"
+    ]
 
 
 @pytest.mark.parametrize("config_name", CONFIGS)
@@ -151,15 +203,38 @@ def test_images_match_transformers(make_vl, images, config_name):
 def test_cli_with_images_matches_transformers(make_vl, images, capsys):
     options = dict(CONFIGS["qwen2_5_vl-w56"])
     directory = make_vl("qwen2_5_vl-w56", **options)
-    messages = [{"role": "user", "content": [_image_item(images[0]), _image_item(images[1]), {"type": "text", "text": "Compare them"}]}]
+    messages = [
+        {
+            "role": "user",
+            "content": [_image_item(images[0]), _image_item(images[1]), {"type": "text", "text": "Compare them"}],
+        }
+    ]
     inputs = hf_inputs(directory, messages, images[:2])
     with torch.inference_mode():
         out = hf_model(directory, options["arch"]).generate(**inputs, do_sample=False, max_new_tokens=24)
-    code = cli_main([
-        "run", str(directory), "--image", images[0], "--image", images[1], "-p", "Compare them",
-        "--temperature", "0", "--max-tokens", "24", "--json", "--dtype", "float32",
-        "--min-pixels", str(MIN_PIXELS), "--max-pixels", str(MAX_PIXELS),
-    ])
+    code = cli_main(
+        [
+            "run",
+            str(directory),
+            "--image",
+            images[0],
+            "--image",
+            images[1],
+            "-p",
+            "Compare them",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "24",
+            "--json",
+            "--dtype",
+            "float32",
+            "--min-pixels",
+            str(MIN_PIXELS),
+            "--max-pixels",
+            str(MAX_PIXELS),
+        ]
+    )
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["tokens"] == out[0, inputs["input_ids"].shape[1] :].tolist()

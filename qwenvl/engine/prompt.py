@@ -6,11 +6,10 @@ t·h·w / merge² copies, and the vision encoder's output rows replace them in p
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-
-import hashlib
 
 import torch
 
@@ -86,9 +85,7 @@ def expand_placeholders(
     placeholders = [kind_of[i] for i in ids if i in kind_of]
     wanted = [v.kind for v in visuals]
     if placeholders != wanted:
-        raise RequestError(
-            f"the prompt has {_count(placeholders)} placeholders but {_count(wanted)} were given"
-        )
+        raise RequestError(f"the prompt has {_count(placeholders)} placeholders but {_count(wanted)} were given")
     pending = iter(visuals)
     out: list[int] = []
     for token in ids:

@@ -11,7 +11,6 @@ import torch
 from ..config import GenerationConfig
 from ..errors import RequestError
 
-
 GREEDY_BELOW = 1e-5
 
 

@@ -200,8 +200,7 @@ class BatchEngine:
         length = len(prompt.input_ids)
         if sampling.get("max_tokens") is not None and 0 < length < context and length + params.max_tokens > context:
             raise RequestError(
-                f"prompt ({length} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
-                f"of {context} tokens"
+                f"prompt ({length} tokens) + max_tokens ({params.max_tokens}) exceeds the context of {context} tokens"
             )
         request = new_request(
             self.model.text_model, self.model.tokenizer, prompt, params, self._eos, context, allocate=False
@@ -340,7 +339,9 @@ class BatchEngine:
         tokens = torch.tensor([[r.output_ids[-1]] for r in requests], dtype=torch.long)
         positions = torch.tensor([r.next_position for r in requests], dtype=torch.long)
         positions = positions.view(1, -1, 1).expand(3, -1, -1)
-        hidden = model.decode(model.embed(tokens), positions, [r.cache for r in requests], [r.next_start for r in requests])
+        hidden = model.decode(
+            model.embed(tokens), positions, [r.cache for r in requests], [r.next_start for r in requests]
+        )
         return model.logits(hidden[:, -1])
 
     def _take_token(self, seq: _Sequence, logits: torch.Tensor) -> None:

@@ -34,7 +34,6 @@ import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
@@ -43,7 +42,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ..config import PreprocessConfig
 from ..errors import MediaError
 
-ImageSource = Union[str, Path, bytes, bytearray, memoryview, Image.Image]
+ImageSource = str | Path | bytes | bytearray | memoryview | Image.Image
 
 # Pillow's own default decompression-bomb threshold (it only warns between 1x and 2x of it); we refuse
 # anything above it outright.

@@ -30,7 +30,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import av
 import numpy as np
@@ -54,7 +54,7 @@ from .image import (
     smart_resize,
 )
 
-VideoSource = Union[str, Path, bytes, bytearray, memoryview, Sequence[Any]]
+VideoSource = str | Path | bytes | bytearray | memoryview | Sequence[Any]
 
 # qwen-vl-utils' constants; pixel bounds are in merged tokens, times factor² (28² for patch 14, merge 2)
 FPS = 2.0
@@ -69,7 +69,6 @@ FRAME_IMAGE_MAX_TOKENS = 16384
 
 MAX_VIDEO_BYTES = 256 * 2**20
 DOWNLOAD_TIMEOUT = 60.0
-VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".gif", ".m4v", ".mpg", ".mpeg", ".ts", ".flv", ".wmv")
 FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 # Option names: per request (API keyword / CLI flag) and per content item (qwen-vl-utils' keys).
@@ -316,13 +315,6 @@ def decode_video(plan: VideoPlan) -> VideoInput:
     return frames_to_input(frames, plan)
 
 
-def load_video(
-    source: VideoSource, config: PreprocessConfig, options: VideoOptions | None = None, **limits: Any
-) -> VideoInput:
-    """Plan and decode in one go (see ``plan_video`` for sources and limits)."""
-    return decode_video(plan_video(source, config, options, **limits))
-
-
 # ----------------------------------------------------------------------------------------------
 # Planning: sources, metadata, frame choice
 
@@ -566,7 +558,6 @@ __all__ = [
     "normalize_frames",
     "plan_video",
     "decode_video",
-    "load_video",
     "vision_encoder_bytes",
     "available_memory",
 ]

@@ -36,26 +36,16 @@ def rope_cos_sin(
     return emb.cos(), emb.sin()
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [B, heads, L, head_dim] by cos/sin [B, L, head_dim]."""
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return x * cos + rotate_half(x) * sin
-
-
 def signed_sin(sin: torch.Tensor) -> torch.Tensor:
-    """sin with its first half negated: rotate_half(x) * sin == x.roll(head_dim/2) * signed_sin(sin)."""
+    """sin with its first half negated: HF's rotate_half(x) * sin == x.roll(head_dim/2) * signed_sin(sin)."""
     half = sin.shape[-1] // 2
     return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
 
 def apply_rope_heads(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """``apply_rope`` for x [B, L, heads, head_dim] with cos / signed sin [B, L, 1, head_dim]:
-    three ops instead of seven (the per-token path runs this once per layer for q and k together)."""
+    """Rotate x [B, L, heads, head_dim] by cos / signed sin [B, L, 1, head_dim] (HF's
+    ``x * cos + rotate_half(x) * sin`` in three ops; the per-token path runs it once per layer for q
+    and k together)."""
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
 
 
@@ -128,7 +118,9 @@ def _take_span(pending: list[VisualSpan], kind: int, length: int, merge: int) ->
     span = pending.pop(0)
     t, h, w = span.grid_thw
     if t * h * w // (merge * merge) != length:
-        raise RequestError(f"{name} placeholder has {length} tokens, its grid {span.grid_thw} needs {t * h * w // (merge * merge)}")
+        raise RequestError(
+            f"{name} placeholder has {length} tokens, its grid {span.grid_thw} needs {t * h * w // (merge * merge)}"
+        )
     return span
 
 

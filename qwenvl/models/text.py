@@ -321,7 +321,11 @@ def text_weights(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
 def hf_shapes(cfg: TextConfig) -> dict[str, tuple[int, ...]]:
     """Every decoder tensor a checkpoint must hold (prefix-stripped HF names) and its shape."""
     hidden, heads, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    shapes = {"embed_tokens.weight": (cfg.vocab_size, hidden), "norm.weight": (hidden,), "lm_head.weight": (cfg.vocab_size, hidden)}
+    shapes = {
+        "embed_tokens.weight": (cfg.vocab_size, hidden),
+        "norm.weight": (hidden,),
+        "lm_head.weight": (cfg.vocab_size, hidden),
+    }
     for i in range(cfg.num_hidden_layers):
         layer = f"layers.{i}."
         shapes |= {

@@ -62,9 +62,7 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 
 def _activation(name: str) -> Callable[[Tensor], Tensor]:
     if name not in ACTIVATIONS:
-        raise ModelFileError(
-            f"config: unsupported vision hidden_act {name!r} (supported: {', '.join(ACTIVATIONS)})"
-        )
+        raise ModelFileError(f"config: unsupported vision hidden_act {name!r} (supported: {', '.join(ACTIVATIONS)})")
     return ACTIVATIONS[name]
 
 
@@ -488,7 +486,7 @@ def vision_weights(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
         prefix = next((p for p in VISION_PREFIXES if name.startswith(p)), None)
         if prefix is None:
             continue
-        short = name[len(prefix):]
+        short = name[len(prefix) :]
         if short in picked:
             raise ModelFileError(
                 f"vision tensor '{short}' appears twice (with prefixes {' and '.join(VISION_PREFIXES)})"

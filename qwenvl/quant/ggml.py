@@ -201,9 +201,7 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     return scale, (level + nmax).astype(np.uint8)
 
 
-def _requantize_affine(
-    x: np.ndarray, levels: np.ndarray, d: np.ndarray, dm: np.ndarray, nmax: int
-) -> np.ndarray:
+def _requantize_affine(x: np.ndarray, levels: np.ndarray, d: np.ndarray, dm: np.ndarray, nmax: int) -> np.ndarray:
     """Levels of x [B, S, n] for sub-block scales d and mins dm [B, S]; sub-blocks with d == 0 keep
     the levels their search found (as the C code does)."""
     q = np.clip(_nearest_int(_safe_divide(x + dm[..., None], np.where(d == 0, F32(1), d)[..., None])), 0, nmax)
@@ -272,9 +270,7 @@ def quantize_q5_k(x: np.ndarray) -> np.ndarray:
     qh = np.zeros((x.shape[0], 32), dtype=np.uint8)
     for chunk in range(8):
         qh |= high[:, chunk, :] << np.uint8(chunk)
-    return np.concatenate(
-        [d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2), scales, qh, qs], axis=1
-    )
+    return np.concatenate([d.view(np.uint8).reshape(-1, 2), dmin.view(np.uint8).reshape(-1, 2), scales, qh, qs], axis=1)
 
 
 def quantize_q6_k(x: np.ndarray) -> np.ndarray:

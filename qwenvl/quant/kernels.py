@@ -247,6 +247,7 @@ def dequantize(
 # ----------------------------------------------------------------------------------------------
 # The C++ source (no backslashes, so it can live in a raw string).
 
+
 class DecodeAttention:
     """One decode step's attention for B requests, each over its own KV cache (``qk_decode_attention``).
 
@@ -290,7 +291,6 @@ class DecodeAttention:
         return out
 
 
-
 def rms_norm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -303,7 +303,9 @@ def rms_norm(
     is given. Returns (h, normed); h is x itself without delta. A row's result depends on that row
     only (its squares are summed in a fixed order)."""
     dim = x.shape[-1]
-    if x.dtype not in (torch.float32, torch.bfloat16) or any(t.dtype != x.dtype for t in (weight, delta) if t is not None):
+    if x.dtype not in (torch.float32, torch.bfloat16) or any(
+        t.dtype != x.dtype for t in (weight, delta) if t is not None
+    ):
         raise ValueError("rms_norm takes fp32 or bf16 tensors of one dtype")
     if dim == 0 or weight.shape != (dim,) or (delta is not None and delta.shape != x.shape):
         raise ValueError(f"rms_norm: rows must be non-empty, weight [{dim}] and delta shaped as x")
@@ -340,10 +342,17 @@ def silu_mul_unchecked(lib: ctypes.CDLL, gate_up: torch.Tensor) -> torch.Tensor:
     rows = gate_up.numel() // (2 * inter)
     y = torch.empty(*gate_up.shape[:-1], inter, dtype=gate_up.dtype)
     lib.qk_silu_mul(
-        gate_up.data_ptr(), y.data_ptr(), rows, inter, 2 * inter, inter, gate_up.dtype == torch.bfloat16,
+        gate_up.data_ptr(),
+        y.data_ptr(),
+        rows,
+        inter,
+        2 * inter,
+        inter,
+        gate_up.dtype == torch.bfloat16,
         torch.get_num_threads(),
     )
     return y
+
 
 SOURCE = r"""
 // qwenvl block kernels: matrix-vector products and dequantization straight from GGML blocks.

@@ -17,7 +17,16 @@ from gguf.constants import GGMLQuantizationType
 from torch import nn
 
 from ..models.text import TextModel
-from .linear import INT4_TYPES, BlockQuantLinear, ConcatLinear, QuantEmbedding, QuantLinear, _as_blocks, quant_linear_from_ggml, quant_linear_from_parts
+from .linear import (
+    INT4_TYPES,
+    BlockQuantLinear,
+    ConcatLinear,
+    QuantEmbedding,
+    QuantLinear,
+    _as_blocks,
+    quant_linear_from_ggml,
+    quant_linear_from_parts,
+)
 
 
 class TensorInfo(Protocol):

@@ -28,9 +28,7 @@ from .schemas import (
 from .settings import ServerSettings
 from .streaming import SSE_HEADERS, ResponseMeta, chat_completion, collect, stream_events, text_completion
 
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorBody} for status in (400, 401, 413, 500)
-}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {status: {"model": ErrorBody} for status in (400, 401, 413, 500)}
 
 
 class _CancellingStream(StreamingResponse):
@@ -63,15 +61,20 @@ def create_app(model: Model, settings: ServerSettings, *, engine: Any = None, ma
         finally:
             engine.shutdown()
 
-    app = FastAPI(title="qwenvl", version=__version__, lifespan=lifespan,
-                  description="OpenAI-compatible chat and completions for Qwen2-VL / Qwen2.5-VL / Qwen2 on a CPU.")
+    app = FastAPI(
+        title="qwenvl",
+        version=__version__,
+        lifespan=lifespan,
+        description="OpenAI-compatible chat and completions for Qwen2-VL / Qwen2.5-VL / Qwen2 on a CPU.",
+    )
     app.state.engine, app.state.model, app.state.settings = engine, model, settings
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)  # added last: runs first
 
-    async def answer(request: Request, body: SamplingFields, prompt: Prompt, requested: int | None,
-                     meta: ResponseMeta) -> JSONResponse | StreamingResponse:
+    async def answer(
+        request: Request, body: SamplingFields, prompt: Prompt, requested: int | None, meta: ResponseMeta
+    ) -> JSONResponse | StreamingResponse:
         sampling = builder.sampling(body, len(prompt.input_ids), requested)
         handle = engine.submit(prompt, **sampling)
         if body.stream:
@@ -98,8 +101,13 @@ def create_app(model: Model, settings: ServerSettings, *, engine: Any = None, ma
 
     @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
     async def models() -> Any:
-        card = {"id": settings.model_id, "object": "model", "created": settings.started, "owned_by": "qwenvl",
-                "max_model_len": model.context}
+        card = {
+            "id": settings.model_id,
+            "object": "model",
+            "created": settings.started,
+            "owned_by": "qwenvl",
+            "max_model_len": model.context,
+        }
         return {"object": "list", "data": [card]}
 
     @app.get("/health")

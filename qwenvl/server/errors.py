@@ -18,7 +18,10 @@ from ..errors import QwenVLError
 log = logging.getLogger("qwenvl.server")
 
 ERROR_TYPES = {
-    400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
 }
 
 
@@ -93,8 +96,9 @@ class APIKeyMiddleware:
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(b"authorization", b"")
         if not secrets.compare_digest(given, self.expected):
-            response = error_response(401, "invalid or missing API key (send Authorization: Bearer KEY)",
-                                      code="invalid_api_key")
+            response = error_response(
+                401, "invalid or missing API key (send Authorization: Bearer KEY)", code="invalid_api_key"
+            )
             response.headers["WWW-Authenticate"] = "Bearer"
             return await response(scope, receive, send)
         return await self.app(scope, receive, send)

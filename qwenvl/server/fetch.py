@@ -158,7 +158,7 @@ class MediaFetcher:
                 if status not in REDIRECT_STATUSES:
                     return body
                 url = urllib.parse.urljoin(url, location)
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             raise MediaError(f"{label}: timed out after {timeout:g} s") from None
         except MediaError as error:
             raise MediaError(f"{label}: {error}") from None

@@ -92,4 +92,3 @@ def refuse_unsupported(body: SamplingFields) -> None:
             raise APIError(400, "suffix is not supported by this server", param="suffix")
         if body.best_of not in (None, 1):
             raise APIError(400, "best_of is not supported: only 1", param="best_of")
-

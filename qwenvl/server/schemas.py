@@ -6,7 +6,7 @@ Unknown top-level fields are ignored, as OpenAI-compatible servers do; fields th
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -15,7 +15,7 @@ MAX_STOP_STRINGS = 16
 
 PositiveInt = Annotated[int, Field(ge=1)]
 StopString = Annotated[str, Field(min_length=1)]
-StopStrings = Union[StopString, Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]]
+StopStrings = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
 
 
 class _Body(BaseModel):
@@ -41,7 +41,7 @@ class TextPart(_Body):
 
 class ImagePart(_Body):
     type: Literal["image_url"]
-    image_url: Union[MediaURL, str]
+    image_url: MediaURL | str
 
 
 class VideoPart(_Body):
@@ -49,15 +49,15 @@ class VideoPart(_Body):
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     type: Literal["video_url"]
-    video_url: Union[MediaURL, str]
+    video_url: MediaURL | str
 
 
-ContentPart = Annotated[Union[TextPart, ImagePart, VideoPart], Field(discriminator="type")]
+ContentPart = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
 class ChatMessage(_Body):
     role: Literal["system", "user", "assistant", "tool"]
-    content: Union[str, list[ContentPart], None] = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
 
 
@@ -104,7 +104,7 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Union[str, list[int], list[str], list[list[int]]]
+    prompt: str | list[int] | list[str] | list[list[int]]
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = None

@@ -154,14 +154,17 @@ def write_safetensors(
     for tensor in tensors:
         size = item_size * _numel(list(tensor.shape))
         entries[tensor.name] = {
-            "dtype": SAFETENSORS_DTYPES[dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]
+            "dtype": SAFETENSORS_DTYPES[dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + size],
         }
         offset += size
     header = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
     header += b" " * (-len(header) % 8)  # the format pads the header to 8 bytes
-    with open(path, "wb") as handle, tqdm(
-        total=offset, unit="B", unit_scale=True, desc="export", disable=not progress, file=sys.stderr
-    ) as bar:
+    with (
+        open(path, "wb") as handle,
+        tqdm(total=offset, unit="B", unit_scale=True, desc="export", disable=not progress, file=sys.stderr) as bar,
+    ):
         handle.write(struct.pack("<Q", len(header)))
         handle.write(header)
         for tensor in tensors:
@@ -267,7 +270,9 @@ def hf_vl_config(model: GGUFModel, config: ModelConfig, dtype: torch.dtype) -> d
     }
     text_config["model_type"] = f"{config.arch}_text"
     text_config["rope_parameters"] = {
-        "rope_type": "default", "rope_theta": text.rope_theta, "mrope_section": list(text.mrope_section or ())
+        "rope_type": "default",
+        "rope_theta": text.rope_theta,
+        "mrope_section": list(text.mrope_section or ()),
     }
     text_config.pop("rope_theta")
     text_config.pop("rope_scaling")
