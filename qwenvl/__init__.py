@@ -7,7 +7,15 @@ print(model.chat([{"role": "user", "content": "Hello"}]).text)
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
+
+# OpenMP threads that wait for work by spinning keep a core that another process may need: on a busy
+# machine each parallel region then waits for a spinning thread's time slice (a decode step of the
+# registry model at 0.4 tok/s instead of 22 with both cores busy elsewhere). So threads wait
+# passively unless the user chose a policy. libgomp reads it when torch loads it: this applies where
+# qwenvl is imported before torch (the CLI, the server, `import qwenvl` first); docs/engine.md.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"
 

@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as qwenvl sets it (qwenvl/__init__.py)
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 
