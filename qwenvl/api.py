@@ -19,6 +19,7 @@ from .engine.generate import Generation, GenerationResult, new_request
 from .engine.prompt import EncodedVisual, Prompt, VisionCache, build_prompt
 from .engine.sampler import sampling_params
 from .errors import MediaError, QwenVLError
+from .grounding import CONVENTIONS, GROUNDING_TOKENS, GroundedBox, ImageGeometry, ground, text_with_markers
 from .media.image import ImageInput, load_image, preprocess_image
 from .media.video import REQUEST_OPTIONS as VIDEO_REQUEST_OPTIONS
 from .media.video import VideoPlan, available_memory, decode_video, plan_video, video_options, vision_encoder_bytes
@@ -87,7 +88,9 @@ class Model:
             for (kind, source), item in zip(items, _media_parts(messages))
         ]
         self._check_visual_cost(ids, prepared, media.get("vision_memory_budget"))
-        return build_prompt(ids, [self._encode_media(item) for item in prepared], self.config)
+        prompt = build_prompt(ids, [self._encode_media(item) for item in prepared], self.config)
+        prompt.images = _image_geometry(prepared)
+        return prompt
 
     def _prepare_media(
         self, kind: str, source: Any, item: dict[str, Any], media: dict[str, Any]
@@ -151,7 +154,30 @@ class Model:
         params = sampling_params(self.generation_config, **sampling)
         eos = self.generation_config.eos_token_ids or _fallback_eos(self.tokenizer)
         request = new_request(self.text_model, self.tokenizer, prompt, params, eos, self.context)
-        return Generation(self.text_model, request)
+
+        def finish(result: GenerationResult) -> None:
+            result.images, result.boxes = self.grounding(prompt, result.token_ids, result.text)
+
+        return Generation(self.text_model, request, finish)
+
+    def grounding(
+        self, prompt: Prompt, token_ids: list[int], text: str | None = None
+    ) -> tuple[list[ImageGeometry], list[GroundedBox]]:
+        """The prompt's images (original and resized sizes) and the boxes / points the answer names,
+        mapped onto the last image's original pixels with the resize its preprocessing did
+        (docs/grounding.md). ``text``: the answer as streamed (a stop string may have cut it)."""
+        images = list(prompt.images)
+        convention = CONVENTIONS.get(self.config.arch)
+        if not images or convention is None:
+            return images, []
+        answer = text_with_markers(
+            lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), token_ids, self._marker_ids(), text
+        )
+        return images, ground(answer, images, convention)
+
+    def _marker_ids(self) -> dict[int, str]:
+        ids = {self.tokenizer.token_to_id(token): token for token in GROUNDING_TOKENS}
+        return {token_id: token for token_id, token in ids.items() if token_id is not None}
 
     def stream(self, messages: list[dict[str, Any]], **options: Any) -> Generation:
         """Iterate for text pieces; the finished Generation's ``result`` holds ids, usage and timings.
@@ -193,6 +219,14 @@ def _media_parts(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if isinstance(content, list):
             parts.extend(part for part in content if part.get("type") in ("image", "video"))
     return parts
+
+
+def _image_geometry(prepared: list[ImageInput | VideoPlan]) -> tuple[ImageGeometry, ...]:
+    """Each image's original and resized size, indexed among the images (videos skipped)."""
+    images = [item for item in prepared if isinstance(item, ImageInput)]
+    return tuple(
+        ImageGeometry(index, *item.original_size, *item.resized_size) for index, item in enumerate(images)
+    )
 
 
 def _visual_tokens(item: ImageInput | VideoPlan, merge: int) -> int:

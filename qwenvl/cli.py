@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_media_arguments(run)
     _add_sampling_arguments(run)
     run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    run.add_argument(
+        "--boxes",
+        metavar="OUT.png",
+        help="write the (last) image with the boxes and points of the answer drawn on it (docs/grounding.md)",
+    )
     run.set_defaults(handler=cmd_run)
 
     chat = commands.add_parser("chat", help="interactive multi-turn chat", description="Interactive chat REPL.")
@@ -404,7 +409,7 @@ def _messages(system: str | None, user_content: Any) -> list[dict[str, Any]]:
     return messages + [{"role": "user", "content": user_content}]
 
 
-def _user_content(text: str, images: list[str], videos: list[str] | None = None) -> str | list[dict[str, Any]]:
+def _user_content(text: str, images: list[Any], videos: list[str] | None = None) -> str | list[dict[str, Any]]:
     """Plain text, or the images, then the videos, then the text, as the Qwen-VL examples put them."""
     if not images and not videos:
         return text
@@ -422,8 +427,11 @@ def _read_prompt(prompt: str) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     prompt = _read_prompt(args.prompt)
+    images: list[Any] = list(args.image)
+    if args.boxes is not None:
+        images = _images_to_draw_on(args.boxes, images)
     model, load_s = _load(args)
-    generation = model.stream(_messages(args.system, _user_content(prompt, args.image, args.video)), **_sampling(args))
+    generation = model.stream(_messages(args.system, _user_content(prompt, images, args.video)), **_sampling(args))
     if args.json:
         for _ in generation:
             pass
@@ -435,7 +443,41 @@ def cmd_run(args: argparse.Namespace) -> int:
     result = generation.result
     if args.json:
         print(json.dumps(_result_json(result, load_s, model.source), ensure_ascii=False))
+    if args.boxes is not None:
+        _write_boxes(args.boxes, images, result)
     return 0
+
+
+def _images_to_draw_on(out: str, sources: list[str]) -> list[Any]:
+    """--boxes: check OUT before the model loads, and load the images once (EXIF-rotated RGB: the same
+    pixels the preprocessing would read from the files) so that the boxes are drawn on what the model saw."""
+    from pathlib import Path
+
+    from .grounding import check_output_image
+    from .media.image import load_image
+
+    if not sources:
+        raise QwenVLError("--boxes needs an --image to draw on")
+    check_output_image(out)
+    target = Path(out).resolve()
+    for source in sources:
+        if Path(source).resolve() == target:
+            raise QwenVLError(f"--boxes {out}: that is an input image; give another file name")
+    return [load_image(source) for source in sources]
+
+
+def _write_boxes(out: str, images: list[Any], result) -> None:
+    from .grounding import draw_boxes, save_image
+
+    boxes = result.boxes
+    image = images[boxes[0].image] if boxes else images[-1]
+    save_image(draw_boxes(image, boxes), out)
+    if boxes:
+        clamped = sum(box.clamped for box in boxes)
+        note = f" ({clamped} clamped to the image)" if clamped else ""
+        print(f"qwenvl: {len(boxes)} box(es) drawn on image {boxes[0].image + 1}{note}: {out}", file=sys.stderr)
+    else:
+        print(f"qwenvl: no boxes or points in the answer; {out} is the image unmarked", file=sys.stderr)
 
 
 def _result_json(result, load_s: float, source: str) -> dict[str, Any]:
@@ -446,6 +488,8 @@ def _result_json(result, load_s: float, source: str) -> dict[str, Any]:
         "prompt_tokens": result.prompt_tokens,
         "completion_tokens": result.completion_tokens,
         "finish_reason": result.finish_reason,
+        "images": [image.to_json() for image in result.images],
+        "boxes": [box.to_json() for box in result.boxes],
         "timings": {
             "load_s": round(load_s, 4),
             "prefill_s": round(result.prefill_s, 4),

@@ -7,12 +7,13 @@ The pieces here (Request, prefill_chunk, accept_token, …) are shared with the 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import RequestError
+from ..grounding import GroundedBox, ImageGeometry
 from ..models.text import KVCache, TextModel
 from ..tokenizer import StreamDecoder, Tokenizer
 from .prompt import Prompt
@@ -28,6 +29,8 @@ class GenerationResult:
     prefill_s: float
     decode_s: float
     error: str | None = None  # one-line message when finish_reason == "error"
+    images: list[ImageGeometry] = field(default_factory=list)  # the prompt's images: original, resized size
+    boxes: list[GroundedBox] = field(default_factory=list)  # boxes / points of the answer, original pixels
 
     @property
     def completion_tokens(self) -> int:
@@ -140,11 +143,17 @@ def new_request(
 
 
 class Generation:
-    """Iterate for text pieces; ``result`` is set once the iteration ends."""
+    """Iterate for text pieces; ``result`` is set once the iteration ends.
 
-    def __init__(self, model: TextModel, request: Request):
+    ``finish``: called with the result before it is set (the API adds the grounding fields there).
+    """
+
+    def __init__(
+        self, model: TextModel, request: Request, finish: Callable[[GenerationResult], None] | None = None
+    ):
         self.model = model
         self.request = request
+        self.finish = finish
         self.result: GenerationResult | None = None
 
     def __iter__(self) -> Iterator[str]:
@@ -169,7 +178,7 @@ class Generation:
             history = torch.cat([history, torch.tensor([token])])
             logits = decode_step(model, req, token)
         finished = time.perf_counter()
-        self.result = GenerationResult(
+        result = GenerationResult(
             text=req.text,
             token_ids=list(req.output_ids),
             prompt_tokens=len(req.prompt.input_ids),
@@ -177,6 +186,9 @@ class Generation:
             prefill_s=prefill_done - started,
             decode_s=finished - prefill_done,
         )
+        if self.finish is not None:
+            self.finish(result)
+        self.result = result
 
 
 def accept_token(req: Request, token: int) -> str:

@@ -15,6 +15,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import RequestError
+from ..grounding import ImageGeometry
 from ..models.rope import IMAGE, VIDEO, VisualSpan, mrope_position_ids, text_position_ids
 
 
@@ -27,6 +28,7 @@ class Prompt:
     rope_delta: int = 0  # decode step n sits at position n + rope_delta on all three axes
     visual_embeds: torch.Tensor | None = None  # [number of pad tokens, hidden], in prompt order
     visual_token_ids: tuple[int, ...] = ()  # the pad ids that visual_embeds replace
+    images: tuple[ImageGeometry, ...] = ()  # each image's original and resized size, in prompt order
 
     @classmethod
     def text_only(cls, input_ids: Sequence[int]) -> Prompt:

@@ -61,6 +61,8 @@ class ImageInput:
 
     pixel_values: torch.Tensor  # [t*h*w, C*T*P*P] float32, patches in merge-block order
     grid_thw: tuple[int, int, int]  # (1, height / patch_size, width / patch_size)
+    original_size: tuple[int, int] = (0, 0)  # (width, height) before smart_resize (after EXIF rotation)
+    resized_size: tuple[int, int] = (0, 0)  # (width, height) the model saw: what smart_resize chose
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,7 +279,12 @@ def preprocess_image(
     frames = np.broadcast_to(pixels.transpose(2, 0, 1), (config.temporal_patch_size, 3, height, width))
     patches = patchify(frames, config.patch_size, config.temporal_patch_size, config.merge_size)
     grid = (1, height // config.patch_size, width // config.patch_size)
-    return ImageInput(pixel_values=torch.from_numpy(patches), grid_thw=grid)
+    return ImageInput(
+        pixel_values=torch.from_numpy(patches),
+        grid_thw=grid,
+        original_size=(rgb.width, rgb.height),
+        resized_size=(width, height),
+    )
 
 
 def convert_to_rgb(image: Image.Image) -> Image.Image:
