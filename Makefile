@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PROMPT ?= Write a Python function that returns the n-th Fibonacci number.
 
-.PHONY: setup demo lint test test-slow clean
+.PHONY: setup demo lint test test-slow screenshot clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,10 @@ test: setup lint
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+# The README's picture of the chat page, taken by the browser test that draws grounding boxes.
+screenshot: setup
+	QWENVL_SCREENSHOT=docs/chat-page.png $(PY) -m pytest -q tests/test_chat_page.py -k grounding_is_drawn
 
 clean:
 	rm -rf $(VENV)

@@ -224,9 +224,7 @@ def _media_parts(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _image_geometry(prepared: list[ImageInput | VideoPlan]) -> tuple[ImageGeometry, ...]:
     """Each image's original and resized size, indexed among the images (videos skipped)."""
     images = [item for item in prepared if isinstance(item, ImageInput)]
-    return tuple(
-        ImageGeometry(index, *item.original_size, *item.resized_size) for index, item in enumerate(images)
-    )
+    return tuple(ImageGeometry(index, *item.original_size, *item.resized_size) for index, item in enumerate(images))
 
 
 def _visual_tokens(item: ImageInput | VideoPlan, merge: int) -> int:

@@ -194,8 +194,8 @@ def _add_serve_command(commands: Any) -> None:
     serve = commands.add_parser(
         "serve",
         help="OpenAI-compatible HTTP server (chat, completions, images, videos, streaming)",
-        description="Serve /v1/chat/completions, /v1/completions, /v1/models and /health; concurrent requests "
-        "are decoded together (continuous batching).",
+        description="Serve /v1/chat/completions, /v1/completions, /v1/models, /health and a chat page at /; "
+        "concurrent requests are decoded together (continuous batching).",
     )
     _add_model_arguments(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -203,7 +203,8 @@ def _add_serve_command(commands: Any) -> None:
     serve.add_argument(
         "--api-key",
         default=os.environ.get("QWENVL_API_KEY"),
-        help="require Authorization: Bearer KEY on /v1 routes (default: $QWENVL_API_KEY, else none)",
+        help="require Authorization: Bearer KEY on /v1 routes; the chat page asks for it "
+        "(default: $QWENVL_API_KEY, else none)",
     )
     serve.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most (default 8)")
     serve.add_argument(
@@ -239,6 +240,7 @@ def _add_serve_command(commands: Any) -> None:
     media.add_argument("--media-timeout", type=float, default=10.0, help="seconds for one media download (default 10)")
     media.add_argument("--max-media-mb", type=float, default=32.0, help="size cap of one media file (default 32)")
     serve.add_argument("--max-body-mb", type=float, default=32.0, help="request body size cap, else 413 (default 32)")
+    serve.add_argument("--no-ui", action="store_true", help="do not serve the chat page at / (API only)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(handler=cmd_serve)
 
@@ -262,13 +264,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         mm_limits=parse_mm_limits(args.limit_mm_per_prompt),
         media_timeout=args.media_timeout,
         max_media_bytes=int(args.max_media_mb * 2**20),
+        ui=not args.no_ui,
     )
     model, load_s = _load(args)
     packed = _pack_prefill_weights(model, args.prefill_weights)
-    print(
-        f"qwenvl serve: {settings.model_id} loaded in {load_s:.1f} s{packed}; http://{args.host}:{args.port}/v1",
-        file=sys.stderr,
-    )
+    base = f"http://{args.host}:{args.port}"
+    page = f"; chat page {base}/" if settings.ui else ""
+    print(f"qwenvl serve: {settings.model_id} loaded in {load_s:.1f} s{packed}; API {base}/v1{page}", file=sys.stderr)
     run_server(create_app(model, settings, max_batch=args.max_batch), args.host, args.port, args.log_level)
     return 0
 

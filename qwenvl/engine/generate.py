@@ -148,9 +148,7 @@ class Generation:
     ``finish``: called with the result before it is set (the API adds the grounding fields there).
     """
 
-    def __init__(
-        self, model: TextModel, request: Request, finish: Callable[[GenerationResult], None] | None = None
-    ):
+    def __init__(self, model: TextModel, request: Request, finish: Callable[[GenerationResult], None] | None = None):
         self.model = model
         self.request = request
         self.finish = finish

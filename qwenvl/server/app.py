@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -26,7 +26,16 @@ from .schemas import (
     SamplingFields,
 )
 from .settings import ServerSettings
-from .streaming import SSE_HEADERS, ResponseMeta, chat_completion, collect, stream_events, text_completion
+from .streaming import (
+    SSE_HEADERS,
+    Answer,
+    ResponseMeta,
+    chat_completion,
+    collect,
+    stream_events,
+    text_completion,
+)
+from .ui import install_ui
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {status: {"model": ErrorBody} for status in (400, 401, 413, 500)}
 
@@ -90,7 +99,8 @@ def create_app(model: Model, settings: ServerSettings, *, engine: Any = None, ma
         refuse_unsupported(body)
         prompt = await run_in_threadpool(builder.chat_prompt, body)
         requested = body.max_completion_tokens or body.max_tokens
-        return await answer(request, body, prompt, requested, ResponseMeta(settings.model_id, "chat"))
+        meta = ResponseMeta(settings.model_id, "chat", extension=_qwenvl_extension(model, prompt))
+        return await answer(request, body, prompt, requested, meta)
 
     @app.post("/v1/completions", response_model=Completion, responses=ERROR_RESPONSES)
     async def completions(body: CompletionRequest, request: Request) -> Any:
@@ -115,7 +125,20 @@ def create_app(model: Model, settings: ServerSettings, *, engine: Any = None, ma
         """``ok`` and the engine's counters (running / waiting requests, KV cache bytes, steps)."""
         return {"status": "ok", **engine.stats()}
 
+    if settings.ui:
+        install_ui(app)
     return app
+
+
+def _qwenvl_extension(model: Model, prompt: Prompt) -> Callable[[Answer], dict[str, Any]]:
+    """The ``qwenvl`` object of a chat answer: each image's original and resized size, and the boxes and
+    points the answer names, in original-image pixels (docs/grounding.md)."""
+
+    def build(answer: Answer) -> dict[str, Any]:
+        images, boxes = model.grounding(prompt, answer.token_ids, answer.text)
+        return {"images": [image.to_json() for image in images], "boxes": [box.to_json() for box in boxes]}
+
+    return build
 
 
 def run_server(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:

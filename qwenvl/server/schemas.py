@@ -131,6 +131,40 @@ class ChatChoice(BaseModel):
     logprobs: None = None
 
 
+class ImageSize(BaseModel):
+    width: int
+    height: int
+
+
+class ImageInfo(BaseModel):
+    """One image of the prompt: its size as sent (after EXIF rotation) and the size the model saw."""
+
+    index: int
+    original: ImageSize
+    resized: ImageSize
+
+
+class GroundingBox(BaseModel):
+    """A box (``box`` = [x1, y1, x2, y2]) or point (``point`` = [x, y]) in the original image's pixels."""
+
+    image: int
+    kind: Literal["box", "point"]
+    label: str | None
+    box: list[float] | None = None
+    point: list[float] | None = None
+    raw: list[float]
+    convention: Literal["normalized_1000", "resized_pixels"]
+    clamped: bool
+    outside: bool
+
+
+class QwenVLExtension(BaseModel):
+    """qwenvl's additions to a chat answer (OpenAI clients ignore them): docs/grounding.md."""
+
+    images: list[ImageInfo]
+    boxes: list[GroundingBox]
+
+
 class ChatCompletion(BaseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -138,6 +172,7 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    qwenvl: QwenVLExtension | None = None
 
 
 class CompletionChoice(BaseModel):

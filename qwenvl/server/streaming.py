@@ -8,7 +8,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +29,7 @@ class Answer:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    token_ids: list[int] = field(default_factory=list)
 
     def usage(self) -> dict[str, int]:
         return {
@@ -46,6 +47,8 @@ class ResponseMeta:
     kind: str  # "chat" or "text"
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
+    # the ``qwenvl`` extension object of the finished answer (images and grounding; docs/serve.md)
+    extension: Callable[[Answer], dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         self.id = self.id or f"{'chatcmpl' if self.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
@@ -82,6 +85,7 @@ async def collect(request: Request, handle: Any) -> Answer:
 
 
 def _fold(answer: Answer, event: Any) -> None:
+    answer.token_ids.extend(event.token_ids)
     answer.prompt_tokens = event.prompt_tokens
     answer.completion_tokens = event.completion_tokens
     if event.finish_reason is not None:
@@ -96,7 +100,11 @@ def chat_completion(meta: ResponseMeta, answer: Answer) -> dict[str, Any]:
         "finish_reason": answer.finish_reason,
         "logprobs": None,
     }
-    return {**meta.header("chat.completion"), "choices": [choice], "usage": answer.usage()}
+    return {**meta.header("chat.completion"), "choices": [choice], "usage": answer.usage(), **_extension(meta, answer)}
+
+
+def _extension(meta: ResponseMeta, answer: Answer) -> dict[str, Any]:
+    return {"qwenvl": meta.extension(answer)} if meta.extension is not None else {}
 
 
 def text_completion(meta: ResponseMeta, answer: Answer) -> dict[str, Any]:
@@ -113,6 +121,7 @@ async def stream_events(request: Request, handle: Any, meta: ResponseMeta, inclu
             yield _sse(_chunk(meta, {"role": "assistant", "content": ""}, None))
         async for event in handle.aevents():
             _fold(answer, event)
+            answer.text += event.text
             if event.text:
                 yield _sse(_chunk(meta, {"content": event.text}, None))
             if event.finish_reason == "cancelled":
@@ -120,7 +129,7 @@ async def stream_events(request: Request, handle: Any, meta: ResponseMeta, inclu
             if event.finish_reason == "error":
                 yield _sse(error_body(500, f"generation failed: {event.error or 'unknown error'}"))
             elif event.finish_reason is not None:
-                yield _sse(_chunk(meta, {}, event.finish_reason))
+                yield _sse({**_chunk(meta, {}, event.finish_reason), **_extension(meta, answer)})
         if include_usage:
             yield _sse({**meta.header(_chunk_object(meta)), "choices": [], "usage": answer.usage()})
         yield DONE
