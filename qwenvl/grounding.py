@@ -124,8 +124,8 @@ def _box_token_mentions(text: str) -> list[Mention]:
     for match in _BOX_TOKENS.finditer(text):
         if match.group("label") is not None:
             label = match.group("label").strip() or None
-        elif text[previous_end : match.start()].strip(" \n,;") != "" or previous_end < 0:
-            label = None
+        elif previous_end < 0 or text[previous_end : match.start()].strip(" \n,;"):
+            label = None  # not right after another box: no reference of its own
         previous_end = match.end()
         coords = _BOX_TEXT.fullmatch(match.group("box"))
         if coords is None:
@@ -183,9 +183,7 @@ def to_original(mention: Mention, image: ImageGeometry, convention: str) -> Grou
         outside = not (0 <= xs[0] <= image.width and 0 <= ys[0] <= image.height)
     cx = [min(max(x, 0.0), float(image.width)) for x in xs]
     cy = [min(max(y, 0.0), float(image.height)) for y in ys]
-    coords = tuple(v for pair in zip(cx, cy) for v in pair)
-    if mention.kind == "box":
-        coords = (cx[0], cy[0], cx[1], cy[1])
+    coords = tuple(v for pair in zip(cx, cy) for v in pair)  # (x1, y1, x2, y2) or (x, y)
     return GroundedBox(
         image=image.index,
         kind=mention.kind,

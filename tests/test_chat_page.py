@@ -293,6 +293,16 @@ def test_two_turns_stream_the_greedy_answers_of_the_api(server, open_page, tmp_p
     assert page.get_by_test_id("user-message").count() == 2
     assert page.get_by_test_id("error").is_hidden()
 
+    page.get_by_test_id("new-chat").click()
+    assert page.get_by_test_id("answer").count() == 0
+    page.get_by_test_id("prompt").fill("Fresh start.")
+    page.get_by_test_id("send").click()
+    wait_for_answers(page, 1)
+    assert guard.chat_bodies[2]["messages"] == [{"role": "user", "content": "Fresh start."}]
+    page.reload()  # the settings stay, the conversation does not
+    assert page.get_by_test_id("max-tokens").input_value() == str(MAX_TOKENS)
+    assert page.get_by_test_id("answer").count() == 0
+
 
 def test_video_drop_and_paste_attach(server, open_page, tmp_path):
     page, guard = open_page(server)

@@ -48,7 +48,7 @@ function loadSettings() {
   }
   for (const id of SETTINGS) {
     if (typeof saved[id] === "string") $(id).value = saved[id];
-    $(id).addEventListener("change", saveSettings);
+    $(id).addEventListener("input", saveSettings);
   }
 }
 
@@ -186,18 +186,25 @@ class Answer {
 
   render() {
     this.frame = 0;
+    const follow = nearEnd();
     this.body.replaceChildren(renderMarkdown(this.text));
-    scrollToEnd();
+    if (follow) scrollToEnd();
   }
 
   finish(summary, figure) {
     if (this.frame) cancelAnimationFrame(this.frame);
+    const follow = nearEnd();
     this.render();
     this.node.classList.remove("pending");
     this.stats.textContent = summary;
     if (figure) this.node.insertBefore(figure, this.stats);
-    scrollToEnd();
+    if (follow) scrollToEnd();
   }
+}
+
+// Follow a growing answer only while the reader is at the end (not while they scroll back to read).
+function nearEnd() {
+  return window.innerHeight + window.scrollY >= document.body.scrollHeight - 120;
 }
 
 function scrollToEnd() {
@@ -282,7 +289,7 @@ async function send() {
       bubble.remove();
       answer.node.remove();
       $("prompt").value = text;
-      state.attachments = attachments;
+      state.attachments = [...attachments, ...state.attachments];
       renderAttachments();
       showError(error.message || String(error));
       if (error.status === 401) $("key-panel").hidden = false;
