@@ -38,11 +38,14 @@ class Tokenizer:
         bos_token: str | None = None,
         chat_template: str | None = None,
         source: str = "tokenizer.json",
+        tool_chat_template: str | None = None,
     ):
         self._backend = backend
         self._plain_text_backend: tokenizers.Tokenizer | None = None
         self._plain_text_lock = threading.Lock()
         self.chat_template = chat_template
+        # a template with a tool section, when chat_template has none (Qwen2.5-VL's tokenizer_config.json)
+        self.tool_chat_template = tool_chat_template
         self.eos_token, self.eos_token_id = self._special(eos_token, "eos_token", source)
         self.pad_token, self.pad_token_id = self._special(pad_token, "pad_token", source)
         self.bos_token, self.bos_token_id = self._special(bos_token, "bos_token", source)
@@ -74,6 +77,7 @@ class Tokenizer:
             bos_token=_token_content(config.get("bos_token")),
             chat_template=_find_chat_template(path, config),
             source=str(config_file),
+            tool_chat_template=_find_tool_template(path, config),
         )
 
     @classmethod
@@ -85,6 +89,7 @@ class Tokenizer:
         pad_token: str | None = None,
         bos_token: str | None = None,
         chat_template: str | None = None,
+        tool_chat_template: str | None = None,
     ) -> Tokenizer:
         """Build from a tokenizer.json string (e.g. one made by `build_qwen2_tokenizer_json`)."""
         try:
@@ -98,6 +103,7 @@ class Tokenizer:
             bos_token=bos_token,
             chat_template=chat_template,
             source="tokenizer",
+            tool_chat_template=tool_chat_template,
         )
 
     def _special(self, token: str | None, field: str, source: str) -> tuple[str | None, int | None]:
@@ -323,6 +329,29 @@ def _find_chat_template(path: Path, config: dict) -> str | None:
     if json_file.is_file():
         return _select_template(_read_json(json_file).get("chat_template"), json_file)
     return _select_template(config.get("chat_template"), path / "tokenizer_config.json")
+
+
+def _find_tool_template(path: Path, config: dict) -> str | None:
+    """The template that renders ``tools`` when the chosen one does not: a ``tool_use`` entry of a named
+    list, else tokenizer_config.json's own template (Qwen2.5-VL ships its tool template there, and
+    the vision-only one in chat_template.json). None when nothing but the chosen template exists."""
+    candidates = []
+    json_file = path / "chat_template.json"
+    for value in (
+        _read_json(json_file).get("chat_template") if json_file.is_file() else None,
+        config.get("chat_template"),
+    ):
+        if isinstance(value, list):
+            candidates += [
+                item.get("template") for item in value if isinstance(item, dict) and item.get("name") == "tool_use"
+            ]
+        elif isinstance(value, str):
+            candidates.append(value)
+    from .chat import template_uses_tools
+
+    return next(
+        (template for template in candidates if isinstance(template, str) and template_uses_tools(template)), None
+    )
 
 
 def _select_template(value: Any, source: Path) -> str | None:
