@@ -125,20 +125,52 @@ class Model:
         (bytes a video may take in the vision encoder; default: the memory available). Videos are sized
         before decoding and refused when they would overflow the context or that budget.
         """
+        ids, prepared = self._tokenize_chat(messages, tools, media)
+        return build_prompt(ids, [self._encode_media(item) for item in prepared], self.config)
+
+    def prompt_ids(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        **media: Any,
+    ) -> list[int]:
+        """The ids ``prepare`` would give, each image / video as its pad tokens, without running the vision
+        encoder (images are resized, videos only planned): what a request's prompt costs, in tokens."""
+        ids, prepared = self._tokenize_chat(messages, tools, media, add_generation_prompt)
+        pads = (self.config.image_token_id, self.config.video_token_id)
+        if sum(token in pads for token in ids) != len(prepared):
+            raise RequestError(
+                f"the prompt has {sum(t in pads for t in ids)} image/video placeholders for {len(prepared)} media"
+            )
+        counts = iter([_visual_tokens(item, self.preprocess_config.merge_size) for item in prepared])
+        return [pad for token in ids for pad in ([token] * next(counts) if token in pads else [token])]
+
+    def _tokenize_chat(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None,
+        media: dict[str, Any],
+        add_generation_prompt: bool = True,
+    ) -> tuple[list[int], list[ImageInput | VideoPlan]]:
+        """The rendered prompt's ids (one placeholder per image / video) and the media, prepared."""
         messages = normalize_messages(messages)
         items = media_items(messages)
         if self.vision_model is None:
             if items:
                 raise MediaError(f"{self.source} is a text-only model: it cannot take images or videos")
             messages = [_flatten_text_parts(m) for m in messages]
-        text = render_chat(self._template(tools), messages, tools=tools or None)
+        text = render_chat(
+            self._template(tools), messages, tools=tools or None, add_generation_prompt=add_generation_prompt
+        )
         ids = self.tokenizer.encode(text)
         prepared = [
             self._prepare_media(kind, source, item, media)
             for (kind, source), item in zip(items, _media_parts(messages))
         ]
         self._check_visual_cost(ids, prepared, media.get("vision_memory_budget"))
-        return build_prompt(ids, [self._encode_media(item) for item in prepared], self.config)
+        return ids, prepared
 
     def _prepare_media(
         self, kind: str, source: Any, item: dict[str, Any], media: dict[str, Any]

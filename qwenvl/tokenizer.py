@@ -7,6 +7,7 @@ generated ids back into text one token at a time without ever emitting half a UT
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from collections.abc import Iterable
@@ -49,9 +50,9 @@ class Tokenizer:
         self.eos_token, self.eos_token_id = self._special(eos_token, "eos_token", source)
         self.pad_token, self.pad_token_id = self._special(pad_token, "pad_token", source)
         self.bos_token, self.bos_token_id = self._special(bos_token, "bos_token", source)
-        self.special_token_ids: set[int] = {
-            token_id for token_id, token in backend.get_added_tokens_decoder().items() if token.special
-        }
+        added = backend.get_added_tokens_decoder()
+        self.special_token_ids: set[int] = {token_id for token_id, token in added.items() if token.special}
+        self._added_token_ids = frozenset(added)
 
     # ---- construction ----
 
@@ -140,6 +141,17 @@ class Tokenizer:
         """The text of each token on its own (a token holding part of a UTF-8 character shows U+FFFD)."""
         return [self._backend.decode([token_id], skip_special_tokens=False) for token_id in ids]
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (b"" for an id with no token): its byte-level BPE string mapped
+        back to bytes, or an added token's own text."""
+        token = self._backend.id_to_token(token_id)
+        if token is None:
+            return b""
+        decoder = _byte_decoder()
+        if token_id in self._added_token_ids or any(char not in decoder for char in token):
+            return token.encode("utf-8")
+        return bytes(decoder[char] for char in token)
+
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 
@@ -156,6 +168,16 @@ class Tokenizer:
         """The special tokens that are set, by name: what transformers passes to chat templates."""
         names = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token}
         return {name: token for name, token in names.items() if token is not None}
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet reversed: the character each byte is written as → the byte."""
+    shown = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    hidden = [byte for byte in range(256) if byte not in shown]
+    table = {chr(byte): byte for byte in shown}
+    table.update({chr(256 + index): byte for index, byte in enumerate(hidden)})
+    return table
 
 
 class StreamDecoder:

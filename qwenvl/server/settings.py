@@ -25,6 +25,7 @@ class ServerSettings:
     mm_limits: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_MM_LIMITS))
     media_timeout: float = 10.0  # seconds for one whole download, redirects included
     max_media_bytes: int = 32 * 2**20  # one downloaded or local media file
+    cors_origins: tuple[str, ...] = ()  # origins browsers may call from ("*": any); none by default
     started: int = field(default_factory=lambda: int(time.time()))
 
 
