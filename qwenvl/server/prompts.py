@@ -125,7 +125,7 @@ class PromptBuilder:
             bad = next((token for token in options["logit_bias"] if token >= vocab), None)
             if bad is not None:
                 raise APIError(
-                    400, f"logit_bias: token id {bad} is outside the vocabulary (0..{vocab - 1})", "logit_bias"
+                    400, f"logit_bias: token id {bad} is outside the vocabulary (0..{vocab - 1})", param="logit_bias"
                 )
         if isinstance(body, ChatCompletionRequest) and body.logprobs:
             options["logprobs"] = body.top_logprobs or 0
@@ -212,6 +212,8 @@ def _structured_output(name: str, value: Any) -> GrammarSpec:
             try:
                 value = json.loads(value)
             except json.JSONDecodeError as error:
-                raise APIError(400, f"structured_outputs.json: not valid JSON ({error})", "structured_outputs.json")
+                raise APIError(
+                    400, f"structured_outputs.json: not valid JSON ({error})", param="structured_outputs.json"
+                )
         return GrammarSpec("json_schema", value)
     return GrammarSpec("lark" if name == "grammar" else name, value)
