@@ -134,7 +134,9 @@ def test_model_api_follows_the_schema_from_random_weights(model):
 
 
 def test_model_api_tool_calls(model):
-    result = model.chat(MESSAGES, tools=[WEATHER, CLOCK], tool_choice="required", temperature=1.0, seed=4, max_tokens=80)
+    result = model.chat(
+        MESSAGES, tools=[WEATHER, CLOCK], tool_choice="required", temperature=1.0, seed=4, max_tokens=80
+    )
     assert result.finish_reason == "tool_calls" and result.tool_calls and result.content is None
     for call in result.tool_calls:
         assert call.name in ("get_weather", "get_time")
