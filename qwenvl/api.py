@@ -31,7 +31,7 @@ from .quant.linear import KERNELS
 from .quant.model import load_quantized_text
 from .runtime import release_free_memory, resolve_dtype, set_threads
 from .tokenizer import Tokenizer
-from .tools import parse_tool_calls, resolve_tool_choice
+from .tools import parse_tool_calls, resolve_tool_choice, tool_names
 from .weights.checkpoint import Checkpoint, open_checkpoint
 
 ChatResult = GenerationResult
@@ -271,13 +271,15 @@ class Model:
         (see ``stream``), ``tool_calls`` and ``content`` hold the parsed answer and ``finish_reason`` is
         ``"tool_calls"`` when the model called tools."""
         parse = bool(options.get("tools")) and options.get("tool_choice") != "none"
+        tools = options.get("tools")
         generation = self.stream(messages, **options)
         for _ in generation:
             pass
         result = generation.result
         assert result is not None
         if parse:
-            result.content, calls, _ = parse_tool_calls(result.text, result.finish_reason)
+            names = tool_names(tools)
+            result.content, calls, _ = parse_tool_calls(result.text, result.finish_reason, bare_names=names)
             result.tool_calls = calls
             if calls and result.finish_reason == "stop":
                 result.finish_reason = "tool_calls"

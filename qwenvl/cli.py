@@ -491,14 +491,15 @@ def _read_prompt(prompt: str) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .tools import ToolCallParser, parse_tool_calls
+    from .tools import ToolCallParser, parse_tool_calls, tool_names
 
     prompt = _read_prompt(args.prompt)
     output = _output_options(args)
     model, load_s = _load(args)
     messages = _messages(args.system, _user_content(prompt, args.image, args.video))
     generation = model.stream(messages, **_sampling(args), **output)
-    parser = ToolCallParser() if output.get("tools") and output.get("tool_choice") != "none" else None
+    names = tool_names(output.get("tools")) if output.get("tools") and output.get("tool_choice") != "none" else None
+    parser = ToolCallParser(bare_names=names) if names is not None else None
     if args.json:
         for _ in generation:
             pass
@@ -515,7 +516,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.json:
         record = _result_json(result, load_s, model.source)
         if "tools" in output and output["tool_choice"] != "none":
-            content, calls, _ = parse_tool_calls(result.text, result.finish_reason)
+            content, calls, _ = parse_tool_calls(result.text, result.finish_reason, bare_names=names)
             record["content"], record["tool_calls"] = content, [call.to_openai() for call in calls]
             if calls and result.finish_reason == "stop":
                 record["finish_reason"] = "tool_calls"

@@ -144,6 +144,9 @@ class ToolCallParser:
     calls: list[ToolCall] = field(default_factory=list)
     content: str = ""
     malformed: bool = False
+    # tool names: an answer that is a bare ``{"name": <one of them>, "arguments": {...}}`` object (as small
+    # Qwen2.5-Coder models write calls, without the tags) is a call too; None: tags only
+    bare_names: frozenset[str] | None = None
     _pending: str = ""  # text not handled yet (held-back content, or the start of a call's text)
     _call: _OpenCall | None = None
     _after_call: bool = False  # no content since the last call closed: leading whitespace is dropped
@@ -153,7 +156,12 @@ class ToolCallParser:
         self._pending += text
         progress = True
         while self._pending and progress:
-            progress = self._scan_content(deltas) if self._call is None else self._scan_call(deltas)
+            if self._call is not None:
+                progress = self._scan_call(deltas)
+            elif self._bare_possible():
+                progress = self._scan_bare(deltas)
+            else:
+                progress = self._scan_content(deltas)
         return deltas
 
     def finish(self, finish_reason: str | None = None) -> list[ToolDelta]:
@@ -164,7 +172,9 @@ class ToolCallParser:
         if call is not None:
             call.text += self._pending
             self._pending = ""
-            if finish_reason != "length":
+            if _parse_call(call.text) is not None:  # complete but for the closing tag
+                self._close(call, deltas)
+            elif finish_reason != "length":
                 self.malformed = True
                 self._content(deltas, OPEN_TAG + call.text)
             elif call.name is not None:
@@ -173,8 +183,34 @@ class ToolCallParser:
                     deltas.append(ToolDelta(call.index, arguments=rest))
                 self.calls.append(ToolCall(call.id, call.name, call.text[call.arguments_start :]))
         pending, self._pending = self._pending, ""
+        if pending and self._bare_possible():
+            self.bare_names = None  # an object that never closed: text
+            deltas += self.feed(pending)
+            pending, self._pending = self._pending, ""
         self._content(deltas, pending.lstrip() if self._after_call else pending)
         return deltas
+
+    # -- a bare call: the answer (or what follows a call) is a JSON object naming a tool --------------
+    def _bare_possible(self) -> bool:
+        if self.bare_names is None or (self.content and not self._after_call):
+            return False
+        return self._pending.lstrip().startswith("{")
+
+    def _scan_bare(self, deltas: list[ToolDelta]) -> bool:
+        """Hold the object until it closes; then it is a call (named tool, valid JSON) or content."""
+        start = len(self._pending) - len(self._pending.lstrip())
+        end = _object_end(self._pending, start)
+        if end is None:
+            return False
+        text, self._pending = self._pending[start:end], self._pending[end:]
+        parsed = _parse_call(text)
+        if parsed is None or parsed[0] not in self.bare_names:
+            self.bare_names = None  # plain JSON content: no more bare calls
+            self._pending = text + self._pending
+            return True
+        call = _OpenCall(len(self.calls), f"call_{uuid.uuid4().hex[:24]}", text=text)
+        self._close(call, deltas)
+        return True
 
     # -- content: look for an opening tag -------------------------------------------------------------
     def _scan_content(self, deltas: list[ToolDelta]) -> bool:
@@ -249,9 +285,12 @@ class ToolCallParser:
         self._after_call = True
 
 
-def parse_tool_calls(text: str, finish_reason: str | None = None) -> tuple[str | None, list[ToolCall], bool]:
-    """A whole answer → (content, calls, malformed). A malformed call leaves the whole text as content."""
-    parser = ToolCallParser()
+def parse_tool_calls(
+    text: str, finish_reason: str | None = None, bare_names: frozenset[str] | None = None
+) -> tuple[str | None, list[ToolCall], bool]:
+    """A whole answer → (content, calls, malformed). A malformed call leaves the whole text as content.
+    ``bare_names``: see ``ToolCallParser``."""
+    parser = ToolCallParser(bare_names=bare_names)
     parser.feed(text)
     parser.finish(finish_reason)
     if parser.malformed:
@@ -287,6 +326,34 @@ def _parse_call(text: str) -> tuple[str, str] | None:
         except json.JSONDecodeError:
             pass
     return value["name"], json.dumps(arguments, ensure_ascii=False)
+
+
+def _object_end(text: str, start: int) -> int | None:
+    """The index after the JSON object that opens at ``start`` (strings and escapes respected), or None
+    while it is not closed."""
+    depth, in_string, escaped = 0, False, False
+    for index in range(start, len(text)):
+        char = text[index]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char == "{":
+            depth += 1
+        elif char == "}":
+            depth -= 1
+            if depth == 0:
+                return index + 1
+    return None
+
+
+def tool_names(tools: list[dict[str, Any]] | None) -> frozenset[str]:
+    return frozenset(tool["function"]["name"] for tool in tools or ())
 
 
 def _partial_suffix(text: str, tag: str) -> int:

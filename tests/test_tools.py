@@ -201,3 +201,35 @@ def test_history_with_tool_calls_renders_as_transformers(tokenizer_dir):
     assert ours == expected
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Zürich"}}\n</tool_call>' in ours
     assert "<tool_response>\n10:00\n</tool_response>" in ours and "# Tools" in ours
+
+
+NAMES = frozenset({"get_weather", "get_time"})
+
+
+@pytest.mark.parametrize("size", [1, 3, 1000])
+def test_bare_json_calls_of_known_tools(size):
+    """Small Qwen2.5-Coder models write calls without the tags: a whole answer made of objects naming a
+    tool is calls; any other JSON stays content."""
+    text = '{"name": "get_weather", "arguments": {"city": "Paris"}}\n{"name": "get_time", "arguments": {}}'
+    content, calls, _ = parse_tool_calls(text, "stop", bare_names=NAMES)
+    assert content is None and [(c.name, c.arguments) for c in calls] == [
+        ("get_weather", '{"city": "Paris"}'),
+        ("get_time", "{}"),
+    ]
+    parser = ToolCallParser(bare_names=NAMES)
+    deltas = [d for start in range(0, len(text), size) for d in parser.feed(text[start : start + size])]
+    deltas += parser.finish("stop")
+    assert not any(d.content for d in deltas) and [d.name for d in deltas if d.name] == ["get_weather", "get_time"]
+    for other in ('{"name": "unknown", "arguments": {}}', '{"a": 1} and more', '{"name": "get_time", "arguments": {}'):
+        assert parse_tool_calls(other, "stop", bare_names=NAMES) == (other, [], False)
+        assert parse_tool_calls(other, "stop") == (other, [], False)
+    # after a bare call, more text is content
+    content, calls, _ = parse_tool_calls('{"name": "get_time", "arguments": {}}\nDone.', "stop", bare_names=NAMES)
+    assert content == "Done." and len(calls) == 1
+
+
+def test_a_complete_call_without_its_closing_tag():
+    text = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Berlin"}}\n'
+    for finish in ("length", "stop"):
+        content, calls, malformed = parse_tool_calls(text, finish)
+        assert not malformed and calls[0].arguments == '{"city": "Berlin"}', finish

@@ -16,6 +16,7 @@ from starlette.types import Receive, Scope, Send
 from .. import __version__
 from ..api import Model
 from ..engine.prompt import Prompt
+from ..tools import tool_names
 from .errors import APIError, APIKeyMiddleware, BodyLimitMiddleware, install_error_handlers
 from .metrics import HTTPMetricsMiddleware, ServerMetrics
 from .prompts import OutputPlan, PromptBuilder, refuse_unsupported
@@ -97,7 +98,8 @@ def create_app(model: Model, settings: ServerSettings, *, engine: Any = None, ma
     ) -> JSONResponse | StreamingResponse:
         sampling = builder.sampling(body, len(prompt.input_ids), requested)
         constraint = await run_in_threadpool(builder.constraint, plan)
-        meta.tokenizer, meta.tools, meta.observer = model.tokenizer, plan.parse_tools, metrics.request()
+        meta.tokenizer, meta.observer = model.tokenizer, metrics.request()
+        meta.tools = tool_names(plan.tools) if plan.parse_tools else None
         meta.logprobs = sampling.get("logprobs") is not None
         handle = engine.submit(prompt, constraint=constraint, **sampling)
         if body.stream:

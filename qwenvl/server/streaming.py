@@ -52,7 +52,7 @@ class ResponseMeta:
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
     tokenizer: Any = None  # for logprobs: token texts and bytes
-    tools: bool = False  # chat: parse hermes tool calls out of the text
+    tools: frozenset[str] | None = None  # chat: parse hermes tool calls (to these tools) out of the text
     logprobs: bool = False  # include the tokens' logprobs
     echo: str | None = None  # completions: the prompt's text, returned before the answer
     prompt_ids: list[int] | None = None  # completions with echo and logprobs: the prompt's tokens
@@ -111,8 +111,8 @@ def _fold(answer: Answer, event: Any, meta: ResponseMeta | None) -> None:
 def chat_completion(meta: ResponseMeta, answer: Answer) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": answer.text}
     finish = answer.finish_reason
-    if meta.tools:
-        message["content"], calls, _ = parse_tool_calls(answer.text, finish)
+    if meta.tools is not None:
+        message["content"], calls, _ = parse_tool_calls(answer.text, finish, bare_names=meta.tools)
         if calls:
             message["tool_calls"] = [call.to_openai() for call in calls]
             finish = "tool_calls" if finish == "stop" else finish
@@ -174,7 +174,7 @@ class _ChatChunks:
 
     def __init__(self, meta: ResponseMeta):
         self.meta = meta
-        self.parser = ToolCallParser() if meta.tools else None
+        self.parser = ToolCallParser(bare_names=meta.tools) if meta.tools is not None else None
 
     def start(self) -> list[dict[str, Any]]:
         return [self._chunk({"role": "assistant", "content": ""})]
