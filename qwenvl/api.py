@@ -260,6 +260,7 @@ class Model:
         OpenAI's tool calling; the pieces are the raw text, tags included (``chat`` parses the calls).
         """
         media = {k: options.pop(k) for k in MEDIA_OPTIONS if options.get(k) is not None}
+        options = {k: v for k, v in options.items() if k not in MEDIA_OPTIONS}
         structured = structured_spec(**{k: options.pop(k, None) for k in STRUCTURED_OPTIONS})
         shown, calls = resolve_tool_choice(tools, tool_choice, parallel_tool_calls)
         if structured is not None and calls is not None:
