@@ -504,11 +504,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         for _ in generation:
             pass
     else:
+        written = False
         for piece in generation:
-            _write(parser.feed(piece) if parser is not None else piece)
+            written |= _write(parser.feed(piece) if parser is not None else piece)
         if parser is not None:
-            _write(parser.finish(generation.result.finish_reason if generation.result else None))
-        sys.stdout.write("\n")
+            written |= _write(parser.finish(generation.result.finish_reason if generation.result else None))
+        if written or parser is None:
+            sys.stdout.write("\n")
     result = generation.result
     if parser is not None and not args.json:
         for call in parser.calls if not parser.malformed else []:
@@ -524,12 +526,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write(piece: Any) -> None:
+def _write(piece: Any) -> bool:
     """Text, or the content deltas of the tool-call parser (the calls are printed at the end)."""
     text = piece if isinstance(piece, str) else "".join(delta.content or "" for delta in piece)
     if text:
         sys.stdout.write(text)
         sys.stdout.flush()
+    return bool(text)
 
 
 def _result_json(result, load_s: float, source: str) -> dict[str, Any]:
