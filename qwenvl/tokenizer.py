@@ -141,6 +141,10 @@ class Tokenizer:
         """The text of each token on its own (a token holding part of a UTF-8 character shows U+FFFD)."""
         return [self._backend.decode([token_id], skip_special_tokens=False) for token_id in ids]
 
+    def to_json(self) -> str:
+        """The tokenizer.json this tokenizer runs (added tokens included): what llguidance reads."""
+        return self._backend.to_str()
+
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one token stands for (b"" for an id with no token): its byte-level BPE string mapped
         back to bytes, or an added token's own text."""

@@ -94,7 +94,7 @@ class GrammarCompiler:
                 import llguidance
 
                 self._ll_tokenizer = llguidance.LLTokenizer(
-                    self.tokenizer._backend.to_str(),
+                    self.tokenizer.to_json(),
                     n_vocab=self.vocab_size,
                     eos_token=list(self.eos_token_ids) or None,
                 )

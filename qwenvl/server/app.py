@@ -127,7 +127,8 @@ def create_app(model: Model, settings: ServerSettings, *, engine: Any = None, ma
         prompt = await run_in_threadpool(builder.completion_prompt, body)
         meta = ResponseMeta(settings.model_id, "text")
         if body.echo:
-            meta.echo = model.tokenizer.decode(prompt.input_ids)
+            given = body.prompt[0] if isinstance(body.prompt, list) and body.prompt else body.prompt
+            meta.echo = given if isinstance(given, str) else model.tokenizer.decode(prompt.input_ids)
             meta.prompt_ids = list(prompt.input_ids)
         return await answer(request, body, prompt, body.max_tokens, meta, plan)
 
