@@ -79,12 +79,10 @@ def test_streamed_tool_call(client):
 
 
 def test_tool_result_turn(client, server):
-    call = (
-        ask(client, tool_choice="required", parallel_tool_calls=False, max_tokens=40).choices[0].message.tool_calls[0]
-    )
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
     messages = ASK + [
-        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
-        {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature_c": 18, "sky": "sunny"})},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": json.dumps({"temperature_c": 18, "sky": "sunny"})},
     ]
     rendered = requests.post(server.base_url + "/tokenize", json={"messages": messages, "tools": [WEATHER]}, timeout=60)
     text = requests.post(server.base_url + "/detokenize", json={"tokens": rendered.json()["tokens"]}, timeout=60)
@@ -92,7 +90,7 @@ def test_tool_result_turn(client, server):
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>' in prompt
     assert '<|im_start|>user\n<tool_response>\n{"temperature_c": 18, "sky": "sunny"}\n</tool_response>' in prompt
     response = client.chat.completions.create(
-        model="coder", messages=messages, tools=[WEATHER], max_tokens=40, temperature=0
+        model="coder", messages=messages, tools=[WEATHER], max_tokens=24, temperature=0
     )
     assert response.usage.prompt_tokens == rendered.json()["count"]
     message = response.choices[0].message

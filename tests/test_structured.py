@@ -344,18 +344,14 @@ def test_cli_json_schema_regex_and_tools(make_qwen2, tmp_path, capsys):
     base = ["run", directory, "-p", "Fill in the form.", "--dtype", "float32", "--temperature", "1", "--seed", "3"]
     assert main(base + ["--json-schema", str(schema_file), "-n", "120"]) == 0
     assert_valid(json.loads(capsys.readouterr().out))
-    assert main(base + ["--regex", "[0-9]{4}", "--json"]) == 0
-    record = json.loads(capsys.readouterr().out)
-    assert len(record["text"]) == 4 and record["text"].isdigit() and record["finish_reason"] == "stop"
     tools_file = tmp_path / "tools.json"
     tools_file.write_text(json.dumps([WEATHER, CLOCK]))
-    assert main(base + ["--tools", str(tools_file), "--tool-choice", "get_weather", "-n", "60"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    call = json.loads(lines[-1])
-    assert call["name"] == "get_weather" and set(call["arguments"]) == {"city", "days"}
-    assert main(base + ["--tools", str(tools_file), "--tool-choice", "required", "--json", "-n", "60"]) == 0
+    assert main(base + ["--tools", str(tools_file), "--tool-choice", "get_weather", "--json", "-n", "60"]) == 0
     record = json.loads(capsys.readouterr().out)
-    assert record["finish_reason"] == "tool_calls" and record["tool_calls"][0]["type"] == "function"
+    assert record["finish_reason"] == "tool_calls" and record["content"] is None
+    (call,) = record["tool_calls"]
+    assert call["type"] == "function" and call["function"]["name"] == "get_weather"
+    assert set(json.loads(call["function"]["arguments"])) == {"city", "days"}
     for argv, words in [
         (["--json-schema", str(tmp_path / "missing.json")], "cannot read"),
         (["--json-schema", str(tools_file)], "JSON object"),
