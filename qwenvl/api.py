@@ -6,6 +6,7 @@ The CLI and the server call this module and nothing below it.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,12 +14,13 @@ from typing import Any
 
 import torch
 
-from .chat import media_items, normalize_messages, render_chat
+from .chat import media_items, normalize_messages, render_chat, template_uses_tools
 from .config import GenerationConfig, ModelConfig, PreprocessConfig
 from .engine.generate import Generation, GenerationResult, new_request
+from .engine.grammar import Constraint, GrammarCompiler, GrammarSpec, structured_spec
 from .engine.prompt import EncodedVisual, Prompt, VisionCache, build_prompt
 from .engine.sampler import sampling_params
-from .errors import MediaError, QwenVLError
+from .errors import MediaError, QwenVLError, RequestError
 from .grounding import CONVENTIONS, GROUNDING_TOKENS, GroundedBox, ImageGeometry, ground, text_with_markers
 from .media.image import ImageInput, load_image, preprocess_image
 from .media.video import REQUEST_OPTIONS as VIDEO_REQUEST_OPTIONS
@@ -30,11 +32,13 @@ from .quant.linear import KERNELS
 from .quant.model import load_quantized_text
 from .runtime import release_free_memory, resolve_dtype, set_threads
 from .tokenizer import Tokenizer
+from .tools import parse_tool_calls, resolve_tool_choice, tool_names
 from .weights.checkpoint import Checkpoint, open_checkpoint
 
 ChatResult = GenerationResult
 DEFAULT_CONTEXT = 32768
 MEDIA_OPTIONS = ("min_pixels", "max_pixels", *VIDEO_REQUEST_OPTIONS, "vision_memory_budget")
+STRUCTURED_OPTIONS = ("json_schema", "regex", "choice", "grammar")
 VIDEO_COST_HINT = (
     "lower it with --fps, --nframes, --video-max-pixels or --video-total-pixels "
     "(API: fps, nframes, video_max_pixels, video_total_pixels)"
@@ -55,19 +59,66 @@ class Model:
     source: str
     vision_model: VisionTransformer | None = None
     vision_cache: VisionCache = field(default_factory=VisionCache)
+    _grammar_compiler: GrammarCompiler | None = field(default=None, repr=False)
+    _grammar_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.text_model.dtype
 
+    @property
+    def grammar_compiler(self) -> GrammarCompiler:
+        """Compiles this model's output grammars (structured outputs, tool calls); made on first use."""
+        with self._grammar_lock:
+            if self._grammar_compiler is None:
+                eos = self.generation_config.eos_token_ids or _fallback_eos(self.tokenizer)
+                self._grammar_compiler = GrammarCompiler(self.tokenizer, self.config.text.vocab_size, eos)
+            return self._grammar_compiler
+
+    def constraint(self, spec: GrammarSpec | None) -> Constraint | None:
+        """A request's grammar state for ``spec`` (GrammarError, a RequestError, if it does not compile)."""
+        return None if spec is None else self.grammar_compiler.constraint(spec)
+
     # -- prompts ------------------------------------------------------------------------------
-    def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
+    @property
+    def tool_template(self) -> str | None:
+        """The chat template that renders tools: the model's own, else the tokenizer's tool template."""
+        if template_uses_tools(self.chat_template):
+            return self.chat_template
+        other = self.tokenizer.tool_chat_template
+        return other if template_uses_tools(other) else None
+
+    def _template(self, tools: list[dict[str, Any]] | None) -> str | None:
+        if not tools:
+            return self.chat_template
+        template = self.tool_template
+        if template is None:
+            raise RequestError(
+                f"the chat template of {Path(self.source).name} has no tool section: tools are not supported"
+            )
+        return template
+
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
         return render_chat(
-            self.chat_template, normalize_messages(messages), add_generation_prompt=add_generation_prompt
+            self._template(tools),
+            normalize_messages(messages),
+            add_generation_prompt=add_generation_prompt,
+            tools=tools,
         )
 
-    def prepare(self, messages: list[dict[str, Any]], **media: Any) -> Prompt:
+    def prepare(
+        self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None, **media: Any
+    ) -> Prompt:
         """Render the chat template, tokenize, encode the images and videos and assemble the prompt.
+
+        ``tools``: OpenAI function tools for the template's tool section (the template of
+        ``tool_template``; RequestError if the model has none).
 
         ``media`` takes per-request preprocessing overrides: ``min_pixels``, ``max_pixels`` (images);
         ``fps``, ``nframes``, ``video_start``, ``video_end``, ``video_min_pixels``, ``video_max_pixels``,
@@ -75,22 +126,54 @@ class Model:
         (bytes a video may take in the vision encoder; default: the memory available). Videos are sized
         before decoding and refused when they would overflow the context or that budget.
         """
+        ids, prepared = self._tokenize_chat(messages, tools, media)
+        prompt = build_prompt(ids, [self._encode_media(item) for item in prepared], self.config)
+        prompt.images = _image_geometry(prepared)
+        return prompt
+
+    def prompt_ids(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        add_generation_prompt: bool = True,
+        **media: Any,
+    ) -> list[int]:
+        """The ids ``prepare`` would give, each image / video as its pad tokens, without running the vision
+        encoder (images are resized, videos only planned): what a request's prompt costs, in tokens."""
+        ids, prepared = self._tokenize_chat(messages, tools, media, add_generation_prompt)
+        pads = (self.config.image_token_id, self.config.video_token_id)
+        if sum(token in pads for token in ids) != len(prepared):
+            raise RequestError(
+                f"the prompt has {sum(t in pads for t in ids)} image/video placeholders for {len(prepared)} media"
+            )
+        counts = iter([_visual_tokens(item, self.preprocess_config.merge_size) for item in prepared])
+        return [pad for token in ids for pad in ([token] * next(counts) if token in pads else [token])]
+
+    def _tokenize_chat(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None,
+        media: dict[str, Any],
+        add_generation_prompt: bool = True,
+    ) -> tuple[list[int], list[ImageInput | VideoPlan]]:
+        """The rendered prompt's ids (one placeholder per image / video) and the media, prepared."""
         messages = normalize_messages(messages)
         items = media_items(messages)
         if self.vision_model is None:
             if items:
                 raise MediaError(f"{self.source} is a text-only model: it cannot take images or videos")
             messages = [_flatten_text_parts(m) for m in messages]
-        text = render_chat(self.chat_template, messages)
+        text = render_chat(
+            self._template(tools), messages, tools=tools or None, add_generation_prompt=add_generation_prompt
+        )
         ids = self.tokenizer.encode(text)
         prepared = [
             self._prepare_media(kind, source, item, media)
             for (kind, source), item in zip(items, _media_parts(messages))
         ]
         self._check_visual_cost(ids, prepared, media.get("vision_memory_budget"))
-        prompt = build_prompt(ids, [self._encode_media(item) for item in prepared], self.config)
-        prompt.images = _image_geometry(prepared)
-        return prompt
+        return ids, prepared
 
     def _prepare_media(
         self, kind: str, source: Any, item: dict[str, Any], media: dict[str, Any]
@@ -147,13 +230,17 @@ class Model:
         return self.vision_cache.get_or_compute(VisionCache.key(pixel_values, grid_thw), compute)
 
     # -- generation ---------------------------------------------------------------------------
-    def generate(self, prompt: Prompt | list[int], **sampling: Any) -> Generation:
-        """Stream the continuation of a prepared prompt (or raw token ids)."""
+    def generate(
+        self, prompt: Prompt | list[int], *, grammar: GrammarSpec | Constraint | None = None, **sampling: Any
+    ) -> Generation:
+        """Stream the continuation of a prepared prompt (or raw token ids). ``grammar``: what the output
+        must follow (a ``GrammarSpec``, compiled here, or a ready ``Constraint``)."""
         if not isinstance(prompt, Prompt):
             prompt = Prompt.text_only(list(prompt))
         params = sampling_params(self.generation_config, **sampling)
         eos = self.generation_config.eos_token_ids or _fallback_eos(self.tokenizer)
-        request = new_request(self.text_model, self.tokenizer, prompt, params, eos, self.context)
+        constraint = self.constraint(grammar) if isinstance(grammar, GrammarSpec) else grammar
+        request = new_request(self.text_model, self.tokenizer, prompt, params, eos, self.context, constraint=constraint)
 
         def finish(result: GenerationResult) -> None:
             result.images, result.boxes = self.grounding(prompt, result.token_ids, result.text)
@@ -179,23 +266,51 @@ class Model:
         ids = {self.tokenizer.token_to_id(token): token for token in GROUNDING_TOKENS}
         return {token_id: token for token_id, token in ids.items() if token_id is not None}
 
-    def stream(self, messages: list[dict[str, Any]], **options: Any) -> Generation:
+    def stream(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: Any = None,
+        parallel_tool_calls: bool | None = None,
+        **options: Any,
+    ) -> Generation:
         """Iterate for text pieces; the finished Generation's ``result`` holds ids, usage and timings.
 
         ``options``: sampling values (max_tokens, temperature, top_p, top_k, min_p, repetition_penalty,
-        seed, stop) and media preprocessing overrides (``MEDIA_OPTIONS``: see ``prepare``).
+        presence_penalty, frequency_penalty, seed, stop, logit_bias, logprobs), media preprocessing
+        overrides (``MEDIA_OPTIONS``: see ``prepare``) and at most one output constraint
+        (``STRUCTURED_OPTIONS``: ``json_schema`` a schema dict, ``regex`` a pattern, ``choice`` a list of
+        strings, ``grammar`` a Lark or GBNF grammar). ``tools`` / ``tool_choice`` (``"auto"``, ``"none"``,
+        ``"required"`` or ``{"type": "function", "function": {"name": …}}``) / ``parallel_tool_calls``:
+        OpenAI's tool calling; the pieces are the raw text, tags included (``chat`` parses the calls).
         """
         media = {k: options.pop(k) for k in MEDIA_OPTIONS if options.get(k) is not None}
         options = {k: v for k, v in options.items() if k not in MEDIA_OPTIONS}
-        return self.generate(self.prepare(messages, **media), **options)
+        structured = structured_spec(**{k: options.pop(k, None) for k in STRUCTURED_OPTIONS})
+        shown, calls = resolve_tool_choice(tools, tool_choice, parallel_tool_calls)
+        if structured is not None and calls is not None:
+            raise RequestError("an output constraint (json_schema, regex, ...) cannot be combined with tools")
+        return self.generate(self.prepare(messages, tools=shown, **media), grammar=structured or calls, **options)
 
     def chat(self, messages: list[dict[str, Any]], **options: Any) -> ChatResult:
-        """The whole answer at once: text, token ids, usage, finish reason and timings."""
+        """The whole answer at once: text, token ids, usage, finish reason and timings. With ``tools``
+        (see ``stream``), ``tool_calls`` and ``content`` hold the parsed answer and ``finish_reason`` is
+        ``"tool_calls"`` when the model called tools."""
+        parse = bool(options.get("tools")) and options.get("tool_choice") != "none"
+        tools = options.get("tools")
         generation = self.stream(messages, **options)
         for _ in generation:
             pass
-        assert generation.result is not None
-        return generation.result
+        result = generation.result
+        assert result is not None
+        if parse:
+            names = tool_names(tools)
+            result.content, calls, _ = parse_tool_calls(result.text, result.finish_reason, bare_names=names)
+            result.tool_calls = calls
+            if calls and result.finish_reason == "stop":
+                result.finish_reason = "tool_calls"
+        return result
 
 
 def _vision_only(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

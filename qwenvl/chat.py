@@ -17,6 +17,7 @@ from typing import Any
 
 import jinja2
 import jinja2.ext
+import jinja2.meta
 import jinja2.nodes
 import jinja2.utils
 import numpy as np
@@ -138,6 +139,17 @@ def render_chat(
     except (jinja2.TemplateError, TypeError, ValueError, LookupError, AttributeError, ArithmeticError) as error:
         # The template met data it does not accept (or called raise_exception): the request is at fault.
         raise RequestError(f"chat template: {_one_line(error)}") from None
+
+
+@functools.lru_cache(maxsize=16)
+def template_uses_tools(template: str | None) -> bool:
+    """Whether a chat template renders the ``tools`` variable (has a tool section)."""
+    if template is None:
+        return False
+    try:
+        return "tools" in jinja2.meta.find_undeclared_variables(_environment().parse(template))
+    except jinja2.TemplateSyntaxError:
+        return False
 
 
 def _without_none(message: dict) -> dict:

@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--system", help="a system message")
     _add_media_arguments(run)
     _add_sampling_arguments(run)
+    _add_output_arguments(run)
     run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     run.add_argument(
         "--boxes",
@@ -240,6 +241,11 @@ def _add_serve_command(commands: Any) -> None:
     media.add_argument("--media-timeout", type=float, default=10.0, help="seconds for one media download (default 10)")
     media.add_argument("--max-media-mb", type=float, default=32.0, help="size cap of one media file (default 32)")
     serve.add_argument("--max-body-mb", type=float, default=32.0, help="request body size cap, else 413 (default 32)")
+    serve.add_argument(
+        "--cors-origins",
+        metavar="ORIGIN,...",
+        help="let web pages from these origins call the server (e.g. http://localhost:3000; '*': any; default: none)",
+    )
     serve.add_argument("--no-ui", action="store_true", help="do not serve the chat page at / (API only)")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(handler=cmd_serve)
@@ -265,14 +271,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
         media_timeout=args.media_timeout,
         max_media_bytes=int(args.max_media_mb * 2**20),
         ui=not args.no_ui,
+        cors_origins=_cors_origins(args.cors_origins),
     )
     model, load_s = _load(args)
+    _warm_grammar_compiler(model)
     packed = _pack_prefill_weights(model, args.prefill_weights)
     base = f"http://{args.host}:{args.port}"
     page = f"; chat page {base}/" if settings.ui else ""
     print(f"qwenvl serve: {settings.model_id} loaded in {load_s:.1f} s{packed}; API {base}/v1{page}", file=sys.stderr)
     run_server(create_app(model, settings, max_batch=args.max_batch), args.host, args.port, args.log_level)
     return 0
+
+
+def _cors_origins(text: str | None) -> tuple[str, ...]:
+    origins = tuple(part.strip().rstrip("/") for part in (text or "").split(",") if part.strip())
+    for origin in origins:
+        if origin != "*" and not origin.startswith(("http://", "https://")):
+            raise QwenVLError(f"--cors-origins: expected http(s)://host[:port] or '*', got {origin!r}")
+    return origins
+
+
+def _warm_grammar_compiler(model: Any) -> None:
+    """Build llguidance's view of the vocabulary (~1.5 s) in the background, before the first request
+    with a grammar needs it."""
+    import threading
+
+    threading.Thread(
+        target=lambda: model.grammar_compiler.ll_tokenizer, name="qwenvl-grammar-warmup", daemon=True
+    ).start()
 
 
 def _pack_prefill_weights(model: Any, choice: str) -> str:
@@ -369,6 +395,50 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
 
 
+def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("constrained output (docs/run.md)")
+    exclusive = group.add_mutually_exclusive_group()
+    exclusive.add_argument("--json-schema", metavar="FILE", help="the answer is JSON following this schema file")
+    exclusive.add_argument("--regex", metavar="R", help="the answer matches this regular expression")
+    exclusive.add_argument(
+        "--tools", metavar="FILE", help="a JSON list of OpenAI function tools the model may call (printed as JSON)"
+    )
+    group.add_argument(
+        "--tool-choice",
+        metavar="auto|required|none|NAME",
+        help="with --tools: auto (default), required (at least one call), none, or a tool name (exactly that call)",
+    )
+
+
+def _output_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Model.stream options for --json-schema / --regex / --tools / --tool-choice."""
+    if args.tool_choice is not None and args.tools is None:
+        raise QwenVLError("--tool-choice goes with --tools")
+    if args.json_schema is not None:
+        return {"json_schema": _read_json_file(args.json_schema, "--json-schema", dict)}
+    if args.regex is not None:
+        return {"regex": args.regex}
+    if args.tools is not None:
+        choice = args.tool_choice or "auto"
+        if choice not in ("auto", "required", "none"):
+            choice = {"type": "function", "function": {"name": choice}}
+        return {"tools": _read_json_file(args.tools, "--tools", list), "tool_choice": choice}
+    return {}
+
+
+def _read_json_file(path: str, flag: str, kind: type) -> Any:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            value = json.load(handle)
+    except OSError as error:
+        raise QwenVLError(f"{flag}: cannot read {path} ({error.strerror})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise QwenVLError(f"{flag}: {path} is not valid JSON ({error})") from None
+    if not isinstance(value, kind):
+        raise QwenVLError(f"{flag}: {path} must hold a JSON {'object' if kind is dict else 'list'}")
+    return value
+
+
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "max_tokens": args.max_tokens,
@@ -428,26 +498,53 @@ def _read_prompt(prompt: str) -> str:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from .tools import ToolCallParser, parse_tool_calls, tool_names
+
     prompt = _read_prompt(args.prompt)
     images: list[Any] = list(args.image)
     if args.boxes is not None:
         images = _images_to_draw_on(args.boxes, images)
+    output = _output_options(args)
     model, load_s = _load(args)
-    generation = model.stream(_messages(args.system, _user_content(prompt, images, args.video)), **_sampling(args))
+    messages = _messages(args.system, _user_content(prompt, images, args.video))
+    generation = model.stream(messages, **_sampling(args), **output)
+    names = tool_names(output.get("tools")) if output.get("tools") and output.get("tool_choice") != "none" else None
+    parser = ToolCallParser(bare_names=names) if names is not None else None
     if args.json:
         for _ in generation:
             pass
     else:
+        written = False
         for piece in generation:
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+            written |= _write(parser.feed(piece) if parser is not None else piece)
+        if parser is not None:
+            written |= _write(parser.finish(generation.result.finish_reason if generation.result else None))
+        if written or parser is None:
+            sys.stdout.write("\n")
     result = generation.result
+    if parser is not None and not args.json:
+        for call in parser.calls if not parser.malformed else []:
+            print(json.dumps({"name": call.name, "arguments": json.loads(call.arguments)}, ensure_ascii=False))
     if args.json:
-        print(json.dumps(_result_json(result, load_s, model.source), ensure_ascii=False))
+        record = _result_json(result, load_s, model.source)
+        if "tools" in output and output["tool_choice"] != "none":
+            content, calls, _ = parse_tool_calls(result.text, result.finish_reason, bare_names=names)
+            record["content"], record["tool_calls"] = content, [call.to_openai() for call in calls]
+            if calls and result.finish_reason == "stop":
+                record["finish_reason"] = "tool_calls"
+        print(json.dumps(record, ensure_ascii=False))
     if args.boxes is not None:
         _write_boxes(args.boxes, images, result)
     return 0
+
+
+def _write(piece: Any) -> bool:
+    """Text, or the content deltas of the tool-call parser (the calls are printed at the end)."""
+    text = piece if isinstance(piece, str) else "".join(delta.content or "" for delta in piece)
+    if text:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    return bool(text)
 
 
 def _images_to_draw_on(out: str, sources: list[str]) -> list[Any]:

@@ -7,6 +7,7 @@ generated ids back into text one token at a time without ever emitting half a UT
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from collections.abc import Iterable
@@ -38,17 +39,20 @@ class Tokenizer:
         bos_token: str | None = None,
         chat_template: str | None = None,
         source: str = "tokenizer.json",
+        tool_chat_template: str | None = None,
     ):
         self._backend = backend
         self._plain_text_backend: tokenizers.Tokenizer | None = None
         self._plain_text_lock = threading.Lock()
         self.chat_template = chat_template
+        # a template with a tool section, when chat_template has none (Qwen2.5-VL's tokenizer_config.json)
+        self.tool_chat_template = tool_chat_template
         self.eos_token, self.eos_token_id = self._special(eos_token, "eos_token", source)
         self.pad_token, self.pad_token_id = self._special(pad_token, "pad_token", source)
         self.bos_token, self.bos_token_id = self._special(bos_token, "bos_token", source)
-        self.special_token_ids: set[int] = {
-            token_id for token_id, token in backend.get_added_tokens_decoder().items() if token.special
-        }
+        added = backend.get_added_tokens_decoder()
+        self.special_token_ids: set[int] = {token_id for token_id, token in added.items() if token.special}
+        self._added_token_ids = frozenset(added)
 
     # ---- construction ----
 
@@ -74,6 +78,7 @@ class Tokenizer:
             bos_token=_token_content(config.get("bos_token")),
             chat_template=_find_chat_template(path, config),
             source=str(config_file),
+            tool_chat_template=_find_tool_template(path, config),
         )
 
     @classmethod
@@ -85,6 +90,7 @@ class Tokenizer:
         pad_token: str | None = None,
         bos_token: str | None = None,
         chat_template: str | None = None,
+        tool_chat_template: str | None = None,
     ) -> Tokenizer:
         """Build from a tokenizer.json string (e.g. one made by `build_qwen2_tokenizer_json`)."""
         try:
@@ -98,6 +104,7 @@ class Tokenizer:
             bos_token=bos_token,
             chat_template=chat_template,
             source="tokenizer",
+            tool_chat_template=tool_chat_template,
         )
 
     def _special(self, token: str | None, field: str, source: str) -> tuple[str | None, int | None]:
@@ -134,6 +141,21 @@ class Tokenizer:
         """The text of each token on its own (a token holding part of a UTF-8 character shows U+FFFD)."""
         return [self._backend.decode([token_id], skip_special_tokens=False) for token_id in ids]
 
+    def to_json(self) -> str:
+        """The tokenizer.json this tokenizer runs (added tokens included): what llguidance reads."""
+        return self._backend.to_str()
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (b"" for an id with no token): its byte-level BPE string mapped
+        back to bytes, or an added token's own text."""
+        token = self._backend.id_to_token(token_id)
+        if token is None:
+            return b""
+        decoder = _byte_decoder()
+        if token_id in self._added_token_ids or any(char not in decoder for char in token):
+            return token.encode("utf-8")
+        return bytes(decoder[char] for char in token)
+
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 
@@ -150,6 +172,16 @@ class Tokenizer:
         """The special tokens that are set, by name: what transformers passes to chat templates."""
         names = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token}
         return {name: token for name, token in names.items() if token is not None}
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet reversed: the character each byte is written as → the byte."""
+    shown = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    hidden = [byte for byte in range(256) if byte not in shown]
+    table = {chr(byte): byte for byte in shown}
+    table.update({chr(256 + index): byte for index, byte in enumerate(hidden)})
+    return table
 
 
 class StreamDecoder:
@@ -323,6 +355,29 @@ def _find_chat_template(path: Path, config: dict) -> str | None:
     if json_file.is_file():
         return _select_template(_read_json(json_file).get("chat_template"), json_file)
     return _select_template(config.get("chat_template"), path / "tokenizer_config.json")
+
+
+def _find_tool_template(path: Path, config: dict) -> str | None:
+    """The template that renders ``tools`` when the chosen one does not: a ``tool_use`` entry of a named
+    list, else tokenizer_config.json's own template (Qwen2.5-VL ships its tool template there, and
+    the vision-only one in chat_template.json). None when nothing but the chosen template exists."""
+    candidates = []
+    json_file = path / "chat_template.json"
+    for value in (
+        _read_json(json_file).get("chat_template") if json_file.is_file() else None,
+        config.get("chat_template"),
+    ):
+        if isinstance(value, list):
+            candidates += [
+                item.get("template") for item in value if isinstance(item, dict) and item.get("name") == "tool_use"
+            ]
+        elif isinstance(value, str):
+            candidates.append(value)
+    from .chat import template_uses_tools
+
+    return next(
+        (template for template in candidates if isinstance(template, str) and template_uses_tools(template)), None
+    )
 
 
 def _select_template(value: Any, source: Path) -> str | None:

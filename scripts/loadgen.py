@@ -5,7 +5,9 @@
 
 CLIENTS threads each send streamed /v1/chat/completions requests, one after another, until REQUESTS have
 been sent in all. Prints the aggregate decode rate (completion tokens of all requests / wall time), the mean
-time to first token (first content chunk) and the errors. Standard library only.
+time to first token (first content chunk) and the errors. ``--json-schema-share 0.5`` sends every other
+request with a ``response_format`` JSON schema (``--json-schema FILE``, default: a long list of objects),
+the others plain, to measure what structured outputs cost the batch. Standard library only.
 """
 
 from __future__ import annotations
@@ -31,6 +33,31 @@ PROMPTS = (
     "Summarize the rules of tic-tac-toe.",
     "Give three tips for writing readable code.",
 )
+
+
+# Long enough that max_tokens, not the schema, ends the answer (as ignore_eos does for plain requests).
+DEFAULT_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "items": {
+            "type": "array",
+            "minItems": 200,
+            "items": {
+                "type": "object",
+                "properties": {
+                    "name": {"type": "string", "maxLength": 16},
+                    "quantity": {"type": "integer", "minimum": 0, "maximum": 999},
+                    "unit": {"enum": ["kg", "g", "l", "ml", "pieces"]},
+                },
+                "required": ["name", "quantity", "unit"],
+                "additionalProperties": False,
+            },
+        }
+    },
+    "required": ["items"],
+    "additionalProperties": False,
+}
+SCHEMA_PROMPT = "List the ingredients of a large party buffet as JSON."
 
 
 @dataclass
@@ -61,7 +88,11 @@ class LoadReport:
     error_messages: list[str] = field(default_factory=list)
 
 
-def chat_body(prompt: str, max_tokens: int, model: str, temperature: float, ignore_eos: bool) -> dict[str, Any]:
+def chat_body(
+    prompt: str, max_tokens: int, model: str, temperature: float, ignore_eos: bool, schema: dict | None = None
+) -> dict[str, Any]:
+    """One streamed chat request; with ``schema``, constrained to it (and without ignore_eos, which a
+    grammar does not take)."""
     body: dict[str, Any] = {
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
@@ -70,7 +101,9 @@ def chat_body(prompt: str, max_tokens: int, model: str, temperature: float, igno
         "stream": True,
         "stream_options": {"include_usage": True},
     }
-    if ignore_eos:
+    if schema is not None:
+        body["response_format"] = {"type": "json_schema", "json_schema": {"name": "load", "schema": schema}}
+    elif ignore_eos:
         body["ignore_eos"] = True
     return body
 
@@ -139,9 +172,16 @@ def run_load(
     temperature: float = 0.0,
     ignore_eos: bool = False,
     timeout: float = 600.0,
+    schema: dict | None = None,
+    schema_share: float = 0.0,
 ) -> tuple[LoadReport, list[RequestResult]]:
-    """Send ``requests`` streamed chat requests from ``clients`` threads; the report and every result."""
-    prompts = [prompt or PROMPTS[i % len(PROMPTS)] for i in range(requests)]
+    """Send ``requests`` streamed chat requests from ``clients`` threads; the report and every result.
+    ``schema_share``: the fraction of requests (spread evenly) constrained to ``schema``."""
+    constrained = [int((i + 1) * schema_share) > int(i * schema_share) for i in range(requests)]
+    prompts = [
+        SCHEMA_PROMPT if constrained[i] and prompt is None else prompt or PROMPTS[i % len(PROMPTS)]
+        for i in range(requests)
+    ]
     results: list[RequestResult | None] = [None] * requests
     next_index = iter(range(requests))
     lock = threading.Lock()
@@ -152,7 +192,8 @@ def run_load(
                 index = next(next_index, None)
             if index is None:
                 return
-            body = chat_body(prompts[index], max_tokens, model, temperature, ignore_eos)
+            request_schema = (schema or DEFAULT_SCHEMA) if constrained[index] else None
+            body = chat_body(prompts[index], max_tokens, model, temperature, ignore_eos, request_schema)
             result = stream_one(base_url, body, api_key, timeout)
             result.index = index
             results[index] = result
@@ -217,10 +258,27 @@ def main(argv: list[str] | None = None) -> int:
         "--ignore-eos", action="store_true", help="ask for exactly max_tokens (vLLM / llama.cpp / qwenvl)"
     )
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request (default 600)")
+    parser.add_argument(
+        "--json-schema-share",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="fraction of the requests sent with a response_format JSON schema (default 0)",
+    )
+    parser.add_argument("--json-schema", metavar="FILE", help="that schema (default: a long list of objects)")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     args = parser.parse_args(argv)
     if min(args.clients, args.requests, args.max_tokens) < 1:
         parser.error("--clients, --requests and --max-tokens must be at least 1")
+    if not 0.0 <= args.json_schema_share <= 1.0:
+        parser.error("--json-schema-share must be in [0, 1]")
+    schema = None
+    if args.json_schema:
+        try:
+            with open(args.json_schema, encoding="utf-8") as handle:
+                schema = json.load(handle)
+        except (OSError, ValueError) as error:
+            parser.error(f"--json-schema: {error}")
     base_url = args.base_url.rstrip("/").removesuffix("/v1")
     report, _ = run_load(
         base_url,
@@ -233,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         temperature=args.temperature,
         ignore_eos=args.ignore_eos,
         timeout=args.timeout,
+        schema=schema,
+        schema_share=args.json_schema_share,
     )
     print(json.dumps(asdict(report)) if args.json else format_report(report))
     return 0 if report.errors == 0 else 1

@@ -1,5 +1,6 @@
-"""Property-based fuzz of request bodies (hypothesis): whatever the body, the server answers within a
-timeout, never with a 5xx, always with an OpenAI error body when it refuses, and leaks no request."""
+"""Property-based fuzz of request bodies (hypothesis): whatever the body (random schemas, tools,
+tool_choice, logprobs and the other fields included), the server answers within a timeout, never with
+a 5xx, always with an OpenAI error body when it refuses, and leaks no request."""
 
 from __future__ import annotations
 
@@ -68,6 +69,76 @@ messages = st.lists(
     min_size=1,
     max_size=3,
 )
+# -- structured outputs and tools: random schemas, tools and choices (valid ones reach llguidance)
+names = st.sampled_from(["f", "get_weather", "lookup", "a.b-c_d", "bad name", ""])
+leaf_schemas = st.one_of(
+    st.fixed_dictionaries({"type": st.sampled_from(["integer", "number", "boolean", "null", "string", "strin"])}),
+    st.fixed_dictionaries({"type": st.just("integer"), "minimum": st.integers(-5, 5), "maximum": st.integers(-5, 9)}),
+    st.fixed_dictionaries({"enum": st.lists(st.text(max_size=4) | st.integers(), min_size=1, max_size=3)}),
+    st.fixed_dictionaries({"type": st.just("string"), "maxLength": st.integers(0, 4)}),
+    st.fixed_dictionaries({"type": st.just("string"), "pattern": st.sampled_from(["^[a-z]{1,3}$", "(", "[0-9]+"])}),
+    st.fixed_dictionaries({"$ref": st.sampled_from(["#/nope", "#"])}),
+    json_values,
+)
+schemas = st.recursive(
+    leaf_schemas,
+    lambda inner: (
+        st.fixed_dictionaries(
+            {
+                "type": st.just("object"),
+                "properties": st.dictionaries(st.text("abc", min_size=1, max_size=3), inner, max_size=3),
+            },
+            optional={
+                "required": st.lists(st.text("abc", min_size=1, max_size=3), max_size=2),
+                "additionalProperties": st.booleans(),
+            },
+        )  # fmt: skip
+        | st.fixed_dictionaries({"type": st.just("array"), "items": inner}, optional={"maxItems": st.integers(0, 3)})
+        | st.fixed_dictionaries({"anyOf": st.lists(inner, min_size=1, max_size=2)})
+    ),
+    max_leaves=6,
+)
+tools = st.lists(
+    st.fixed_dictionaries(
+        {
+            "type": st.sampled_from(["function", "function", "custom"]),
+            "function": st.fixed_dictionaries(
+                {"name": names}, optional={"parameters": schemas, "description": st.text(max_size=10)}
+            ),
+        }  # fmt: skip
+    ),
+    max_size=3,
+)
+tool_choices = st.sampled_from(["none", "auto", "required", "sometimes"]) | st.fixed_dictionaries(
+    {"type": st.just("function"), "function": st.fixed_dictionaries({"name": names})}
+)
+response_formats = st.one_of(
+    st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "xml"])}),
+    st.fixed_dictionaries(
+        {
+            "type": st.just("json_schema"),
+            "json_schema": st.fixed_dictionaries(
+                {"name": st.text(max_size=8)}, optional={"schema": schemas, "strict": st.booleans()}
+            ),
+        }  # fmt: skip
+    ),
+)
+structured_outputs = st.fixed_dictionaries(
+    {},
+    optional={
+        "json": schemas,
+        "regex": st.sampled_from(["[a-z]{2}", "(", "\\d+", "a|b"]),
+        "choice": st.lists(st.text(max_size=5), max_size=3),
+        "grammar": st.sampled_from(['start: "x"', "start: nope", 'root ::= "a"']),
+        "json_object": st.booleans(),
+    },
+)
+output_fields = {
+    "response_format": response_formats,
+    "structured_outputs": structured_outputs,
+    "logit_bias": st.dictionaries(st.integers(0, 160_000).map(str), st.floats(-100, 100), max_size=3),
+}
+
 sampling = {
     "model": st.text(max_size=10),
     "max_tokens": st.integers(1, 12),
@@ -88,6 +159,12 @@ chat_bodies = st.fixed_dictionaries(
     {"messages": messages},
     optional={
         **sampling,
+        **output_fields,
+        "tools": tools,
+        "tool_choice": tool_choices,
+        "parallel_tool_calls": st.booleans(),
+        "logprobs": st.booleans(),
+        "top_logprobs": st.integers(-1, 21),
         "max_completion_tokens": st.integers(1, 12),
         "mm_processor_kwargs": st.fixed_dictionaries(
             {},
@@ -106,13 +183,30 @@ completion_bodies = st.fixed_dictionaries(
         | st.lists(st.integers(0, 151_000), max_size=8)
         | st.lists(st.text(max_size=10), min_size=1, max_size=1)
     },
-    optional=sampling,
+    optional={**sampling, **output_fields, "logprobs": st.integers(-1, 21), "echo": st.booleans()},
 )
 
 # -- anything at all, JSON or not: the schema layer
 junk_bodies = (
     st.dictionaries(
-        st.sampled_from(["messages", "prompt", *sampling, "n", "logprobs", "echo", "mm_processor_kwargs"]),
+        st.sampled_from(
+            [
+                "messages",
+                "prompt",
+                *sampling,
+                "n",
+                "logprobs",
+                "echo",
+                "mm_processor_kwargs",
+                *output_fields,
+                "tools",
+                "tool_choice",
+                "top_logprobs",
+                "audio",
+                "store",
+                "guided_json",
+            ]
+        ),  # fmt: skip
         json_values,
         max_size=6,
     )
@@ -134,6 +228,13 @@ def server(make_vl):
         yield running
 
 
+@pytest.fixture(scope="module")
+def text_server(make_qwen2):
+    model = qwenvl.load(make_qwen2("default"), dtype="float32", context=256)
+    with live_server(model, max_batch=4, default_max_tokens=6) as running:
+        yield running
+
+
 def check(server, path: str, data: bytes) -> None:
     """Within the timeout; no 5xx; an error body on refusal; a complete answer (or SSE stream) otherwise."""
     started = time.monotonic()
@@ -149,13 +250,34 @@ def check(server, path: str, data: bytes) -> None:
     elif response.headers["content-type"].startswith("text/event-stream"):
         assert response.text.endswith("data: [DONE]\n\n") and '"error"' not in response.text
     else:
-        assert response.json()["choices"][0]["finish_reason"] in ("stop", "length")
+        assert response.json()["choices"][0]["finish_reason"] in ("stop", "length", "tool_calls")
 
 
 @FUZZ_SETTINGS
 @given(body=chat_bodies)
 def test_fuzz_chat_completions(server, body):
     check(server, "/v1/chat/completions", json.dumps(body).encode())
+
+
+@settings(FUZZ_SETTINGS, max_examples=80)
+@given(
+    body=st.fixed_dictionaries(
+        {"messages": st.just([{"role": "user", "content": "Go"}])},
+        optional={
+            **output_fields,
+            "tools": tools,
+            "tool_choice": tool_choices,
+            "stream": st.booleans(),
+            "temperature": st.floats(0, 2),
+            "seed": st.integers(0, 99),
+            "max_tokens": st.integers(1, 8),
+        },
+    )  # fmt: skip
+)
+def test_fuzz_structured_outputs_and_tools(text_server, body):
+    """Random schemas, tools and choices on a model whose template has tools: the valid ones reach
+    llguidance and the engine."""
+    check(text_server, "/v1/chat/completions", json.dumps(body).encode())
 
 
 @settings(FUZZ_SETTINGS, max_examples=100)
@@ -176,7 +298,9 @@ def test_fuzz_raw_bytes(server, data):
     check(server, "/v1/chat/completions", data)
 
 
-def test_nothing_left_running_after_the_fuzz(server):
+@pytest.mark.parametrize("which", ["server", "text_server"])
+def test_nothing_left_running_after_the_fuzz(request, which):
+    server = request.getfixturevalue(which)
     deadline = time.monotonic() + 10
     while True:
         health = requests.get(server.base_url + "/health", timeout=10).json()

@@ -16,6 +16,7 @@ from ..errors import RequestError
 from ..grounding import GroundedBox, ImageGeometry
 from ..models.text import KVCache, TextModel
 from ..tokenizer import StreamDecoder, Tokenizer
+from .grammar import Constraint, apply_mask
 from .prompt import Prompt
 from .sampler import Sampler, SamplingParams
 
@@ -31,6 +32,10 @@ class GenerationResult:
     error: str | None = None  # one-line message when finish_reason == "error"
     images: list[ImageGeometry] = field(default_factory=list)  # the prompt's images: original, resized size
     boxes: list[GroundedBox] = field(default_factory=list)  # boxes / points of the answer, original pixels
+    logprobs: list[TokenLogprob] | None = None  # per generated token (a final EOS excepted), when asked
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token (None for the first)
+    tool_calls: list | None = None  # qwenvl.tools.ToolCall list, when the request had tools (Model.chat)
+    content: str | None = None  # with tools: the text outside the calls (None when there is none)
 
     @property
     def completion_tokens(self) -> int:
@@ -44,6 +49,26 @@ class GenerationResult:
     def decode_tok_s(self) -> float:
         steps = self.completion_tokens - 1  # the first token comes out of the prefill
         return steps / self.decode_s if steps > 0 and self.decode_s else 0.0
+
+
+@dataclass
+class TokenLogprob:
+    """A token's log-probability under the model (log-softmax of the raw logits, before the sampling
+    adjustments, penalties and grammar mask) and the ``top`` most likely tokens there, best first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, top: int) -> list[TokenLogprob]:
+    """Entries for ``tokens`` [N] from log-probabilities [N, vocab]."""
+    chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
+    best_values, best_ids = logprobs.topk(top, dim=-1) if top else (logprobs[:, :0], tokens[:, None][:, :0])
+    return [
+        TokenLogprob(token, value, list(zip(ids, values)))
+        for token, value, ids, values in zip(tokens.tolist(), chosen, best_ids.tolist(), best_values.tolist())
+    ]
 
 
 class StopMatcher:
@@ -96,6 +121,9 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+    constraint: Constraint | None = None  # the grammar the output must follow (structured outputs, tools)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # when params.logprobs is set
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # when params.prompt_logprobs is set
 
     @property
     def next_position(self) -> int:
@@ -119,6 +147,7 @@ def new_request(
     eos_ids,
     context: int,
     allocate: bool = True,
+    constraint: Constraint | None = None,
 ) -> Request:
     """A request ready to run; ``allocate=False`` leaves its KV cache for ``Request.allocate_cache``."""
     length = len(prompt.input_ids)
@@ -126,6 +155,11 @@ def new_request(
         raise RequestError("empty prompt")
     if length >= context:
         raise RequestError(f"prompt has {length} tokens, the context holds {context}")
+    if constraint is not None and params.ignore_eos:
+        raise RequestError("ignore_eos cannot be combined with a grammar (structured outputs or tools)")
+    vocab = model.config.vocab_size
+    if any(not 0 <= token < vocab for token, _ in params.logit_bias):
+        raise RequestError(f"logit_bias: token ids must be in 0..{vocab - 1}")
     max_new = min(params.max_tokens, context - length)
     request = Request(
         prompt=prompt,
@@ -136,6 +170,8 @@ def new_request(
         decoder=StreamDecoder(tokenizer, skip_special_tokens=True),
         stopper=StopMatcher(params.stop),
         max_new_tokens=max_new,
+        constraint=constraint,
+        prompt_logprobs=[None] if params.prompt_logprobs is not None else [],
     )
     if allocate:
         request.allocate_cache(model)
@@ -166,7 +202,7 @@ class Generation:
         history = torch.tensor(req.prompt.input_ids, dtype=torch.long)
         prompt_length = len(req.prompt.input_ids)
         while True:
-            token = req.sampler(logits, history, history[prompt_length:])
+            token = sample_next(req, logits, history, history[prompt_length:])
             req.output_ids.append(token)
             piece = accept_token(req, token)
             if piece:
@@ -183,10 +219,28 @@ class Generation:
             finish_reason=req.finish_reason or "length",
             prefill_s=prefill_done - started,
             decode_s=finished - prefill_done,
+            logprobs=list(req.logprobs) if req.params.logprobs is not None else None,
+            prompt_logprobs=list(req.prompt_logprobs) if req.params.prompt_logprobs is not None else None,
         )
         if self.finish is not None:
             self.finish(result)
         self.result = result
+
+
+def sample_next(req: Request, logits: torch.Tensor, history: torch.Tensor, generated: torch.Tensor) -> int:
+    """The request's next token from its logits [vocab]: the grammar's mask (if any) and the sampler.
+    Records the token's log-probabilities (of the raw logits) when the request asks for them."""
+    logprobs = torch.log_softmax(logits, dim=-1) if req.params.logprobs is not None else None
+    if req.constraint is not None:
+        allowed = req.constraint.allowed()
+        if allowed is not None:
+            logits = apply_mask(logits, allowed)
+    token = req.sampler(logits, history, generated)
+    if req.constraint is not None:
+        req.constraint.accept(token)
+    if logprobs is not None:
+        req.logprobs.extend(token_logprobs(logprobs[None], torch.tensor([token]), req.params.logprobs))
+    return token
 
 
 def accept_token(req: Request, token: int) -> str:
@@ -195,6 +249,8 @@ def accept_token(req: Request, token: int) -> str:
     if token in req.eos_token_ids and not req.params.ignore_eos:
         req.finish_reason = "stop"
         raw = req.decoder.flush()
+        if req.params.logprobs is not None and req.logprobs:
+            req.logprobs.pop()  # the end of sequence is not part of the answer
     else:
         raw = req.decoder.push(token)
         if len(req.output_ids) >= req.max_new_tokens:
@@ -224,6 +280,8 @@ def prefill_chunk(model: TextModel, req: Request, start: int) -> torch.Tensor | 
     cuts a prompt the same way); the logits after the prompt's last token, None before it."""
     embeds, positions, end = _chunk_inputs(model, req, start)
     hidden = model(embeds[None], positions[:, None], req.cache, start=start)
+    if req.params.prompt_logprobs is not None:
+        _record_prompt_logprobs(model, req, hidden[0], start)
     return model.logits(hidden[0, -1]) if end == len(req.prompt.input_ids) else None
 
 
@@ -243,12 +301,32 @@ def prefill_chunks(model: TextModel, chunks: Sequence[tuple[Request, int]]) -> l
         lengths,
     )
     ends = torch.tensor(lengths).cumsum(0) - 1
+    for (req, start), end, length in zip(chunks, ends.tolist(), lengths):
+        if req.params.prompt_logprobs is not None:
+            _record_prompt_logprobs(model, req, hidden[0, end + 1 - length : end + 1], start)
     finished = [i for i, (req, _) in enumerate(chunks) if inputs[i][2] == len(req.prompt.input_ids)]
     logits = model.logits(hidden[0, ends[finished]]) if finished else None
     out: list[torch.Tensor | None] = [None] * len(chunks)
     for row, i in enumerate(finished):
         out[i] = logits[row]
     return out
+
+
+PROMPT_LOGPROB_ROWS = 64  # logits rows at a time for prompt logprobs (64 × 152k floats = 39 MB)
+
+
+def _record_prompt_logprobs(model: TextModel, req: Request, hidden: torch.Tensor, start: int) -> None:
+    """Log-probabilities of the prompt tokens that the chunk's positions predict (hidden [L, H] of the
+    positions start … start + L): position p predicts token p + 1; the last prompt position predicts
+    the first generated token, which the sampling step records."""
+    ids = req.prompt.input_ids
+    del req.prompt_logprobs[start + 1 :]  # a chunk run again (after a failed batch) records it once
+    count = min(hidden.shape[0], len(ids) - 1 - start)
+    for row in range(0, max(count, 0), PROMPT_LOGPROB_ROWS):
+        rows = min(PROMPT_LOGPROB_ROWS, count - row)
+        logprobs = torch.log_softmax(model.logits(hidden[row : row + rows]), dim=-1)
+        targets = torch.tensor(ids[start + row + 1 : start + row + 1 + rows], dtype=torch.long)
+        req.prompt_logprobs.extend(token_logprobs(logprobs, targets, req.params.prompt_logprobs))
 
 
 def _chunk_inputs(model: TextModel, req: Request, start: int) -> tuple[torch.Tensor, torch.Tensor, int]:

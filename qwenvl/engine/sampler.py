@@ -12,6 +12,7 @@ from ..config import GenerationConfig
 from ..errors import RequestError
 
 GREEDY_BELOW = 1e-5
+MAX_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,9 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False  # keep going past EOS (benchmarks), as vLLM's option
+    logit_bias: tuple[tuple[int, float], ...] = ()  # OpenAI's: (token id, bias) added to the logits first
+    logprobs: int | None = None  # log-probability of each generated token and of this many alternatives
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (all but the first)
 
     @property
     def greedy(self) -> bool:
@@ -45,6 +49,12 @@ class SamplingParams:
             (-2 <= self.presence_penalty <= 2, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
             (-2 <= self.frequency_penalty <= 2, f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+            (all(-100 <= bias <= 100 for _, bias in self.logit_bias), "logit_bias values must be in [-100, 100]"),
+            (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, f"logprobs must be in [0, {MAX_LOGPROBS}]"),
+            (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+                f"prompt_logprobs must be in [0, {MAX_LOGPROBS}]",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -53,15 +63,16 @@ class SamplingParams:
 
 
 _INTEGER_FIELDS = ("max_tokens", "top_k")
+_OPTIONAL_INTEGER_FIELDS = ("seed", "logprobs", "prompt_logprobs")
 _NUMBER_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
 def _check_types(params: SamplingParams) -> None:
-    for name in _INTEGER_FIELDS + ("seed",) + _NUMBER_FIELDS:
+    for name in _INTEGER_FIELDS + _OPTIONAL_INTEGER_FIELDS + _NUMBER_FIELDS:
         value = getattr(params, name)
-        if name == "seed" and value is None:
+        if name in _OPTIONAL_INTEGER_FIELDS and value is None:
             continue
-        integer = name in _INTEGER_FIELDS or name == "seed"
+        integer = name in _INTEGER_FIELDS + _OPTIONAL_INTEGER_FIELDS
         if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
             raise RequestError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
         if not integer and not math.isfinite(value):
@@ -83,7 +94,20 @@ def sampling_params(defaults: GenerationConfig, **overrides) -> SamplingParams:
     values = base | {k: v for k, v in overrides.items() if v is not None}
     stop = values.get("stop", ())
     values["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
+    values["logit_bias"] = _logit_bias(values.get("logit_bias", ()))
     return SamplingParams(**values).validate()
+
+
+def _logit_bias(bias) -> tuple[tuple[int, float], ...]:
+    """{token id: bias} (keys may be digit strings, as JSON sends them) → sorted (id, bias) pairs."""
+    pairs = bias.items() if isinstance(bias, dict) else bias
+    try:
+        out = {int(token): float(value) for token, value in pairs}
+    except (TypeError, ValueError):
+        raise RequestError("logit_bias: expected {token id: bias}") from None
+    if any(not math.isfinite(value) for value in out.values()):
+        raise RequestError("logit_bias values must be finite numbers")
+    return tuple(sorted(out.items()))
 
 
 class Sampler:
@@ -93,11 +117,15 @@ class Sampler:
         self.params = params
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         self.generator = torch.Generator().manual_seed(seed)
+        self.bias_ids = torch.tensor([token for token, _ in params.logit_bias], dtype=torch.long)
+        self.bias_values = torch.tensor([value for _, value in params.logit_bias], dtype=torch.float32)
 
     def __call__(self, logits: torch.Tensor, history: torch.Tensor, generated: torch.Tensor | None = None) -> int:
         """logits [vocab] (float32); history: every token id so far (prompt + generated);
         generated: the generated ones alone (what presence / frequency penalties count)."""
         p = self.params
+        if p.logit_bias:
+            logits = logits.index_add(0, self.bias_ids, self.bias_values.to(logits.dtype))
         if p.repetition_penalty != 1.0 and history.numel():
             logits = apply_repetition_penalty(logits, history, p.repetition_penalty)
         if (p.presence_penalty or p.frequency_penalty) and generated is not None and generated.numel():

@@ -27,7 +27,18 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import QwenVLError, RequestError
-from .generate import PREFILL_CHUNK, GenerationResult, Request, accept_token, new_request, prefill_chunk, prefill_chunks
+from .generate import (
+    PREFILL_CHUNK,
+    GenerationResult,
+    Request,
+    TokenLogprob,
+    accept_token,
+    new_request,
+    prefill_chunk,
+    prefill_chunks,
+    sample_next,
+)
+from .grammar import Constraint
 from .prompt import Prompt
 from .sampler import sampling_params
 
@@ -43,6 +54,8 @@ class TokenEvent:
     prompt_tokens: int
     completion_tokens: int  # total so far
     error: str | None = None  # one-line message when finish_reason == "error"
+    logprobs: list[TokenLogprob] | None = None  # of token_ids (a final EOS excepted), when the request asked
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on the first event, when the request asked
 
 
 class RequestHandle:
@@ -191,8 +204,11 @@ class BatchEngine:
             thread.join()
         self._cancel_everything()
 
-    def submit(self, prompt: Prompt | list[int], **sampling: Any) -> RequestHandle:
-        """Queue a request; RequestError here, synchronously, for anything wrong with it."""
+    def submit(
+        self, prompt: Prompt | list[int], constraint: Constraint | None = None, **sampling: Any
+    ) -> RequestHandle:
+        """Queue a request; RequestError here, synchronously, for anything wrong with it. ``constraint``:
+        the grammar its output must follow (``GrammarCompiler.constraint``), owned by the request."""
         if not isinstance(prompt, Prompt):
             prompt = Prompt.text_only(list(prompt))
         params = sampling_params(self.model.generation_config, **sampling)
@@ -203,7 +219,14 @@ class BatchEngine:
                 f"prompt ({length} tokens) + max_tokens ({params.max_tokens}) exceeds the context of {context} tokens"
             )
         request = new_request(
-            self.model.text_model, self.model.tokenizer, prompt, params, self._eos, context, allocate=False
+            self.model.text_model,
+            self.model.tokenizer,
+            prompt,
+            params,
+            self._eos,
+            context,
+            allocate=False,
+            constraint=constraint,
         )
         self.start()
         with self._work:
@@ -349,7 +372,8 @@ class BatchEngine:
         try:
             req = seq.request
             count = seq.prompt_length + len(req.output_ids)
-            token = req.sampler(logits, seq.history[:count], seq.history[seq.prompt_length : count])
+            recorded = len(req.logprobs)
+            token = sample_next(req, logits, seq.history[:count], seq.history[seq.prompt_length : count])
             req.output_ids.append(token)
             seq.history[count] = token
             piece = accept_token(req, token)
@@ -357,6 +381,10 @@ class BatchEngine:
             self._end(seq, "error", exc)
             return
         event = TokenEvent(piece, [token], req.finish_reason, seq.prompt_length, len(req.output_ids))
+        if req.params.logprobs is not None:
+            event.logprobs = req.logprobs[recorded:]
+        if req.params.prompt_logprobs is not None and len(req.output_ids) == 1:
+            event.prompt_logprobs = list(req.prompt_logprobs)
         if req.finish_reason is None:
             seq.handle._emit(event)
         else:
@@ -392,6 +420,8 @@ class BatchEngine:
                 prefill_s=first - (seq.admitted or first),
                 decode_s=now - first,
                 error=message,
+                logprobs=list(req.logprobs) if req.params.logprobs is not None else None,
+                prompt_logprobs=list(req.prompt_logprobs) if req.params.prompt_logprobs is not None else None,
             )
         )
 

@@ -2,28 +2,37 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
 from .. import __version__
 from ..api import Model
 from ..engine.prompt import Prompt
-from .errors import APIKeyMiddleware, BodyLimitMiddleware, install_error_handlers
-from .prompts import PromptBuilder, refuse_unsupported
+from ..tools import tool_names
+from .errors import APIError, APIKeyMiddleware, BodyLimitMiddleware, install_error_handlers
+from .metrics import HTTPMetricsMiddleware, ServerMetrics
+from .prompts import OutputPlan, PromptBuilder, refuse_unsupported
 from .schemas import (
     ChatCompletion,
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorBody,
+    ModelCard,
     ModelList,
     SamplingFields,
+    TokenizeRequest,
+    TokenizeResponse,
 )
 from .settings import ServerSettings
 from .streaming import (
@@ -61,6 +70,7 @@ def create_app(model: Model, settings: ServerSettings, *, engine: Any = None, ma
 
         engine = BatchEngine(model, max_batch=max_batch)
     builder = PromptBuilder(model, settings)
+    metrics = ServerMetrics(engine)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -77,48 +87,124 @@ def create_app(model: Model, settings: ServerSettings, *, engine: Any = None, ma
         description="OpenAI-compatible chat and completions for Qwen2-VL / Qwen2.5-VL / Qwen2 on a CPU.",
     )
     app.state.engine, app.state.model, app.state.settings = engine, model, settings
+    app.state.metrics = metrics
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)  # added last: runs first
+    app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
+    if settings.cors_origins:  # outside the key check: browsers send preflight requests without the key
+        app.add_middleware(
+            CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["*"], allow_headers=["*"]
+        )
+    app.add_middleware(HTTPMetricsMiddleware, metrics=metrics)  # added last: runs first, counts every answer
 
     async def answer(
-        request: Request, body: SamplingFields, prompt: Prompt, requested: int | None, meta: ResponseMeta
+        request: Request,
+        body: SamplingFields,
+        prompt: Prompt,
+        requested: int | None,
+        meta: ResponseMeta,
+        plan: OutputPlan,
     ) -> JSONResponse | StreamingResponse:
         sampling = builder.sampling(body, len(prompt.input_ids), requested)
-        handle = engine.submit(prompt, **sampling)
+        constraint = await run_in_threadpool(builder.constraint, plan)
+        meta.tokenizer, meta.observer = model.tokenizer, metrics.request()
+        meta.tools = tool_names(plan.tools) if plan.parse_tools else None
+        meta.logprobs = sampling.get("logprobs") is not None
+        handle = engine.submit(prompt, constraint=constraint, **sampling)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return _CancellingStream(stream_events(request, handle, meta, include_usage), handle)
-        result = await collect(request, handle)
+        result = await collect(request, handle, meta)
         build = chat_completion if meta.kind == "chat" else text_completion
         return JSONResponse(build(meta, result))
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERROR_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        """Chat with text, images (``image_url``) and videos (``video_url``); ``stream`` for SSE chunks."""
+        """Chat with text, images (``image_url``) and videos (``video_url``); ``stream`` for SSE chunks;
+        ``tools`` for tool calls, ``response_format`` / ``structured_outputs`` for constrained output."""
         refuse_unsupported(body)
-        prompt = await run_in_threadpool(builder.chat_prompt, body)
+        plan = builder.output_plan(body)
+        prompt = await run_in_threadpool(builder.chat_prompt, body, plan)
         requested = body.max_completion_tokens or body.max_tokens
         meta = ResponseMeta(settings.model_id, "chat", extension=_qwenvl_extension(model, prompt))
-        return await answer(request, body, prompt, requested, meta)
+        return await answer(request, body, prompt, requested, meta, plan)
 
     @app.post("/v1/completions", response_model=Completion, responses=ERROR_RESPONSES)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         """Continue a raw prompt (a string, tokenized without a chat template, or a list of token ids)."""
         refuse_unsupported(body)
+        plan = builder.output_plan(body)
         prompt = await run_in_threadpool(builder.completion_prompt, body)
-        return await answer(request, body, prompt, body.max_tokens, ResponseMeta(settings.model_id, "text"))
+        meta = ResponseMeta(settings.model_id, "text")
+        if body.echo:
+            given = body.prompt[0] if isinstance(body.prompt, list) and body.prompt else body.prompt
+            meta.echo = given if isinstance(given, str) else model.tokenizer.decode(prompt.input_ids)
+            meta.prompt_ids = list(prompt.input_ids)
+        return await answer(request, body, prompt, body.max_tokens, meta, plan)
 
-    @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
-    async def models() -> Any:
-        card = {
+    def model_card() -> dict[str, Any]:
+        return {
             "id": settings.model_id,
             "object": "model",
             "created": settings.started,
             "owned_by": "qwenvl",
             "max_model_len": model.context,
         }
-        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
+    async def models() -> Any:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id}", response_model=ModelCard, responses={404: {"model": ErrorBody}})
+    async def one_model(model_id: str) -> Any:
+        """The served model's card; 404 for any other id."""
+        if model_id != settings.model_id:
+            raise APIError(404, f"no model {model_id!r}: this server serves {settings.model_id!r}", param="model",
+                           code="model_not_found")  # fmt: skip
+        return model_card()
+
+    def check_key(request: Request) -> None:
+        expected = settings.api_key
+        if expected and not secrets.compare_digest(
+            request.headers.get("authorization", "").encode(), f"Bearer {expected}".encode()
+        ):
+            raise APIError(401, "invalid or missing API key (send Authorization: Bearer KEY)", code="invalid_api_key")
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=ERROR_RESPONSES)
+    async def tokenize(body: TokenizeRequest, request: Request) -> Any:
+        """vLLM's /tokenize: ``prompt`` (tokenized as is) or ``messages`` (rendered with the chat template;
+        images and videos count as the pad tokens they become)."""
+        check_key(request)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give either prompt or messages", param="prompt")
+        if body.messages is None and (body.tools or body.mm_processor_kwargs):
+            raise APIError(400, "tools and mm_processor_kwargs go with messages", param="tools")
+        if body.prompt is not None:
+            tokens = model.tokenizer.encode(body.prompt)
+        else:
+            tokens = await run_in_threadpool(builder.tokenize_messages, body)
+        strs = (
+            [model.tokenizer.token_bytes(t).decode("utf-8", "replace") for t in tokens]
+            if body.return_token_strs
+            else None
+        )
+        return {"count": len(tokens), "max_model_len": model.context, "tokens": tokens, "token_strs": strs}
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=ERROR_RESPONSES)
+    async def detokenize(body: DetokenizeRequest, request: Request) -> Any:
+        """vLLM's /detokenize: token ids → text (special tokens included)."""
+        check_key(request)
+        vocab = model.config.text.vocab_size
+        bad = next((token for token in body.tokens if not 0 <= token < vocab), None)
+        if bad is not None:
+            raise APIError(400, f"tokens: id {bad} is outside the vocabulary (0..{vocab - 1})", param="tokens")
+        return {"prompt": model.tokenizer.decode(body.tokens)}
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        """Prometheus text format: requests by status, tokens, latency histograms, engine gauges."""
+        data, content_type = metrics.exposition()
+        return Response(data, media_type=content_type)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

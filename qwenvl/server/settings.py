@@ -26,6 +26,7 @@ class ServerSettings:
     media_timeout: float = 10.0  # seconds for one whole download, redirects included
     max_media_bytes: int = 32 * 2**20  # one downloaded or local media file
     ui: bool = True  # serve the chat page at GET / (``--no-ui``: off)
+    cors_origins: tuple[str, ...] = ()  # origins browsers may call from ("*": any); none by default
     started: int = field(default_factory=lambda: int(time.time()))
 
 

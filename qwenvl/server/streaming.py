@@ -14,7 +14,10 @@ from typing import Any
 
 from starlette.requests import Request
 
+from ..engine.generate import TokenLogprob
+from ..tools import ToolCallParser, ToolDelta, parse_tool_calls
 from .errors import APIError, error_body
+from .output import CompletionLogprobs, chat_logprobs, tool_call_delta
 
 DONE = "data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -30,6 +33,8 @@ class Answer:
     completion_tokens: int = 0
     error: str | None = None
     token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     def usage(self) -> dict[str, int]:
         return {
@@ -41,7 +46,7 @@ class Answer:
 
 @dataclass
 class ResponseMeta:
-    """The fields every object of one response shares."""
+    """The fields every object of one response shares, and how to render its answer."""
 
     model: str
     kind: str  # "chat" or "text"
@@ -49,6 +54,12 @@ class ResponseMeta:
     created: int = field(default_factory=lambda: int(time.time()))
     # the ``qwenvl`` extension object of the finished answer (images and grounding; docs/serve.md)
     extension: Callable[[Answer], dict[str, Any]] | None = None
+    tokenizer: Any = None  # for logprobs: token texts and bytes
+    tools: frozenset[str] | None = None  # chat: parse hermes tool calls (to these tools) out of the text
+    logprobs: bool = False  # include the tokens' logprobs
+    echo: str | None = None  # completions: the prompt's text, returned before the answer
+    prompt_ids: list[int] | None = None  # completions with echo and logprobs: the prompt's tokens
+    observer: Any = None  # metrics: ``event(event)`` for each engine event, ``finish(answer)`` at the end
 
     def __post_init__(self) -> None:
         self.id = self.id or f"{'chatcmpl' if self.kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex}"
@@ -66,7 +77,7 @@ async def cancel_on_disconnect(request: Request, handle: Any) -> None:
             return
 
 
-async def collect(request: Request, handle: Any) -> Answer:
+async def collect(request: Request, handle: Any, meta: ResponseMeta | None = None) -> Answer:
     """The whole answer of a non-streamed request."""
     watcher = asyncio.create_task(cancel_on_disconnect(request, handle))
     answer = Answer(prompt_tokens=handle.prompt_tokens)
@@ -74,32 +85,45 @@ async def collect(request: Request, handle: Any) -> Answer:
     try:
         async for event in handle.aevents():
             pieces.append(event.text)
-            _fold(answer, event)
+            _fold(answer, event, meta)
     finally:
         watcher.cancel()
         handle.cancel()
-    answer.text = "".join(pieces)
+        answer.text = "".join(pieces)
+        if meta is not None and meta.observer is not None:
+            meta.observer.finish(answer)
     if answer.finish_reason == "error":
         raise APIError(500, f"generation failed: {answer.error or 'unknown error'}")
     return answer
 
 
-def _fold(answer: Answer, event: Any) -> None:
+def _fold(answer: Answer, event: Any, meta: ResponseMeta | None) -> None:
     answer.token_ids.extend(event.token_ids)
     answer.prompt_tokens = event.prompt_tokens
     answer.completion_tokens = event.completion_tokens
+    if getattr(event, "logprobs", None):
+        answer.logprobs.extend(event.logprobs)
+    if getattr(event, "prompt_logprobs", None) is not None:
+        answer.prompt_logprobs = event.prompt_logprobs
     if event.finish_reason is not None:
         answer.finish_reason = event.finish_reason
         answer.error = event.error
+    if meta is not None and meta.observer is not None:
+        meta.observer.event(event)
 
 
 def chat_completion(meta: ResponseMeta, answer: Answer) -> dict[str, Any]:
-    choice = {
-        "index": 0,
-        "message": {"role": "assistant", "content": answer.text},
-        "finish_reason": answer.finish_reason,
-        "logprobs": None,
-    }
+    message: dict[str, Any] = {"role": "assistant", "content": answer.text}
+    finish = answer.finish_reason
+    if meta.tools is not None:
+        message["content"], calls, _ = parse_tool_calls(answer.text, finish, bare_names=meta.tools)
+        if calls:
+            message["tool_calls"] = [call.to_openai() for call in calls]
+            finish = "tool_calls" if finish == "stop" else finish
+    logprobs = None
+    if meta.logprobs:
+        logprobs = {"content": chat_logprobs(meta.tokenizer, answer.logprobs), "refusal": None}
+    choice = {"index": 0, "message": message, "finish_reason": finish, "logprobs": logprobs}
     return {**meta.header("chat.completion"), "choices": [choice], "usage": answer.usage(), **_extension(meta, answer)}
 
 
@@ -108,42 +132,133 @@ def _extension(meta: ResponseMeta, answer: Answer) -> dict[str, Any]:
 
 
 def text_completion(meta: ResponseMeta, answer: Answer) -> dict[str, Any]:
-    choice = {"index": 0, "text": answer.text, "finish_reason": answer.finish_reason, "logprobs": None}
+    logprobs = None
+    if meta.logprobs:
+        builder = CompletionLogprobs(meta.tokenizer)
+        parts = [builder.piece(answer.prompt_logprobs, meta.prompt_ids)] if _echo_logprobs(meta, answer) else []
+        parts.append(builder.piece(answer.logprobs, [entry.token_id for entry in answer.logprobs]))
+        logprobs = {key: [item for part in parts for item in part[key]] for key in parts[0]}
+    text = (meta.echo or "") + answer.text
+    choice = {"index": 0, "text": text, "finish_reason": answer.finish_reason, "logprobs": logprobs}
     return {**meta.header("text_completion"), "choices": [choice], "usage": answer.usage()}
+
+
+def _echo_logprobs(meta: ResponseMeta, answer: Answer) -> bool:
+    return meta.echo is not None and meta.prompt_ids is not None and answer.prompt_logprobs is not None
 
 
 async def stream_events(request: Request, handle: Any, meta: ResponseMeta, include_usage: bool) -> AsyncIterator[str]:
     """SSE lines for one streamed request: content chunks, the finish chunk, usage if asked, [DONE]."""
     watcher = asyncio.create_task(cancel_on_disconnect(request, handle))
     answer = Answer(prompt_tokens=handle.prompt_tokens)
+    chunks = _ChatChunks(meta) if meta.kind == "chat" else _TextChunks(meta)
     try:
-        if meta.kind == "chat":
-            yield _sse(_chunk(meta, {"role": "assistant", "content": ""}, None))
+        for payload in chunks.start():
+            yield _sse(payload)
         async for event in handle.aevents():
-            _fold(answer, event)
+            _fold(answer, event, meta)
             answer.text += event.text
-            if event.text:
-                yield _sse(_chunk(meta, {"content": event.text}, None))
             if event.finish_reason == "cancelled":
                 return
+            for payload in chunks.event(event, answer):
+                yield _sse(payload)
             if event.finish_reason == "error":
                 yield _sse(error_body(500, f"generation failed: {event.error or 'unknown error'}"))
             elif event.finish_reason is not None:
-                yield _sse({**_chunk(meta, {}, event.finish_reason), **_extension(meta, answer)})
+                finish = chunks.finish(event.finish_reason)
+                finish[-1].update(_extension(meta, answer))
+                for payload in finish:
+                    yield _sse(payload)
         if include_usage:
             yield _sse({**meta.header(_chunk_object(meta)), "choices": [], "usage": answer.usage()})
         yield DONE
     finally:
         watcher.cancel()
         handle.cancel()
+        if meta.observer is not None:
+            meta.observer.finish(answer)
 
 
-def _chunk(meta: ResponseMeta, delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
-    if meta.kind == "chat":
+class _ChatChunks:
+    """``chat.completion.chunk`` payloads: content deltas, tool-call deltas (parsed as the text comes),
+    logprobs on the chunk of the tokens they belong to."""
+
+    def __init__(self, meta: ResponseMeta):
+        self.meta = meta
+        self.parser = ToolCallParser(bare_names=meta.tools) if meta.tools is not None else None
+
+    def start(self) -> list[dict[str, Any]]:
+        return [self._chunk({"role": "assistant", "content": ""})]
+
+    def event(self, event: Any, answer: Answer) -> list[dict[str, Any]]:
+        if self.parser is None:
+            deltas = [{"content": event.text}] if event.text else []
+        else:
+            deltas = self._deltas(self.parser.feed(event.text)) if event.text else []
+            if event.finish_reason not in (None, "error", "cancelled"):
+                deltas += self._deltas(self.parser.finish(event.finish_reason))
+        payloads = [self._chunk(delta) for delta in deltas]
+        if self.meta.logprobs and event.logprobs:
+            if not payloads:
+                payloads.append(self._chunk({"content": ""}))
+            content = chat_logprobs(self.meta.tokenizer, event.logprobs)
+            payloads[0]["choices"][0]["logprobs"] = {"content": content, "refusal": None}
+        return payloads
+
+    def finish(self, reason: str) -> list[dict[str, Any]]:
+        if self.parser is not None and self.parser.calls and not self.parser.malformed and reason == "stop":
+            reason = "tool_calls"
+        return [self._chunk({}, reason)]
+
+    def _deltas(self, parsed: list[ToolDelta]) -> list[dict[str, Any]]:
+        out = []
+        for delta in parsed:
+            if delta.content is not None:
+                out.append({"content": delta.content})
+            else:
+                out.append({"tool_calls": [tool_call_delta(delta)]})
+        return out
+
+    def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
         choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
-    else:
-        choice = {"index": 0, "text": delta.get("content", ""), "finish_reason": finish_reason, "logprobs": None}
-    return {**meta.header(_chunk_object(meta)), "choices": [choice]}
+        return {**self.meta.header("chat.completion.chunk"), "choices": [choice]}
+
+
+class _TextChunks:
+    """``text_completion`` payloads: the echoed prompt first (with its logprobs once the first event
+    brings them), then the text of each event with its tokens' logprobs."""
+
+    def __init__(self, meta: ResponseMeta):
+        self.meta = meta
+        self.logprobs = CompletionLogprobs(meta.tokenizer) if meta.logprobs else None
+        self.echo_pending = meta.echo is not None
+
+    def start(self) -> list[dict[str, Any]]:
+        if self.echo_pending and not (self.meta.logprobs and self.meta.prompt_ids is not None):
+            self.echo_pending = False
+            return [self._chunk(self.meta.echo or "", None)]
+        return []
+
+    def event(self, event: Any, answer: Answer) -> list[dict[str, Any]]:
+        payloads = []
+        if self.echo_pending and answer.prompt_logprobs is not None:
+            self.echo_pending = False
+            assert self.logprobs is not None and self.meta.prompt_ids is not None
+            payloads.append(
+                self._chunk(self.meta.echo or "", self.logprobs.piece(answer.prompt_logprobs, self.meta.prompt_ids))
+            )
+        entries = event.logprobs or []
+        if event.text or entries:
+            piece = self.logprobs.piece(entries, [e.token_id for e in entries]) if self.logprobs else None
+            payloads.append(self._chunk(event.text, piece))
+        return payloads
+
+    def finish(self, reason: str) -> list[dict[str, Any]]:
+        return [self._chunk("", None, reason)]
+
+    def _chunk(self, text: str, logprobs: Any, finish_reason: str | None = None) -> dict[str, Any]:
+        choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}
+        return {**self.meta.header("text_completion"), "choices": [choice]}
 
 
 def _chunk_object(meta: ResponseMeta) -> str:

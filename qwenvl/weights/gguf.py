@@ -369,6 +369,7 @@ class GGUFModel:
         _check_token_ids(metadata, where)
         self.add_bos_token = bool(metadata.get("tokenizer.ggml.add_bos_token", False))
         self.chat_template: str | None = metadata.get("tokenizer.chat_template")
+        self.tool_chat_template: str | None = metadata.get("tokenizer.chat_template.tool_use")  # llama.cpp's name
         _check_tokenizer_kind(metadata, where)
         self._vocab, self.added_tokens = _split_vocab(metadata, where)
         self._merges = _meta(metadata, "tokenizer.ggml.merges", where)
@@ -393,6 +394,7 @@ class GGUFModel:
             pad_token=self.token_text(self.pad_token_id),
             bos_token=self.bos_token,
             chat_template=self.chat_template,
+            tool_chat_template=self.tool_chat_template,
         )
 
     @property
