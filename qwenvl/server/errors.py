@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import QwenVLError
+from ..errors import BusyError, QwenVLError
 
 log = logging.getLogger("qwenvl.server")
 
@@ -64,8 +64,12 @@ def error_response(
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
+RETRY_AFTER_S = 5  # the Retry-After of a 429 (queue full) or a 503 (no batch slot in time)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(BusyError, _busy_error)
     app.add_exception_handler(QwenVLError, _user_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -79,6 +83,10 @@ async def _api_error(request: Request, error: Exception) -> JSONResponse:
 
 async def _user_error(request: Request, error: Exception) -> JSONResponse:
     return error_response(400, " ".join(str(error).split()) or type(error).__name__)
+
+
+async def _busy_error(request: Request, error: Exception) -> JSONResponse:
+    return error_response(429, str(error), code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 async def _validation_error(request: Request, error: Exception) -> JSONResponse:
@@ -119,7 +127,7 @@ class APIKeyMiddleware:
                 401,
                 "invalid or missing API key (send Authorization: Bearer KEY)",
                 code="invalid_api_key",
-                headers={"WWW-Authenticate": "Bearer", "Connection": "close"},
+                headers={"WWW-Authenticate": "Bearer"},
             )
             return await response(scope, receive, send)
         return await self.app(scope, receive, send)
@@ -136,8 +144,11 @@ class _TooLarge(Exception):
 
 
 class BodyLimitMiddleware:
-    """Reads the whole request body first, answering 413 past ``max_bytes`` and 408 when it has not all
-    arrived ``timeout`` seconds after the headers (both close the connection); then replays it to the app."""
+    """Reads the whole request body first, answering 413 past ``max_bytes`` and 408 (closing the connection)
+    when it has not all arrived ``timeout`` seconds after the headers; then replays it to the app.
+
+    After a 413 the rest of the body is read and dropped by uvicorn, for at most the header deadline
+    (protocol.HeaderDeadlineProtocol), so the client gets to read the answer."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, timeout: float | None = None):
         self.app = app
@@ -192,9 +203,6 @@ class BodyLimitMiddleware:
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         limit_mb = self.max_bytes / 2**20
-        response = error_response(
-            413,
-            f"request body larger than the {limit_mb:g} MiB limit (--max-body-mb)",
-            headers={"Connection": "close"},
+        await error_response(413, f"request body larger than the {limit_mb:g} MiB limit (--max-body-mb)")(
+            scope, receive, send
         )
-        await response(scope, receive, send)
