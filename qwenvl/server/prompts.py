@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 from ..api import Model
@@ -10,7 +9,7 @@ from ..chat import normalize_messages
 from ..engine.prompt import Prompt, build_prompt
 from ..errors import RequestError
 from .errors import APIError
-from .fetch import MediaFetcher, media_parts
+from .fetch import MediaFetcher
 from .schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from .settings import ServerSettings
 
@@ -25,17 +24,15 @@ class PromptBuilder:
         self.model = model
         self.settings = settings
         self.fetcher = MediaFetcher(settings)
-        self._vision_lock = threading.Lock()  # one image/video encoding at a time (shared vision cache)
 
     # -- prompts (blocking: run in a worker thread) ---------------------------------------------
     def chat_prompt(self, body: ChatCompletionRequest) -> Prompt:
+        """Fetch the media, decode them (concurrently with other requests) and encode them (one request
+        at a time: the model's vision lock) into a prompt; the server's video limits apply."""
         messages = normalize_messages([message.model_dump(exclude_none=True) for message in body.messages])
         messages = self.fetcher.resolve_messages(messages)
         media = body.mm_processor_kwargs.model_dump(exclude_none=True) if body.mm_processor_kwargs else {}
-        if not media_parts(messages):
-            return self.model.prepare(messages, **media)
-        with self._vision_lock:
-            return self.model.prepare(messages, **media)
+        return self.model.prepare(messages, **media, **self.settings.video_limits())
 
     def completion_prompt(self, body: CompletionRequest) -> Prompt:
         prompt = body.prompt
