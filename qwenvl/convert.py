@@ -224,7 +224,7 @@ def _safetensors_entries(file: Path) -> list[SourceTensor]:
 
 
 def _pickle_entries(file: Path) -> list[SourceTensor]:
-    state = dict(hf._iter_pickle(file))
+    state = dict(hf.iter_pickle(file))
     return [SourceTensor(names.canonical_hf_name(n), tuple(t.shape), lambda t=t: t) for n, t in state.items()]
 
 
