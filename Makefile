@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PROMPT ?= Write a Python function that returns the n-th Fibonacci number.
 
-.PHONY: setup demo lint test test-slow clean
+.PHONY: setup demo lint test test-slow test-fuzz fault-campaign clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,12 @@ test: setup lint
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+test-fuzz: setup
+	$(PY) -m pytest -q -m fuzz
+
+fault-campaign: setup
+	$(PY) scripts/fault_campaign.py
 
 clean:
 	rm -rf $(VENV)
