@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PROMPT ?= Write a Python function that returns the n-th Fibonacci number.
 
-.PHONY: setup demo lint test test-slow screenshot clean
+.PHONY: setup demo lint test test-slow test-fuzz fault-campaign screenshot clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,12 @@ test-slow: setup
 # The README's picture of the chat page, taken by the browser test that draws grounding boxes.
 screenshot: setup
 	QWENVL_SCREENSHOT=docs/chat-page.png $(PY) -m pytest -q tests/test_chat_page.py -k grounding_is_drawn
+
+test-fuzz: setup
+	$(PY) -m pytest -q -m fuzz
+
+fault-campaign: setup
+	$(PY) scripts/fault_campaign.py
 
 clean:
 	rm -rf $(VENV)

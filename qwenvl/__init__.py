@@ -22,12 +22,26 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from .api import ChatResult, Model
 
+_LAZY = ("Model", "ChatResult")  # from .api, imported on first use: ``import qwenvl`` stays light
+
 
 def load(model: Any = None, **options: Any) -> Model:
     """Load a checkpoint directory, hub id or GGUF file; see ``qwenvl.api.load``."""
     from .api import load as _load
 
     return _load(model, **options)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'qwenvl' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 __all__ = ["load", "Model", "ChatResult", "__version__"]

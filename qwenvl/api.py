@@ -23,6 +23,8 @@ from .engine.sampler import sampling_params
 from .errors import MediaError, QwenVLError, RequestError
 from .grounding import CONVENTIONS, GROUNDING_TOKENS, GroundedBox, ImageGeometry, ground, text_with_markers
 from .media.image import ImageInput, load_image, preprocess_image
+from .media.limits import LIMIT_OPTIONS as VIDEO_LIMIT_OPTIONS
+from .media.limits import video_limits
 from .media.video import REQUEST_OPTIONS as VIDEO_REQUEST_OPTIONS
 from .media.video import VideoPlan, available_memory, decode_video, plan_video, video_options, vision_encoder_bytes
 from .models.rope import IMAGE, VIDEO
@@ -37,7 +39,7 @@ from .weights.checkpoint import Checkpoint, open_checkpoint
 
 ChatResult = GenerationResult
 DEFAULT_CONTEXT = 32768
-MEDIA_OPTIONS = ("min_pixels", "max_pixels", *VIDEO_REQUEST_OPTIONS, "vision_memory_budget")
+MEDIA_OPTIONS = ("min_pixels", "max_pixels", *VIDEO_REQUEST_OPTIONS, *VIDEO_LIMIT_OPTIONS, "vision_memory_budget")
 STRUCTURED_OPTIONS = ("json_schema", "regex", "choice", "grammar")
 VIDEO_COST_HINT = (
     "lower it with --fps, --nframes, --video-max-pixels or --video-total-pixels "
@@ -61,6 +63,9 @@ class Model:
     vision_cache: VisionCache = field(default_factory=VisionCache)
     _grammar_compiler: GrammarCompiler | None = field(default=None, repr=False)
     _grammar_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # One vision encoding at a time (the encoder and its cache are shared by the threads that call
+    # prepare); loading, decoding and resizing media happen outside it.
+    vision_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -123,8 +128,10 @@ class Model:
         ``media`` takes per-request preprocessing overrides: ``min_pixels``, ``max_pixels`` (images);
         ``fps``, ``nframes``, ``video_start``, ``video_end``, ``video_min_pixels``, ``video_max_pixels``,
         ``video_total_pixels`` (videos; a video item's own keys such as ``"fps"`` win); ``vision_memory_budget``
-        (bytes a video may take in the vision encoder; default: the memory available). Videos are sized
-        before decoding and refused when they would overflow the context or that budget.
+        (bytes a video may take in the vision encoder; default: the memory available); ``max_video_frames``,
+        ``max_video_seconds``, ``video_decode_timeout`` (how much of a video may be decoded, and for how
+        long: docs/video.md). Videos are sized before decoding and refused when they would overflow these
+        limits, the context or the memory budget. Only the encoding itself holds ``vision_lock``.
         """
         ids, prepared = self._tokenize_chat(messages, tools, media)
         prompt = build_prompt(ids, [self._encode_media(item) for item in prepared], self.config)
@@ -180,7 +187,7 @@ class Model:
     ) -> ImageInput | VideoPlan:
         """An image preprocessed, or a video planned (frames and size chosen, nothing decoded yet)."""
         if kind == "video":
-            return plan_video(source, self.preprocess_config, video_options(media, item))
+            return plan_video(source, self.preprocess_config, video_options(media, item), limits=video_limits(media))
         image_media = {k: media[k] for k in ("min_pixels", "max_pixels") if media.get(k) is not None}
         return preprocess_image(load_image(source), self.preprocess_config, **image_media)
 
@@ -227,7 +234,9 @@ class Model:
             with torch.inference_mode():
                 return vision(pixel_values.to(vision.dtype), [grid_thw])
 
-        return self.vision_cache.get_or_compute(VisionCache.key(pixel_values, grid_thw), compute)
+        key = VisionCache.key(pixel_values, grid_thw)
+        with self.vision_lock:
+            return self.vision_cache.get_or_compute(key, compute)
 
     # -- generation ---------------------------------------------------------------------------
     def generate(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -240,6 +241,7 @@ def _add_serve_command(commands: Any) -> None:
     )
     media.add_argument("--media-timeout", type=float, default=10.0, help="seconds for one media download (default 10)")
     media.add_argument("--max-media-mb", type=float, default=32.0, help="size cap of one media file (default 32)")
+    _add_video_limit_arguments(media)
     serve.add_argument("--max-body-mb", type=float, default=32.0, help="request body size cap, else 413 (default 32)")
     serve.add_argument(
         "--cors-origins",
@@ -247,8 +249,56 @@ def _add_serve_command(commands: Any) -> None:
         help="let web pages from these origins call the server (e.g. http://localhost:3000; '*': any; default: none)",
     )
     serve.add_argument("--no-ui", action="store_true", help="do not serve the chat page at / (API only)")
+    _add_connection_arguments(serve)
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     serve.set_defaults(handler=cmd_serve)
+
+
+def _add_connection_arguments(serve: argparse.ArgumentParser) -> None:
+    """Deadlines and limits on connections and the request queue (docs/serve.md, "Limits")."""
+    limits = serve.add_argument_group("connections and queue (every wait is bounded)")
+    limits.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="close a connection whose request headers are not all in S seconds after its first byte (default 10)",
+    )
+    limits.add_argument(
+        "--body-timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="answer 408 and close when a request body is not all in S seconds after its headers (default 60)",
+    )
+    limits.add_argument(
+        "--timeout-keep-alive",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="close an idle keep-alive connection after S seconds (default 5)",
+    )
+    limits.add_argument(
+        "--limit-concurrency",
+        type=int,
+        default=256,
+        metavar="N",
+        help="answer 503 to new requests while N connections or requests are open (default 256)",
+    )
+    limits.add_argument(
+        "--max-queue",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="requests waiting for a batch slot at most; more get a 429 with Retry-After (default 1024)",
+    )
+    limits.add_argument(
+        "--queue-timeout",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="a request waiting longer than S seconds for a batch slot gets a 503 with Retry-After (default 120)",
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -257,9 +307,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .server import ServerSettings, create_app, run_server
     from .server.settings import local_media_root, parse_domains, parse_mm_limits
 
-    for name in ("port", "max_batch", "default_max_tokens", "media_timeout", "max_media_mb", "max_body_mb"):
-        if getattr(args, name) <= 0:
-            raise QwenVLError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    positive = ("port", "max_batch", "default_max_tokens", "media_timeout", "max_media_mb", "max_body_mb",
+                "header_timeout", "body_timeout", "timeout_keep_alive", "limit_concurrency", "max_queue",
+                "queue_timeout")  # fmt: skip
+    for name in positive:
+        _check_positive(name, getattr(args, name))
+    video_limits = _video_limits(args)
     settings = ServerSettings(
         model_id=Path(args.model).name if args.model else _default_model_name(),
         api_key=args.api_key or None,
@@ -272,6 +325,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_media_bytes=int(args.max_media_mb * 2**20),
         ui=not args.no_ui,
         cors_origins=_cors_origins(args.cors_origins),
+        max_video_frames=video_limits["max_video_frames"],
+        max_video_seconds=video_limits["max_video_seconds"],
+        video_decode_timeout=video_limits["video_decode_timeout"],
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
+        keep_alive_timeout=args.timeout_keep_alive,
+        limit_concurrency=args.limit_concurrency,
+        max_waiting=args.max_queue,
+        queue_timeout=args.queue_timeout,
     )
     model, load_s = _load(args)
     _warm_grammar_compiler(model)
@@ -381,6 +443,34 @@ def _add_media_arguments(parser: argparse.ArgumentParser, repl: bool = False) ->
         type=int,
         help="pixel budget of the whole clip, shared by its frames (default 128000*28*28*0.9)",
     )
+    _add_video_limit_arguments(videos)
+
+
+def _add_video_limit_arguments(group: Any) -> None:
+    """How much of a video may be decoded (docs/video.md): refused before decoding when over."""
+    from .media.limits import MAX_VIDEO_FRAMES, MAX_VIDEO_SECONDS, VIDEO_DECODE_TIMEOUT
+
+    group.add_argument(
+        "--max-video-frames",
+        type=int,
+        default=MAX_VIDEO_FRAMES,
+        metavar="N",
+        help=f"refuse a video with more frames to decode (to the end of the part used; default {MAX_VIDEO_FRAMES})",
+    )
+    group.add_argument(
+        "--max-video-seconds",
+        type=float,
+        default=MAX_VIDEO_SECONDS,
+        metavar="S",
+        help=f"refuse a video longer than this (to the end of the part used; default {MAX_VIDEO_SECONDS:g})",
+    )
+    group.add_argument(
+        "--video-decode-timeout",
+        type=float,
+        default=VIDEO_DECODE_TIMEOUT,
+        metavar="S",
+        help=f"give up decoding one video after S seconds (default {VIDEO_DECODE_TIMEOUT:g})",
+    )
 
 
 def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -457,7 +547,24 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
         "video_end": args.video_end,
         "video_max_pixels": args.video_max_pixels,
         "video_total_pixels": args.video_total_pixels,
+        **_video_limits(args),
     }
+
+
+def _video_limits(args: argparse.Namespace) -> dict[str, Any]:
+    limits = {
+        "max_video_frames": args.max_video_frames,
+        "max_video_seconds": args.max_video_seconds,
+        "video_decode_timeout": args.video_decode_timeout,
+    }
+    for name, value in limits.items():
+        _check_positive(name, value)
+    return limits
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not (value > 0 and math.isfinite(value)):
+        raise QwenVLError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
 
 
 def _load(args: argparse.Namespace):

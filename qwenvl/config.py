@@ -11,6 +11,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .config_fields import (
+    MAX_CONTEXT,
+    MAX_HEADS,
+    MAX_LAYERS,
+    MAX_PATCH,
+    MAX_PIXELS,
+    MAX_VOCAB,
+    MAX_WIDTH,
+    Fields,
+    check_range,
+)
 from .errors import ModelFileError
 
 # Architectures we run, keyed by the names config.json uses.
@@ -51,6 +62,7 @@ class TextConfig:
     mrope_section: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        _check_sizes(self, _TEXT_SIZES)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ModelFileError(
                 f"config: num_attention_heads ({self.num_attention_heads}) is not a multiple of "
@@ -83,6 +95,12 @@ class VisionConfig:
     tokens_per_second: float = 4.0
     norm_eps: float = 1e-6
 
+    def __post_init__(self) -> None:
+        _check_sizes(self, _VISION_SIZES)
+        if self.variant == "qwen2_5_vl":
+            for index in self.fullatt_block_indexes:
+                check_range("config", "vision fullatt_block_indexes", index, 0, self.depth - 1)
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
@@ -91,6 +109,38 @@ class VisionConfig:
     def patch_dim(self) -> int:
         """Length of one flattened patch row: C * T * P * P (1176 for 3 * 2 * 14 * 14)."""
         return self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
+
+
+# Sanity bounds of the sizes (checked whatever the source: config.json or GGUF metadata).
+_TEXT_SIZES = {
+    "vocab_size": MAX_VOCAB,
+    "hidden_size": MAX_WIDTH,
+    "intermediate_size": MAX_WIDTH,
+    "num_hidden_layers": MAX_LAYERS,
+    "num_attention_heads": MAX_HEADS,
+    "num_key_value_heads": MAX_HEADS,
+    "head_dim": MAX_WIDTH,
+    "max_position_embeddings": MAX_CONTEXT,
+}
+_VISION_SIZES = {
+    "depth": MAX_LAYERS,
+    "hidden_size": MAX_WIDTH,
+    "num_heads": MAX_HEADS,
+    "intermediate_size": MAX_WIDTH,
+    "out_hidden_size": MAX_WIDTH,
+    "in_channels": MAX_PATCH,
+    "patch_size": MAX_PATCH,
+    "temporal_patch_size": MAX_PATCH,
+    "spatial_merge_size": MAX_PATCH,
+    "window_size": MAX_WIDTH,
+}
+
+
+def _check_sizes(config: Any, sizes: dict[str, int]) -> None:
+    """Every size a positive integer within its sanity bound (one line naming the field otherwise)."""
+    kind = "vision " if isinstance(config, VisionConfig) else ""
+    for name, high in sizes.items():
+        check_range("config", f"{kind}{name}", getattr(config, name), 1, high)
 
 
 @dataclass(frozen=True)
@@ -143,144 +193,175 @@ class ModelConfig:
 # HF json → dataclasses
 
 
-def _require(section: dict[str, Any], key: str, where: str) -> Any:
-    if key not in section or section[key] is None:
-        raise ModelFileError(f"{where}: missing field '{key}'")
-    return section[key]
-
-
 def detect_arch(raw: dict[str, Any], where: str = "config.json") -> str:
-    for name in raw.get("architectures") or []:
+    fields = Fields(raw, where)
+    architectures = fields.value("architectures", [])
+    if not isinstance(architectures, list) or not all(isinstance(name, str) for name in architectures):
+        raise fields.fail("architectures", "a list of strings", architectures)
+    for name in architectures:
         if name in ARCHITECTURES:
             return ARCHITECTURES[name]
     model_type = raw.get("model_type")
     if model_type in MODEL_TYPES:
         return MODEL_TYPES[model_type]
-    shown = (raw.get("architectures") or [model_type])[0]
+    shown = (architectures or [model_type])[0]
     raise ModelFileError(f"{where}: unsupported architecture {shown!r} (qwenvl runs {', '.join(ARCHITECTURES)})")
 
 
-def _rope_settings(section: dict[str, Any], top: dict[str, Any]) -> tuple[float, tuple[int, ...] | None]:
-    rope = section.get("rope_parameters") or section.get("rope_scaling") or top.get("rope_scaling") or {}
-    theta = rope.get("rope_theta", section.get("rope_theta", top.get("rope_theta", 1_000_000.0)))
-    mrope = rope.get("mrope_section")
-    return float(theta), (tuple(int(x) for x in mrope) if mrope else None)
+def _rope_settings(section: Fields, top: Fields) -> tuple[float, tuple[int, ...] | None]:
+    rope = None
+    for fields, key in ((section, "rope_parameters"), (section, "rope_scaling"), (top, "rope_scaling")):
+        if fields.value(key, None):  # the first one set (an empty object counts as unset)
+            rope = fields.section(key)
+            break
+    theta = top.number("rope_theta", 1_000_000.0, above=0)
+    theta = section.number("rope_theta", theta, above=0)
+    mrope = None
+    if rope is not None:
+        theta = rope.number("rope_theta", theta, above=0)
+        mrope = rope.integers("mrope_section", None, low=0, high=MAX_WIDTH, max_length=8)
+    return theta, (mrope or None)
 
 
 def text_config_from_hf(raw: dict[str, Any], arch: str, where: str = "config.json") -> TextConfig:
-    section = raw.get("text_config") or raw
-    heads = int(_require(section, "num_attention_heads", where))
-    hidden = int(_require(section, "hidden_size", where))
-    theta, mrope = _rope_settings(section, raw)
-    head_dim = int(section.get("head_dim") or hidden // heads)
+    top = Fields(raw, where)
+    section = top.section("text_config") if top.has("text_config") else top
+    assert section is not None
+    heads = section.integer("num_attention_heads", high=MAX_HEADS)
+    hidden = section.integer("hidden_size")
+    theta, mrope = _rope_settings(section, top)
+    head_dim = section.integer("head_dim", hidden // heads or 1)
     if arch != "qwen2" and mrope is None:
         mrope = (16, 24, 24)  # transformers' default for Qwen2-VL / Qwen2.5-VL
-    tie = bool(raw.get("tie_word_embeddings", False) or section.get("tie_word_embeddings", False))
-    return TextConfig(
-        vocab_size=int(_require(section, "vocab_size", where)),
-        hidden_size=hidden,
-        intermediate_size=int(_require(section, "intermediate_size", where)),
-        num_hidden_layers=int(_require(section, "num_hidden_layers", where)),
-        num_attention_heads=heads,
-        num_key_value_heads=int(section.get("num_key_value_heads") or heads),
-        head_dim=head_dim,
-        rms_norm_eps=float(section.get("rms_norm_eps", 1e-6)),
-        rope_theta=theta,
-        max_position_embeddings=int(section.get("max_position_embeddings", 32768)),
-        tie_word_embeddings=tie,
-        mrope_section=mrope,
-    )
+    tie = top.flag("tie_word_embeddings", False) or section.flag("tie_word_embeddings", False)
+    try:
+        return TextConfig(
+            vocab_size=section.integer("vocab_size", high=MAX_VOCAB),
+            hidden_size=hidden,
+            intermediate_size=section.integer("intermediate_size"),
+            num_hidden_layers=section.integer("num_hidden_layers", high=MAX_LAYERS),
+            num_attention_heads=heads,
+            num_key_value_heads=section.integer("num_key_value_heads", heads, high=MAX_HEADS),
+            head_dim=head_dim,
+            rms_norm_eps=section.number("rms_norm_eps", 1e-6, low=0, high=1),
+            rope_theta=theta,
+            max_position_embeddings=section.integer("max_position_embeddings", 32768, high=MAX_CONTEXT),
+            tie_word_embeddings=tie,
+            mrope_section=mrope,
+        )
+    except ModelFileError as error:  # the dataclass's own checks, which do not know the file
+        raise ModelFileError(f"{where}: {str(error).removeprefix('config: ')}") from None
+
+
+VISION_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_pytorch_tanh", "silu", "swish")
 
 
 def vision_config_from_hf(raw: dict[str, Any], arch: str, text: TextConfig, where: str = "config.json") -> VisionConfig:
-    section = raw.get("vision_config")
-    if not isinstance(section, dict):
-        raise ModelFileError(f"{where}: missing field 'vision_config'")
-    where = f"{where} vision_config"
-    if arch == "qwen2_vl":
-        embed_dim = int(_require(section, "embed_dim", where))
-        return VisionConfig(
-            variant=arch,
-            depth=int(_require(section, "depth", where)),
-            hidden_size=embed_dim,
-            num_heads=int(_require(section, "num_heads", where)),
-            intermediate_size=int(embed_dim * float(section.get("mlp_ratio", 4))),
-            out_hidden_size=int(section.get("hidden_size") or text.hidden_size),
-            hidden_act=section.get("hidden_act", "quick_gelu"),
-            in_channels=int(section.get("in_channels", section.get("in_chans", 3))),
-            patch_size=int(section.get("patch_size", 14)),
-            temporal_patch_size=int(section.get("temporal_patch_size", 2)),
-            spatial_merge_size=int(section.get("spatial_merge_size", 2)),
-        )
-    return VisionConfig(
+    section = Fields(raw, where).section("vision_config", required=True)
+    assert section is not None
+    channels = section.integer("in_chans", 3, high=MAX_PATCH)
+    common = dict(
         variant=arch,
-        depth=int(_require(section, "depth", where)),
-        hidden_size=int(_require(section, "hidden_size", where)),
-        num_heads=int(_require(section, "num_heads", where)),
-        intermediate_size=int(_require(section, "intermediate_size", where)),
-        out_hidden_size=int(section.get("out_hidden_size") or text.hidden_size),
-        hidden_act=section.get("hidden_act", "silu"),
-        in_channels=int(section.get("in_channels", section.get("in_chans", 3))),
-        patch_size=int(section.get("patch_size", 14)),
-        temporal_patch_size=int(section.get("temporal_patch_size", 2)),
-        spatial_merge_size=int(section.get("spatial_merge_size", 2)),
-        window_size=int(section.get("window_size", 112)),
-        fullatt_block_indexes=tuple(int(i) for i in section.get("fullatt_block_indexes", (7, 15, 23, 31))),
-        tokens_per_second=float(section.get("tokens_per_second", 4)),
+        depth=section.integer("depth", high=MAX_LAYERS),
+        num_heads=section.integer("num_heads", high=MAX_HEADS),
+        in_channels=section.integer("in_channels", channels, high=MAX_PATCH),
+        patch_size=section.integer("patch_size", 14, high=MAX_PATCH),
+        temporal_patch_size=section.integer("temporal_patch_size", 2, high=MAX_PATCH),
+        spatial_merge_size=section.integer("spatial_merge_size", 2, high=MAX_PATCH),
     )
+    try:
+        if arch == "qwen2_vl":
+            embed_dim = section.integer("embed_dim")
+            ratio = section.number("mlp_ratio", 4.0, above=0, high=64)
+            return VisionConfig(
+                hidden_size=embed_dim,
+                intermediate_size=max(1, int(embed_dim * ratio)),
+                out_hidden_size=section.integer("hidden_size", text.hidden_size),
+                hidden_act=section.text("hidden_act", "quick_gelu", choices=VISION_ACTIVATIONS),
+                **common,
+            )
+        depth = common["depth"]
+        return VisionConfig(
+            hidden_size=section.integer("hidden_size"),
+            intermediate_size=section.integer("intermediate_size"),
+            out_hidden_size=section.integer("out_hidden_size", text.hidden_size),
+            hidden_act=section.text("hidden_act", "silu", choices=VISION_ACTIVATIONS),
+            window_size=section.integer("window_size", 112),
+            fullatt_block_indexes=section.integers("fullatt_block_indexes", (7, 15, 23, 31), high=max(depth - 1, 0)),
+            tokens_per_second=section.number("tokens_per_second", 4.0, above=0, high=1e6),
+            **common,
+        )
+    except ModelFileError as error:
+        raise ModelFileError(f"{where}: {str(error).removeprefix('config: ')}") from None
 
 
 def model_config_from_hf(raw: dict[str, Any], where: str = "config.json") -> ModelConfig:
     arch = detect_arch(raw, where)
     text = text_config_from_hf(raw, arch, where)
     vision = vision_config_from_hf(raw, arch, text, where) if arch != "qwen2" else None
+    fields = Fields(raw, where)
+    vocab = text.vocab_size - 1
     return ModelConfig(
         arch=arch,
         text=text,
         vision=vision,
-        image_token_id=int(raw.get("image_token_id", IMAGE_TOKEN_ID)),
-        video_token_id=int(raw.get("video_token_id", VIDEO_TOKEN_ID)),
-        vision_start_token_id=int(raw.get("vision_start_token_id", VISION_START_TOKEN_ID)),
-        vision_end_token_id=int(raw.get("vision_end_token_id", VISION_END_TOKEN_ID)),
+        image_token_id=fields.integer("image_token_id", IMAGE_TOKEN_ID, low=0, high=max(vocab, IMAGE_TOKEN_ID)),
+        video_token_id=fields.integer("video_token_id", VIDEO_TOKEN_ID, low=0, high=max(vocab, VIDEO_TOKEN_ID)),
+        vision_start_token_id=fields.integer(
+            "vision_start_token_id", VISION_START_TOKEN_ID, low=0, high=max(vocab, VISION_START_TOKEN_ID)
+        ),
+        vision_end_token_id=fields.integer(
+            "vision_end_token_id", VISION_END_TOKEN_ID, low=0, high=max(vocab, VISION_END_TOKEN_ID)
+        ),
     )
 
 
-def preprocess_config_from_hf(raw: dict[str, Any] | None) -> PreprocessConfig:
+def preprocess_config_from_hf(raw: dict[str, Any] | None, where: str = "preprocessor_config.json") -> PreprocessConfig:
     if not raw:
         return PreprocessConfig()
-    size = raw.get("size") or {}
+    fields = Fields(raw, where)
+    size = fields.section("size") or Fields({}, where, "size.")
     defaults = PreprocessConfig()
+    min_pixels = size.integer("shortest_edge", defaults.min_pixels, high=MAX_PIXELS)
+    max_pixels = size.integer("longest_edge", defaults.max_pixels, high=MAX_PIXELS)
+    min_pixels = fields.integer("min_pixels", min_pixels, high=MAX_PIXELS)
+    max_pixels = fields.integer("max_pixels", max_pixels, high=MAX_PIXELS)
+    if min_pixels > max_pixels:
+        raise ModelFileError(f"{where}: min_pixels ({min_pixels}) is larger than max_pixels ({max_pixels})")
     return PreprocessConfig(
-        min_pixels=int(raw.get("min_pixels") or size.get("shortest_edge") or defaults.min_pixels),
-        max_pixels=int(raw.get("max_pixels") or size.get("longest_edge") or defaults.max_pixels),
-        patch_size=int(raw.get("patch_size", defaults.patch_size)),
-        temporal_patch_size=int(raw.get("temporal_patch_size", defaults.temporal_patch_size)),
-        merge_size=int(raw.get("merge_size", defaults.merge_size)),
-        image_mean=tuple(float(x) for x in raw.get("image_mean", defaults.image_mean)),
-        image_std=tuple(float(x) for x in raw.get("image_std", defaults.image_std)),
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        patch_size=fields.integer("patch_size", defaults.patch_size, high=MAX_PATCH),
+        temporal_patch_size=fields.integer("temporal_patch_size", defaults.temporal_patch_size, high=MAX_PATCH),
+        merge_size=fields.integer("merge_size", defaults.merge_size, high=MAX_PATCH),
+        image_mean=fields.numbers("image_mean", defaults.image_mean, length=3),  # type: ignore[arg-type]
+        image_std=fields.numbers("image_std", defaults.image_std, length=3, above=0),  # type: ignore[arg-type]
     )
 
 
-def _id_tuple(value: Any) -> tuple[int, ...]:
+def _id_tuple(fields: Fields, key: str) -> tuple[int, ...]:
+    value = fields.value(key, None)
     if value is None:
         return ()
-    if isinstance(value, int):
-        return (value,)
-    return tuple(int(v) for v in value)
+    if isinstance(value, list):
+        return fields.integers(key, low=0, high=MAX_VOCAB)
+    return (fields.integer(key, low=0, high=MAX_VOCAB),)
 
 
-def generation_config_from_hf(raw: dict[str, Any] | None, fallback_eos: tuple[int, ...] = ()) -> GenerationConfig:
-    raw = raw or {}
-    eos = _id_tuple(raw.get("eos_token_id")) or fallback_eos
+def generation_config_from_hf(
+    raw: dict[str, Any] | None, fallback_eos: tuple[int, ...] = (), where: str = "generation_config.json"
+) -> GenerationConfig:
+    fields = Fields(raw or {}, where)
+    eos = _id_tuple(fields, "eos_token_id") or fallback_eos
     return GenerationConfig(
         eos_token_ids=eos,
-        pad_token_id=raw.get("pad_token_id"),
-        do_sample=bool(raw.get("do_sample", False)),
-        temperature=float(raw.get("temperature", 1.0) or 1.0),
-        top_k=int(raw.get("top_k", 0) or 0),
-        top_p=float(raw.get("top_p", 1.0) or 1.0),
-        min_p=float(raw.get("min_p", 0.0) or 0.0),
-        repetition_penalty=float(raw.get("repetition_penalty", 1.0) or 1.0),
+        pad_token_id=fields.integer("pad_token_id", None, low=0, high=MAX_VOCAB),
+        do_sample=fields.flag("do_sample", False),
+        temperature=fields.number("temperature", 1.0, low=0) or 1.0,
+        top_k=fields.integer("top_k", 0, low=0, high=MAX_VOCAB),
+        top_p=fields.number("top_p", 1.0, low=0, high=1) or 1.0,
+        min_p=fields.number("min_p", 0.0, low=0, high=1),
+        repetition_penalty=fields.number("repetition_penalty", 1.0, low=0) or 1.0,
     )
 
 

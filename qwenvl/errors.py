@@ -19,3 +19,7 @@ class MediaError(QwenVLError):
 
 class RequestError(QwenVLError):
     """A generation request is invalid (empty prompt, bad sampling values, too long)."""
+
+
+class BusyError(QwenVLError):
+    """The engine cannot take more work right now (its queue is full): try again later."""

@@ -7,9 +7,7 @@ shapes, special tokens and whether a chat template is present.
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -123,11 +121,13 @@ def _hf_info(model: str | os.PathLike) -> dict[str, Any]:
     from .config import model_config_from_hf
     from .tokenizer import Tokenizer
     from .weights import hf
+    from .weights.checkpoint import check_weight_shapes
 
     directory = hf.resolve_model_dir(model)
     raw = hf.read_json(directory / "config.json") or {}
     config = model_config_from_hf(raw, where=str(directory / "config.json"))
     tensors = list(_hf_tensors(hf.weight_files(directory)))
+    check_weight_shapes(config, hf.tensor_shapes(directory), str(directory / "config.json"))
     tokenizer = Tokenizer.from_dir(directory)
     text = config.text
     vision_parameters = sum(n for name, _, n, _ in tensors if "visual." in name)
@@ -168,27 +168,17 @@ def _hf_tensors(files: Iterable[Path]) -> Iterable[tuple[str, str, int, int]]:
     """(name, dtype, elements, bytes) of every tensor, from the safetensors headers (or a .bin's state)."""
     for file in files:
         if file.suffix != ".safetensors":
-            import torch
+            from .weights.hf import iter_pickle
 
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            for name, tensor in state.items():
+            for name, tensor in iter_pickle(file):
                 kind = str(tensor.dtype).removeprefix("torch.").upper().replace("FLOAT", "F").replace("BFLOAT", "BF")
                 yield name, kind, tensor.numel(), tensor.numel() * tensor.element_size()
             continue
-        for name, entry in _safetensors_header(file).items():
-            if name == "__metadata__":
-                continue
+        from .weights.hf import safetensors_header
+
+        for name, entry in safetensors_header(file).items():
             begin, end = entry["data_offsets"]
             yield name, entry["dtype"], _numel(entry["shape"]), end - begin
-
-
-def _safetensors_header(file: Path) -> dict[str, Any]:
-    try:
-        with open(file, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
-            return json.loads(handle.read(length))
-    except (OSError, struct.error, ValueError) as exc:
-        raise ModelFileError(f"{file}: unreadable safetensors header ({exc})") from None
 
 
 # ----------------------------------------------------------------------------------------------

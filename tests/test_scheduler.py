@@ -16,7 +16,7 @@ import qwenvl
 from qwenvl.engine.generate import PREFILL_CHUNK, Request
 from qwenvl.engine.sampler import Sampler
 from qwenvl.engine.scheduler import BatchEngine
-from qwenvl.errors import RequestError
+from qwenvl.errors import BusyError, RequestError
 
 TEXT_SHAPE = dict(hidden=64, layers=2, heads=4, kv_heads=2, ffn=128, tie=False)  # test_text's "untied-gqa2"
 VL_SHAPE = dict(arch="qwen2_vl", hidden=64, heads=4, kv_heads=2, ffn=128, mrope_section=[2, 3, 3])  # test_vl's
@@ -282,9 +282,11 @@ def test_full_queue_and_shutdown(model):
     busy = engine.submit(prompt, temperature=0, max_tokens=500, ignore_eos=True)
     first_event(busy)
     queued = engine.submit(prompt, temperature=0, max_tokens=5)
-    with pytest.raises(RequestError, match="too many requests waiting"):
+    assert queued.waiting and not busy.waiting
+    with pytest.raises(BusyError, match="the queue is full"):
         engine.submit(prompt, temperature=0, max_tokens=5)
     engine.shutdown()
+    assert not queued.waiting
     assert busy.result().finish_reason == "cancelled" and queued.result().finish_reason == "cancelled"
     assert engine.stats()["kv_cache_bytes"] == 0
     with pytest.raises(RuntimeError, match="shut down"):

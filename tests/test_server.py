@@ -314,4 +314,4 @@ def test_serve_command_user_errors(vl_dir, tmp_path, capsys):
     assert cli_main(["serve", str(vl_dir), "--allowed-media-domains", "https://example.com"]) == 2
     assert "host names only" in capsys.readouterr().err
     assert cli_main(["serve", str(vl_dir), "--max-batch", "0"]) == 2
-    assert "--max-batch must be positive" in capsys.readouterr().err
+    assert "--max-batch must be a positive number" in capsys.readouterr().err

@@ -1,6 +1,8 @@
-"""Property-based fuzz of request bodies (hypothesis): whatever the body (random schemas, tools,
-tool_choice, logprobs and the other fields included), the server answers within a timeout, never with
-a 5xx, always with an OpenAI error body when it refuses, and leaks no request."""
+"""Property-based fuzz of request bodies (hypothesis, and schemathesis from the server's own OpenAPI
+schema): whatever the body (random schemas, tools, tool_choice, logprobs and the other fields included),
+the server answers within a timeout, never with a 5xx, always with an OpenAI error body when it refuses,
+and leaks no request. Sampling fields are drawn from the whole float range too. The schemathesis corpus
+is marked ``fuzz`` (``make test-fuzz``); a fixed-seed sample runs here."""
 
 from __future__ import annotations
 
@@ -69,6 +71,14 @@ messages = st.lists(
     min_size=1,
     max_size=3,
 )
+# Mostly in range, sometimes anywhere in the float range (subnormals and the extremes included).
+any_float = st.floats(allow_nan=False, allow_infinity=False, allow_subnormal=True)
+
+
+def in_range_or_any(low: float, high: float):
+    return st.floats(low, high, allow_subnormal=True) | any_float
+
+
 # -- structured outputs and tools: random schemas, tools and choices (valid ones reach llguidance)
 names = st.sampled_from(["f", "get_weather", "lookup", "a.b-c_d", "bad name", ""])
 leaf_schemas = st.one_of(
@@ -142,13 +152,13 @@ output_fields = {
 sampling = {
     "model": st.text(max_size=10),
     "max_tokens": st.integers(1, 12),
-    "temperature": st.floats(0, 2),
-    "top_p": st.floats(0.01, 1),
-    "top_k": st.integers(-1, 50),
-    "min_p": st.floats(0, 1),
-    "repetition_penalty": st.floats(0.5, 2),
-    "presence_penalty": st.floats(-2, 2),
-    "frequency_penalty": st.floats(-2, 2),
+    "temperature": in_range_or_any(0, 2),
+    "top_p": in_range_or_any(5e-324, 1),
+    "top_k": st.integers(-1, 50) | st.integers(-(2**70), 2**70),
+    "min_p": in_range_or_any(0, 1),
+    "repetition_penalty": in_range_or_any(5e-324, 1.7976931348623157e308),
+    "presence_penalty": in_range_or_any(-2, 2),
+    "frequency_penalty": in_range_or_any(-2, 2),
     "seed": st.integers(0, 2**64 - 1),
     "stop": st.text(min_size=1, max_size=4) | st.lists(st.text(min_size=1, max_size=4), max_size=4),
     "stream": st.booleans(),
@@ -296,6 +306,35 @@ def test_fuzz_junk_bodies(server, body, path):
 @given(data=st.binary(max_size=200) | st.text(max_size=200).map(str.encode))
 def test_fuzz_raw_bytes(server, data):
     check(server, "/v1/chat/completions", data)
+
+
+def _schemathesis_run(server, examples: int) -> None:
+    """Valid and invalid bodies generated from /openapi.json for both routes: never a 5xx or a hang."""
+    import schemathesis
+    from schemathesis import GenerationMode
+
+    schema = schemathesis.openapi.from_dict(requests.get(server.base_url + "/openapi.json", timeout=10).json())
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+
+            @settings(FUZZ_SETTINGS, max_examples=examples, database=None)
+            @given(case=schema[path]["POST"].as_strategy(generation_mode=mode))
+            def run(case):
+                started = time.monotonic()
+                response = case.call(base_url=server.base_url, timeout=TIMEOUT_S)
+                assert time.monotonic() - started < TIMEOUT_S
+                assert response.status_code < 500, (case.body, response.text)
+
+            run()
+
+
+def test_schemathesis_sample(server):
+    _schemathesis_run(server, 8)
+
+
+@pytest.mark.fuzz
+def test_schemathesis_corpus(server):
+    _schemathesis_run(server, 150)
 
 
 @pytest.mark.parametrize("which", ["server", "text_server"])

@@ -137,7 +137,10 @@ def test_cors_origins_and_keys(model):
             assert requests.post(running.base_url + path, json=body, timeout=30).status_code == 401
             keyed = {"Authorization": "Bearer secret"}
             assert requests.post(running.base_url + path, json=body, headers=keyed, timeout=30).status_code == 200
-        assert requests.get(running.base_url + "/metrics", timeout=30).status_code == 200  # open, as /health
+        # every route but /health wants the key (issue 23): /metrics too; Prometheus sends it as a bearer token
+        assert requests.get(running.base_url + "/metrics", timeout=30).status_code == 401
+        keyed = {"Authorization": "Bearer secret"}
+        assert requests.get(running.base_url + "/metrics", headers=keyed, timeout=30).status_code == 200
     with live_server(model) as running:  # no --cors-origins: no CORS headers at all
         answer = requests.options(running.base_url + "/v1/chat/completions", headers=preflight, timeout=30)
         assert "access-control-allow-origin" not in answer.headers

@@ -122,17 +122,24 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, history: torch.Tensor, generated: torch.Tensor | None = None) -> int:
         """logits [vocab] (float32); history: every token id so far (prompt + generated);
-        generated: the generated ones alone (what presence / frequency penalties count)."""
+        generated: the generated ones alone (what presence / frequency penalties count).
+
+        Extreme (finite) values never make it fail: scores pushed to +inf by a penalty or the temperature
+        share the choice equally, NaN scores are never chosen, and torch.multinomial only ever sees
+        finite, non-negative probabilities with a positive sum."""
         p = self.params
         if p.logit_bias:
             logits = logits.index_add(0, self.bias_ids, self.bias_values.to(logits.dtype))
+        raw = logits
         if p.repetition_penalty != 1.0 and history.numel():
             logits = apply_repetition_penalty(logits, history, p.repetition_penalty)
         if (p.presence_penalty or p.frequency_penalty) and generated is not None and generated.numel():
             logits = apply_presence_frequency_penalty(logits, generated, p.presence_penalty, p.frequency_penalty)
         if p.greedy:  # numpy's argmax (first maximum, as torch's) is ~25x faster over a 152k vocab here
-            return int(logits.float().numpy().argmax())
-        logits = logits / p.temperature
+            return _argmax(logits, raw)
+        logits = finite_scores(logits.float() / p.temperature)
+        if logits is None:  # every score is -inf or NaN: nothing to sample from
+            return _argmax(raw, raw)
         if p.top_k:
             logits = top_k_filter(logits, p.top_k)
         if p.top_p < 1.0:
@@ -140,7 +147,29 @@ class Sampler:
         if p.min_p > 0.0:
             logits = min_p_filter(logits, p.min_p)
         probs = torch.softmax(logits, dim=-1)
+        if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:  # cannot happen; never crash
+            return _argmax(logits, raw)
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+def finite_scores(logits: torch.Tensor) -> torch.Tensor | None:
+    """Scores softmax can take: NaN → -inf (never chosen); if any score is +inf, those tokens get 0 and
+    all others -inf (the limit of the distribution: an equal share among them). None if nothing is left."""
+    logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    top = float(logits.max())
+    if top == float("inf"):
+        return torch.where(logits == top, 0.0, float("-inf")).to(logits.dtype)
+    if top == float("-inf"):
+        return None
+    return logits
+
+
+def _argmax(logits: torch.Tensor, fallback: torch.Tensor) -> int:
+    """The first highest score, NaN never chosen; ``fallback``'s when every score is -inf or NaN."""
+    scores = torch.nan_to_num(logits.float(), nan=float("-inf")).numpy()
+    if not scores.max() > float("-inf") and fallback is not logits:
+        scores = torch.nan_to_num(fallback.float(), nan=float("-inf")).numpy()
+    return int(scores.argmax())
 
 
 def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:

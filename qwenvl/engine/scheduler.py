@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import QwenVLError, RequestError
+from ..errors import BusyError, QwenVLError, RequestError
 from .generate import (
     PREFILL_CHUNK,
     GenerationResult,
@@ -74,6 +74,9 @@ class RequestHandle:
         self._cancel_requested = threading.Event()
         self._done = threading.Event()
         self._result: GenerationResult | None = None
+        self._dequeued = threading.Event()  # admitted to the batch, or ended, so no longer waiting
+        self._dequeue_callbacks: list[Callable[[], None]] = []
+        self._dequeue_lock = threading.Lock()
 
     @property
     def done(self) -> bool:
@@ -118,6 +121,37 @@ class RequestHandle:
         finally:
             self._notify = None
 
+    @property
+    def waiting(self) -> bool:
+        """True while the request is in the engine's queue (not yet admitted to the batch, not ended)."""
+        return not self._dequeued.is_set()
+
+    async def wait_dequeued(self, timeout: float | None = None) -> bool:
+        """Wait (without blocking the event loop) until the engine admits the request to its batch or
+        ends it; False if ``timeout`` seconds pass first (the request is then still waiting)."""
+        loop = asyncio.get_running_loop()
+        woken = loop.create_future()
+
+        def wake() -> None:
+            try:
+                loop.call_soon_threadsafe(lambda: woken.done() or woken.set_result(None))
+            except RuntimeError:  # the event loop is closed: nobody is waiting any more
+                pass
+
+        with self._dequeue_lock:
+            if self._dequeued.is_set():
+                return True
+            self._dequeue_callbacks.append(wake)
+        try:
+            await asyncio.wait_for(woken, timeout)
+        except TimeoutError:
+            return False
+        finally:
+            with self._dequeue_lock:
+                if wake in self._dequeue_callbacks:
+                    self._dequeue_callbacks.remove(wake)
+        return True
+
     def result(self) -> GenerationResult:
         """Block until the request ends; its text, token ids, finish reason (and error) and timings."""
         self._done.wait()
@@ -137,6 +171,14 @@ class RequestHandle:
     def _finish(self, result: GenerationResult) -> None:
         self._result = result
         self._done.set()
+        self._leave_queue()
+
+    def _leave_queue(self) -> None:
+        with self._dequeue_lock:
+            self._dequeued.set()
+            callbacks, self._dequeue_callbacks = self._dequeue_callbacks, []
+        for callback in callbacks:
+            callback()
 
 
 class _Sequence:
@@ -207,8 +249,9 @@ class BatchEngine:
     def submit(
         self, prompt: Prompt | list[int], constraint: Constraint | None = None, **sampling: Any
     ) -> RequestHandle:
-        """Queue a request; RequestError here, synchronously, for anything wrong with it. ``constraint``:
-        the grammar its output must follow (``GrammarCompiler.constraint``), owned by the request."""
+        """Queue a request; RequestError here, synchronously, for anything wrong with it (BusyError: the
+        queue already holds ``max_waiting`` requests). ``constraint``: the grammar its output must follow
+        (``GrammarCompiler.constraint``), owned by the request."""
         if not isinstance(prompt, Prompt):
             prompt = Prompt.text_only(list(prompt))
         params = sampling_params(self.model.generation_config, **sampling)
@@ -233,7 +276,7 @@ class BatchEngine:
             if self._stopping:
                 raise RuntimeError("the engine has been shut down")
             if len(self._waiting) >= self.max_waiting:
-                raise RequestError(f"too many requests waiting ({self.max_waiting}); try again later")
+                raise BusyError(f"the queue is full ({self.max_waiting} requests waiting); try again later")
             handle = RequestHandle(f"req-{next(self._ids)}", length, self._wake)
             self._waiting.append(_Sequence(handle, request))
             self._work.notify_all()
@@ -292,6 +335,7 @@ class BatchEngine:
                     return
                 seq = self._waiting.popleft()
                 self._prefilling.append(seq)
+            seq.handle._leave_queue()
             try:
                 cache = seq.request.allocate_cache(self.model.text_model)
             except Exception as exc:  # e.g. out of memory: this request only

@@ -19,6 +19,11 @@ A frame list (a list of images or a directory of them) uses all its frames: each
 image (``fetch_image``: PIL bicubic, image pixel bounds), an odd list is padded with its last frame, and
 ``fps`` (default 2.0) is taken as the rate the frames were sampled at. ``nframes`` / ``video_start`` /
 ``video_end`` apply to video files only.
+
+Limits (``VideoLimits``, docs/video.md): a file's frame count is read from the container (packets are
+counted where it gives none, never past the limit) and a video is refused before any frame is decoded
+when the part to decode (from its start to ``video_end``, or to its end) has more frames or seconds than
+allowed; decoding then has a time budget. Only the frames of the sampling plan are kept in memory.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import io
 import math
 import os
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +59,7 @@ from .image import (
     patchify,
     smart_resize,
 )
+from .limits import VideoLimits
 
 VideoSource = str | Path | bytes | bytearray | memoryview | Sequence[Any]
 
@@ -327,34 +334,38 @@ def plan_video(
     timeout: float = DOWNLOAD_TIMEOUT,
     max_bytes: int = MAX_VIDEO_BYTES,
     allow_remote: bool = True,
+    limits: VideoLimits | None = None,
 ) -> VideoPlan:
     """Choose frames and frame size for a video without decoding it.
 
     ``source``: a video file path, ``file://`` / ``data:`` URI, http(s) URL or raw bytes; a directory of
     frame images; or a list of frames (paths, URLs, PIL images). ``max_bytes`` caps downloads and bytes.
+    ``limits``: frames and seconds the decoded part may have, and the decoding's time budget.
     """
     options = options or VideoOptions()
+    limits = limits or VideoLimits()
     if isinstance(source, (list, tuple)):
-        return _plan_frame_list(list(source), "video frames", config, options)
+        return _plan_frame_list(list(source), "video frames", config, options, limits)
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         _check_size(len(data), max_bytes, "video bytes")
-        return _plan_file(_bytes_opener(data), "video bytes", config, options)
+        return _plan_file(_bytes_opener(data), "video bytes", config, options, limits)
     if isinstance(source, Path):
-        return _plan_path(source, config, options)
+        return _plan_path(source, config, options, limits)
     if not isinstance(source, str):
         raise MediaError(f"unsupported video source of type {type(source).__name__}")
     scheme = source.split(":", 1)[0].lower() if ":" in source else ""
     if scheme in ("http", "https"):
         if not allow_remote:
             raise MediaError(f"{_short(source)}: remote videos are disabled")
-        return _plan_file(_bytes_opener(_download(source, timeout, max_bytes)), _short(source), config, options)
+        data = _download(source, timeout, max_bytes)
+        return _plan_file(_bytes_opener(data), _short(source), config, options, limits)
     if scheme == "data":
         data = _decode_data_uri(source, max_bytes)
-        return _plan_file(_bytes_opener(data), _short(source, 60), config, options)
+        return _plan_file(_bytes_opener(data), _short(source, 60), config, options, limits)
     if scheme == "file":
-        return _plan_path(_file_uri_path(source), config, options)
-    return _plan_path(Path(source), config, options)
+        return _plan_path(_file_uri_path(source), config, options, limits)
+    return _plan_path(Path(source), config, options, limits)
 
 
 def _check_size(count: int, max_bytes: int, label: str) -> None:
@@ -366,14 +377,14 @@ def _bytes_opener(data: bytes) -> Callable[[], av.container.InputContainer]:
     return lambda: av.open(io.BytesIO(data), metadata_errors="ignore")
 
 
-def _plan_path(path: Path, config: PreprocessConfig, options: VideoOptions) -> VideoPlan:
+def _plan_path(path: Path, config: PreprocessConfig, options: VideoOptions, limits: VideoLimits) -> VideoPlan:
     if not path.exists():
         raise MediaError(f"video file not found: {path}")
     if path.is_dir():
         frames = sorted((p for p in path.iterdir() if p.suffix.lower() in FRAME_EXTENSIONS), key=_natural_key)
         if not frames:
             raise MediaError(f"{path}: no frame images ({', '.join(FRAME_EXTENSIONS)}) in this directory")
-        return _plan_frame_list([str(p) for p in frames], str(path), config, options)
+        return _plan_frame_list([str(p) for p in frames], str(path), config, options, limits)
     if not path.is_file():
         raise MediaError(f"not a file: {path}")
     if path.suffix.lower() in FRAME_EXTENSIONS:
@@ -382,7 +393,7 @@ def _plan_path(path: Path, config: PreprocessConfig, options: VideoOptions) -> V
         raise MediaError(f"{path}: the video file is empty")
     if not os.access(path, os.R_OK):
         raise MediaError(f"{path}: cannot read (permission denied)")
-    return _plan_file(lambda: av.open(str(path), metadata_errors="ignore"), str(path), config, options)
+    return _plan_file(lambda: av.open(str(path), metadata_errors="ignore"), str(path), config, options, limits)
 
 
 def _natural_key(path: Path) -> list:
@@ -392,24 +403,29 @@ def _natural_key(path: Path) -> list:
 
 @dataclass(frozen=True)
 class _StreamInfo:
-    total_frames: int
+    total_frames: int  # a lower bound when not exact: counting stopped past the frame limit
     fps: float
     height: int
     width: int
+    exact: bool = True
 
 
 def _plan_file(
-    open_container: Callable[[], Any], label: str, config: PreprocessConfig, options: VideoOptions
+    open_container: Callable[[], Any], label: str, config: PreprocessConfig, options: VideoOptions, limits: VideoLimits
 ) -> VideoPlan:
-    info = _with_av_errors(label, lambda: _probe(open_container, label))
+    info = _with_av_errors(label, lambda: _probe(open_container, label, limits))
     try:
         indices, sample_fps = sample_frames(info.total_frames, info.fps, options)
         size = frame_size(info.height, info.width, len(indices), options, config.factor)
     except MediaError as error:
         raise MediaError(f"{label}: {error}") from None
+    decoded = indices[-1] + 1  # decoding runs from the first frame to the last one sampled
+    if not info.exact and decoded >= info.total_frames:  # the part reaches past where counting stopped
+        decoded = info.total_frames
+    limits.check(label, decoded, decoded / info.fps)
 
     def read() -> torch.Tensor:
-        return _with_av_errors(label, lambda: _decode_frames(open_container, indices, size, label))
+        return _with_av_errors(label, lambda: _decode_frames(open_container, indices, size, label, limits))
 
     return VideoPlan(label, tuple(indices), sample_fps, (info.height, info.width), size, config, read)
 
@@ -426,7 +442,7 @@ def _with_av_errors(label: str, action: Callable[[], Any]) -> Any:
         raise MediaError(f"{label}: corrupt or unsupported video ({_one_line(error)})") from None
 
 
-def _probe(open_container: Callable[[], Any], label: str) -> _StreamInfo:
+def _probe(open_container: Callable[[], Any], label: str, limits: VideoLimits) -> _StreamInfo:
     with open_container() as container:
         if not container.streams.video:
             raise MediaError(f"{label}: has no video stream")
@@ -435,31 +451,43 @@ def _probe(open_container: Callable[[], Any], label: str) -> _StreamInfo:
         fps = float(rate) if rate else 0.0
         width, height = stream.codec_context.width, stream.codec_context.height
         total = stream.frames
-    if total <= 0:  # webm / mkv / gif carry no frame count: count packets (no decoding)
-        total = _count_packets(open_container)
+    exact = True
+    if total <= 0:  # webm / mkv / gif carry no frame count: count packets (no decoding), up to the limit
+        bound = int(limits.max_frames) + 1
+        total = _count_packets(open_container, bound, time.monotonic() + limits.decode_timeout, label)
+        exact = total < bound
     if total <= 0:
         raise MediaError(f"{label}: the video has no frames")
-    if not fps > 0:
+    if not fps > 0 or not math.isfinite(fps):
         raise MediaError(f"{label}: the video has no usable frame rate")
     if width <= 0 or height <= 0:
         raise MediaError(f"{label}: video frames have zero size ({width}x{height})")
-    return _StreamInfo(total, fps, height, width)
+    return _StreamInfo(total, fps, height, width, exact)
 
 
-def _count_packets(open_container: Callable[[], Any]) -> int:
+def _count_packets(open_container: Callable[[], Any], bound: int, deadline: float, label: str) -> int:
+    """The video stream's packets with data, counting no further than ``bound``."""
+    count = 0
     with open_container() as container:
         stream = container.streams.video[0]
-        return sum(1 for packet in container.demux(stream) if packet.size)
+        for packet in container.demux(stream):
+            count += 1 if packet.size else 0
+            if count >= bound:
+                break
+            if time.monotonic() > deadline:
+                raise MediaError(f"{label}: reading the video's packets took too long (--video-decode-timeout)")
+    return count
 
 
 def _decode_frames(
-    open_container: Callable[[], Any], indices: Sequence[int], size: tuple[int, int], label: str
+    open_container: Callable[[], Any], indices: Sequence[int], size: tuple[int, int], label: str, limits: VideoLimits
 ) -> torch.Tensor:
     """Decode once from the start, keeping (resized) only the wanted frames; frames the stream turns out not
-    to have (its frame count was too high) repeat the last frame it has."""
+    to have (its frame count was too high) repeat the last frame it has. Over the time budget: MediaError."""
     wanted = set(indices)
     kept: dict[int, torch.Tensor] = {}
     last_index, last_frame = -1, None
+    deadline = time.monotonic() + limits.decode_timeout
     with open_container() as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
@@ -469,6 +497,8 @@ def _decode_frames(
                 kept[index] = _frame_tensor(frame, size)
             if index >= indices[-1]:
                 break
+            if time.monotonic() > deadline:
+                raise _decode_too_slow(label, limits, index + 1, indices[-1] + 1)
         if last_frame is None:
             raise MediaError(f"{label}: no frame could be decoded")
         if last_index not in kept:
@@ -476,16 +506,28 @@ def _decode_frames(
     return torch.stack([kept.get(i, kept[last_index]) for i in indices])
 
 
+def _decode_too_slow(label: str, limits: VideoLimits, done: int, total: int) -> MediaError:
+    return MediaError(
+        f"{label}: decoding took more than {limits.decode_timeout:g} s ({done} of {total} frames done) "
+        "(--video-decode-timeout; or use fewer frames: video_end, a smaller file)"
+    )
+
+
 def _frame_tensor(frame: av.VideoFrame, size: tuple[int, int]) -> torch.Tensor:
     rgb = torch.from_numpy(frame.to_ndarray(format="rgb24")).permute(2, 0, 1)
     return resize_frames(rgb[None], size)[0]
 
 
-def _plan_frame_list(sources: list[Any], label: str, config: PreprocessConfig, options: VideoOptions) -> VideoPlan:
-    """All frames of a list, each resized as an image first and then to the clip's frame size (so only
-    frames of the final size are held), padded to an even count."""
+def _plan_frame_list(
+    sources: list[Any], label: str, config: PreprocessConfig, options: VideoOptions, limits: VideoLimits
+) -> VideoPlan:
+    """All frames of a list, each resized as an image first and then to the clip's frame size, padded to an
+    even count. Only the first is read here (for the size); the others when the plan is decoded, one at a
+    time, so only frames of the final size are held."""
     if not sources:
         raise MediaError(f"{label}: the frame list is empty")
+    fps = FPS if options.fps is None else options.fps
+    limits.check(label, len(sources), len(sources) / fps)
     count = len(sources) + len(sources) % FRAME_FACTOR
     first = _frame_image(sources[0], config, options)
     native = (first.height, first.width)
@@ -493,19 +535,24 @@ def _plan_frame_list(sources: list[Any], label: str, config: PreprocessConfig, o
         size = frame_size(first.height, first.width, count, options, config.factor)
     except MediaError as error:
         raise MediaError(f"{label}: {error}") from None
-    frames = []
-    for position, source in enumerate(sources):
-        image = first if position == 0 else _frame_image(source, config, options)
-        if (image.height, image.width) != native:
-            raise MediaError(
-                f"{label}: frame {position} is {image.width}x{image.height} after resizing but frame 0 is "
-                f"{native[1]}x{native[0]}: all frames must have one size"
-            )
-        frames.append(resize_frames(torch.from_numpy(np.array(image)).permute(2, 0, 1)[None], size)[0])
-    indices = list(range(len(frames))) + [len(frames) - 1] * (count - len(frames))
-    stacked = torch.stack([frames[i] for i in indices])
-    fps = FPS if options.fps is None else options.fps
-    return VideoPlan(label, tuple(indices), fps, native, size, config, lambda: stacked)
+    indices = list(range(len(sources))) + [len(sources) - 1] * (count - len(sources))
+
+    def read() -> torch.Tensor:
+        deadline = time.monotonic() + limits.decode_timeout
+        frames = []
+        for position, source in enumerate(sources):
+            if time.monotonic() > deadline:
+                raise _decode_too_slow(label, limits, position, len(sources))
+            image = first if position == 0 else _frame_image(source, config, options)
+            if (image.height, image.width) != native:
+                raise MediaError(
+                    f"{label}: frame {position} is {image.width}x{image.height} after resizing but frame 0 is "
+                    f"{native[1]}x{native[0]}: all frames must have one size"
+                )
+            frames.append(resize_frames(torch.from_numpy(np.array(image)).permute(2, 0, 1)[None], size)[0])
+        return torch.stack([frames[i] for i in indices])
+
+    return VideoPlan(label, tuple(indices), fps, native, size, config, read)
 
 
 def _frame_image(source: Any, config: PreprocessConfig, options: VideoOptions) -> Image.Image:

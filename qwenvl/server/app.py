@@ -17,9 +17,10 @@ from .. import __version__
 from ..api import Model
 from ..engine.prompt import Prompt
 from ..tools import tool_names
-from .errors import APIError, APIKeyMiddleware, BodyLimitMiddleware, install_error_handlers
+from .errors import RETRY_AFTER_S, APIError, APIKeyMiddleware, BodyLimitMiddleware, install_error_handlers
 from .metrics import HTTPMetricsMiddleware, ServerMetrics
 from .prompts import OutputPlan, PromptBuilder, refuse_unsupported
+from .protocol import protocol_class
 from .schemas import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -46,7 +47,9 @@ from .streaming import (
 )
 from .ui import install_ui
 
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {status: {"model": ErrorBody} for status in (400, 401, 413, 500)}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody} for status in (400, 401, 408, 413, 429, 500, 503)
+}
 
 
 class _CancellingStream(StreamingResponse):
@@ -68,7 +71,7 @@ def create_app(model: Model, settings: ServerSettings, *, engine: Any = None, ma
     if engine is None:
         from ..engine.scheduler import BatchEngine
 
-        engine = BatchEngine(model, max_batch=max_batch)
+        engine = BatchEngine(model, max_batch=max_batch, max_waiting=settings.max_waiting)
     builder = PromptBuilder(model, settings)
     metrics = ServerMetrics(engine)
 
@@ -89,7 +92,7 @@ def create_app(model: Model, settings: ServerSettings, *, engine: Any = None, ma
     app.state.engine, app.state.model, app.state.settings = engine, model, settings
     app.state.metrics = metrics
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout)
     app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
     if settings.cors_origins:  # outside the key check: browsers send preflight requests without the key
         app.add_middleware(
@@ -110,13 +113,26 @@ def create_app(model: Model, settings: ServerSettings, *, engine: Any = None, ma
         meta.tokenizer, meta.observer = model.tokenizer, metrics.request()
         meta.tools = tool_names(plan.tools) if plan.parse_tools else None
         meta.logprobs = sampling.get("logprobs") is not None
-        handle = engine.submit(prompt, constraint=constraint, **sampling)
+        handle = await admitted(engine.submit(prompt, constraint=constraint, **sampling))
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return _CancellingStream(stream_events(request, handle, meta, include_usage), handle)
         result = await collect(request, handle, meta)
         build = chat_completion if meta.kind == "chat" else text_completion
         return JSONResponse(build(meta, result))
+
+    async def admitted(handle: Any) -> Any:
+        """The handle once the engine has taken it into its batch; 503 when no slot frees in time."""
+        if not await handle.wait_dequeued(settings.queue_timeout):
+            handle.cancel()
+            raise APIError(
+                503,
+                f"the server is busy: no batch slot came free within {settings.queue_timeout:g} s "
+                "(--queue-timeout); try again later",
+                code="queue_timeout",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+        return handle
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERROR_RESPONSES)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
@@ -227,8 +243,33 @@ def _qwenvl_extension(model: Model, prompt: Prompt) -> Callable[[Answer], dict[s
     return build
 
 
+def server_config(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> Any:
+    """uvicorn's Config for ``app`` under its settings' connection limits: header deadline, keep-alive
+    timeout and concurrency limit (the body deadline is the app's own middleware)."""
+    import uvicorn
+
+    settings: ServerSettings = app.state.settings
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+        timeout_keep_alive=settings.keep_alive_timeout,
+        limit_concurrency=settings.limit_concurrency,
+        http=protocol_class(settings.header_timeout),
+    )
+
+
 def run_server(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
     """Serve ``app`` until interrupted (Ctrl-C ends the open streams, then the engine)."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(server_config(app, host, port, log_level))
+    try:
+        server.run()
+    except KeyboardInterrupt:  # the signal uvicorn re-raises after its graceful shutdown (as uvicorn.run)
+        pass
+    if not server.started:
+        raise SystemExit(3)  # uvicorn's STARTUP_FAILURE, as uvicorn.run exits

@@ -1,8 +1,9 @@
 """OpenAI-style error bodies, the exception handlers that produce them, and the two guard middlewares
-(API key, body size) that answer before a request reaches a route."""
+(API key; body size and read deadline) that answer before a request reaches a route."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from typing import Any
@@ -13,7 +14,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import QwenVLError
+from ..errors import BusyError, QwenVLError
+from .ui import is_ui_path
 
 log = logging.getLogger("qwenvl.server")
 
@@ -21,19 +23,31 @@ ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
+    429: "rate_limit_error",
 }
+OPEN_PATHS = ("/health",)  # with the chat page (is_open_path), what an --api-key leaves open
 
 
 class APIError(Exception):
     """An error the server answers with: HTTP status, one-line message, the offending field."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | int | None = None) -> dict[str, Any]:
@@ -41,12 +55,22 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | int | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param, code), status_code=status)
+def error_response(
+    status: int,
+    message: str,
+    param: str | None = None,
+    code: str | int | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
+
+
+RETRY_AFTER_S = 5  # the Retry-After of a 429 (queue full) or a 503 (no batch slot in time)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(BusyError, _busy_error)
     app.add_exception_handler(QwenVLError, _user_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -55,11 +79,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
 async def _api_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, APIError)
-    return error_response(error.status, error.message, error.param, error.code)
+    return error_response(error.status, error.message, error.param, error.code, error.headers)
 
 
 async def _user_error(request: Request, error: Exception) -> JSONResponse:
     return error_response(400, " ".join(str(error).split()) or type(error).__name__)
+
+
+async def _busy_error(request: Request, error: Exception) -> JSONResponse:
+    return error_response(429, str(error), code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 async def _validation_error(request: Request, error: Exception) -> JSONResponse:
@@ -85,31 +113,54 @@ async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
 
 
 class APIKeyMiddleware:
-    """``Authorization: Bearer KEY`` on every /v1 route when the server has a key (401 otherwise)."""
+    """``Authorization: Bearer KEY`` on every route but /health and the chat page's static files (the docs
+    and the OpenAPI schema included) when the server has a key; 401 otherwise. The scheme name is
+    case-insensitive (RFC 7235). The page holds no secret: it asks the user for the key."""
 
     def __init__(self, app: ASGIApp, api_key: str | None):
         self.app = app
-        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.expected = api_key.encode() if api_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.expected is None or scope["type"] != "http" or not scope["path"].startswith("/v1"):
+        if self.expected is None or scope["type"] != "http" or is_open_path(scope["path"]):
             return await self.app(scope, receive, send)
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        if not secrets.compare_digest(given, self.expected):
+        if not secrets.compare_digest(bearer_token(dict(scope["headers"]).get(b"authorization", b"")), self.expected):
             response = error_response(
-                401, "invalid or missing API key (send Authorization: Bearer KEY)", code="invalid_api_key"
+                401,
+                "invalid or missing API key (send Authorization: Bearer KEY)",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
             )
-            response.headers["WWW-Authenticate"] = "Bearer"
             return await response(scope, receive, send)
         return await self.app(scope, receive, send)
 
 
-class BodyLimitMiddleware:
-    """Reads the whole request body first, answering 413 past ``max_bytes``; then replays it to the app."""
+def is_open_path(path: str) -> bool:
+    """Routes answered without the API key: /health, the chat page and its static files."""
+    return path in OPEN_PATHS or is_ui_path(path)
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+
+def bearer_token(header: bytes) -> bytes:
+    """The credentials of an ``Authorization: Bearer TOKEN`` header (any case of "Bearer"), else b""."""
+    scheme, _, token = header.strip().partition(b" ")
+    return token.strip() if scheme.lower() == b"bearer" else b""
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimitMiddleware:
+    """Reads the whole request body first, answering 413 past ``max_bytes`` and 408 (closing the connection)
+    when it has not all arrived ``timeout`` seconds after the headers; then replays it to the app.
+
+    After a 413 the rest of the body is read and dropped by uvicorn, for at most the header deadline
+    (protocol.HeaderDeadlineProtocol), so the client gets to read the answer."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout = timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -117,19 +168,21 @@ class BodyLimitMiddleware:
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
             return await self._too_large(scope, receive, send)
-        chunks: list[bytes] = []
-        total = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            total += len(chunks[-1])
-            if total > self.max_bytes:
-                return await self._too_large(scope, receive, send)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
+        try:
+            async with asyncio.timeout(self.timeout):
+                body = await self._read_body(receive)
+        except _TooLarge:
+            return await self._too_large(scope, receive, send)
+        except TimeoutError:
+            response = error_response(
+                408,
+                f"the request body did not arrive within {self.timeout:g} s (--body-timeout)",
+                code="request_timeout",
+                headers={"Connection": "close"},
+            )
+            return await response(scope, receive, send)
+        if body is None:  # the client went away
+            return
         replayed = False
 
         async def replay() -> Message:
@@ -141,7 +194,22 @@ class BodyLimitMiddleware:
 
         await self.app(scope, replay, send)
 
+    async def _read_body(self, receive: Receive) -> bytes | None:
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            total += len(chunks[-1])
+            if total > self.max_bytes:
+                raise _TooLarge
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         limit_mb = self.max_bytes / 2**20
-        response = error_response(413, f"request body larger than the {limit_mb:g} MiB limit (--max-body-mb)")
-        await response(scope, receive, send)
+        await error_response(413, f"request body larger than the {limit_mb:g} MiB limit (--max-body-mb)")(
+            scope, receive, send
+        )

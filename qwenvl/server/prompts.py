@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +14,7 @@ from ..engine.prompt import Prompt, build_prompt
 from ..errors import RequestError
 from ..tools import resolve_tool_choice
 from .errors import APIError
-from .fetch import MediaFetcher, media_parts
+from .fetch import MediaFetcher
 from .refusals import refuse_fields
 from .schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, SamplingFields, TokenizeRequest
 from .settings import ServerSettings
@@ -43,17 +42,15 @@ class PromptBuilder:
         self.model = model
         self.settings = settings
         self.fetcher = MediaFetcher(settings)
-        self._vision_lock = threading.Lock()  # one image/video encoding at a time (shared vision cache)
 
     # -- prompts (blocking: run in a worker thread) ---------------------------------------------
     def chat_prompt(self, body: ChatCompletionRequest, plan: OutputPlan | None = None) -> Prompt:
+        """Fetch the media, decode them (concurrently with other requests) and encode them (one request
+        at a time: the model's vision lock) into a prompt; the server's video limits apply."""
         messages = self.fetcher.resolve_messages(chat_messages(body.messages))
         media = body.mm_processor_kwargs.model_dump(exclude_none=True) if body.mm_processor_kwargs else {}
         tools = plan.tools if plan is not None else None
-        if not media_parts(messages):
-            return self.model.prepare(messages, tools=tools, **media)
-        with self._vision_lock:
-            return self.model.prepare(messages, tools=tools, **media)
+        return self.model.prepare(messages, tools=tools, **media, **self.settings.video_limits())
 
     def tokenize_messages(self, body: TokenizeRequest) -> list[int]:
         """/tokenize with messages: the ids the model would read, each image / video as its pad tokens."""

@@ -94,7 +94,9 @@ class MultimodalOptions(_Closed):
 class SamplingFields(_Body):
     model: str | None = None
     max_tokens: PositiveInt | None = None
-    temperature: Annotated[float, Field(ge=0)] | None = None
+    # Ranges as OpenAI documents its fields and vLLM its extensions (top_k, min_p, repetition_penalty);
+    # finite values only (the body's allow_inf_nan=False). Outside: a 400 naming the field.
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     top_k: Annotated[int, Field(ge=-1)] | None = None  # -1 (vLLM) or 0: off
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None

@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import ModelConfig
+from ..durable import flush, fsync_path, partial_path, remove_stale_partials
 from ..errors import ModelFileError
 from .gguf import GGUFModel, read_gguf, vl_model_config
 
@@ -80,7 +81,8 @@ def export_hf(
         else:
             config = model.config
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+        remove_stale_partials(out_dir.parent)  # left by killed runs
+        staging = partial_path(out_dir)
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
         try:
@@ -130,13 +132,17 @@ def _check_not_inside(source: Path, out_dir: Path) -> None:
 
 
 def _move_into_place(staging: Path, out_dir: Path, overwrite: bool) -> None:
+    """Rename the flushed staging directory to out_dir (the old one moved aside, then deleted)."""
     _check_target(out_dir, overwrite)
+    flush(staging)
     if not out_dir.exists():
         staging.rename(out_dir)
+        fsync_path(out_dir.parent)
         return
     old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
     out_dir.rename(old)
     staging.rename(out_dir)
+    fsync_path(out_dir.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 

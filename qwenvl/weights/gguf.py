@@ -31,6 +31,7 @@ from gguf.constants import (
 )
 
 from ..config import GenerationConfig, ModelConfig, PreprocessConfig, TextConfig
+from ..config_fields import MAX_CONTEXT, MAX_HEADS, MAX_LAYERS, MAX_WIDTH, check_range
 from ..errors import ModelFileError
 from ..tokenizer import Tokenizer, build_qwen2_tokenizer_json
 from . import names
@@ -231,38 +232,56 @@ def model_config_from_gguf(
         )
     arch = GGUF_ARCHITECTURES[gguf_arch]
 
-    def key(name: str) -> Any:
-        return _meta(metadata, f"{gguf_arch}.{name}", where)
+    def key(name: str, high: int | None = MAX_WIDTH) -> Any:
+        """The metadata value (checked to be an integer in [1, high] unless high is None)."""
+        value = _meta(metadata, f"{gguf_arch}.{name}", where)
+        if high is not None:
+            check_range(where, f"{gguf_arch}.{name}", value, 1, high)
+        return value
 
     hidden = int(key("embedding_length"))
-    heads = int(key("attention.head_count"))
-    head_dim = int(metadata.get(f"{gguf_arch}.attention.key_length") or hidden // heads)
+    heads = int(key("attention.head_count", MAX_HEADS))
+    key_length = metadata.get(f"{gguf_arch}.attention.key_length")
+    if key_length:
+        check_range(where, f"{gguf_arch}.attention.key_length", key_length, 1, MAX_WIDTH)
+    head_dim = int(key_length or hidden // heads)
+    kv_heads = metadata.get(f"{gguf_arch}.attention.head_count_kv") or heads
+    check_range(where, f"{gguf_arch}.attention.head_count_kv", kv_heads, 1, MAX_HEADS)
     embedding = tensors.get("token_embd.weight")
     if embedding is None:
         raise ModelFileError(f"{where}: missing tensor token_embd.weight")
     mrope = None
     if gguf_arch == "qwen2vl":
-        sections = key("rope.dimension_sections")
+        sections = key("rope.dimension_sections", None)
+        if not isinstance(sections, list) or len(sections) < 3 or any(type(x) is not int or x < 0 for x in sections):
+            raise ModelFileError(f"{where}: {gguf_arch}.rope.dimension_sections: expected a list of 3 or 4 sizes")
         mrope = tuple(int(s) for s in sections[:3])
     try:
         text = TextConfig(
             vocab_size=embedding.shape[0],
             hidden_size=hidden,
             intermediate_size=int(key("feed_forward_length")),
-            num_hidden_layers=int(key("block_count")),
+            num_hidden_layers=int(key("block_count", MAX_LAYERS)),
             num_attention_heads=heads,
-            num_key_value_heads=int(metadata.get(f"{gguf_arch}.attention.head_count_kv") or heads),
+            num_key_value_heads=int(kv_heads),
             head_dim=head_dim,
             # stored as float32: take its shortest repr so 1e-6 reads back as 1e-6, not 9.99999997e-07
-            rms_norm_eps=float(str(np.float32(key("attention.layer_norm_rms_epsilon")))),
-            rope_theta=float(str(np.float32(key("rope.freq_base")))),
-            max_position_embeddings=int(key("context_length")),
+            rms_norm_eps=_float_meta(key("attention.layer_norm_rms_epsilon", None), "layer_norm_rms_epsilon", where),
+            rope_theta=_float_meta(key("rope.freq_base", None), "rope.freq_base", where),
+            max_position_embeddings=int(key("context_length", MAX_CONTEXT)),
             tie_word_embeddings="output.weight" not in tensors,
             mrope_section=mrope,
         )
     except ModelFileError as error:  # the dataclass's own checks, which do not know the file
         raise ModelFileError(f"{where}: {error}") from None
     return ModelConfig(arch=arch, text=text)
+
+
+def _float_meta(value: Any, name: str, where: str) -> float:
+    """A float32 metadata value as its shortest repr; a one-line error when it is not a finite number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)) or not math.isfinite(value):
+        raise ModelFileError(f"{where}: {name}: expected a finite number, got {value!r}")
+    return float(str(np.float32(value)))
 
 
 def _expected_shapes(text: TextConfig) -> dict[str, tuple[int, ...]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,7 @@ def iter_tensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
         if file.suffix == ".safetensors":
             yield from _iter_safetensors(file)
         else:
-            yield from _iter_pickle(file)
+            yield from iter_pickle(file)
 
 
 def _iter_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
@@ -104,14 +105,95 @@ def _iter_safetensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
         raise ModelFileError(f"{file}: unreadable safetensors file ({exc})") from None
 
 
-def _iter_pickle(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_pickle(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # weights_only refuses arbitrary pickles: that is the point
         raise ModelFileError(f"{file}: cannot load as a weights-only PyTorch checkpoint ({exc})") from None
-    if not isinstance(state, dict):
-        raise ModelFileError(f"{file}: expected a state dict")
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise ModelFileError(f"{file}: expected a state dict of tensors")
     yield from state.items()
+
+
+# safetensors dtypes → bytes per element (the format's own list)
+SAFETENSORS_ITEM_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+
+
+def safetensors_header(file: Path) -> dict[str, dict[str, Any]]:
+    """The tensor entries of a safetensors file's header (name → dtype, shape, data_offsets), each
+    checked: a known dtype, a shape of non-negative integers, offsets inside the file that hold exactly
+    the shape's bytes. Anything else is a one-line ModelFileError naming the file and the tensor."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise ModelFileError(f"{file}: unreadable safetensors file (shorter than its 8-byte header length)")
+            (length,) = struct.unpack("<Q", prefix)
+            if length > min(MAX_HEADER_BYTES, size - 8):
+                raise ModelFileError(
+                    f"{file}: unreadable safetensors file (header length {length} does not fit the file)"
+                )
+            header = json.loads(handle.read(length))
+    except OSError as exc:
+        raise ModelFileError(f"{file}: cannot read ({exc.strerror or exc})") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ModelFileError(f"{file}: unreadable safetensors file (header: {_one_line(exc)})") from None
+    if not isinstance(header, dict):
+        raise ModelFileError(f"{file}: unreadable safetensors file (header: not a JSON object)")
+    data_bytes = size - 8 - length
+    entries = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        entries[name] = _checked_entry(file, name, entry, data_bytes)
+    return entries
+
+
+def _checked_entry(file: Path, name: str, entry: Any, data_bytes: int) -> dict[str, Any]:
+    def bad(problem: str) -> ModelFileError:
+        return ModelFileError(f"{file}: unreadable safetensors file (header entry {name!r}: {problem})")
+
+    if not isinstance(entry, dict):
+        raise bad("not a JSON object")
+    dtype = entry.get("dtype")
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_ITEM_BYTES:
+        raise bad(f"unknown dtype {json.dumps(dtype)}")
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**62 for d in shape):
+        raise bad(f"shape must be a list of non-negative integers, got {json.dumps(shape)[:60]}")
+    offsets = entry.get("data_offsets")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+        raise bad(f"data_offsets must be [begin, end], got {json.dumps(offsets)[:60]}")
+    begin, end = offsets
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    if not 0 <= begin <= end <= data_bytes or end - begin != numel * SAFETENSORS_ITEM_BYTES[dtype]:
+        raise bad(f"data_offsets {offsets} do not hold {shape} {dtype} values inside the file")
+    return {"dtype": dtype, "shape": tuple(shape), "data_offsets": (begin, end)}
+
+
+def tensor_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape, from the safetensors headers (nothing loaded), or a .bin's mapped state."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in weight_files(model_dir):
+        if file.suffix == ".safetensors":
+            shapes.update((name, entry["shape"]) for name, entry in safetensors_header(file).items())
+        else:
+            shapes.update((name, tuple(tensor.shape)) for name, tensor in iter_pickle(file))
+    return shapes
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def load_tensors(model_dir: Path) -> dict[str, torch.Tensor]:

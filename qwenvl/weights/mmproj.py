@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ..config import CLIP_MEAN, CLIP_STD, PreprocessConfig, VisionConfig
+from ..config_fields import MAX_HEADS, MAX_LAYERS, MAX_WIDTH, check_range
 from ..errors import ModelFileError
 from . import names
 from .gguf import GGUFFile, GGUFTensorInfo, _can_dequantize, open_gguf_file
@@ -83,7 +84,9 @@ class MMProj:
         where = str(self.path)
         infos = file.tensor_infos
         self.variant = _variant(self.metadata, infos, where)
-        hidden = int(_require(self.metadata, "clip.vision.embedding_length", where))
+        hidden = _require(self.metadata, "clip.vision.embedding_length", where)
+        check_range(where, "clip.vision.embedding_length", hidden, 1, MAX_WIDTH)
+        hidden = int(hidden)
         self.legacy = _ffn_swapped(self.metadata, infos, hidden)
         self.table = names.vision_table(self.variant, legacy=self.legacy)
         try:
@@ -105,8 +108,11 @@ class MMProj:
 
     def _vision_config(self, hidden: int, where: str) -> VisionConfig:
         meta = self.metadata
-        depth = int(_require(meta, "clip.vision.block_count", where))
-        heads = int(_require(meta, "clip.vision.attention.head_count", where))
+        depth = _require(meta, "clip.vision.block_count", where)
+        heads = _require(meta, "clip.vision.attention.head_count", where)
+        check_range(where, "clip.vision.block_count", depth, 1, MAX_LAYERS)
+        check_range(where, "clip.vision.attention.head_count", heads, 1, MAX_HEADS)
+        depth, heads = int(depth), int(heads)
         patch_shape = self._shape(names.HF_PATCH_EMBED, where)  # one temporal slice [embed, C, P, P]
         if len(patch_shape) != 4:
             raise ModelFileError(f"{where}: v.patch_embd.weight has shape {list(patch_shape)}, expected 4 dims")
