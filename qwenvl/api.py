@@ -24,13 +24,14 @@ from .media.image import ImageInput, load_image, preprocess_image
 from .media.video import REQUEST_OPTIONS as VIDEO_REQUEST_OPTIONS
 from .media.video import VideoPlan, available_memory, decode_video, plan_video, video_options, vision_encoder_bytes
 from .models.rope import IMAGE, VIDEO
-from .models.text import VISION_PREFIXES, TextModel
+from .models.text import TextModel
 from .models.vision import VisionTransformer
 from .quant.linear import KERNELS
 from .quant.model import load_quantized_text
 from .runtime import release_free_memory, resolve_dtype, set_threads
 from .tokenizer import Tokenizer
 from .weights.checkpoint import Checkpoint, open_checkpoint
+from .weights.layout import VISION_PREFIXES, layout_for
 
 ChatResult = GenerationResult
 DEFAULT_CONTEXT = 32768
@@ -280,11 +281,12 @@ def _build(
         text_model = TextModel(config.text)
     text_model = text_model.to(dtype)
     tensors = checkpoint.tensors()
+    layout = layout_for(config.arch)
     if checkpoint.quantized is not None and kernel != "dense":
         pieces = None if exact_prefill or dtype == torch.float32 else 1
-        load_quantized_text(text_model, checkpoint.quantized, dtype, kernel, prefill_pieces=pieces)
+        load_quantized_text(text_model, checkpoint.quantized, dtype, kernel, prefill_pieces=pieces, layout=layout)
     else:
-        text_model.load_weights(tensors)
+        text_model.load_weights(tensors, layout)
     text_model.eval()
     vision_model = None
     if config.vision is not None:

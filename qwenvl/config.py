@@ -49,6 +49,10 @@ class TextConfig:
     # None for plain 1-D RoPE (Qwen2); else the split of head_dim/2 rotary frequencies into
     # temporal / height / width sections (M-RoPE).
     mrope_section: tuple[int, ...] | None = None
+    # Which projections carry a bias (Qwen2: q/k/v only; Llama: none by default).
+    qkv_bias: bool = True
+    o_bias: bool = False
+    mlp_bias: bool = False
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:

@@ -26,7 +26,7 @@ import json
 import os
 import struct
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
@@ -44,6 +44,7 @@ from .errors import ModelFileError, QwenVLError
 from .quant import ggml as ggml_quant
 from .tokenizer import QWEN2_PRETOKENIZE_REGEX
 from .weights import hf, names
+from .weights.layout import GGUF_ARCH_OF, Layout, canonical_name, layout_for
 from .weights.mmproj import LLAMA_CPP_WINDOW, VARIANT_PROJECTORS, pattern_from_fullatt
 
 Q = GGMLQuantizationType
@@ -219,12 +220,12 @@ def _safetensors_entries(file: Path) -> list[SourceTensor]:
 
         return load
 
-    return [SourceTensor(names.canonical_hf_name(n), shape, loader(n)) for n, shape in shapes.items()]
+    return [SourceTensor(canonical_name(n), shape, loader(n)) for n, shape in shapes.items()]
 
 
 def _pickle_entries(file: Path) -> list[SourceTensor]:
     state = dict(hf._iter_pickle(file))
-    return [SourceTensor(names.canonical_hf_name(n), tuple(t.shape), lambda t=t: t) for n, t in state.items()]
+    return [SourceTensor(canonical_name(n), tuple(t.shape), lambda t=t: t) for n, t in state.items()]
 
 
 @dataclass
@@ -253,15 +254,16 @@ def read_hf_source(directory: str | os.PathLike) -> HFSource:
 
 def plan_text(source: HFSource, requested: GGMLQuantizationType) -> list[PlannedTensor]:
     """The text GGUF's tensors (decoder and lm_head), llama.cpp-named, in checkpoint order."""
+    layout = layout_for(source.config.arch)
     cache = _LastLoaded()
     planned = []
     for tensor in source.tensors:
         if tensor.name.startswith("visual.") or tensor.name.endswith("rotary_emb.inv_freq"):
             continue
-        if tensor.name == "lm_head.weight" and source.config.text.tie_word_embeddings:
+        if tensor.name == layout.output_name and source.config.text.tie_word_embeddings:
             continue  # tied: llama.cpp reads token_embd for the output
         try:
-            gguf_name = names.hf_to_gguf_name(tensor.name)
+            gguf_name = layout.to_gguf(tensor.name)
         except KeyError:
             raise ModelFileError(
                 f"{source.directory}: unexpected tensor {tensor.name} in a {source.config.arch} checkpoint"
@@ -272,7 +274,7 @@ def plan_text(source: HFSource, requested: GGMLQuantizationType) -> list[Planned
             return cache.get(t.name, t.load).numpy()
 
         planned.append(PlannedTensor(gguf_name, tensor.shape, chosen, load, note))
-    _check_complete(planned, expected_text_names(source.config), source.directory)
+    _check_complete(planned, layout, source.config, source.directory)
     return planned
 
 
@@ -319,18 +321,15 @@ def _piece_shapes(shape: tuple[int, ...], join: str) -> list[tuple[int, ...]]:
     return [shape]
 
 
-def expected_text_names(config: ModelConfig) -> list[str]:
-    from .weights.gguf import _expected_shapes
-
-    return list(_expected_shapes(config.text))
-
-
-def _check_complete(planned: list[PlannedTensor], expected: Iterable[str], where: Path) -> None:
-    present = {tensor.name for tensor in planned}
-    missing = [name for name in expected if name not in present]
-    if missing:
-        hf_name = names.gguf_to_hf_name(missing[0])
-        raise ModelFileError(f"{where}: missing tensor {hf_name}")
+def _check_complete(planned: list[PlannedTensor], layout: Layout, config: ModelConfig, where: Path) -> None:
+    present = {tensor.name: tensor.shape for tensor in planned}
+    for name, shape in layout.gguf_shapes(config.text).items():
+        if name not in present:
+            raise ModelFileError(f"{where}: missing tensor {layout.to_hf(name)}")
+        if present[name] != shape:
+            raise ModelFileError(
+                f"{where}: tensor {layout.to_hf(name)} has shape {list(present[name])}, config needs {list(shape)}"
+            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -598,7 +597,7 @@ def convert_hf(
         raise QwenVLError(f"{out_dir}: exists and is not a directory")
     inputs = [p for p in source.directory.iterdir() if p.is_file()]
     text_q = ggml_type(out_type)
-    text_arch = "qwen2" if source.config.arch == "qwen2" else "qwen2vl"
+    text_arch = GGUF_ARCH_OF[source.config.arch]
     text_path = out_dir / f"{source.name}-{text_q.name}.gguf"
     mm_path = out_dir / f"mmproj-{source.name}-{ggml_type(mmproj_type).name}.gguf"
     targets = [text_path] + ([mm_path] if source.config.is_vision else [])

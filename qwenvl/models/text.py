@@ -14,13 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
-from ..errors import ModelFileError
 from ..quant import kernels
+from ..weights.layout import QWEN2, Layout
 from .rope import apply_rope_heads, rope_cos_sin, rope_inv_freq, signed_sin
-
-# Prefixes under which checkpoints store the decoder: transformers 5 VL models, older VL models and Qwen2.
-TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
-VISION_PREFIXES = ("model.visual.", "visual.")
 
 
 class RMSNorm(nn.Module):
@@ -52,8 +48,8 @@ class Attention(nn.Module):
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
         self.qkv_sizes = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
-        self.qkv_proj = nn.Linear(cfg.hidden_size, sum(self.qkv_sizes), bias=True)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, sum(self.qkv_sizes), bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=cfg.o_bias)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVView | RowsKVView | SegmentsKVView | None
@@ -76,8 +72,8 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(swiglu(self.gate_up_proj(x)))
@@ -249,22 +245,15 @@ class TextModel(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
-    def load_weights(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Load from HF tensor names (any of TEXT_PREFIXES), fusing q/k/v and gate/up."""
-        weights = text_weights(tensors)
-        if self.config.tie_word_embeddings and "embed_tokens.weight" in weights:
-            weights["lm_head.weight"] = weights["embed_tokens.weight"]
-        for name, shape in hf_shapes(self.config).items():
-            if name not in weights:
-                raise ModelFileError(f"checkpoint: missing tensor '{_hf_name(name)}'")
-            if tuple(weights[name].shape) != shape:
-                raise ModelFileError(
-                    f"checkpoint: tensor '{_hf_name(name)}' has shape {list(weights[name].shape)}, "
-                    f"config needs {list(shape)}"
-                )
+    def load_weights(self, tensors: Mapping[str, torch.Tensor], layout: Layout = QWEN2) -> None:
+        """Load from checkpoint tensors named as ``layout`` names them (any known prefix; see
+        weights/layout.py): shapes checked, q/k/v and gate/up fused, the output projection tied to
+        the embedding when the config says so."""
+        state = layout.module_state(self.config, tensors)
+        if self.config.tie_word_embeddings:
+            state["lm_head.weight"] = state["embed_tokens.weight"]
         dtype = self.dtype
-        state = {name: t.to(dtype) for name, t in _fused_state(self.config, weights).items()}
-        self.load_state_dict(state, assign=True, strict=True)
+        self.load_state_dict({name: t.to(dtype) for name, t in state.items()}, assign=True, strict=True)
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -300,61 +289,3 @@ class KVCache:
     def view(self, layer: int, start: int, length: int, mask: torch.Tensor | None) -> KVView:
         self.check_room(start, length)
         return KVView(self.keys[layer], self.values[layer], start, length, mask)
-
-
-def text_weights(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The decoder's tensors with checkpoint prefixes stripped (vision tensors left out)."""
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in tensors.items():
-        if name.startswith(VISION_PREFIXES):
-            continue
-        if name == "lm_head.weight" or name == "language_model.lm_head.weight":
-            out["lm_head.weight"] = tensor
-            continue
-        for prefix in TEXT_PREFIXES:
-            if name.startswith(prefix):
-                out[name[len(prefix) :]] = tensor
-                break
-    return out
-
-
-def hf_shapes(cfg: TextConfig) -> dict[str, tuple[int, ...]]:
-    """Every decoder tensor a checkpoint must hold (prefix-stripped HF names) and its shape."""
-    hidden, heads, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    shapes = {
-        "embed_tokens.weight": (cfg.vocab_size, hidden),
-        "norm.weight": (hidden,),
-        "lm_head.weight": (cfg.vocab_size, hidden),
-    }
-    for i in range(cfg.num_hidden_layers):
-        layer = f"layers.{i}."
-        shapes |= {
-            layer + "input_layernorm.weight": (hidden,),
-            layer + "post_attention_layernorm.weight": (hidden,),
-            layer + "self_attn.q_proj.weight": (heads, hidden),
-            layer + "self_attn.q_proj.bias": (heads,),
-            layer + "self_attn.k_proj.weight": (kv, hidden),
-            layer + "self_attn.k_proj.bias": (kv,),
-            layer + "self_attn.v_proj.weight": (kv, hidden),
-            layer + "self_attn.v_proj.bias": (kv,),
-            layer + "self_attn.o_proj.weight": (hidden, heads),
-            layer + "mlp.gate_proj.weight": (cfg.intermediate_size, hidden),
-            layer + "mlp.up_proj.weight": (cfg.intermediate_size, hidden),
-            layer + "mlp.down_proj.weight": (hidden, cfg.intermediate_size),
-        }
-    return shapes
-
-
-def _fused_state(cfg: TextConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The module's state dict from checked HF weights: q/k/v and gate/up concatenated."""
-    state = {name: weights[name] for name in hf_shapes(cfg)}
-    for i in range(cfg.num_hidden_layers):
-        attn, mlp = f"layers.{i}.self_attn.", f"layers.{i}.mlp."
-        for kind in ("weight", "bias"):
-            state[f"{attn}qkv_proj.{kind}"] = torch.cat([state.pop(f"{attn}{p}_proj.{kind}") for p in "qkv"])
-        state[f"{mlp}gate_up_proj.weight"] = torch.cat([state.pop(f"{mlp}{p}_proj.weight") for p in ("gate", "up")])
-    return state
-
-
-def _hf_name(name: str) -> str:
-    return name if name == "lm_head.weight" else f"model.{name}"

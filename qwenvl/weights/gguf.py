@@ -33,12 +33,8 @@ from gguf.constants import (
 from ..config import GenerationConfig, ModelConfig, PreprocessConfig, TextConfig
 from ..errors import ModelFileError
 from ..tokenizer import Tokenizer, build_qwen2_tokenizer_json
-from . import names
 from .checkpoint import Checkpoint
-
-# llama.cpp architecture name → ModelConfig.arch. llama.cpp writes the text half of both Qwen2-VL
-# and Qwen2.5-VL as "qwen2vl"; the mmproj file tells the two apart.
-GGUF_ARCHITECTURES = {"qwen2": "qwen2", "qwen2vl": "qwen2_vl"}
+from .layout import GGUF_ARCHITECTURES, Layout, layout_for
 
 _SCALAR_FORMATS = {
     GGUFValueType.UINT8: "<B",
@@ -265,35 +261,8 @@ def model_config_from_gguf(
     return ModelConfig(arch=arch, text=text)
 
 
-def _expected_shapes(text: TextConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a Qwen2 decoder needs, by GGUF name, in torch order."""
-    h, kv = text.hidden_size, text.num_key_value_heads * text.head_dim
-    q = text.num_attention_heads * text.head_dim
-    shapes = {"token_embd.weight": (text.vocab_size, h), "output_norm.weight": (h,)}
-    if not text.tie_word_embeddings:
-        shapes["output.weight"] = (text.vocab_size, h)
-    per_layer = {
-        "attn_norm.weight": (h,),
-        "attn_q.weight": (q, h),
-        "attn_q.bias": (q,),
-        "attn_k.weight": (kv, h),
-        "attn_k.bias": (kv,),
-        "attn_v.weight": (kv, h),
-        "attn_v.bias": (kv,),
-        "attn_output.weight": (h, q),
-        "ffn_norm.weight": (h,),
-        "ffn_gate.weight": (text.intermediate_size, h),
-        "ffn_up.weight": (text.intermediate_size, h),
-        "ffn_down.weight": (h, text.intermediate_size),
-    }
-    for layer in range(text.num_hidden_layers):
-        for suffix, shape in per_layer.items():
-            shapes[f"blk.{layer}.{suffix}"] = shape
-    return shapes
-
-
-def _check_tensors(infos: dict[str, GGUFTensorInfo], text: TextConfig, where: str) -> None:
-    expected = _expected_shapes(text)
+def _check_tensors(infos: dict[str, GGUFTensorInfo], text: TextConfig, layout: Layout, where: str) -> None:
+    expected = layout.gguf_shapes(text)
     for name, shape in expected.items():
         info = infos.get(name)
         if info is None:
@@ -304,7 +273,9 @@ def _check_tensors(infos: dict[str, GGUFTensorInfo], text: TextConfig, where: st
             raise ModelFileError(f"{where}: tensor {name} has unsupported tensor type {info.ggml_type.name}")
     extra = sorted(set(infos) - set(expected))
     if extra:
-        raise ModelFileError(f"{where}: unexpected tensor {extra[0]} for a {text.num_hidden_layers}-layer qwen2 model")
+        raise ModelFileError(
+            f"{where}: unexpected tensor {extra[0]} for a {text.num_hidden_layers}-layer {layout.name} model"
+        )
 
 
 def _check_tokenizer_kind(metadata: dict[str, Any], where: str) -> None:
@@ -362,7 +333,8 @@ class GGUFModel:
         self._buf = buf
         where = str(path)
         self.config = model_config_from_gguf(metadata, infos, where)
-        _check_tensors(infos, self.config.text, where)
+        self.layout = layout_for(self.config.arch)
+        _check_tensors(infos, self.config.text, self.layout, where)
         self.eos_token_id = _optional_id(metadata, "eos_token_id")
         self.bos_token_id = _optional_id(metadata, "bos_token_id")
         self.pad_token_id = _optional_id(metadata, "padding_token_id")
@@ -409,11 +381,11 @@ class GGUFModel:
         return None if token_id is None else self.metadata["tokenizer.ggml.tokens"][token_id]
 
     def hf_names(self) -> list[str]:
-        return [names.gguf_to_hf_name(name) for name in self.tensor_infos]
+        return [self.layout.to_hf(name) for name in self.tensor_infos]
 
     def info(self, hf_name: str) -> GGUFTensorInfo:
         try:
-            return self.tensor_infos[names.hf_to_gguf_name(hf_name)]
+            return self.tensor_infos[self.layout.to_gguf(hf_name)]
         except KeyError:
             raise ModelFileError(f"{self.path}: missing tensor {hf_name}") from None
 
@@ -440,7 +412,10 @@ class GGUFModel:
         return data.reshape(-1, first.byte_shape[-1])
 
     def has(self, hf_name: str) -> bool:
-        return names.hf_to_gguf_name(hf_name) in self.tensor_infos
+        try:
+            return self.layout.to_gguf(hf_name) in self.tensor_infos
+        except KeyError:
+            return False
 
     def release(self, hf_names: Sequence[str]) -> None:
         """Drop the named tensors' pages from memory (after they were copied elsewhere): the map is
