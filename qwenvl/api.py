@@ -13,12 +13,12 @@ from typing import Any
 
 import torch
 
-from .chat import media_items, normalize_messages, render_chat
+from .chat import fallback_template, media_items, normalize_messages, render_chat
 from .config import GenerationConfig, ModelConfig, PreprocessConfig
 from .engine.generate import Generation, GenerationResult, new_request
 from .engine.prompt import EncodedVisual, Prompt, VisionCache, build_prompt
 from .engine.sampler import sampling_params
-from .errors import MediaError, QwenVLError
+from .errors import MediaError, QwenVLError, RequestError
 from .grounding import CONVENTIONS, GROUNDING_TOKENS, GroundedBox, ImageGeometry, ground, text_with_markers
 from .media.image import ImageInput, load_image, preprocess_image
 from .media.video import REQUEST_OPTIONS as VIDEO_REQUEST_OPTIONS
@@ -51,7 +51,7 @@ class Model:
     tokenizer: Tokenizer
     generation_config: GenerationConfig
     preprocess_config: PreprocessConfig
-    chat_template: str | None
+    chat_template: str | None  # None: the model has no chat format (a Llama base model): raw prompts only
     context: int
     source: str
     vision_model: VisionTransformer | None = None
@@ -63,9 +63,20 @@ class Model:
 
     # -- prompts ------------------------------------------------------------------------------
     def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
-        return render_chat(
-            self.chat_template, normalize_messages(messages), add_generation_prompt=add_generation_prompt
-        )
+        return render_chat(self._template(), normalize_messages(messages), add_generation_prompt=add_generation_prompt)
+
+    def _template(self) -> str:
+        if self.chat_template is None:
+            raise RequestError(
+                f"{Path(self.source).name} has no chat template (a base model): chat is refused; give it text "
+                "as-is instead (qwenvl run --raw, the API's prepare_raw, or /v1/completions)"
+            )
+        return self.chat_template
+
+    def prepare_raw(self, text: str) -> Prompt:
+        """A prompt taken as-is, no chat template: the text's ids with BOS / EOS as the tokenizer's
+        config asks (what a base model needs; transformers' ``tokenizer(text)``)."""
+        return build_prompt(self.tokenizer.encode_raw(text), [], self.config)
 
     def prepare(self, messages: list[dict[str, Any]], **media: Any) -> Prompt:
         """Render the chat template, tokenize, encode the images and videos and assemble the prompt.
@@ -82,7 +93,7 @@ class Model:
             if items:
                 raise MediaError(f"{self.source} is a text-only model: it cannot take images or videos")
             messages = [_flatten_text_parts(m) for m in messages]
-        text = render_chat(self.chat_template, messages)
+        text = render_chat(self._template(), messages)
         ids = self.tokenizer.encode(text)
         prepared = [
             self._prepare_media(kind, source, item, media)
@@ -252,10 +263,13 @@ def load(
     mmproj: str | os.PathLike | None = None,
     kernel: str = "auto",
     exact_prefill: bool = False,
+    tiktoken: str | os.PathLike | None = None,
 ) -> Model:
-    """Load a checkpoint directory, hub id or GGUF file (``None``: the embedded default model).
+    """Load a checkpoint directory, hub id, GGUF file or qwen.cpp GGML file (``None``: the embedded
+    default model).
 
     ``mmproj``: the vision GGUF that goes with a Qwen2-VL / Qwen2.5-VL text GGUF.
+    ``tiktoken``: the ``qwen.tiktoken`` a qwen.cpp file needs (it holds no vocabulary).
     ``kernel`` (GGUF files): "auto" keeps each weight in its GGML format with the format's default
     kernel; "dense" dequantizes everything to ``dtype`` at load; "blocks", "int8", "int4" force one
     kernel (docs/quantization-kernels.md). ``exact_prefill``: with bf16 activations, multiply prompts
@@ -269,7 +283,7 @@ def load(
         from .defaults import default_model_path
 
         model = default_model_path()
-    checkpoint = open_checkpoint(model, mmproj=mmproj)
+    checkpoint = open_checkpoint(model, mmproj=mmproj, tiktoken=tiktoken)
     return _build(checkpoint, resolve_dtype(dtype), context, kernel, exact_prefill)
 
 
@@ -306,7 +320,9 @@ def _build(
         tokenizer=checkpoint.tokenizer,
         generation_config=checkpoint.generation_config,
         preprocess_config=checkpoint.preprocess_config,
-        chat_template=checkpoint.chat_template,
+        chat_template=checkpoint.chat_template
+        if checkpoint.chat_template is not None
+        else fallback_template(config.arch),
         context=min(context or DEFAULT_CONTEXT, limit),
         source=str(Path(checkpoint.source)),
         vision_model=vision_model,

@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(run)
     run.add_argument("-p", "--prompt", required=True, help="the user message ('-' reads standard input)")
     run.add_argument("--system", help="a system message")
+    run.add_argument(
+        "--raw",
+        action="store_true",
+        help="the prompt as-is, no chat template (BOS as the tokenizer's config asks): what base models need",
+    )
     _add_media_arguments(run)
     _add_sampling_arguments(run)
     run.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
@@ -76,16 +81,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_file_commands(commands: Any) -> None:
     """convert / quantize / export / info (docs/convert.md, quantize.md, export.md, info.md)."""
-    from .convert import CONVERT_TYPES, MMPROJ_TYPES, QUANTIZE_TYPES
+    from .convert import MMPROJ_TYPES, QUANTIZE_TYPES
 
     convert = commands.add_parser(
         "convert",
-        help="HF checkpoint → GGUF (+ mmproj for VL models)",
-        description="Write the text GGUF and, for Qwen2-VL / Qwen2.5-VL, the mmproj GGUF, as llama.cpp does.",
+        help="HF checkpoint / qwen.cpp file → GGUF (+ mmproj for VL models)",
+        description="Write the text GGUF and, for Qwen2-VL / Qwen2.5-VL, the mmproj GGUF, as llama.cpp does; "
+        "or a qwen.cpp GGML file (with --tiktoken) as a GGUF.",
     )
-    convert.add_argument("hf_dir", metavar="HF_DIR", help="checkpoint directory or hub id")
+    convert.add_argument(
+        "hf_dir", metavar="MODEL", help="checkpoint directory, hub id, Meta params.json directory or qwen.cpp .bin"
+    )
     convert.add_argument("-o", "--out-dir", required=True, metavar="OUT_DIR", help="directory for the .gguf files")
-    convert.add_argument("--type", default="f16", choices=CONVERT_TYPES, help="text model tensor type (default f16)")
+    convert.add_argument(
+        "--type",
+        choices=QUANTIZE_TYPES,
+        help="text model tensor type (default f16; a qwen.cpp file keeps its types; K-quants for qwen.cpp files only)",
+    )
+    convert.add_argument("--tiktoken", metavar="FILE", help="the qwen.tiktoken of a qwen.cpp GGML file")
     convert.add_argument("--mmproj-type", choices=MMPROJ_TYPES, help="mmproj type (default: f32/f16/q8_0 after --type)")
     convert.add_argument("--force", action="store_true", help="replace output files that exist")
     convert.set_defaults(handler=cmd_convert)
@@ -122,12 +135,25 @@ def _add_file_commands(commands: Any) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert_hf, summary_table
+    from pathlib import Path
 
+    from .convert import convert_hf, convert_qwencpp, summary_table
+    from .weights.checkpoint import file_kind
+
+    if file_kind(Path(args.hf_dir).expanduser()) == "qwen.cpp":
+        if args.mmproj_type:
+            raise QwenVLError("--mmproj-type: a qwen.cpp file is a text model, it has no vision projector")
+        written = convert_qwencpp(
+            args.hf_dir, args.tiktoken, args.out_dir, out_type=args.type, force=args.force, progress=sys.stderr.isatty()
+        )
+        print(summary_table(written))
+        return 0
+    if args.tiktoken:
+        raise QwenVLError(f"--tiktoken goes with a qwen.cpp GGML file, and {args.hf_dir} is not one")
     written = convert_hf(
         args.hf_dir,
         args.out_dir,
-        out_type=args.type,
+        out_type=args.type or "f16",
         mmproj_type=args.mmproj_type,
         force=args.force,
         progress=sys.stderr.isatty(),
@@ -302,8 +328,13 @@ def _default_model_name() -> str:
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", help="HF checkpoint dir, hub id or .gguf (default: the embedded model)")
+    parser.add_argument(
+        "model",
+        nargs="?",
+        help="HF checkpoint dir, hub id, .gguf, qwen.cpp .bin or Meta params.json dir (default: the embedded model)",
+    )
     parser.add_argument("--mmproj", metavar="FILE", help="the vision GGUF of a Qwen2-VL / Qwen2.5-VL text GGUF")
+    parser.add_argument("--tiktoken", metavar="FILE", help="the qwen.tiktoken of a qwen.cpp GGML file")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="compute dtype")
     parser.add_argument("--threads", type=int, help="threads (default: physical cores)")
     parser.add_argument("--ctx", type=int, help="context length in tokens (default: the model's, at most 32768)")
@@ -369,6 +400,9 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
 
 
+SAMPLING_OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop")
+
+
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "max_tokens": args.max_tokens,
@@ -402,6 +436,7 @@ def _load(args: argparse.Namespace):
         mmproj=args.mmproj,
         kernel=args.kernel,
         exact_prefill=args.exact_prefill,
+        tiktoken=args.tiktoken,
     )
     return model, time.perf_counter() - started
 
@@ -429,11 +464,21 @@ def _read_prompt(prompt: str) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     prompt = _read_prompt(args.prompt)
+    if args.raw:
+        media = {k.replace("_", "-"): v for k, v in _sampling(args).items() if k not in SAMPLING_OPTIONS}
+        flags = {"system": args.system, "image": args.image, "video": args.video, "boxes": args.boxes, **media}
+        for flag, value in flags.items():
+            if value:
+                raise QwenVLError(f"--{flag} needs the chat template, and --raw takes the prompt as-is: drop one")
     images: list[Any] = list(args.image)
     if args.boxes is not None:
         images = _images_to_draw_on(args.boxes, images)
     model, load_s = _load(args)
-    generation = model.stream(_messages(args.system, _user_content(prompt, images, args.video)), **_sampling(args))
+    if args.raw:
+        sampling = {k: v for k, v in _sampling(args).items() if k in SAMPLING_OPTIONS}
+        generation = model.generate(model.prepare_raw(prompt), **sampling)
+    else:
+        generation = model.stream(_messages(args.system, _user_content(prompt, images, args.video)), **_sampling(args))
     if args.json:
         for _ in generation:
             pass

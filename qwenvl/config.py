@@ -18,8 +18,10 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen2VLForConditionalGeneration": "qwen2_vl",
     "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
+    "QWenLMHeadModel": "qwen",
 }
-MODEL_TYPES = {"qwen2": "qwen2", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl"}
+MODEL_TYPES = {"qwen2": "qwen2", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "qwen": "qwen"}
+TEXT_ARCHS = ("qwen2", "qwen")  # the decoder-only ones
 
 # Qwen2 vocabulary special ids (shared/reference.md).
 IMAGE_TOKEN_ID = 151655
@@ -53,6 +55,11 @@ class TextConfig:
     qkv_bias: bool = True
     o_bias: bool = False
     mlp_bias: bool = False
+    # Qwen (v1) beyond its training length ``seq_length`` (modeling_qwen.py): dynamic NTK scales the
+    # rope base by a factor fixed per request from its prompt length; logn scales queries past it.
+    seq_length: int = 0
+    use_dynamic_ntk: bool = False
+    use_logn_attn: bool = False
 
     def __post_init__(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -63,6 +70,10 @@ class TextConfig:
         if self.mrope_section is not None and sum(self.mrope_section) != self.head_dim // 2:
             raise ModelFileError(
                 f"config: mrope_section {list(self.mrope_section)} must sum to head_dim/2 = {self.head_dim // 2}"
+            )
+        if (self.use_dynamic_ntk or self.use_logn_attn) and self.seq_length < 2:
+            raise ModelFileError(
+                f"config: seq_length {self.seq_length}: dynamic NTK / logn attention need one of 2 or more"
             )
 
 
@@ -130,7 +141,7 @@ class GenerationConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str  # "qwen2" | "qwen2_vl" | "qwen2_5_vl"
+    arch: str  # "qwen2" | "qwen2_vl" | "qwen2_5_vl" | "qwen"
     text: TextConfig
     vision: VisionConfig | None = None
     image_token_id: int = IMAGE_TOKEN_ID
@@ -196,6 +207,37 @@ def text_config_from_hf(raw: dict[str, Any], arch: str, where: str = "config.jso
     )
 
 
+def qwen_text_config_from_hf(raw: dict[str, Any], where: str = "config.json") -> TextConfig:
+    """Qwen (v1)'s config.json (configuration_qwen.py's names and defaults). Its ``intermediate_size``
+    is twice the MLP width (w1 and w2 each have half)."""
+    heads = int(_require(raw, "num_attention_heads", where))
+    hidden = int(_require(raw, "hidden_size", where))
+    rotary_pct = float(raw.get("rotary_pct", 1.0))
+    if rotary_pct != 1.0:
+        raise ModelFileError(f"{where}: rotary_pct {rotary_pct} is not supported (qwenvl rotates whole heads)")
+    bias = not bool(raw.get("no_bias", True))
+    ntk, logn = bool(raw.get("use_dynamic_ntk", True)), bool(raw.get("use_logn_attn", True))
+    seq_length = int(_require(raw, "seq_length", where)) if ntk or logn else int(raw.get("seq_length") or 0)
+    return TextConfig(
+        vocab_size=int(_require(raw, "vocab_size", where)),
+        hidden_size=hidden,
+        intermediate_size=int(_require(raw, "intermediate_size", where)) // 2,
+        num_hidden_layers=int(_require(raw, "num_hidden_layers", where)),
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        head_dim=int(raw.get("kv_channels") or hidden // heads),
+        rms_norm_eps=float(raw.get("layer_norm_epsilon", 1e-6)),
+        rope_theta=float(raw.get("rotary_emb_base", 10000.0)),
+        max_position_embeddings=int(raw.get("max_position_embeddings", 8192)),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        o_bias=bias,
+        mlp_bias=bias,
+        seq_length=seq_length,
+        use_dynamic_ntk=ntk,
+        use_logn_attn=logn,
+    )
+
+
 def vision_config_from_hf(raw: dict[str, Any], arch: str, text: TextConfig, where: str = "config.json") -> VisionConfig:
     section = raw.get("vision_config")
     if not isinstance(section, dict):
@@ -236,8 +278,8 @@ def vision_config_from_hf(raw: dict[str, Any], arch: str, text: TextConfig, wher
 
 def model_config_from_hf(raw: dict[str, Any], where: str = "config.json") -> ModelConfig:
     arch = detect_arch(raw, where)
-    text = text_config_from_hf(raw, arch, where)
-    vision = vision_config_from_hf(raw, arch, text, where) if arch != "qwen2" else None
+    text = qwen_text_config_from_hf(raw, where) if arch == "qwen" else text_config_from_hf(raw, arch, where)
+    vision = vision_config_from_hf(raw, arch, text, where) if arch not in TEXT_ARCHS else None
     return ModelConfig(
         arch=arch,
         text=text,

@@ -1,7 +1,7 @@
 """``qwenvl info``: what a model file or directory holds, without loading its weights.
 
-For HF checkpoint directories (config.json, safetensors headers, tokenizer files), GGUF text models
-and mmproj GGUFs: architecture, parameter count, a histogram of tensor types, context length,
+For HF checkpoint directories (config.json, safetensors headers, tokenizer files), GGUF text models,
+mmproj GGUFs and qwen.cpp GGML files: architecture, parameter count, a histogram of tensor types, context length,
 shapes, special tokens and whether a chat template is present.
 """
 
@@ -19,7 +19,13 @@ from .errors import ModelFileError
 
 def model_info(model: str | os.PathLike, mmproj: str | os.PathLike | None = None) -> dict[str, Any]:
     """A JSON-able description of a model (HF directory / hub id, GGUF text model or mmproj GGUF)."""
+    from .weights.checkpoint import file_kind
+
     path = Path(model).expanduser()
+    if file_kind(path) == "qwen.cpp":
+        if mmproj is not None:
+            raise ModelFileError(f"{mmproj}: --mmproj goes with a GGUF model, and {model} is a qwen.cpp file")
+        return _qwencpp_info(path)
     if path.is_file():
         info = _gguf_info(path)
         if mmproj is not None:
@@ -79,6 +85,43 @@ def _gguf_info(path: Path) -> dict[str, Any]:
             stop_token_ids=list(model.eos_token_ids),
             chat_template=model.chat_template is not None,
         )
+    return info
+
+
+def _qwencpp_info(path: Path) -> dict[str, Any]:
+    """A qwen.cpp file: its header, tensor table and special ids (the vocabulary is a separate file)."""
+    from .weights.qwencpp import read_qwencpp
+
+    with read_qwencpp(path) as model:
+        tensors = [(i.ggml_type.name, _numel(i.shape), i.n_bytes) for i in model.tensor_infos.values()]
+        header, text = model.header, model.config.text
+        info: dict[str, Any] = {
+            "source": str(path),
+            "format": "qwen.cpp",
+            "file_size": path.stat().st_size,
+            "architecture": "QWenLMHeadModel",
+            "model": "qwen",
+            "name": path.stem,
+            "file_type": header.dtype.name,
+            "parameters": sum(n for _, n, _ in tensors),
+            "tensor_types": _histogram(tensors),
+            "context_length": text.max_position_embeddings,
+            "seq_length": text.seq_length,
+            **_text_shape(text),
+            "special_tokens": {
+                name: {"id": getattr(header, key), "token": token}
+                for name, key, token in (
+                    ("eos", "eos_token_id", "<|endoftext|>"),
+                    ("pad", "pad_token_id", "<|endoftext|>"),
+                    ("im_start", "im_start_id", "<|im_start|>"),
+                    ("im_end", "im_end_id", "<|im_end|>"),
+                )
+            },
+            "stop_token_ids": list(model.generation_config.eos_token_ids),
+            "chat_template": False,
+        }
+        matrices = {i.ggml_type.name for i in model.tensor_infos.values() if len(i.shape) == 2}
+        _add_kernels(info["tensor_types"], matrices)
     return info
 
 

@@ -1,8 +1,9 @@
-"""Qwen's byte-level BPE tokenizer on top of the `tokenizers` library, plus a streaming detokenizer.
+"""Tokenizers on top of the `tokenizers` library, plus a streaming detokenizer.
 
 Loads the `tokenizer.json` that HF checkpoints ship (or one built from GGUF metadata with
-`build_qwen2_tokenizer_json`), reads the special tokens and the chat template next to it, and turns
-generated ids back into text one token at a time without ever emitting half a UTF-8 character.
+`build_qwen2_tokenizer_json`, from Qwen (v1)'s `qwen.tiktoken`, or from a SentencePiece
+`tokenizer.model`: qwenvl/vocab.py), reads the special tokens and the chat template next to it, and
+turns generated ids back into text one token at a time without ever emitting half a UTF-8 character.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ QWEN2_PRETOKENIZE_REGEX = (
     r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 
+QWEN_TIKTOKEN = "qwen.tiktoken"
 _BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
 
 
@@ -38,8 +40,12 @@ class Tokenizer:
         bos_token: str | None = None,
         chat_template: str | None = None,
         source: str = "tokenizer.json",
+        add_bos_token: bool = False,
+        add_eos_token: bool = False,
     ):
         self._backend = backend
+        self.add_bos_token = add_bos_token
+        self.add_eos_token = add_eos_token
         self._plain_text_backend: tokenizers.Tokenizer | None = None
         self._plain_text_lock = threading.Lock()
         self.chat_template = chat_template
@@ -54,18 +60,21 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
-        """Load `tokenizer.json` (+ `tokenizer_config.json` and the chat template) from a model directory."""
+        """Load `tokenizer.json` (+ `tokenizer_config.json` and the chat template) from a model directory;
+        without one, Qwen (v1)'s `qwen.tiktoken`."""
         path = Path(path)
         json_file = path / "tokenizer.json"
+        config_file = path / "tokenizer_config.json"
+        config = _read_json(config_file) if config_file.is_file() else {}
+        if not json_file.is_file() and (path / QWEN_TIKTOKEN).is_file():
+            return cls.from_tiktoken(path / QWEN_TIKTOKEN, chat_template=_find_chat_template(path, config))
         if not json_file.is_file():
-            raise ModelFileError(f"{json_file}: missing (a tokenizer.json is required)")
+            raise ModelFileError(f"{json_file}: missing (a tokenizer.json or {QWEN_TIKTOKEN} is required)")
         try:
             backend = tokenizers.Tokenizer.from_file(str(json_file))
         except Exception as error:  # tokenizers raises plain Exception on malformed files
             raise ModelFileError(f"{json_file}: not a valid tokenizer.json ({_one_line(error)})") from None
 
-        config_file = path / "tokenizer_config.json"
-        config = _read_json(config_file) if config_file.is_file() else {}
         _add_missing_added_tokens(backend, config.get("added_tokens_decoder") or {}, config_file)
         return cls(
             backend,
@@ -100,6 +109,19 @@ class Tokenizer:
             source="tokenizer",
         )
 
+    @classmethod
+    def from_tiktoken(cls, path: str | Path, *, chat_template: str | None = None) -> Tokenizer:
+        """Qwen (v1)'s tokenizer from its `qwen.tiktoken` (vocab.py): eos and pad `<|endoftext|>`."""
+        from .vocab import tiktoken_tokenizer_json
+
+        tokenizer = cls.from_json(
+            tiktoken_tokenizer_json(path),
+            eos_token="<|endoftext|>",
+            pad_token="<|endoftext|>",
+            chat_template=chat_template,
+        )
+        return tokenizer
+
     def _special(self, token: str | None, field: str, source: str) -> tuple[str | None, int | None]:
         if token is None:
             return None, None
@@ -117,6 +139,16 @@ class Tokenizer:
         """
         backend = self._backend if parse_special else self._plain_text()
         return backend.encode(text, add_special_tokens=False).ids
+
+    def encode_raw(self, text: str) -> list[int]:
+        """Ids of a prompt taken as-is (no chat template), with BOS / EOS added as the tokenizer's
+        config asks (`add_bos_token`, `add_eos_token`): what transformers' `tokenizer(text)` gives."""
+        ids = self.encode(text)
+        if self.add_bos_token and self.bos_token_id is not None:
+            ids = [self.bos_token_id, *ids]
+        if self.add_eos_token and self.eos_token_id is not None:
+            ids = [*ids, self.eos_token_id]
+        return ids
 
     def _plain_text(self) -> tokenizers.Tokenizer:
         # A second backend with encode_special_tokens set, so that the shared one is never toggled mid-encode.

@@ -1,7 +1,8 @@
 """Interoperability with llama.cpp itself, through llama-cpp-python (skipped when it is not installed;
 it is not a test dependency: building it takes ~11 minutes).
 
-- our text GGUFs load in llama.cpp, tokenize alike and generate the same greedy tokens;
+- our text GGUFs (Qwen2, Qwen v1, Qwen2-VL) load in llama.cpp, tokenize alike and generate the same
+  greedy tokens;
 - llama.cpp's clip (mtmd) encodes images with our mmproj files as qwenvl does;
 - llama.cpp's llama_model_quantize writes the tensors and metadata ``qwenvl quantize`` writes;
 - (slow, with $QWENVL_LLAMA_CPP_DIR pointing at a llama.cpp checkout) its convert_hf_to_gguf.py
@@ -43,10 +44,11 @@ W112 = {
 
 
 @pytest.fixture(scope="module")
-def text_ggufs(make_qwen2, make_vl, tmp_path_factory):
-    """f32 GGUFs: a Qwen2 text model and the two VL pairs (text, mmproj)."""
+def text_ggufs(make_qwen2, make_qwen_v1, make_vl, tmp_path_factory):
+    """f32 GGUFs: a Qwen2 and a Qwen (v1) text model and the two VL pairs (text, mmproj)."""
     out = tmp_path_factory.mktemp("llama-cpp")
     files = {"qwen2": convert_hf(make_qwen2("default"), out, out_type="f32", progress=False)[0].path}
+    files["qwen"] = convert_hf(make_qwen_v1("default"), out, out_type="f32", progress=False)[0].path
     for name, config in (VL_CONFIGS | W112).items():
         text, mmproj = convert_hf(make_vl(name, **config), out, out_type="f32", progress=False)
         files[name] = text.path
@@ -54,7 +56,7 @@ def text_ggufs(make_qwen2, make_vl, tmp_path_factory):
     return files
 
 
-@pytest.mark.parametrize("name", ["qwen2", "qwen2_vl-d2"])
+@pytest.mark.parametrize("name", ["qwen2", "qwen", "qwen2_vl-d2"])
 def test_llama_cpp_generates_what_we_generate(text_ggufs, name):
     path = text_ggufs[name]
     llm = llama_cpp_model(path, logits_all=True)

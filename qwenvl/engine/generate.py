@@ -96,6 +96,7 @@ class Request:
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+    rope_alpha: float = 1.0  # the model's rope factor for this prompt (Qwen's dynamic NTK), fixed at admission
 
     @property
     def next_position(self) -> int:
@@ -136,6 +137,7 @@ def new_request(
         decoder=StreamDecoder(tokenizer, skip_special_tokens=True),
         stopper=StopMatcher(params.stop),
         max_new_tokens=max_new,
+        rope_alpha=model.rope_alpha(length),
     )
     if allocate:
         request.allocate_cache(model)
@@ -223,7 +225,7 @@ def prefill_chunk(model: TextModel, req: Request, start: int) -> torch.Tensor | 
     """Prefill prompt tokens start … start + PREFILL_CHUNK (start a multiple of it, so every caller
     cuts a prompt the same way); the logits after the prompt's last token, None before it."""
     embeds, positions, end = _chunk_inputs(model, req, start)
-    hidden = model(embeds[None], positions[:, None], req.cache, start=start)
+    hidden = model(embeds[None], positions[:, None], req.cache, start=start, rope_alpha=req.rope_alpha)
     return model.logits(hidden[0, -1]) if end == len(req.prompt.input_ids) else None
 
 
@@ -241,6 +243,7 @@ def prefill_chunks(model: TextModel, chunks: Sequence[tuple[Request, int]]) -> l
         [req.cache for req, _ in chunks],
         [start for _, start in chunks],
         lengths,
+        [req.rope_alpha for req, _ in chunks],
     )
     ends = torch.tensor(lengths).cumsum(0) - 1
     finished = [i for i, (req, _) in enumerate(chunks) if inputs[i][2] == len(req.prompt.input_ids)]
@@ -271,5 +274,5 @@ def decode_step(model: TextModel, req: Request, token: int) -> torch.Tensor:
     start = len(req.prompt.input_ids) + len(req.output_ids) - 1
     embeds = model.embed(torch.tensor([[token]], dtype=torch.long))
     positions = torch.full((3, 1, 1), req.next_position, dtype=torch.long)
-    hidden = model(embeds, positions, req.cache, start=start)
+    hidden = model(embeds, positions, req.cache, start=start, rope_alpha=req.rope_alpha)
     return model.logits(hidden[0, -1])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -36,16 +37,54 @@ class Checkpoint:
     quantized: Any = None
 
 
-def open_checkpoint(model: str | os.PathLike, mmproj: str | os.PathLike | None = None) -> Checkpoint:
-    """An HF checkpoint directory / hub id, or a GGUF file (with its vision ``mmproj`` GGUF, if any)."""
+# Tokens that end a turn of the chat format an architecture falls back to (chat.fallback_template),
+# stop tokens whatever generation_config.json says: Qwen (v1)'s ChatML (qwen.cpp stops on both).
+CHAT_STOP_TOKENS = {"qwen": ("<|im_end|>", "<|endoftext|>")}
+
+
+def with_chat_stops(generation: GenerationConfig, arch: str, tokenizer: Tokenizer) -> GenerationConfig:
+    """``generation`` with the architecture's chat stop tokens added to its eos ids."""
+    extra = [tokenizer.token_to_id(token) for token in CHAT_STOP_TOKENS.get(arch, ())]
+    ids = tuple(dict.fromkeys([*generation.eos_token_ids, *(i for i in extra if i is not None)]))
+    return dataclasses.replace(generation, eos_token_ids=ids)
+
+
+def open_checkpoint(
+    model: str | os.PathLike, mmproj: str | os.PathLike | None = None, tiktoken: str | os.PathLike | None = None
+) -> Checkpoint:
+    """An HF checkpoint directory / hub id, a GGUF file (with its vision ``mmproj`` GGUF, if any), or a
+    qwen.cpp GGML file (with the ``qwen.tiktoken`` it needs)."""
     path = Path(model).expanduser()
-    if path.is_file() and path.suffix.lower() == ".gguf":
+    kind = file_kind(path)
+    if tiktoken is not None and kind != "qwen.cpp" and path.exists():
+        raise ModelFileError(f"{tiktoken}: --tiktoken goes with a qwen.cpp GGML file, and {model} is not one")
+    if kind == "gguf":
         from .gguf import open_gguf_checkpoint
 
         return open_gguf_checkpoint(path, mmproj=mmproj)
     if mmproj is not None:
         raise ModelFileError(f"{mmproj}: --mmproj goes with a GGUF model, and {model} is not a .gguf file")
+    if kind == "qwen.cpp":
+        from .qwencpp import open_qwencpp_checkpoint
+
+        return open_qwencpp_checkpoint(path, tiktoken)
     return open_hf_checkpoint(model)
+
+
+def file_kind(path: Path) -> str | None:
+    """ "gguf" or "qwen.cpp" by the file's magic bytes (a ".gguf" name counts, to get GGUF's errors), else None."""
+    if not path.is_file():
+        return None
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+    except OSError:
+        magic = b""
+    if magic == b"GGUF" or path.suffix.lower() == ".gguf":
+        return "gguf"
+    if magic == b"ggml":
+        return "qwen.cpp"
+    return None
 
 
 def open_hf_checkpoint(model: str | os.PathLike) -> Checkpoint:
@@ -58,13 +97,14 @@ def open_hf_checkpoint(model: str | os.PathLike) -> Checkpoint:
     text_section = raw.get("text_config") or raw
     config_eos = raw.get("eos_token_id", text_section.get("eos_token_id"))
     fallback_eos = (config_eos,) if isinstance(config_eos, int) else tuple(config_eos or ())
+    generation = generation_config_from_hf(
+        hf.read_json(directory / "generation_config.json", required=False), fallback_eos
+    )
     return Checkpoint(
         source=str(directory),
         config=config,
         tokenizer=tokenizer,
-        generation_config=generation_config_from_hf(
-            hf.read_json(directory / "generation_config.json", required=False), fallback_eos
-        ),
+        generation_config=with_chat_stops(generation, config.arch, tokenizer),
         preprocess_config=preprocess_config_from_hf(
             hf.read_json(directory / "preprocessor_config.json", required=False)
         ),

@@ -33,8 +33,8 @@ from gguf.constants import (
 from ..config import GenerationConfig, ModelConfig, PreprocessConfig, TextConfig
 from ..errors import ModelFileError
 from ..tokenizer import Tokenizer, build_qwen2_tokenizer_json
-from .checkpoint import Checkpoint
-from .layout import GGUF_ARCHITECTURES, Layout, layout_for
+from .checkpoint import Checkpoint, with_chat_stops
+from .layout import GGUF_ARCHITECTURES, Layout, layout_for, unpermute_rows
 
 _SCALAR_FORMATS = {
     GGUFValueType.UINT8: "<B",
@@ -226,9 +226,15 @@ def model_config_from_gguf(
             f"{where}: unsupported architecture {gguf_arch!r}{hint}; qwenvl reads {', '.join(GGUF_ARCHITECTURES)}"
         )
     arch = GGUF_ARCHITECTURES[gguf_arch]
+    layout = layout_for(arch)
 
     def key(name: str) -> Any:
         return _meta(metadata, f"{gguf_arch}.{name}", where)
+
+    def float32_key(name: str, default: float | None = None) -> float:
+        value = key(name) if default is None else metadata.get(f"{gguf_arch}.{name}", default)
+        # stored as float32: take its shortest repr so 1e-6 reads back as 1e-6, not 9.99999997e-07
+        return float(str(np.float32(value)))
 
     hidden = int(key("embedding_length"))
     heads = int(key("attention.head_count"))
@@ -240,21 +246,25 @@ def model_config_from_gguf(
     if gguf_arch == "qwen2vl":
         sections = key("rope.dimension_sections")
         mrope = tuple(int(s) for s in sections[:3])
+    seq_length = int(metadata.get(f"{gguf_arch}.seq_length", 0))  # qwenvl's own keys (Qwen v1: gguf_meta.py)
     try:
         text = TextConfig(
             vocab_size=embedding.shape[0],
             hidden_size=hidden,
-            intermediate_size=int(key("feed_forward_length")),
+            intermediate_size=int(key("feed_forward_length")) // layout.ffn_factor,
             num_hidden_layers=int(key("block_count")),
             num_attention_heads=heads,
             num_key_value_heads=int(metadata.get(f"{gguf_arch}.attention.head_count_kv") or heads),
             head_dim=head_dim,
-            # stored as float32: take its shortest repr so 1e-6 reads back as 1e-6, not 9.99999997e-07
-            rms_norm_eps=float(str(np.float32(key("attention.layer_norm_rms_epsilon")))),
-            rope_theta=float(str(np.float32(key("rope.freq_base")))),
+            rms_norm_eps=float32_key("attention.layer_norm_rms_epsilon"),
+            rope_theta=float32_key("rope.freq_base", 10000.0),  # llama.cpp's default
             max_position_embeddings=int(key("context_length")),
             tie_word_embeddings="output.weight" not in tensors,
             mrope_section=mrope,
+            seq_length=seq_length,
+            use_dynamic_ntk=bool(metadata.get(f"{gguf_arch}.use_dynamic_ntk", False)),
+            use_logn_attn=bool(metadata.get(f"{gguf_arch}.use_logn_attn", False)),
+            **layout.gguf_biases(tensors),
         )
     except ModelFileError as error:  # the dataclass's own checks, which do not know the file
         raise ModelFileError(f"{where}: {error}") from None
@@ -323,7 +333,101 @@ def _check_token_ids(metadata: dict[str, Any], where: str) -> None:
 # The model
 
 
-class GGUFModel:
+class MappedTensors:
+    """A text model's tensors in a memory-mapped file (a GGUF, a qwen.cpp file), by HF name.
+
+    Subclasses set ``path``, ``config``, ``layout``, ``tensor_infos`` (by the file's names, mapped by
+    ``layout.to_gguf``) and ``_buf``. Tensors whose rows the file interleaves per head (llama.cpp's
+    llama q/k) come back in HF's order, quantized bytes included (rows are independent).
+    """
+
+    path: Path
+    config: ModelConfig
+    layout: Layout
+    tensor_infos: dict[str, GGUFTensorInfo]
+    _buf: mmap.mmap
+
+    def file_name(self, hf_name: str) -> str:
+        """The tensor's name in the file."""
+        return self.layout.to_gguf(hf_name)
+
+    def hf_names(self) -> list[str]:
+        return [self.layout.to_hf(name) for name in self.tensor_infos]
+
+    def info(self, hf_name: str) -> GGUFTensorInfo:
+        try:
+            return self.tensor_infos[self.file_name(hf_name)]
+        except KeyError:
+            raise ModelFileError(f"{self.path}: missing tensor {hf_name}") from None
+
+    def _heads(self, hf_name: str) -> int | None:
+        return self.layout.rope_heads(hf_name, self.config.text)
+
+    def raw(self, hf_name: str) -> np.ndarray:
+        """The tensor's bytes as stored (uint8 blocks, shape ``info.byte_shape``): a view of the map,
+        or a copy with the rows put in HF's order where the file interleaves them."""
+        data = raw_tensor(self._buf, self.info(hf_name))
+        heads = self._heads(hf_name)
+        return data if heads is None else unpermute_rows(torch.from_numpy(np.array(data)), heads).numpy()
+
+    def tensor(self, hf_name: str) -> torch.Tensor:
+        """One tensor, dequantized to float32, in torch layout (rows in HF's order)."""
+        tensor = dequantized_tensor(self._buf, self.info(hf_name))
+        heads = self._heads(hf_name)
+        return tensor if heads is None else unpermute_rows(tensor, heads).contiguous()
+
+    def raw_joined(self, hf_names: Sequence[str]) -> np.ndarray | None:
+        """The bytes of matrices stored back to back in one format (llama.cpp writes ffn_gate just
+        before ffn_up) as one uint8 view [total rows, bytes per row]; None when they are not."""
+        if any(self._heads(name) is not None for name in hf_names):
+            return None
+        infos = [self.info(name) for name in hf_names]
+        first = infos[0]
+        for before, after in zip(infos, infos[1:]):
+            if after.offset != before.offset + before.n_bytes or after.ggml_type != first.ggml_type:
+                return None
+            if len(after.shape) != 2 or after.byte_shape[1:] != first.byte_shape[1:]:
+                return None
+        total = sum(info.n_bytes for info in infos)
+        data = np.frombuffer(self._buf, dtype=np.uint8, count=total, offset=first.offset)
+        return data.reshape(-1, first.byte_shape[-1])
+
+    def has(self, hf_name: str) -> bool:
+        try:
+            return self.file_name(hf_name) in self.tensor_infos
+        except KeyError:
+            return False
+
+    def release(self, hf_names: Sequence[str]) -> None:
+        """Drop the named tensors' pages from memory (after they were copied elsewhere): the map is
+        private and never written, so a later read just faults the file's bytes back in."""
+        page = mmap.PAGESIZE
+        for hf_name in hf_names:
+            info = self.info(hf_name)
+            start = -(-info.offset // page) * page
+            stop = (info.offset + info.n_bytes) // page * page
+            if stop > start:
+                self._buf.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, float32 tensor) for every tensor, one dequantized at a time."""
+        for hf_name in self.hf_names():
+            yield hf_name, self.tensor(hf_name)
+
+    def close(self) -> None:
+        try:
+            self._buf.close()
+        except BufferError:  # a tensor from raw() still views the map: it closes when that is freed
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class GGUFModel(MappedTensors):
     """A GGUF text model opened lazily: tensors are read from the memory map when asked for."""
 
     def __init__(self, path: Path, buf: mmap.mmap, metadata: dict[str, Any], infos: dict[str, GGUFTensorInfo]):
@@ -379,71 +483,6 @@ class GGUFModel:
 
     def token_text(self, token_id: int | None) -> str | None:
         return None if token_id is None else self.metadata["tokenizer.ggml.tokens"][token_id]
-
-    def hf_names(self) -> list[str]:
-        return [self.layout.to_hf(name) for name in self.tensor_infos]
-
-    def info(self, hf_name: str) -> GGUFTensorInfo:
-        try:
-            return self.tensor_infos[self.layout.to_gguf(hf_name)]
-        except KeyError:
-            raise ModelFileError(f"{self.path}: missing tensor {hf_name}") from None
-
-    def raw(self, hf_name: str) -> np.ndarray:
-        """The tensor's bytes as stored (uint8 blocks, shape ``info.byte_shape``), without copying."""
-        return raw_tensor(self._buf, self.info(hf_name))
-
-    def tensor(self, hf_name: str) -> torch.Tensor:
-        """One tensor, dequantized to float32, in torch layout."""
-        return dequantized_tensor(self._buf, self.info(hf_name))
-
-    def raw_joined(self, hf_names: Sequence[str]) -> np.ndarray | None:
-        """The bytes of matrices stored back to back in one format (llama.cpp writes ffn_gate just
-        before ffn_up) as one uint8 view [total rows, bytes per row]; None when they are not."""
-        infos = [self.info(name) for name in hf_names]
-        first = infos[0]
-        for before, after in zip(infos, infos[1:]):
-            if after.offset != before.offset + before.n_bytes or after.ggml_type != first.ggml_type:
-                return None
-            if len(after.shape) != 2 or after.byte_shape[1:] != first.byte_shape[1:]:
-                return None
-        total = sum(info.n_bytes for info in infos)
-        data = np.frombuffer(self._buf, dtype=np.uint8, count=total, offset=first.offset)
-        return data.reshape(-1, first.byte_shape[-1])
-
-    def has(self, hf_name: str) -> bool:
-        try:
-            return self.layout.to_gguf(hf_name) in self.tensor_infos
-        except KeyError:
-            return False
-
-    def release(self, hf_names: Sequence[str]) -> None:
-        """Drop the named tensors' pages from memory (after they were copied elsewhere): the map is
-        private and never written, so a later read just faults the file's bytes back in."""
-        page = mmap.PAGESIZE
-        for hf_name in hf_names:
-            info = self.info(hf_name)
-            start = -(-info.offset // page) * page
-            stop = (info.offset + info.n_bytes) // page * page
-            if stop > start:
-                self._buf.madvise(mmap.MADV_DONTNEED, start, stop - start)
-
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, float32 tensor) for every tensor, one dequantized at a time."""
-        for hf_name in self.hf_names():
-            yield hf_name, self.tensor(hf_name)
-
-    def close(self) -> None:
-        try:
-            self._buf.close()
-        except BufferError:  # a tensor from raw() still views the map: it closes when that is freed
-            pass
-
-    def __enter__(self) -> GGUFModel:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def raw_tensor(buf: mmap.mmap, info: GGUFTensorInfo) -> np.ndarray:
@@ -577,11 +616,12 @@ def open_gguf_checkpoint(path: str | os.PathLike, mmproj: str | os.PathLike | No
     """A GGUF text model (with its vision ``mmproj`` GGUF, if any) as the loaders' common Checkpoint view."""
     model = read_gguf(path)
     if mmproj is None:
+        tokenizer = model.tokenizer()
         return Checkpoint(
             source=str(model.path),
             config=model.config,
-            tokenizer=model.tokenizer(),
-            generation_config=model.generation_config,
+            tokenizer=tokenizer,
+            generation_config=with_chat_stops(model.generation_config, model.config.arch, tokenizer),
             preprocess_config=PreprocessConfig(),
             chat_template=model.chat_template,
             tensors=lambda: _DequantizedTensors(model),

@@ -109,6 +109,8 @@ class Layout:
 
     name: str
     weights: tuple[Weight, ...]
+    # configs (HF intermediate_size, GGUF feed_forward_length) state the MLP width times this
+    ffn_factor: int = 1
     names: NameTable = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -172,6 +174,15 @@ class Layout:
         """The HF name of the output projection's weight (absent from a tied checkpoint)."""
         head = next(w for w in self.weights if w.tied)
         return head.pieces[0].hf + ".weight"
+
+    def gguf_biases(self, gguf_names: Mapping[str, object] | set[str]) -> dict[str, bool]:
+        """The config's bias flags as a GGUF's tensors state them (block 0's biases present or not)."""
+        flags: dict[str, bool] = {}
+        for weight in self.weights:
+            if weight.bias is not None and "{N}" in weight.name:
+                name = _at(weight.pieces[0].gguf, 0) + ".bias"
+                flags[weight.bias] = flags.get(weight.bias, False) or name in gguf_names
+        return flags
 
     # -- names ----------------------------------------------------------------------------------
     def to_gguf(self, hf_name: str) -> str:
@@ -296,13 +307,36 @@ def _hf_style(*, q_rope: str | None = None, k_rope: str | None = None, meta: boo
 # with biases, stored as they are.
 QWEN2 = Layout("qwen2", _hf_style())
 
+# Qwen (v1), QWenLMHeadModel (GGUF "qwen", as llama.cpp's converter names it): q|k|v stored fused
+# with its bias (c_attn); the MLP is c_proj(w1(x) * silu(w2(x))): w2 is the gate, w1 the up
+# projection, each half of the config's intermediate_size.
+_QWEN_BLOCK = "transformer.h.{N}."
+QWEN = Layout(
+    "qwen",
+    _decoder(
+        embed=Piece("transformer.wte", "token_embd", ("vocab",)),
+        final_norm=Piece("transformer.ln_f", "output_norm", ("hidden",)),
+        head=Piece("lm_head", "output", ("vocab",)),
+        attn_norm=Piece(_QWEN_BLOCK + "ln_1", "blk.{N}.attn_norm", ("hidden",)),
+        qkv=(Piece(_QWEN_BLOCK + "attn.c_attn", "blk.{N}.attn_qkv", ("q", "kv", "kv")),),
+        out=Piece(_QWEN_BLOCK + "attn.c_proj", "blk.{N}.attn_output", ("hidden",)),
+        ffn_norm=Piece(_QWEN_BLOCK + "ln_2", "blk.{N}.ffn_norm", ("hidden",)),
+        gate_up=(
+            Piece(_QWEN_BLOCK + "mlp.w2", "blk.{N}.ffn_gate", ("ffn",)),
+            Piece(_QWEN_BLOCK + "mlp.w1", "blk.{N}.ffn_up", ("ffn",)),
+        ),
+        down=Piece(_QWEN_BLOCK + "mlp.c_proj", "blk.{N}.ffn_down", ("hidden",)),
+    ),
+    ffn_factor=2,
+)
+
 # ModelConfig.arch → its decoder's layout
-LAYOUTS = {"qwen2": QWEN2, "qwen2_vl": QWEN2, "qwen2_5_vl": QWEN2}
+LAYOUTS = {"qwen2": QWEN2, "qwen2_vl": QWEN2, "qwen2_5_vl": QWEN2, "qwen": QWEN}
 # llama.cpp's architecture names (general.architecture) → ModelConfig.arch. llama.cpp writes the text
 # half of both Qwen2-VL and Qwen2.5-VL as "qwen2vl"; the mmproj file tells the two apart.
-GGUF_ARCHITECTURES = {"qwen2": "qwen2", "qwen2vl": "qwen2_vl"}
+GGUF_ARCHITECTURES = {"qwen2": "qwen2", "qwen2vl": "qwen2_vl", "qwen": "qwen"}
 # ModelConfig.arch → the general.architecture ``qwenvl convert`` writes
-GGUF_ARCH_OF = {"qwen2": "qwen2", "qwen2_vl": "qwen2vl", "qwen2_5_vl": "qwen2vl"}
+GGUF_ARCH_OF = {"qwen2": "qwen2", "qwen2_vl": "qwen2vl", "qwen2_5_vl": "qwen2vl", "qwen": "qwen"}
 
 
 def layout_for(arch: str) -> Layout:
@@ -321,6 +355,7 @@ __all__ = [
     "Module",
     "Piece",
     "Weight",
+    "QWEN",
     "QWEN2",
     "canonical_name",
     "dims",
