@@ -63,7 +63,12 @@ class Model:
 
     # -- prompts ------------------------------------------------------------------------------
     def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
-        return render_chat(self._template(), normalize_messages(messages), add_generation_prompt=add_generation_prompt)
+        return render_chat(
+            self._template(),
+            normalize_messages(messages),
+            add_generation_prompt=add_generation_prompt,
+            **self.tokenizer.special_tokens_map,
+        )
 
     def _template(self) -> str:
         if self.chat_template is None:
@@ -93,7 +98,7 @@ class Model:
             if items:
                 raise MediaError(f"{self.source} is a text-only model: it cannot take images or videos")
             messages = [_flatten_text_parts(m) for m in messages]
-        text = render_chat(self._template(), messages)
+        text = render_chat(self._template(), messages, **self.tokenizer.special_tokens_map)
         ids = self.tokenizer.encode(text)
         prepared = [
             self._prepare_media(kind, source, item, media)

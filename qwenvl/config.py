@@ -19,9 +19,10 @@ ARCHITECTURES = {
     "Qwen2VLForConditionalGeneration": "qwen2_vl",
     "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
     "QWenLMHeadModel": "qwen",
+    "LlamaForCausalLM": "llama",
 }
-MODEL_TYPES = {"qwen2": "qwen2", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "qwen": "qwen"}
-TEXT_ARCHS = ("qwen2", "qwen")  # the decoder-only ones
+MODEL_TYPES = {"qwen2": "qwen2", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "qwen": "qwen", "llama": "llama"}
+TEXT_ARCHS = ("qwen2", "qwen", "llama")  # the decoder-only ones
 
 # Qwen2 vocabulary special ids (shared/reference.md).
 IMAGE_TOKEN_ID = 151655
@@ -141,7 +142,7 @@ class GenerationConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str  # "qwen2" | "qwen2_vl" | "qwen2_5_vl" | "qwen"
+    arch: str  # "qwen2" | "qwen2_vl" | "qwen2_5_vl" | "qwen" | "llama"
     text: TextConfig
     vision: VisionConfig | None = None
     image_token_id: int = IMAGE_TOKEN_ID
@@ -238,6 +239,39 @@ def qwen_text_config_from_hf(raw: dict[str, Any], where: str = "config.json") ->
     )
 
 
+def llama_text_config_from_hf(raw: dict[str, Any], where: str = "config.json") -> TextConfig:
+    """LlamaForCausalLM's config.json (LlamaConfig's defaults: rope base 10000, no biases unless
+    ``attention_bias`` / ``mlp_bias``, untied head). Rope scaling other than none is refused."""
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind != "default":
+        raise ModelFileError(f"{where}: rope scaling {kind!r} is not supported (qwenvl runs Llama's plain rope)")
+    if raw.get("hidden_act", "silu") != "silu":
+        raise ModelFileError(f"{where}: hidden_act {raw['hidden_act']!r} is not supported (Llama's is silu)")
+    heads = int(_require(raw, "num_attention_heads", where))
+    hidden = int(_require(raw, "hidden_size", where))
+    attention_bias = bool(raw.get("attention_bias", False))
+    return TextConfig(
+        vocab_size=int(_require(raw, "vocab_size", where)),
+        hidden_size=hidden,
+        intermediate_size=int(_require(raw, "intermediate_size", where)),
+        num_hidden_layers=int(_require(raw, "num_hidden_layers", where)),
+        num_attention_heads=heads,
+        num_key_value_heads=int(raw.get("num_key_value_heads") or heads),
+        head_dim=int(raw.get("head_dim") or hidden // heads),
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(rope.get("rope_theta", raw.get("rope_theta", 10000.0))),
+        max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        qkv_bias=attention_bias,
+        o_bias=attention_bias,
+        mlp_bias=bool(raw.get("mlp_bias", False)),
+    )
+
+
+TEXT_CONFIG_READERS = {"qwen": qwen_text_config_from_hf, "llama": llama_text_config_from_hf}
+
+
 def vision_config_from_hf(raw: dict[str, Any], arch: str, text: TextConfig, where: str = "config.json") -> VisionConfig:
     section = raw.get("vision_config")
     if not isinstance(section, dict):
@@ -278,7 +312,8 @@ def vision_config_from_hf(raw: dict[str, Any], arch: str, text: TextConfig, wher
 
 def model_config_from_hf(raw: dict[str, Any], where: str = "config.json") -> ModelConfig:
     arch = detect_arch(raw, where)
-    text = qwen_text_config_from_hf(raw, where) if arch == "qwen" else text_config_from_hf(raw, arch, where)
+    reader = TEXT_CONFIG_READERS.get(arch)
+    text = reader(raw, where) if reader is not None else text_config_from_hf(raw, arch, where)
     vision = vision_config_from_hf(raw, arch, text, where) if arch not in TEXT_ARCHS else None
     return ModelConfig(
         arch=arch,

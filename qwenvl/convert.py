@@ -42,7 +42,7 @@ from .errors import ModelFileError, QwenVLError
 from .quant import ggml as ggml_quant
 from .weights import hf, names
 from .weights.gguf_meta import general_metadata, text_metadata, vocab_tokens
-from .weights.layout import GGUF_ARCH_OF, Layout, canonical_name, layout_for
+from .weights.layout import GGUF_ARCH_OF, Layout, canonical_name, layout_for, permute_rows
 from .weights.mmproj import LLAMA_CPP_WINDOW, VARIANT_PROJECTORS, pattern_from_fullatt
 
 Q = GGMLQuantizationType
@@ -230,6 +230,10 @@ class HFSource:
 
 
 def read_hf_source(directory: str | os.PathLike) -> HFSource:
+    from .weights.meta import is_meta_dir
+
+    if is_meta_dir(Path(directory).expanduser()) and not (Path(directory).expanduser() / "config.json").is_file():
+        return read_meta_source(Path(directory).expanduser())
     path = hf.resolve_model_dir(directory)
     config_path = path / "config.json"
     raw = hf.read_json(config_path) or {}
@@ -241,8 +245,18 @@ def read_hf_source(directory: str | os.PathLike) -> HFSource:
     return HFSource(path, raw, config, preprocess, source_tensors(path), vocab_file)
 
 
+def read_meta_source(directory: Path) -> HFSource:
+    """Meta's params.json + consolidated.*.pth, merged and renamed (weights/meta.py), as an HF source."""
+    from .weights.meta import load_meta, tokenizer_file
+
+    params, text, tensors = load_meta(directory)
+    config = ModelConfig(arch="llama", text=text)
+    sources = [SourceTensor(name, tuple(t.shape), lambda t=t: t) for name, t in tensors.items()]
+    return HFSource(directory, dict(params), config, PreprocessConfig(), sources, tokenizer_file(directory))
+
+
 # The file the GGUF vocabulary comes from, when it is not tokenizer.json
-VOCAB_FILES = {"qwen": "qwen.tiktoken"}
+VOCAB_FILES = {"qwen": "qwen.tiktoken", "llama": "tokenizer.model"}
 
 
 def plan_text(source: HFSource, requested: GGMLQuantizationType) -> list[PlannedTensor]:
@@ -262,9 +276,11 @@ def plan_text(source: HFSource, requested: GGMLQuantizationType) -> list[Planned
                 f"{source.directory}: unexpected tensor {tensor.name} in a {source.config.arch} checkpoint"
             ) from None
         chosen, note = tensor_type(gguf_name, tensor.shape, requested, tied=source.config.text.tie_word_embeddings)
+        heads = layout.rope_heads(tensor.name, source.config.text)
 
-        def load(t: SourceTensor = tensor) -> np.ndarray:
-            return cache.get(t.name, t.load).numpy()
+        def load(t: SourceTensor = tensor, heads: int | None = heads) -> np.ndarray:
+            values = cache.get(t.name, t.load)
+            return (values if heads is None else permute_rows(values, heads)).numpy()  # llama's q/k: interleaved
 
         planned.append(PlannedTensor(gguf_name, tensor.shape, chosen, load, note))
     _check_complete(planned, layout, source.config, source.directory)

@@ -37,6 +37,10 @@ def model_info(model: str | os.PathLike, mmproj: str | os.PathLike | None = None
         return info
     if mmproj is not None:
         raise ModelFileError(f"{mmproj}: --mmproj goes with a GGUF model, and {model} is not a .gguf file")
+    from .weights.meta import is_meta_dir
+
+    if is_meta_dir(path) and not (path / "config.json").is_file():
+        return _meta_info(path)
     return _hf_info(model)
 
 
@@ -207,6 +211,33 @@ def _hf_info(model: str | os.PathLike) -> dict[str, Any]:
     return info
 
 
+def _meta_info(directory: Path) -> dict[str, Any]:
+    """Meta's params.json + consolidated.*.pth: shapes from the shards' headers (memory-mapped, not merged)."""
+    from .weights.meta import config_from_shapes, merged_shapes, shard_files, tokenizer_file
+
+    files = shard_files(directory)
+    shapes = merged_shapes(files)
+    text = config_from_shapes(directory)
+    tensors = [(str(dtype).removeprefix("torch.").upper().replace("BFLOAT", "BF").replace("FLOAT", "F"), _numel(s))
+               for s, dtype in shapes.values()]  # fmt: skip
+    sizes = {"F32": 4, "F16": 2, "BF16": 2}
+    return {
+        "source": str(directory),
+        "format": "meta",
+        "file_size": sum(f.stat().st_size for f in files),
+        "architecture": f"Llama (params.json, {len(files)} shard{'s' if len(files) > 1 else ''})",
+        "model": "llama",
+        "name": directory.name,
+        "parameters": sum(n for _, n in tensors),
+        "tensor_types": _histogram((kind, n, n * sizes.get(kind, 4)) for kind, n in tensors),
+        "context_length": text.max_position_embeddings,
+        **_text_shape(text),
+        "special_tokens": {},
+        "tokenizer": str(tokenizer_file(directory)),
+        "chat_template": False,
+    }
+
+
 def _hf_tensors(files: Iterable[Path]) -> Iterable[tuple[str, str, int, int]]:
     """(name, dtype, elements, bytes) of every tensor, from the safetensors headers (or a .bin's state)."""
     for file in files:
@@ -284,6 +315,14 @@ def _size(n_bytes: int) -> str:
     return f"{n_bytes} B"
 
 
+# What ``qwenvl run`` does with a model that ships no chat template (chat.fallback_template)
+NO_TEMPLATE = {
+    "qwen": "no (Qwen's ChatML with its default system prompt is used)",
+    "llama": "no (a base model: chat is refused, run --raw)",
+    None: "no (plain ChatML is used)",
+}
+
+
 def format_info(info: dict[str, Any]) -> str:
     """The description as aligned lines of text."""
     lines = [f"{info['source']}"]
@@ -316,7 +355,7 @@ def format_info(info: dict[str, Any]) -> str:
             f"{name} {entry['token']!r} ({entry['id']})" for name, entry in info["special_tokens"].items()
         )
         add("special tokens", specials or "none")
-        add("chat template", "yes" if info["chat_template"] else "no")
+        add("chat template", "yes" if info["chat_template"] else NO_TEMPLATE.get(info.get("model"), NO_TEMPLATE[None]))
     vision = info.get("vision")
     if vision:
         line = (

@@ -7,6 +7,16 @@
   token's last merge: tiktoken's BPE run on its bytes with the lower ranks), which makes `tokenizers`
   encode as tiktoken does. The derivation takes seconds, so the result is cached by the file's hash
   under ``<cache>/tokenizers/``.
+- SentencePiece ``tokenizer.model`` (Llama and its family), read with `sentencepiece` and its protobuf
+  schema, built as transformers 5 builds a LlamaTokenizer from it (``convert_slow_tokenizer``'s
+  ``SentencePieceExtractor``): no normalizer, a Metaspace pre-tokenizer (the "▁" prepended to the
+  text's first section, or to every section with ``legacy``, or never without ``add_prefix_space``),
+  byte fallback, the decoder Replace("▁", " ") → ByteFallback → Fuse → Strip one leading space. A BPE
+  model gets BPE merges ordered by the merged piece's id (its rank); a unigram model keeps
+  `tokenizers`' Unigram over the pieces' scores (sentencepiece's own segmentation, where transformers 5
+  would force BPE). Control pieces become special added tokens, user-defined pieces plain ones.
+- A GGUF "llama" vocabulary (tokens, scores, types; no merges): the same, merges ordered by score as
+  llama.cpp's SPM tokenizer merges.
 """
 
 from __future__ import annotations
@@ -15,8 +25,11 @@ import base64
 import binascii
 import functools
 import hashlib
+import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import ModelFileError
 
@@ -140,10 +153,182 @@ def _write_cache(path: Path, text: str) -> None:
         pass
 
 
+# ----------------------------------------------------------------------------------------------
+# SentencePiece
+
+# sentencepiece's piece types (sentencepiece_model.proto), equal to gguf's TokenType values
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+SPIECE_UNDERLINE = "\u2581"
+
+
+@dataclass(frozen=True)
+class SentencePieceVocab:
+    """What a SentencePiece model holds that tokenization needs."""
+
+    pieces: list[str]
+    scores: list[float]
+    types: list[int]
+    model_type: str  # "bpe" or "unigram"
+    unk_id: int
+    bos_id: int = -1
+    eos_id: int = -1
+
+    def id_of(self, piece: str) -> int | None:
+        try:
+            return self.pieces.index(piece)
+        except ValueError:
+            return None
+
+
+def read_sentencepiece(path: str | os.PathLike) -> SentencePieceVocab:
+    """A ``tokenizer.model``'s pieces; one-line errors naming the file for anything else."""
+    import sentencepiece
+    from sentencepiece import sentencepiece_model_pb2
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ModelFileError(f"{path}: file not found") from None
+    except OSError as error:
+        raise ModelFileError(f"{path}: cannot read ({error.strerror or error})") from None
+    try:
+        sentencepiece.SentencePieceProcessor(model_proto=data)  # sentencepiece's own checks
+        proto = sentencepiece_model_pb2.ModelProto.FromString(data)
+    except Exception:  # sentencepiece raises RuntimeError, protobuf DecodeError
+        raise ModelFileError(f"{path}: not a SentencePiece model") from None
+    if not proto.pieces:
+        raise ModelFileError(f"{path}: not a SentencePiece model (it has no pieces)")
+    kinds = {1: "unigram", 2: "bpe"}
+    model_type = kinds.get(proto.trainer_spec.model_type)
+    if model_type is None:
+        raise ModelFileError(
+            f"{path}: a SentencePiece model of type {proto.trainer_spec.model_type} (qwenvl reads BPE and unigram)"
+        )
+    return SentencePieceVocab(
+        pieces=[p.piece for p in proto.pieces],
+        scores=[p.score for p in proto.pieces],
+        types=[p.type or NORMAL for p in proto.pieces],
+        model_type=model_type,
+        unk_id=proto.trainer_spec.unk_id,
+        bos_id=proto.trainer_spec.bos_id,
+        eos_id=proto.trainer_spec.eos_id,
+    )
+
+
+def generate_merges(vocab: dict[str, int], scores: dict[str, float] | None = None) -> list[tuple[str, str]]:
+    """Every split of a piece into two pieces, as a BPE merge: by the merged piece's id (lowest
+    first), or with ``scores`` by its score (highest first); ties by the parts' lengths, then ids
+    (transformers' ``generate_merges``)."""
+    by_score = scores is not None
+    rank: dict[str, float] = scores if by_score else vocab  # type: ignore[assignment]
+    merges = []
+    for merged, value in rank.items():
+        local = []
+        for index in range(1, len(merged)):
+            left, right = merged[:index], merged[index:]
+            if left in vocab and right in vocab:
+                local.append((left, right, value))
+        merges.extend(sorted(local, key=lambda x: (vocab[x[0]], vocab[x[1]])))
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=by_score)
+    return [(left, right) for left, right, _ in merges]
+
+
+@dataclass(frozen=True)
+class AddedToken:
+    id: int
+    content: str
+    special: bool
+    normalized: bool = False
+    lstrip: bool = False
+    rstrip: bool = False
+    single_word: bool = False
+
+
+def prefix_scheme(*, legacy: bool, add_prefix_space: bool) -> str:
+    """Where transformers 5's LlamaTokenizer puts the "▁" of SentencePiece's dummy prefix."""
+    return ("always" if legacy else "first") if add_prefix_space else "never"
+
+
+def sentencepiece_tokenizer_json(
+    vocab: SentencePieceVocab, added: list[AddedToken], *, prefix: str = "first", merge_by_score: bool = False
+) -> str:
+    """The tokenizer.json transformers 5 builds for a Llama tokenizer from this vocabulary (see the
+    module's docstring). ``added``: tokens matched before the model runs, at their ids (the
+    vocabulary's own or the next ones). ``prefix``: "first" / "always" / "never" as transformers'
+    Metaspace puts a "▁" before the text's first section, every section or none; "fragments" as
+    llama.cpp does, before every piece of text between added tokens even if it starts with a space.
+    ``merge_by_score``: BPE merges by score (llama.cpp's SPM) rather than by id."""
+    ids = {piece: i for i, piece in enumerate(vocab.pieces)}
+    if vocab.model_type == "bpe":
+        scores = dict(zip(vocab.pieces, vocab.scores)) if merge_by_score else None
+        model: dict[str, Any] = {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": vocab.pieces[vocab.unk_id] if 0 <= vocab.unk_id < len(vocab.pieces) else None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": True,
+            "byte_fallback": True,
+            "ignore_merges": False,
+            "vocab": ids,
+            "merges": [list(pair) for pair in generate_merges(ids, scores)],
+        }
+    else:
+        model = {"type": "Unigram", "unk_id": vocab.unk_id, "vocab": [list(x) for x in zip(vocab.pieces, vocab.scores)]}
+        model["byte_fallback"] = True
+    decoders: list[dict[str, Any]] = [
+        {"type": "Replace", "pattern": {"String": SPIECE_UNDERLINE}, "content": " "},
+        {"type": "ByteFallback"},
+        {"type": "Fuse"},
+    ]
+    if prefix != "never":
+        decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
+    pre_tokenizer = {"type": "Metaspace", "replacement": SPIECE_UNDERLINE, "prepend_scheme": prefix, "split": False}
+    normalizer = None
+    if prefix == "fragments":
+        pre_tokenizer = None
+        normalizer = {
+            "type": "Sequence",
+            "normalizers": [
+                {"type": "Prepend", "prepend": SPIECE_UNDERLINE},
+                {"type": "Replace", "pattern": {"String": " "}, "content": SPIECE_UNDERLINE},
+            ],
+        }
+    document = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {
+                "id": token.id,
+                "content": token.content,
+                "single_word": token.single_word,
+                "lstrip": token.lstrip,
+                "rstrip": token.rstrip,
+                "normalized": token.normalized,
+                "special": token.special,
+            }
+            for token in sorted(added, key=lambda t: t.id)
+        ],
+        "normalizer": normalizer,
+        "pre_tokenizer": pre_tokenizer,
+        "post_processor": None,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": model,
+    }
+    return json.dumps(document, ensure_ascii=False)
+
+
 __all__ = [
+    "AddedToken",
     "QWEN_FIRST_SPECIAL_ID",
+    "SentencePieceVocab",
     "QWEN_SPECIAL_TOKENS",
+    "read_sentencepiece",
     "read_tiktoken",
+    "prefix_scheme",
+    "sentencepiece_tokenizer_json",
     "tiktoken_merges",
     "tiktoken_tokenizer_json",
 ]

@@ -246,3 +246,128 @@ def qwen2_kwargs_for(config: dict, theta: float | None = None) -> dict:
         vocab=config["vocab_size"],
         theta=theta or config["rotary_emb_base"],
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Llama: LlamaForCausalLM with a SentencePiece tokenizer.model (and LLaVA's <image> added token)
+
+
+def build_llama(
+    directory: Path,
+    spm_model: Path,
+    *,
+    seed: int = 0,
+    std: float = 0.08,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    ffn: int = 160,
+    tie: bool = False,
+    theta: float = 10000.0,
+    added: tuple[str, ...] = ("<image>",),
+    tokenizer_config: dict | None = None,
+) -> Path:
+    """A random tiny Llama checkpoint with the tokenizer files a slow LlamaTokenizer reads:
+    tokenizer.model, tokenizer_config.json, special_tokens_map.json and added_tokens.json."""
+    import sentencepiece
+    from spm_fixtures import write_tokenizer_files
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    pieces = sentencepiece.SentencePieceProcessor(model_file=str(spm_model)).get_piece_size()
+    config = LlamaConfig(
+        vocab_size=pieces + len(added),
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=2048,
+        rope_parameters={"rope_type": "default", "rope_theta": theta},
+        tie_word_embeddings=tie,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    _scale_weights(model, seed, std)
+    if tie:
+        model.tie_weights()
+    model.save_pretrained(directory, safe_serialization=True)
+    extra = {
+        "special_tokens_map": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<unk>"}
+    }
+    if added:
+        extra["added_tokens"] = {token: pieces + i for i, token in enumerate(added)}
+    write_tokenizer_files(directory, spm_model, tokenizer_config, **extra)
+    (directory / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0})
+    )
+    return directory
+
+
+# Meta's original layout: HF name (model.layers.{N}. stripped) → (Meta name, dim its shards split)
+_META_NAMES = {
+    "model.embed_tokens.weight": ("tok_embeddings.weight", 1),
+    "model.norm.weight": ("norm.weight", None),
+    "lm_head.weight": ("output.weight", 0),
+    "input_layernorm.weight": ("attention_norm.weight", None),
+    "self_attn.q_proj.weight": ("attention.wq.weight", 0),
+    "self_attn.k_proj.weight": ("attention.wk.weight", 0),
+    "self_attn.v_proj.weight": ("attention.wv.weight", 0),
+    "self_attn.o_proj.weight": ("attention.wo.weight", 1),
+    "post_attention_layernorm.weight": ("ffn_norm.weight", None),
+    "mlp.gate_proj.weight": ("feed_forward.w1.weight", 0),
+    "mlp.down_proj.weight": ("feed_forward.w2.weight", 1),
+    "mlp.up_proj.weight": ("feed_forward.w3.weight", 0),
+}
+
+
+def to_meta_rows(weight: torch.Tensor, heads: int) -> torch.Tensor:
+    """HF's rotate-half rows → Meta's interleaved pairs (the inverse of HF's convert_llama_weights_to_hf permute)."""
+    rows, cols = weight.shape
+    return weight.view(heads, 2, rows // heads // 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def write_meta(directory: Path, hf_dir: Path, shards: int, tokenizer_above: bool = True) -> Path:
+    """An HF Llama checkpoint rewritten as Meta ships it: params.json, consolidated.0N.pth model-parallel
+    shards (q / k interleaved), tokenizer.model in the directory above."""
+    from safetensors.torch import load_file
+
+    config = json.loads((hf_dir / "config.json").read_text())
+    state = load_file(str(hf_dir / "model.safetensors"))
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    meta: dict[str, tuple[torch.Tensor, int | None]] = {}
+    for name, tensor in state.items():
+        layer = None
+        if name.startswith("model.layers."):
+            layer, rest = name.removeprefix("model.layers.").split(".", 1)
+            new, dim = _META_NAMES[rest]
+            new = f"layers.{layer}.{new}"
+        else:
+            new, dim = _META_NAMES[name]
+        if new.endswith("attention.wq.weight"):
+            tensor = to_meta_rows(tensor, heads)
+        elif new.endswith("attention.wk.weight"):
+            tensor = to_meta_rows(tensor, kv_heads)
+        meta[new] = (tensor, dim)
+    directory.mkdir(parents=True, exist_ok=True)
+    for rank in range(shards):
+        part = {name: (t if dim is None else t.chunk(shards, dim=dim)[rank]).clone() for name, (t, dim) in meta.items()}
+        torch.save(part, directory / f"consolidated.{rank:02d}.pth")
+    params = {
+        "dim": config["hidden_size"],
+        "n_layers": config["num_hidden_layers"],
+        "n_heads": heads,
+        "n_kv_heads": kv_heads,
+        "vocab_size": -1,
+        "multiple_of": 32,
+        "norm_eps": config["rms_norm_eps"],
+        "rope_theta": config.get("rope_parameters", {}).get("rope_theta", 10000.0),
+    }
+    (directory / "params.json").write_text(json.dumps(params))
+    target = (directory.parent if tokenizer_above else directory) / "tokenizer.model"
+    shutil.copy(hf_dir / "tokenizer.model", target)
+    return directory

@@ -52,8 +52,8 @@ def with_chat_stops(generation: GenerationConfig, arch: str, tokenizer: Tokenize
 def open_checkpoint(
     model: str | os.PathLike, mmproj: str | os.PathLike | None = None, tiktoken: str | os.PathLike | None = None
 ) -> Checkpoint:
-    """An HF checkpoint directory / hub id, a GGUF file (with its vision ``mmproj`` GGUF, if any), or a
-    qwen.cpp GGML file (with the ``qwen.tiktoken`` it needs)."""
+    """An HF checkpoint directory / hub id, a GGUF file (with its vision ``mmproj`` GGUF, if any), a
+    qwen.cpp GGML file (with the ``qwen.tiktoken`` it needs), or Meta's params.json + consolidated.*.pth."""
     path = Path(model).expanduser()
     kind = file_kind(path)
     if tiktoken is not None and kind != "qwen.cpp" and path.exists():
@@ -68,6 +68,10 @@ def open_checkpoint(
         from .qwencpp import open_qwencpp_checkpoint
 
         return open_qwencpp_checkpoint(path, tiktoken)
+    from .meta import is_meta_dir, open_meta_checkpoint
+
+    if is_meta_dir(path) and not (path / "config.json").is_file():
+        return open_meta_checkpoint(path)
     return open_hf_checkpoint(model)
 
 

@@ -33,6 +33,7 @@ from gguf.constants import (
 from ..config import GenerationConfig, ModelConfig, PreprocessConfig, TextConfig
 from ..errors import ModelFileError
 from ..tokenizer import Tokenizer, build_qwen2_tokenizer_json
+from ..vocab import AddedToken, SentencePieceVocab, sentencepiece_tokenizer_json
 from .checkpoint import Checkpoint, with_chat_stops
 from .layout import GGUF_ARCHITECTURES, Layout, layout_for, unpermute_rows
 
@@ -288,14 +289,29 @@ def _check_tensors(infos: dict[str, GGUFTensorInfo], text: TextConfig, layout: L
         )
 
 
-def _check_tokenizer_kind(metadata: dict[str, Any], where: str) -> None:
+def _check_tokenizer_kind(metadata: dict[str, Any], where: str) -> str:
+    """ "gpt2" (Qwen's byte-level BPE, pre-tokenizer "qwen2") or "llama" (SentencePiece)."""
     model = _meta(metadata, "tokenizer.ggml.model", where)
-    pre = metadata.get("tokenizer.ggml.pre", "qwen2")
-    if model != "gpt2" or pre != "qwen2":
+    pre = metadata.get("tokenizer.ggml.pre", "qwen2" if model == "gpt2" else "default")
+    if (model, pre) not in (("gpt2", "qwen2"), ("llama", "default")):
         raise ModelFileError(
-            f"{where}: unsupported tokenizer (tokenizer.ggml.model={model!r}, pre={pre!r}); "
-            "qwenvl reads Qwen2 byte-level BPE ('gpt2', pre 'qwen2')"
+            f"{where}: unsupported tokenizer (tokenizer.ggml.model={model!r}, pre={pre!r}); qwenvl reads "
+            "Qwen's byte-level BPE ('gpt2', pre 'qwen2') and SentencePiece ('llama')"
         )
+    return model
+
+
+def _sentencepiece_vocab(metadata: dict[str, Any], where: str) -> SentencePieceVocab:
+    """A GGUF "llama" vocabulary (tokens, scores, types) as SentencePiece pieces."""
+    tokens = _meta(metadata, "tokenizer.ggml.tokens", where)
+    scores = metadata.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+    types = metadata.get("tokenizer.ggml.token_type") or [TokenType.NORMAL] * len(tokens)
+    if not len(tokens) == len(scores) == len(types):
+        raise ModelFileError(f"{where}: tokenizer.ggml tokens, scores and types differ in length")
+    unk = _optional_id(metadata, "unknown_token_id")
+    if unk is None:
+        unk = next((i for i, kind in enumerate(types) if kind == TokenType.UNKNOWN), 0)
+    return SentencePieceVocab(list(tokens), [float(x) for x in scores], [int(t) for t in types], "bpe", unk)
 
 
 def _split_vocab(metadata: dict[str, Any], where: str) -> tuple[dict[str, int], list[tuple[int, str, bool]]]:
@@ -443,18 +459,29 @@ class GGUFModel(MappedTensors):
         self.bos_token_id = _optional_id(metadata, "bos_token_id")
         self.pad_token_id = _optional_id(metadata, "padding_token_id")
         _check_token_ids(metadata, where)
-        self.add_bos_token = bool(metadata.get("tokenizer.ggml.add_bos_token", False))
         self.chat_template: str | None = metadata.get("tokenizer.chat_template")
-        _check_tokenizer_kind(metadata, where)
+        self.tokenizer_model = _check_tokenizer_kind(metadata, where)
+        spm = self.tokenizer_model == "llama"  # llama.cpp adds BOS to SentencePiece prompts unless told not to
+        self.add_bos_token = bool(metadata.get("tokenizer.ggml.add_bos_token", spm))
+        self.add_eos_token = bool(metadata.get("tokenizer.ggml.add_eos_token", False))
         self._vocab, self.added_tokens = _split_vocab(metadata, where)
-        self._merges = _meta(metadata, "tokenizer.ggml.merges", where)
+        self._spm = _sentencepiece_vocab(metadata, where) if spm else None
+        self._merges = None if spm else _meta(metadata, "tokenizer.ggml.merges", where)
         self._tokenizer_json: str | None = None
 
     @property
     def tokenizer_json(self) -> str:
-        """A tokenizer.json equal in behaviour to the checkpoint's own (built on first use, ~1 s)."""
+        """A tokenizer.json equal in behaviour to the checkpoint's own (built on first use, ~1 s); for
+        a SentencePiece vocabulary, llama.cpp's: merges by score, a "▁" before every text fragment."""
         if self._tokenizer_json is None:
-            self._tokenizer_json = build_qwen2_tokenizer_json(self._vocab, self._merges, self.added_tokens)
+            if self._spm is not None:
+                added = [AddedToken(i, content, special) for i, content, special in self.added_tokens]
+                prefix = "fragments" if self.metadata.get("tokenizer.ggml.add_space_prefix", True) else "never"
+                self._tokenizer_json = sentencepiece_tokenizer_json(
+                    self._spm, added, prefix=prefix, merge_by_score=True
+                )
+            else:
+                self._tokenizer_json = build_qwen2_tokenizer_json(self._vocab, self._merges, self.added_tokens)
         return self._tokenizer_json
 
     @property
@@ -463,13 +490,15 @@ class GGUFModel(MappedTensors):
         return self.token_text(self.bos_token_id) if self.add_bos_token else None
 
     def tokenizer(self) -> Tokenizer:
-        return Tokenizer.from_json(
+        tokenizer = Tokenizer.from_json(
             self.tokenizer_json,
             eos_token=self.token_text(self.eos_token_id),
             pad_token=self.token_text(self.pad_token_id),
             bos_token=self.bos_token,
             chat_template=self.chat_template,
         )
+        tokenizer.add_bos_token, tokenizer.add_eos_token = self.add_bos_token, self.add_eos_token
+        return tokenizer
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:

@@ -9,7 +9,14 @@ general.*, the architecture's hyperparameters and the vocabulary (tokenizer.ggml
   Beyond llama.cpp's converter, qwenvl writes the Qwen chat template (the checkpoints carry none:
   chat.fallback_template) and, when the model uses them, ``qwen.seq_length``, ``qwen.use_dynamic_ntk``
   and ``qwen.use_logn_attn`` (llama.cpp implements neither, and ignores the keys; below seq_length
-  neither changes anything).
+  neither changes anything);
+- llama (``LlamaModel``): hparams as llama.cpp's TextModel + LlamaModel write them; the vocabulary from
+  the SentencePiece ``tokenizer.model`` (``_create_vocab_sentencepiece``: pieces, scores and types, the
+  added tokens of added_tokens.json USER_DEFINED, those of tokenizer_config.json's
+  added_tokens_decoder CONTROL when special or special-looking, the rest of the embedding "[PADn]"),
+  tokenizer.ggml.model "llama", pre "default", special ids, add_bos / add_eos and the chat template by
+  gguf.SpecialVocab. The q and k weights are written with their rows interleaved per head
+  (``layout.permute_rows``: llama.cpp's ``permute``), as llama.cpp's rope expects.
 """
 
 from __future__ import annotations
@@ -241,12 +248,87 @@ def _qwen_pre(document: dict[str, Any], where: Path) -> str:
     return "qwen2"
 
 
-HPARAMS = {"qwen2": qwen2_hparams, "qwen2_vl": qwen2_hparams, "qwen2_5_vl": qwen2_hparams, "qwen": qwen_hparams}
+# ----------------------------------------------------------------------------------------------
+# Llama
+
+
+def llama_hparams(writer: gguf.GGUFWriter, source: TextSource) -> None:
+    text = source.config.text
+    writer.add_block_count(text.num_hidden_layers)
+    writer.add_context_length(text.max_position_embeddings)
+    writer.add_embedding_length(text.hidden_size)
+    writer.add_feed_forward_length(text.intermediate_size)
+    writer.add_head_count(text.num_attention_heads)
+    writer.add_head_count_kv(text.num_key_value_heads)
+    writer.add_rope_freq_base(text.rope_theta)
+    writer.add_layer_norm_rms_eps(text.rms_norm_eps)
+    if source.raw_config.get("head_dim") is not None:
+        writer.add_key_length(text.head_dim)
+        writer.add_value_length(text.head_dim)
+    writer.add_vocab_size(text.vocab_size)
+    writer.add_rope_dimension_count(text.head_dim)
+
+
+def _looks_special(token: str) -> bool:
+    """llama.cpp's ``does_token_look_special``."""
+    if token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]"):
+        return True
+    pairs = (("<|", "|>"), ("<｜", "｜>"), ("<unused", ">"))
+    return any(token.startswith(a) and token.endswith(b) for a, b in pairs)
+
+
+def llama_vocabulary(writer: gguf.GGUFWriter, source: TextSource) -> None:
+    """llama.cpp's ``_set_vocab_sentencepiece``."""
+    from ..tokenizer import _read_json
+    from ..vocab import CONTROL, UNUSED, USER_DEFINED, read_sentencepiece
+
+    vocab = read_sentencepiece(source.vocab_file)
+    size = source.config.text.vocab_size
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    scores, types = [-10000.0] * size, [UNUSED] * size
+    for i, (piece, score, kind) in enumerate(zip(vocab.pieces[:size], vocab.scores, vocab.types)):
+        tokens[i], scores[i], types[i] = piece, score, kind
+    directory = source.vocab_file.parent
+    added_file, config_file = directory / "added_tokens.json", directory / "tokenizer_config.json"
+    for token, token_id in (_read_json(added_file) if added_file.is_file() else {}).items():
+        if isinstance(token_id, int) and 0 <= token_id < size:
+            tokens[token_id], scores[token_id], types[token_id] = token, -1000.0, USER_DEFINED
+    decoder = (_read_json(config_file) if config_file.is_file() else {}).get("added_tokens_decoder") or {}
+    for key, data in decoder.items():
+        token_id, token = int(key), data["content"]
+        if token_id >= size:
+            continue
+        if data.get("special") or _looks_special(token):
+            types[token_id] = CONTROL
+        else:
+            token, types[token_id] = token.replace("\u2581", " "), USER_DEFINED
+        tokens[token_id], scores[token_id] = token, -1000.0
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(directory, n_vocab=len(tokens))
+    if not special.special_token_ids:  # no config.json (Meta's layout): the model's own ids
+        for kind, token_id in (("bos", vocab.bos_id), ("eos", vocab.eos_id), ("unk", vocab.unk_id)):
+            if 0 <= token_id < size:
+                special._set_special_token(kind, token_id)
+    special.add_to_gguf(writer, quiet=True)
+
+
+HPARAMS = {
+    "qwen2": qwen2_hparams,
+    "qwen2_vl": qwen2_hparams,
+    "qwen2_5_vl": qwen2_hparams,
+    "qwen": qwen_hparams,
+    "llama": llama_hparams,
+}
 VOCABULARIES = {
     "qwen2": qwen2_vocabulary,
     "qwen2_vl": qwen2_vocabulary,
     "qwen2_5_vl": qwen2_vocabulary,
     "qwen": qwen_vocabulary,
+    "llama": llama_vocabulary,
 }
 
 

@@ -330,13 +330,18 @@ QWEN = Layout(
     ffn_factor=2,
 )
 
+# Llama (LlamaForCausalLM; GGUF "llama"; Meta's params.json + consolidated.NN.pth): HF's names; no
+# biases unless the config asks. GGUF and Meta store q and k with their rows interleaved per head
+# (llama.cpp's converter permutes them; HF's conversion of Meta's weights undid the same).
+LLAMA = Layout("llama", _hf_style(q_rope="q", k_rope="kv", meta=True))
+
 # ModelConfig.arch → its decoder's layout
-LAYOUTS = {"qwen2": QWEN2, "qwen2_vl": QWEN2, "qwen2_5_vl": QWEN2, "qwen": QWEN}
+LAYOUTS = {"qwen2": QWEN2, "qwen2_vl": QWEN2, "qwen2_5_vl": QWEN2, "qwen": QWEN, "llama": LLAMA}
 # llama.cpp's architecture names (general.architecture) → ModelConfig.arch. llama.cpp writes the text
 # half of both Qwen2-VL and Qwen2.5-VL as "qwen2vl"; the mmproj file tells the two apart.
-GGUF_ARCHITECTURES = {"qwen2": "qwen2", "qwen2vl": "qwen2_vl", "qwen": "qwen"}
+GGUF_ARCHITECTURES = {"qwen2": "qwen2", "qwen2vl": "qwen2_vl", "qwen": "qwen", "llama": "llama"}
 # ModelConfig.arch → the general.architecture ``qwenvl convert`` writes
-GGUF_ARCH_OF = {"qwen2": "qwen2", "qwen2_vl": "qwen2vl", "qwen2_5_vl": "qwen2vl", "qwen": "qwen"}
+GGUF_ARCH_OF = {"qwen2": "qwen2", "qwen2_vl": "qwen2vl", "qwen2_5_vl": "qwen2vl", "qwen": "qwen", "llama": "llama"}
 
 
 def layout_for(arch: str) -> Layout:
@@ -355,6 +360,7 @@ __all__ = [
     "Module",
     "Piece",
     "Weight",
+    "LLAMA",
     "QWEN",
     "QWEN2",
     "canonical_name",
