@@ -113,18 +113,29 @@ def _add_file_commands(commands: Any) -> None:
     quantize.set_defaults(handler=cmd_quantize)
 
     export = commands.add_parser(
-        "export", help="GGUF → HF checkpoint", description="Dequantize a GGUF (and its mmproj) into an HF checkpoint."
+        "export",
+        help="GGUF → HF checkpoint; Llama → llama2.c",
+        description="Dequantize a GGUF (and its mmproj) into an HF checkpoint (--format hf), or write a Llama "
+        "model (HF, Meta or GGUF) as llama2.c's model.bin + tokenizer.bin (--format llama2c / llama2c-q8).",
     )
-    export.add_argument("input", metavar="IN.gguf")
+    export.add_argument("input", metavar="MODEL", help="IN.gguf (hf); a Llama HF / Meta directory or GGUF (llama2c)")
+    export.add_argument(
+        "--format",
+        default="hf",
+        choices=["hf", "llama2c", "llama2c-q8"],
+        help="hf: an HF checkpoint directory (default); llama2c: run.c's fp32 file; llama2c-q8: runq.c's Q8_0 file",
+    )
     export.add_argument("--mmproj", metavar="FILE", help="the vision GGUF of a Qwen2-VL / Qwen2.5-VL text GGUF")
-    export.add_argument("-o", "--out-dir", required=True, metavar="HF_DIR")
+    export.add_argument(
+        "-o", "--out-dir", "--out", dest="out_dir", required=True, metavar="OUT", help="HF_DIR, or model.bin"
+    )
     export.add_argument(
         "--dtype",
-        default="float32",
         choices=["float32", "bfloat16", "float16"],
-        help="weight dtype (default float32: the dequantized values exactly)",
+        help="hf: weight dtype (default float32: the dequantized values exactly)",
     )
-    export.add_argument("--force", action="store_true", help="replace HF_DIR if it is not empty")
+    export.add_argument("--seq-len", type=int, help="llama2c: the seq_len in the header (default: the model's context)")
+    export.add_argument("--force", action="store_true", help="replace the output if it exists")
     export.set_defaults(handler=cmd_export)
 
     info = commands.add_parser("info", help="describe a model file", description="Architecture, size, types, tokens.")
@@ -175,11 +186,24 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from .weights.export import export_hf
 
+    if args.format != "hf":
+        from .weights.llama2c import describe, export_llama2c
+
+        for flag, value in (("--mmproj", args.mmproj), ("--dtype", args.dtype)):
+            if value:
+                raise QwenVLError(f"{flag} goes with --format hf (llama2.c's files are float32 or Q8_0)")
+        files = export_llama2c(
+            args.input, args.out_dir, quantized=args.format == "llama2c-q8", seq_len=args.seq_len, force=args.force
+        )
+        print("\n".join(describe(files)))
+        return 0
+    if args.seq_len is not None:
+        raise QwenVLError("--seq-len goes with --format llama2c / llama2c-q8")
     out = export_hf(
         args.input,
         args.out_dir,
         mmproj=args.mmproj,
-        dtype=getattr(torch, args.dtype),
+        dtype=getattr(torch, args.dtype or "float32"),
         overwrite=args.force,
         progress=sys.stderr.isatty(),
     )

@@ -240,7 +240,7 @@ def read_hf_source(directory: str | os.PathLike) -> HFSource:
     config = model_config_from_hf(raw, where=str(config_path))
     vocab_file = path / VOCAB_FILES.get(config.arch, "tokenizer.json")
     if not vocab_file.is_file():
-        raise ModelFileError(f"{vocab_file}: missing (the GGUF's vocabulary comes from it)")
+        raise ModelFileError(f"{vocab_file}: missing (the exported vocabulary comes from it)")
     preprocess = preprocess_config_from_hf(hf.read_json(path / "preprocessor_config.json", required=False))
     return HFSource(path, raw, config, preprocess, source_tensors(path), vocab_file)
 
