@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     tokenize.add_argument("words", nargs="+", metavar="[MODEL] TEXT", help="model (optional) and the text")
     tokenize.add_argument("--json", action="store_true", help="print {ids, pieces} as JSON")
     tokenize.add_argument("--no-parse-special", action="store_true", help="encode special-token text as plain text")
+    tokenize.add_argument("--tiktoken", metavar="FILE", help="the qwen.tiktoken of a qwen.cpp GGML file")
     tokenize.set_defaults(handler=cmd_tokenize)
     _add_file_commands(commands)
     _add_bench_command(commands)
@@ -581,7 +582,7 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
         from .defaults import default_model_path
 
         model_name = default_model_path()
-    tokenizer = open_checkpoint(model_name).tokenizer
+    tokenizer = open_checkpoint(model_name, tiktoken=args.tiktoken).tokenizer
     ids = tokenizer.encode(text, parse_special=not args.no_parse_special)
     pieces = tokenizer.pieces(ids)
     if args.json:

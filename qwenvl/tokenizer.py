@@ -44,10 +44,11 @@ class Tokenizer:
         bos_token: str | None = None,
         chat_template: str | None = None,
         source: str = "tokenizer.json",
-        add_bos_token: bool = False,
-        add_eos_token: bool = False,
+        add_bos_token: bool | None = False,
+        add_eos_token: bool | None = False,
     ):
         self._backend = backend
+        # None: whatever the tokenizer.json's post-processor adds (a checkpoint's own file, without flags)
         self.add_bos_token = add_bos_token
         self.add_eos_token = add_eos_token
         self._plain_text_backend: tokenizers.Tokenizer | None = None
@@ -84,6 +85,9 @@ class Tokenizer:
             raise ModelFileError(f"{json_file}: not a valid tokenizer.json ({_one_line(error)})") from None
 
         _add_missing_added_tokens(backend, config.get("added_tokens_decoder") or {}, config_file)
+        flags = ("add_bos_token", "add_eos_token")
+        explicit = any(flag in config for flag in flags)  # transformers rebuilds the post-processor from them
+        add_bos, add_eos = (bool(config.get(flag, False)) if explicit else None for flag in flags)
         return cls(
             backend,
             eos_token=_token_content(config.get("eos_token")),
@@ -91,6 +95,8 @@ class Tokenizer:
             bos_token=_token_content(config.get("bos_token")),
             chat_template=_find_chat_template(path, config),
             source=str(config_file),
+            add_bos_token=add_bos,
+            add_eos_token=add_eos,
         )
 
     @classmethod
@@ -178,7 +184,10 @@ class Tokenizer:
 
     def encode_raw(self, text: str) -> list[int]:
         """Ids of a prompt taken as-is (no chat template), with BOS / EOS added as the tokenizer's
-        config asks (`add_bos_token`, `add_eos_token`): what transformers' `tokenizer(text)` gives."""
+        config asks (`add_bos_token`, `add_eos_token`; without them, as the tokenizer.json's post-processor
+        adds them): what transformers' `tokenizer(text)` gives."""
+        if self.add_bos_token is None and self.add_eos_token is None:
+            return self._backend.encode(text, add_special_tokens=True).ids
         ids = self.encode(text)
         if self.add_bos_token and self.bos_token_id is not None:
             ids = [self.bos_token_id, *ids]

@@ -259,8 +259,8 @@ def test_meta_convert_to_gguf(meta_dirs, tmp_path):
 
 def test_bad_meta_shards_are_one_line(meta_dirs, tmp_path):
     _, dirs = meta_dirs
-    bad = tmp_path / "mixed" / "llama"
-    shutil.copytree(dirs[2], bad)
+    shutil.copytree(dirs[2].parent, tmp_path / "mixed")  # the tokenizer.model is in the directory above
+    bad = tmp_path / "mixed" / dirs[2].name
     shard = torch.load(bad / "consolidated.01.pth", weights_only=True)
     shard["layers.0.attention.wq.weight"] = shard["layers.0.attention.wq.weight"][:, :32].clone()
     torch.save(shard, bad / "consolidated.01.pth")
@@ -283,3 +283,19 @@ def test_info(meta_dirs, capsys):
     assert info["parameters"] == sum(t.numel() for t in load_file(str(hf_dir / "model.safetensors")).values())
     assert cli_main(["info", str(dirs[1])]) == 0
     assert "META (Llama (params.json, 1 shard))" in capsys.readouterr().out
+
+
+def test_gguf_export_to_hf_loads_in_transformers(make_llama, tmp_path):
+    directory = make_llama("gqa", **LLAMA_SHAPES["gqa"])
+    gguf_path = convert_hf(directory, tmp_path, out_type="f32", progress=False)[0].path
+    assert cli_main(["export", str(gguf_path), "-o", str(tmp_path / "hf")]) == 0
+    exported = LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    original = LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    ids = torch.tensor([[1, 422, 350, 339, 336, 17]])
+    with torch.no_grad():
+        assert torch.equal(exported(ids).logits, original(ids).logits)
+    ours = qwenvl.load(tmp_path / "hf", dtype="float32")
+    assert (
+        ours.prepare_raw("the quick brown fox").input_ids
+        == qwenvl.load(gguf_path).prepare_raw("the quick brown fox").input_ids
+    )

@@ -21,6 +21,7 @@ from tokenizer_fixtures import QWEN2_PATTERN, QWEN_TIKTOKEN, qwen_ranks
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import qwenvl
+from qwenvl.cli import main as cli_main
 from qwenvl.convert import convert_hf
 from qwenvl.engine.scheduler import BatchEngine
 from qwenvl.errors import ModelFileError
@@ -286,3 +287,14 @@ def test_gguf_runs_as_the_checkpoint(model, qwen_gguf):
     assert ours.prepare(messages).input_ids == model.prepare(messages).input_ids
     ids = model.tokenizer.encode(" ".join(["tensors flow through the layers"] * 16))[: SEQ_LENGTH + 8]
     assert greedy(ours, ids, 24) == greedy(model, ids, 24)
+
+
+def test_gguf_export_to_hf_runs_again(model, qwen_gguf, tmp_path):
+    assert cli_main(["export", str(qwen_gguf), "-o", str(tmp_path / "hf")]) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architectures"] == ["QWenLMHeadModel"] and config["intermediate_size"] == 256
+    exported = qwenvl.load(tmp_path / "hf", dtype="float32")
+    assert exported.config.text == model.config.text
+    ids = model.prepare([{"role": "user", "content": "Hi"}]).input_ids
+    assert exported.prepare([{"role": "user", "content": "Hi"}]).input_ids == ids
+    assert greedy(exported, ids, 8) == greedy(model, ids, 8)

@@ -85,6 +85,15 @@ def _meta_pieces() -> dict[str, Piece]:
 def merge_shards(files: list[Path]) -> dict[str, torch.Tensor]:
     """Meta's tensors of all ranks merged, by Meta name (seed 003's ``concat_weights``)."""
     shards = [_load_shard(file) for file in files]
+    merged = {}
+    for name, dim in _check_shards(files, shards).items():
+        tensors = [shard[name] for shard in shards]
+        merged[name] = tensors[0] if dim is None or len(tensors) == 1 else torch.cat(tensors, dim=dim)
+    return merged
+
+
+def _check_shards(files: list[Path], shards: list[dict[str, torch.Tensor]]) -> dict[str, int | None]:
+    """Each tensor's split dim (None: replicated), after checking the shards fit together."""
     names = list(shards[0])
     for file, shard in zip(files[1:], shards[1:]):
         if set(shard) != set(names):
@@ -92,23 +101,20 @@ def merge_shards(files: list[Path]) -> dict[str, torch.Tensor]:
             raise ModelFileError(
                 f"{file}: its tensors differ from {files[0].name}'s (e.g. {odd}): shards of different models"
             )
-    splits = {name: _split_dim(name) for name in names}
-    merged = {}
+    splits = {}
     for name in names:
         if name in SKIPPED:
             continue
-        tensors = [shard[name] for shard in shards]
-        dim = splits[name]
-        for file, tensor in zip(files[1:], tensors[1:]):
-            if tensor.ndim != tensors[0].ndim or any(
-                a != b for i, (a, b) in enumerate(zip(tensor.shape, tensors[0].shape)) if i != dim
-            ):
+        dim = splits[name] = _split_dim(name)
+        first = shards[0][name]
+        for file, shard in zip(files[1:], shards[1:]):
+            shape = shard[name].shape
+            if len(shape) != first.ndim or any(a != b for i, (a, b) in enumerate(zip(shape, first.shape)) if i != dim):
                 raise ModelFileError(
-                    f"{file}: tensor {name} has shape {list(tensor.shape)}, {files[0].name} has "
-                    f"{list(tensors[0].shape)}: the shards do not belong together"
+                    f"{file}: tensor {name} has shape {list(shape)}, {files[0].name} has "
+                    f"{list(first.shape)}: the shards do not belong together"
                 )
-        merged[name] = tensors[0] if dim is None or len(tensors) == 1 else torch.cat(tensors, dim=dim)
-    return merged
+    return splits
 
 
 def _split_dim(name: str) -> int | None:
@@ -123,12 +129,11 @@ def merged_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], torch.d
     """Each merged tensor's shape and dtype, from the (memory-mapped) shards, without merging them."""
     shards = [_load_shard(file) for file in files]
     out = {}
-    for name, tensor in shards[0].items():
-        dim = _split_dim(name)
-        shape = list(tensor.shape)
+    for name, dim in _check_shards(files, shards).items():
+        shape = list(shards[0][name].shape)
         if dim is not None:
-            shape[dim] = sum(shard[name].shape[dim] for shard in shards if name in shard)
-        out[name] = (tuple(shape), tensor.dtype)
+            shape[dim] = sum(shard[name].shape[dim] for shard in shards)
+        out[name] = (tuple(shape), shards[0][name].dtype)
     return out
 
 
@@ -208,7 +213,7 @@ def open_meta_checkpoint(directory: str | os.PathLike) -> Checkpoint:
     from ..tokenizer import Tokenizer
 
     directory = Path(directory)
-    _, cfg, tensors = load_meta(directory)
+    cfg = config_from_shapes(directory)  # the shards are merged only when the weights are asked for
     tokenizer = Tokenizer.from_sentencepiece(tokenizer_file(directory))
     eos = tuple(i for i in (tokenizer.eos_token_id,) if i is not None)
     return Checkpoint(
@@ -218,7 +223,7 @@ def open_meta_checkpoint(directory: str | os.PathLike) -> Checkpoint:
         generation_config=GenerationConfig(eos_token_ids=eos),
         preprocess_config=PreprocessConfig(),
         chat_template=None,
-        tensors=lambda: tensors,
+        tensors=lambda: load_meta(directory)[2],
     )
 
 
