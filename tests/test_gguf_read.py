@@ -227,9 +227,9 @@ def test_truncated(tiny_tied, tmp_path: Path, keep: int) -> None:
 
 
 def test_unsupported_architecture(tmp_path: Path) -> None:
-    path = tmp_path / "llama.gguf"
-    write_tiny_gguf(path, arch="llama")
-    _expect_error(path, "unsupported architecture", "'llama'")
+    path = tmp_path / "gemma.gguf"
+    write_tiny_gguf(path, arch="gemma")
+    _expect_error(path, "unsupported architecture", "'gemma'")
 
 
 def test_unknown_tensor_type(tiny_tied, tmp_path: Path) -> None:
