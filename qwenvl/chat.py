@@ -114,6 +114,11 @@ def _template_file(name: str) -> str:
     return resources.files("qwenvl").joinpath(f"templates/{name}").read_text(encoding="utf-8")
 
 
+# Tokens that end a turn of the chat format an architecture falls back to: stop tokens whatever
+# generation_config.json says (Qwen (v1)'s ChatML: its chat() and qwen.cpp stop on both).
+CHAT_STOP_TOKENS = {"qwen": ("<|im_end|>", "<|endoftext|>")}
+
+
 def fallback_template(arch: str) -> str | None:
     """The chat template of a model of ``arch`` that ships none: Qwen (v1)'s ChatML with its default
     system prompt (its make_context, qwen.cpp); plain ChatML for the Qwen2 family (llama.cpp's

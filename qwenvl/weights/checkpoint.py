@@ -37,13 +37,10 @@ class Checkpoint:
     quantized: Any = None
 
 
-# Tokens that end a turn of the chat format an architecture falls back to (chat.fallback_template),
-# stop tokens whatever generation_config.json says: Qwen (v1)'s ChatML (qwen.cpp stops on both).
-CHAT_STOP_TOKENS = {"qwen": ("<|im_end|>", "<|endoftext|>")}
-
-
 def with_chat_stops(generation: GenerationConfig, arch: str, tokenizer: Tokenizer) -> GenerationConfig:
-    """``generation`` with the architecture's chat stop tokens added to its eos ids."""
+    """``generation`` with the architecture's chat stop tokens (chat.CHAT_STOP_TOKENS) added to its eos ids."""
+    from ..chat import CHAT_STOP_TOKENS
+
     extra = [tokenizer.token_to_id(token) for token in CHAT_STOP_TOKENS.get(arch, ())]
     ids = tuple(dict.fromkeys([*generation.eos_token_ids, *(i for i in extra if i is not None)]))
     return dataclasses.replace(generation, eos_token_ids=ids)

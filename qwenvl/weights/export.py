@@ -313,7 +313,8 @@ def tokenizer_config(model: GGUFModel) -> dict[str, Any]:
     }
     if model.config.arch == "llama":  # the tokenizer.json holds the vocabulary; these name its specials
         config |= {"tokenizer_class": "LlamaTokenizer", "add_eos_token": model.add_eos_token, "legacy": True}
-        config |= {"add_prefix_space": None, "unk_token": model.token_text(model._spm.unk_id) if model._spm else None}
+        vocab = model.sentencepiece_vocab
+        config |= {"add_prefix_space": None, "unk_token": model.token_text(vocab.unk_id) if vocab else None}
     elif model.config.arch == "qwen":
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
     if model.chat_template is not None:

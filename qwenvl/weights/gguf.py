@@ -197,7 +197,7 @@ def _tensor_infos(
 
 
 @functools.cache
-def _can_dequantize(ggml_type: GGMLQuantizationType) -> bool:
+def can_dequantize(ggml_type: GGMLQuantizationType) -> bool:
     """Whether ``gguf.quants.dequantize`` implements the type (tried on one zero block)."""
     type_size = GGML_QUANT_SIZES[ggml_type][1]
     try:
@@ -280,7 +280,7 @@ def _check_tensors(infos: dict[str, GGUFTensorInfo], text: TextConfig, layout: L
             raise ModelFileError(f"{where}: missing tensor {name}")
         if info.shape != shape:
             raise ModelFileError(f"{where}: tensor {name} has shape {list(info.shape)}, expected {list(shape)}")
-        if not _can_dequantize(info.ggml_type):
+        if not can_dequantize(info.ggml_type):
             raise ModelFileError(f"{where}: tensor {name} has unsupported tensor type {info.ggml_type.name}")
     extra = sorted(set(infos) - set(expected))
     if extra:
@@ -485,6 +485,11 @@ class GGUFModel(MappedTensors):
         return self._tokenizer_json
 
     @property
+    def sentencepiece_vocab(self) -> SentencePieceVocab | None:
+        """The SentencePiece pieces, scores and types of a "llama" vocabulary (None for BPE ones)."""
+        return self._spm
+
+    @property
     def bos_token(self) -> str | None:
         """The bos text, only when the file asks for it to be added (Qwen2 files do not)."""
         return self.token_text(self.bos_token_id) if self.add_bos_token else None
@@ -555,7 +560,7 @@ class GGUFFile:
     def tensor(self, name: str) -> torch.Tensor:
         """A tensor by GGUF name, dequantized to float32."""
         info = self._info(name)
-        if not _can_dequantize(info.ggml_type):
+        if not can_dequantize(info.ggml_type):
             raise ModelFileError(f"{self.path}: tensor {name} has unsupported tensor type {info.ggml_type.name}")
         return dequantized_tensor(self._buf, info)
 
@@ -622,7 +627,7 @@ def _open_map(path: Path) -> mmap.mmap:
         raise ModelFileError(f"{path}: permission denied") from None
 
 
-class _DequantizedTensors(Mapping[str, torch.Tensor]):
+class DequantizedTensors(Mapping[str, torch.Tensor]):
     """HF name → float32 tensor, dequantized when looked up (nothing is kept)."""
 
     def __init__(self, model: GGUFModel):
@@ -653,7 +658,7 @@ def open_gguf_checkpoint(path: str | os.PathLike, mmproj: str | os.PathLike | No
             generation_config=with_chat_stops(model.generation_config, model.config.arch, tokenizer),
             preprocess_config=PreprocessConfig(),
             chat_template=model.chat_template,
-            tensors=lambda: _DequantizedTensors(model),
+            tensors=lambda: DequantizedTensors(model),
             quantized=model,
         )
     from .mmproj import VisionTensors, read_mmproj
@@ -667,7 +672,7 @@ def open_gguf_checkpoint(path: str | os.PathLike, mmproj: str | os.PathLike | No
         generation_config=model.generation_config,
         preprocess_config=projector.preprocess_config,
         chat_template=model.chat_template,
-        tensors=lambda: _ChainedTensors(_DequantizedTensors(model), VisionTensors(projector)),
+        tensors=lambda: _ChainedTensors(DequantizedTensors(model), VisionTensors(projector)),
         quantized=model,
     )
 

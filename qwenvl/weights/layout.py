@@ -99,7 +99,8 @@ class Module:
     biases: tuple[str, ...] = ()
 
 
-def _at(stem: str, layer: int | None) -> str:
+def in_block(stem: str, layer: int | None) -> str:
+    """A table stem with its "{N}" set to block ``layer`` (None: a stem outside the blocks)."""
     return stem if layer is None else stem.replace("{N}", str(layer))
 
 
@@ -141,11 +142,11 @@ class Layout:
 
     def hf_shapes(self, cfg: TextConfig) -> dict[str, tuple[int, ...]]:
         """Every decoder tensor an HF checkpoint of this config holds (canonical names) and its shape."""
-        return {_at(p.hf, layer) + suffix: shape for p, suffix, shape, layer in self._tensors(cfg)}
+        return {in_block(p.hf, layer) + suffix: shape for p, suffix, shape, layer in self._tensors(cfg)}
 
     def gguf_shapes(self, cfg: TextConfig) -> dict[str, tuple[int, ...]]:
         """Every tensor a GGUF of this config holds, by llama.cpp's name, in torch order."""
-        return {_at(p.gguf, layer) + suffix: shape for p, suffix, shape, layer in self._tensors(cfg)}
+        return {in_block(p.gguf, layer) + suffix: shape for p, suffix, shape, layer in self._tensors(cfg)}
 
     def modules(self, cfg: TextConfig, *, tied: bool | None = None) -> list[Module]:
         """The model's modules and the HF tensors each is made of. ``tied``: the output projection
@@ -157,11 +158,11 @@ class Layout:
             layers: list[int | None] = list(range(cfg.num_hidden_layers)) if "{N}" in weight.name else [None]
             source = embedding if weight.tied and tied else weight
             for layer in layers:
-                stems = [_at(piece.hf, layer) for piece in source.pieces]
+                stems = [in_block(piece.hf, layer) for piece in source.pieces]
                 has_bias = weight.bias is not None and getattr(cfg, weight.bias)
                 out.append(
                     Module(
-                        _at(weight.name, layer),
+                        in_block(weight.name, layer),
                         weight.kind,
                         tuple(stem + ".weight" for stem in stems),
                         tuple(stem + ".bias" for stem in stems) if has_bias else (),
@@ -180,7 +181,7 @@ class Layout:
         flags: dict[str, bool] = {}
         for weight in self.weights:
             if weight.bias is not None and "{N}" in weight.name:
-                name = _at(weight.pieces[0].gguf, 0) + ".bias"
+                name = in_block(weight.pieces[0].gguf, 0) + ".bias"
                 flags[weight.bias] = flags.get(weight.bias, False) or name in gguf_names
         return flags
 
@@ -365,6 +366,7 @@ __all__ = [
     "QWEN2",
     "canonical_name",
     "dims",
+    "in_block",
     "layout_for",
     "permute_rows",
     "unpermute_rows",

@@ -219,7 +219,7 @@ def _gguf_source(path: Path) -> Llama2cSource:
 
     model = read_gguf(path)
     check_representable(model.config.arch, model.config.text, str(path))
-    vocab = model._spm
+    vocab = model.sentencepiece_vocab
     if vocab is None:
         raise QwenVLError(f"{path}: llama2.c's tokenizer.bin holds SentencePiece vocabularies, this file's is BPE")
     return Llama2cSource(

@@ -31,7 +31,7 @@ import torch
 from ..config import GenerationConfig, ModelConfig, PreprocessConfig, TextConfig
 from ..errors import ModelFileError
 from .checkpoint import Checkpoint
-from .layout import LLAMA, Piece, _at, unpermute_rows
+from .layout import LLAMA, Piece, in_block, unpermute_rows
 
 PARAMS = "params.json"
 SHARD_GLOB = "consolidated.*.pth"
@@ -189,7 +189,7 @@ def hf_state(merged: Mapping[str, torch.Tensor], cfg: TextConfig, where: Path) -
             raise ModelFileError(f"{where}: unexpected tensor {name} in a Llama checkpoint")
         if piece.rope is not None:
             tensor = unpermute_rows(tensor, cfg.num_attention_heads if piece.rope == "q" else cfg.num_key_value_heads)
-        out[f"{_at(piece.hf, layer)}.{suffix}"] = tensor
+        out[f"{in_block(piece.hf, layer)}.{suffix}"] = tensor
     return out
 
 

@@ -38,7 +38,7 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from ..config import GenerationConfig, ModelConfig, PreprocessConfig, TextConfig
 from ..errors import ModelFileError
 from .checkpoint import Checkpoint, with_chat_stops
-from .gguf import GGUFTensorInfo, MappedTensors, _can_dequantize, _DequantizedTensors
+from .gguf import DequantizedTensors, GGUFTensorInfo, MappedTensors, can_dequantize
 from .layout import QWEN
 
 MAGIC = b"ggml"
@@ -143,7 +143,7 @@ def open_qwencpp_checkpoint(path: str | os.PathLike, tiktoken: str | os.PathLike
         generation_config=with_chat_stops(model.generation_config, "qwen", tokenizer),
         preprocess_config=PreprocessConfig(),
         chat_template=None,
-        tensors=lambda: _DequantizedTensors(model),
+        tensors=lambda: DequantizedTensors(model),
         quantized=model,
     )
 
@@ -268,7 +268,7 @@ def _read_tensors(buf: mmap.mmap, path: Path, header: QwenCppHeader) -> dict[str
             if pos + n_bytes > size:
                 raise ModelFileError(_truncated_message(path, name, kind, pos + n_bytes, size, not infos))
             infos[name] = GGUFTensorInfo(name=name, ggml_type=kind, shape=shape, offset=pos, n_bytes=n_bytes)
-            if not _can_dequantize(kind):
+            if not can_dequantize(kind):
                 raise ModelFileError(f"{path}: tensor {name} has unsupported type {kind.name}")
             pos += n_bytes
     except _Truncated:
