@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .chat import media_items, normalize_messages, render_chat, template_uses_tools
+from .chat import fallback_template, media_items, normalize_messages, render_chat, template_uses_tools
 from .config import GenerationConfig, ModelConfig, PreprocessConfig
 from .engine.generate import Generation, GenerationResult, new_request
 from .engine.grammar import Constraint, GrammarCompiler, GrammarSpec, structured_spec
@@ -28,7 +28,7 @@ from .media.limits import video_limits
 from .media.video import REQUEST_OPTIONS as VIDEO_REQUEST_OPTIONS
 from .media.video import VideoPlan, available_memory, decode_video, plan_video, video_options, vision_encoder_bytes
 from .models.rope import IMAGE, VIDEO
-from .models.text import VISION_PREFIXES, TextModel
+from .models.text import TextModel
 from .models.vision import VisionTransformer
 from .quant.linear import KERNELS
 from .quant.model import load_quantized_text
@@ -36,6 +36,7 @@ from .runtime import release_free_memory, resolve_dtype, set_threads
 from .tokenizer import Tokenizer
 from .tools import parse_tool_calls, resolve_tool_choice, tool_names
 from .weights.checkpoint import Checkpoint, open_checkpoint
+from .weights.layout import VISION_PREFIXES, layout_for
 
 ChatResult = GenerationResult
 DEFAULT_CONTEXT = 32768
@@ -56,7 +57,7 @@ class Model:
     tokenizer: Tokenizer
     generation_config: GenerationConfig
     preprocess_config: PreprocessConfig
-    chat_template: str | None
+    chat_template: str | None  # None: the model has no chat format (a Llama base model): raw prompts only
     context: int
     source: str
     vision_model: VisionTransformer | None = None
@@ -93,7 +94,12 @@ class Model:
         other = self.tokenizer.tool_chat_template
         return other if template_uses_tools(other) else None
 
-    def _template(self, tools: list[dict[str, Any]] | None) -> str | None:
+    def _template(self, tools: list[dict[str, Any]] | None = None) -> str:
+        if self.chat_template is None:
+            raise RequestError(
+                f"{Path(self.source).name} has no chat template (a base model): chat is refused; give it text "
+                "as-is instead (qwenvl run --raw, the API's prepare_raw, or /v1/completions)"
+            )
         if not tools:
             return self.chat_template
         template = self.tool_template
@@ -115,7 +121,13 @@ class Model:
             normalize_messages(messages),
             add_generation_prompt=add_generation_prompt,
             tools=tools,
+            **self.tokenizer.special_tokens_map,
         )
+
+    def prepare_raw(self, text: str) -> Prompt:
+        """A prompt taken as-is, no chat template: the text's ids with BOS / EOS as the tokenizer's
+        config asks (what a base model needs; transformers' ``tokenizer(text)``)."""
+        return build_prompt(self.tokenizer.encode_raw(text), [], self.config)
 
     def prepare(
         self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None, **media: Any
@@ -172,7 +184,11 @@ class Model:
                 raise MediaError(f"{self.source} is a text-only model: it cannot take images or videos")
             messages = [_flatten_text_parts(m) for m in messages]
         text = render_chat(
-            self._template(tools), messages, tools=tools or None, add_generation_prompt=add_generation_prompt
+            self._template(tools),
+            messages,
+            tools=tools or None,
+            add_generation_prompt=add_generation_prompt,
+            **self.tokenizer.special_tokens_map,
         )
         ids = self.tokenizer.encode(text)
         prepared = [
@@ -375,10 +391,13 @@ def load(
     mmproj: str | os.PathLike | None = None,
     kernel: str = "auto",
     exact_prefill: bool = False,
+    tiktoken: str | os.PathLike | None = None,
 ) -> Model:
-    """Load a checkpoint directory, hub id or GGUF file (``None``: the embedded default model).
+    """Load a checkpoint directory, hub id, GGUF file or qwen.cpp GGML file (``None``: the embedded
+    default model).
 
     ``mmproj``: the vision GGUF that goes with a Qwen2-VL / Qwen2.5-VL text GGUF.
+    ``tiktoken``: the ``qwen.tiktoken`` a qwen.cpp file needs (it holds no vocabulary).
     ``kernel`` (GGUF files): "auto" keeps each weight in its GGML format with the format's default
     kernel; "dense" dequantizes everything to ``dtype`` at load; "blocks", "int8", "int4" force one
     kernel (docs/quantization-kernels.md). ``exact_prefill``: with bf16 activations, multiply prompts
@@ -392,7 +411,7 @@ def load(
         from .defaults import default_model_path
 
         model = default_model_path()
-    checkpoint = open_checkpoint(model, mmproj=mmproj)
+    checkpoint = open_checkpoint(model, mmproj=mmproj, tiktoken=tiktoken)
     return _build(checkpoint, resolve_dtype(dtype), context, kernel, exact_prefill)
 
 
@@ -404,11 +423,12 @@ def _build(
         text_model = TextModel(config.text)
     text_model = text_model.to(dtype)
     tensors = checkpoint.tensors()
+    layout = layout_for(config.arch)
     if checkpoint.quantized is not None and kernel != "dense":
         pieces = None if exact_prefill or dtype == torch.float32 else 1
-        load_quantized_text(text_model, checkpoint.quantized, dtype, kernel, prefill_pieces=pieces)
+        load_quantized_text(text_model, checkpoint.quantized, dtype, kernel, prefill_pieces=pieces, layout=layout)
     else:
-        text_model.load_weights(tensors)
+        text_model.load_weights(tensors, layout)
     text_model.eval()
     vision_model = None
     if config.vision is not None:
@@ -428,7 +448,9 @@ def _build(
         tokenizer=checkpoint.tokenizer,
         generation_config=checkpoint.generation_config,
         preprocess_config=checkpoint.preprocess_config,
-        chat_template=checkpoint.chat_template,
+        chat_template=checkpoint.chat_template
+        if checkpoint.chat_template is not None
+        else fallback_template(config.arch),
         context=min(context or DEFAULT_CONTEXT, limit),
         source=str(Path(checkpoint.source)),
         vision_model=vision_model,

@@ -108,7 +108,28 @@ def media_items(messages: Any) -> list[tuple[str, object]]:
 
 def default_template() -> str:
     """Plain ChatML (text only), for models that ship no chat template — as llama.cpp falls back to."""
-    return resources.files("qwenvl").joinpath("templates/chatml.jinja").read_text(encoding="utf-8")
+    return _template_file("chatml.jinja")
+
+
+def _template_file(name: str) -> str:
+    return resources.files("qwenvl").joinpath(f"templates/{name}").read_text(encoding="utf-8")
+
+
+# Tokens that end a turn of the chat format an architecture falls back to: stop tokens whatever
+# generation_config.json says (Qwen (v1)'s ChatML: its chat() and qwen.cpp stop on both).
+CHAT_STOP_TOKENS = {"qwen": ("<|im_end|>", "<|endoftext|>")}
+
+
+def fallback_template(arch: str) -> str | None:
+    """The chat template of a model of ``arch`` that ships none: Qwen (v1)'s ChatML with its default
+    system prompt (its make_context, qwen.cpp); plain ChatML for the Qwen2 family (llama.cpp's
+    fallback); None for Llama-family models, whose base checkpoints have no chat format (raw prompts
+    only: ``Model.encode_raw``)."""
+    if arch == "qwen":
+        return _template_file("qwen.jinja")
+    if arch == "llama":
+        return None
+    return default_template()
 
 
 def render_chat(

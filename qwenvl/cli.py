@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(run)
     run.add_argument("-p", "--prompt", required=True, help="the user message ('-' reads standard input)")
     run.add_argument("--system", help="a system message")
+    run.add_argument(
+        "--raw",
+        action="store_true",
+        help="the prompt as-is, no chat template (BOS as the tokenizer's config asks): what base models need",
+    )
     _add_media_arguments(run)
     _add_sampling_arguments(run)
     _add_output_arguments(run)
@@ -69,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     tokenize.add_argument("words", nargs="+", metavar="[MODEL] TEXT", help="model (optional) and the text")
     tokenize.add_argument("--json", action="store_true", help="print {ids, pieces} as JSON")
     tokenize.add_argument("--no-parse-special", action="store_true", help="encode special-token text as plain text")
+    tokenize.add_argument("--tiktoken", metavar="FILE", help="the qwen.tiktoken of a qwen.cpp GGML file")
     tokenize.set_defaults(handler=cmd_tokenize)
     _add_file_commands(commands)
     _add_bench_command(commands)
@@ -78,16 +84,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_file_commands(commands: Any) -> None:
     """convert / quantize / export / info (docs/convert.md, quantize.md, export.md, info.md)."""
-    from .convert import CONVERT_TYPES, MMPROJ_TYPES, QUANTIZE_TYPES
+    from .convert import MMPROJ_TYPES, QUANTIZE_TYPES
 
     convert = commands.add_parser(
         "convert",
-        help="HF checkpoint → GGUF (+ mmproj for VL models)",
-        description="Write the text GGUF and, for Qwen2-VL / Qwen2.5-VL, the mmproj GGUF, as llama.cpp does.",
+        help="HF checkpoint / qwen.cpp file → GGUF (+ mmproj for VL models)",
+        description="Write the text GGUF and, for Qwen2-VL / Qwen2.5-VL, the mmproj GGUF, as llama.cpp does; "
+        "or a qwen.cpp GGML file (with --tiktoken) as a GGUF.",
     )
-    convert.add_argument("hf_dir", metavar="HF_DIR", help="checkpoint directory or hub id")
+    convert.add_argument(
+        "hf_dir", metavar="MODEL", help="checkpoint directory, hub id, Meta params.json directory or qwen.cpp .bin"
+    )
     convert.add_argument("-o", "--out-dir", required=True, metavar="OUT_DIR", help="directory for the .gguf files")
-    convert.add_argument("--type", default="f16", choices=CONVERT_TYPES, help="text model tensor type (default f16)")
+    convert.add_argument(
+        "--type",
+        choices=QUANTIZE_TYPES,
+        help="text model tensor type (default f16; a qwen.cpp file keeps its types; K-quants for qwen.cpp files only)",
+    )
+    convert.add_argument("--tiktoken", metavar="FILE", help="the qwen.tiktoken of a qwen.cpp GGML file")
     convert.add_argument("--mmproj-type", choices=MMPROJ_TYPES, help="mmproj type (default: f32/f16/q8_0 after --type)")
     convert.add_argument("--force", action="store_true", help="replace output files that exist")
     convert.set_defaults(handler=cmd_convert)
@@ -102,18 +116,29 @@ def _add_file_commands(commands: Any) -> None:
     quantize.set_defaults(handler=cmd_quantize)
 
     export = commands.add_parser(
-        "export", help="GGUF → HF checkpoint", description="Dequantize a GGUF (and its mmproj) into an HF checkpoint."
+        "export",
+        help="GGUF → HF checkpoint; Llama → llama2.c",
+        description="Dequantize a GGUF (and its mmproj) into an HF checkpoint (--format hf), or write a Llama "
+        "model (HF, Meta or GGUF) as llama2.c's model.bin + tokenizer.bin (--format llama2c / llama2c-q8).",
     )
-    export.add_argument("input", metavar="IN.gguf")
+    export.add_argument("input", metavar="MODEL", help="IN.gguf (hf); a Llama HF / Meta directory or GGUF (llama2c)")
+    export.add_argument(
+        "--format",
+        default="hf",
+        choices=["hf", "llama2c", "llama2c-q8"],
+        help="hf: an HF checkpoint directory (default); llama2c: run.c's fp32 file; llama2c-q8: runq.c's Q8_0 file",
+    )
     export.add_argument("--mmproj", metavar="FILE", help="the vision GGUF of a Qwen2-VL / Qwen2.5-VL text GGUF")
-    export.add_argument("-o", "--out-dir", required=True, metavar="HF_DIR")
+    export.add_argument(
+        "-o", "--out-dir", "--out", dest="out_dir", required=True, metavar="OUT", help="HF_DIR, or model.bin"
+    )
     export.add_argument(
         "--dtype",
-        default="float32",
         choices=["float32", "bfloat16", "float16"],
-        help="weight dtype (default float32: the dequantized values exactly)",
+        help="hf: weight dtype (default float32: the dequantized values exactly)",
     )
-    export.add_argument("--force", action="store_true", help="replace HF_DIR if it is not empty")
+    export.add_argument("--seq-len", type=int, help="llama2c: the seq_len in the header (default: the model's context)")
+    export.add_argument("--force", action="store_true", help="replace the output if it exists")
     export.set_defaults(handler=cmd_export)
 
     info = commands.add_parser("info", help="describe a model file", description="Architecture, size, types, tokens.")
@@ -124,12 +149,25 @@ def _add_file_commands(commands: Any) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .convert import convert_hf, summary_table
+    from pathlib import Path
 
+    from .convert import convert_hf, convert_qwencpp, summary_table
+    from .weights.checkpoint import file_kind
+
+    if file_kind(Path(args.hf_dir).expanduser()) == "qwen.cpp":
+        if args.mmproj_type:
+            raise QwenVLError("--mmproj-type: a qwen.cpp file is a text model, it has no vision projector")
+        written = convert_qwencpp(
+            args.hf_dir, args.tiktoken, args.out_dir, out_type=args.type, force=args.force, progress=sys.stderr.isatty()
+        )
+        print(summary_table(written))
+        return 0
+    if args.tiktoken:
+        raise QwenVLError(f"--tiktoken goes with a qwen.cpp GGML file, and {args.hf_dir} is not one")
     written = convert_hf(
         args.hf_dir,
         args.out_dir,
-        out_type=args.type,
+        out_type=args.type or "f16",
         mmproj_type=args.mmproj_type,
         force=args.force,
         progress=sys.stderr.isatty(),
@@ -151,11 +189,24 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     from .weights.export import export_hf
 
+    if args.format != "hf":
+        from .weights.llama2c import describe, export_llama2c
+
+        for flag, value in (("--mmproj", args.mmproj), ("--dtype", args.dtype)):
+            if value:
+                raise QwenVLError(f"{flag} goes with --format hf (llama2.c's files are float32 or Q8_0)")
+        files = export_llama2c(
+            args.input, args.out_dir, quantized=args.format == "llama2c-q8", seq_len=args.seq_len, force=args.force
+        )
+        print("\n".join(describe(files)))
+        return 0
+    if args.seq_len is not None:
+        raise QwenVLError("--seq-len goes with --format llama2c / llama2c-q8")
     out = export_hf(
         args.input,
         args.out_dir,
         mmproj=args.mmproj,
-        dtype=getattr(torch, args.dtype),
+        dtype=getattr(torch, args.dtype or "float32"),
         overwrite=args.force,
         progress=sys.stderr.isatty(),
     )
@@ -390,8 +441,13 @@ def _default_model_name() -> str:
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", help="HF checkpoint dir, hub id or .gguf (default: the embedded model)")
+    parser.add_argument(
+        "model",
+        nargs="?",
+        help="HF checkpoint dir, hub id, .gguf, qwen.cpp .bin or Meta params.json dir (default: the embedded model)",
+    )
     parser.add_argument("--mmproj", metavar="FILE", help="the vision GGUF of a Qwen2-VL / Qwen2.5-VL text GGUF")
+    parser.add_argument("--tiktoken", metavar="FILE", help="the qwen.tiktoken of a qwen.cpp GGML file")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"], help="compute dtype")
     parser.add_argument("--threads", type=int, help="threads (default: physical cores)")
     parser.add_argument("--ctx", type=int, help="context length in tokens (default: the model's, at most 32768)")
@@ -483,6 +539,9 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--repetition-penalty", type=float)
     group.add_argument("--seed", type=int)
     group.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+
+
+SAMPLING_OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop")
 
 
 def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
@@ -579,6 +638,7 @@ def _load(args: argparse.Namespace):
         mmproj=args.mmproj,
         kernel=args.kernel,
         exact_prefill=args.exact_prefill,
+        tiktoken=args.tiktoken,
     )
     return model, time.perf_counter() - started
 
@@ -608,13 +668,26 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .tools import ToolCallParser, parse_tool_calls, tool_names
 
     prompt = _read_prompt(args.prompt)
+    if args.raw:
+        chat_only = set(_sampling(args)) - set(SAMPLING_OPTIONS) - set(_video_limits(args))  # limits: defaults
+        media = {k.replace("_", "-"): v for k, v in _sampling(args).items() if k in chat_only}
+        flags = {"system": args.system, "image": args.image, "video": args.video, "boxes": args.boxes, **media}
+        for flag, value in flags.items():
+            if value:
+                raise QwenVLError(f"--{flag} needs the chat template, and --raw takes the prompt as-is: drop one")
     images: list[Any] = list(args.image)
     if args.boxes is not None:
         images = _images_to_draw_on(args.boxes, images)
     output = _output_options(args)
     model, load_s = _load(args)
-    messages = _messages(args.system, _user_content(prompt, images, args.video))
-    generation = model.stream(messages, **_sampling(args), **output)
+    if args.raw:
+        if output:
+            raise QwenVLError("--raw takes the text as-is: --json-schema, --regex and --tools need the chat format")
+        sampling = {k: v for k, v in _sampling(args).items() if k in SAMPLING_OPTIONS}
+        generation = model.generate(model.prepare_raw(prompt), **sampling)
+    else:
+        messages = _messages(args.system, _user_content(prompt, images, args.video))
+        generation = model.stream(messages, **_sampling(args), **output)
     names = tool_names(output.get("tools")) if output.get("tools") and output.get("tool_choice") != "none" else None
     parser = ToolCallParser(bare_names=names) if names is not None else None
     if args.json:
@@ -716,7 +789,7 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
         from .defaults import default_model_path
 
         model_name = default_model_path()
-    tokenizer = open_checkpoint(model_name).tokenizer
+    tokenizer = open_checkpoint(model_name, tiktoken=args.tiktoken).tokenizer
     ids = tokenizer.encode(text, parse_special=not args.no_parse_special)
     pieces = tokenizer.pieces(ids)
     if args.json:

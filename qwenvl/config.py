@@ -29,8 +29,11 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen2VLForConditionalGeneration": "qwen2_vl",
     "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
+    "QWenLMHeadModel": "qwen",
+    "LlamaForCausalLM": "llama",
 }
-MODEL_TYPES = {"qwen2": "qwen2", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl"}
+MODEL_TYPES = {"qwen2": "qwen2", "qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "qwen": "qwen", "llama": "llama"}
+TEXT_ARCHS = ("qwen2", "qwen", "llama")  # the decoder-only ones
 
 # Qwen2 vocabulary special ids (shared/reference.md).
 IMAGE_TOKEN_ID = 151655
@@ -60,6 +63,15 @@ class TextConfig:
     # None for plain 1-D RoPE (Qwen2); else the split of head_dim/2 rotary frequencies into
     # temporal / height / width sections (M-RoPE).
     mrope_section: tuple[int, ...] | None = None
+    # Which projections carry a bias (Qwen2: q/k/v only; Llama: none by default).
+    qkv_bias: bool = True
+    o_bias: bool = False
+    mlp_bias: bool = False
+    # Qwen (v1) beyond its training length ``seq_length`` (modeling_qwen.py): dynamic NTK scales the
+    # rope base by a factor fixed per request from its prompt length; logn scales queries past it.
+    seq_length: int = 0
+    use_dynamic_ntk: bool = False
+    use_logn_attn: bool = False
 
     def __post_init__(self) -> None:
         _check_sizes(self, _TEXT_SIZES)
@@ -71,6 +83,10 @@ class TextConfig:
         if self.mrope_section is not None and sum(self.mrope_section) != self.head_dim // 2:
             raise ModelFileError(
                 f"config: mrope_section {list(self.mrope_section)} must sum to head_dim/2 = {self.head_dim // 2}"
+            )
+        if (self.use_dynamic_ntk or self.use_logn_attn) and self.seq_length < 2:
+            raise ModelFileError(
+                f"config: seq_length {self.seq_length}: dynamic NTK / logn attention need one of 2 or more"
             )
 
 
@@ -176,7 +192,7 @@ class GenerationConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str  # "qwen2" | "qwen2_vl" | "qwen2_5_vl"
+    arch: str  # "qwen2" | "qwen2_vl" | "qwen2_5_vl" | "qwen" | "llama"
     text: TextConfig
     vision: VisionConfig | None = None
     image_token_id: int = IMAGE_TOKEN_ID
@@ -256,6 +272,93 @@ def text_config_from_hf(raw: dict[str, Any], arch: str, where: str = "config.jso
 VISION_ACTIVATIONS = ("quick_gelu", "gelu", "gelu_pytorch_tanh", "silu", "swish")
 
 
+def qwen_text_config_from_hf(raw: dict[str, Any], where: str = "config.json") -> TextConfig:
+    """Qwen (v1)'s config.json (configuration_qwen.py's names and defaults). Its ``intermediate_size``
+    is twice the MLP width (w1 and w2 each have half)."""
+    fields = Fields(raw, where)
+    heads = fields.integer("num_attention_heads", high=MAX_HEADS)
+    hidden = fields.integer("hidden_size")
+    rotary_pct = fields.number("rotary_pct", 1.0, above=0, high=1)
+    if rotary_pct != 1.0:
+        raise ModelFileError(f"{where}: rotary_pct {rotary_pct} is not supported (qwenvl rotates whole heads)")
+    bias = not fields.flag("no_bias", True)
+    ntk, logn = fields.flag("use_dynamic_ntk", True), fields.flag("use_logn_attn", True)
+    # both scale from seq_length: then it must be there
+    seq_length = fields.integer("seq_length", high=MAX_CONTEXT) if ntk or logn else fields.integer("seq_length", 0)
+    return _text_config(
+        where,
+        vocab_size=fields.integer("vocab_size", high=MAX_VOCAB),
+        hidden_size=hidden,
+        intermediate_size=fields.integer("intermediate_size", high=2 * MAX_WIDTH) // 2,
+        num_hidden_layers=fields.integer("num_hidden_layers", high=MAX_LAYERS),
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        head_dim=fields.integer("kv_channels", hidden // heads or 1),
+        rms_norm_eps=fields.number("layer_norm_epsilon", 1e-6, low=0, high=1),
+        rope_theta=fields.number("rotary_emb_base", 10000.0, above=0),
+        max_position_embeddings=fields.integer("max_position_embeddings", 8192, high=MAX_CONTEXT),
+        tie_word_embeddings=fields.flag("tie_word_embeddings", False),
+        o_bias=bias,
+        mlp_bias=bias,
+        seq_length=seq_length,
+        use_dynamic_ntk=ntk,
+        use_logn_attn=logn,
+    )
+
+
+def llama_text_config_from_hf(raw: dict[str, Any], where: str = "config.json") -> TextConfig:
+    """LlamaForCausalLM's config.json (LlamaConfig's defaults: rope base 10000, no biases unless
+    ``attention_bias`` / ``mlp_bias``, untied head). Rope scaling other than none is refused."""
+    fields = Fields(raw, where)
+    rope = None
+    for key in ("rope_parameters", "rope_scaling"):
+        if fields.value(key, None):
+            rope = fields.section(key)
+            break
+    kind = "default"
+    if rope is not None:
+        kind = rope.text("rope_type", rope.text("type", "default"))
+    if kind != "default":
+        raise ModelFileError(f"{where}: rope scaling {kind!r} is not supported (qwenvl runs Llama's plain rope)")
+    activation = fields.text("hidden_act", "silu")
+    if activation != "silu":
+        raise ModelFileError(f"{where}: hidden_act {activation!r} is not supported (Llama's is silu)")
+    heads = fields.integer("num_attention_heads", high=MAX_HEADS)
+    hidden = fields.integer("hidden_size")
+    theta = fields.number("rope_theta", 10000.0, above=0)
+    if rope is not None:
+        theta = rope.number("rope_theta", theta, above=0)
+    attention_bias = fields.flag("attention_bias", False)
+    return _text_config(
+        where,
+        vocab_size=fields.integer("vocab_size", high=MAX_VOCAB),
+        hidden_size=hidden,
+        intermediate_size=fields.integer("intermediate_size"),
+        num_hidden_layers=fields.integer("num_hidden_layers", high=MAX_LAYERS),
+        num_attention_heads=heads,
+        num_key_value_heads=fields.integer("num_key_value_heads", heads, high=MAX_HEADS) or heads,
+        head_dim=fields.integer("head_dim", hidden // heads or 1),
+        rms_norm_eps=fields.number("rms_norm_eps", 1e-6, low=0, high=1),
+        rope_theta=theta,
+        max_position_embeddings=fields.integer("max_position_embeddings", 2048, high=MAX_CONTEXT),
+        tie_word_embeddings=fields.flag("tie_word_embeddings", False),
+        qkv_bias=attention_bias,
+        o_bias=attention_bias,
+        mlp_bias=fields.flag("mlp_bias", False),
+    )
+
+
+def _text_config(where: str, **values: Any) -> TextConfig:
+    """A TextConfig, its own checks' errors naming the file."""
+    try:
+        return TextConfig(**values)
+    except ModelFileError as error:
+        raise ModelFileError(f"{where}: {str(error).removeprefix('config: ')}") from None
+
+
+TEXT_CONFIG_READERS = {"qwen": qwen_text_config_from_hf, "llama": llama_text_config_from_hf}
+
+
 def vision_config_from_hf(raw: dict[str, Any], arch: str, text: TextConfig, where: str = "config.json") -> VisionConfig:
     section = Fields(raw, where).section("vision_config", required=True)
     assert section is not None
@@ -297,8 +400,9 @@ def vision_config_from_hf(raw: dict[str, Any], arch: str, text: TextConfig, wher
 
 def model_config_from_hf(raw: dict[str, Any], where: str = "config.json") -> ModelConfig:
     arch = detect_arch(raw, where)
-    text = text_config_from_hf(raw, arch, where)
-    vision = vision_config_from_hf(raw, arch, text, where) if arch != "qwen2" else None
+    reader = TEXT_CONFIG_READERS.get(arch)
+    text = reader(raw, where) if reader is not None else text_config_from_hf(raw, arch, where)
+    vision = vision_config_from_hf(raw, arch, text, where) if arch not in TEXT_ARCHS else None
     fields = Fields(raw, where)
     vocab = text.vocab_size - 1
     return ModelConfig(

@@ -22,20 +22,18 @@ input is never overwritten.
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from hashlib import sha256
 from pathlib import Path
 from typing import Any
 
 import gguf
 import numpy as np
 import torch
-from gguf.constants import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGMLQuantizationType, LlamaFileType, TokenType
+from gguf.constants import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGMLQuantizationType, LlamaFileType
 from safetensors import safe_open
 from tqdm import tqdm
 
@@ -43,8 +41,9 @@ from .config import ModelConfig, PreprocessConfig, model_config_from_hf, preproc
 from .durable import commit, partial_path, remove_stale_partials
 from .errors import ModelFileError, QwenVLError
 from .quant import ggml as ggml_quant
-from .tokenizer import QWEN2_PRETOKENIZE_REGEX
 from .weights import hf, names
+from .weights.gguf_meta import general_metadata, text_metadata, vocab_tokens
+from .weights.layout import GGUF_ARCH_OF, Layout, canonical_name, layout_for, permute_rows
 from .weights.mmproj import LLAMA_CPP_WINDOW, VARIANT_PROJECTORS, pattern_from_fullatt
 
 Q = GGMLQuantizationType
@@ -82,17 +81,6 @@ FALLBACK = {
 }
 # Below 8 bits the output projection is stored as Q6_K (llama.cpp's llama-quantize rule)
 LOW_BIT = {Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K}
-# llama.cpp's converter names the tokenizer "qwen2" when these hash its probe text's token ids
-QWEN2_TOKENIZER_HASHES = {
-    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea",  # Qwen1.5 / Qwen2 / Qwen2.5
-    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c",  # Qwen3-Embedding
-}
-TOKENIZER_PROBE = (  # llama.cpp's chktxt (convert_hf_to_gguf.py get_vocab_base_pre)
-    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) "
-    "✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ "
-    "------======= нещо на Български ''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, "
-    "'RE you sure? 'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
-)
 
 
 def ggml_type(name: str) -> GGMLQuantizationType:
@@ -220,12 +208,12 @@ def _safetensors_entries(file: Path) -> list[SourceTensor]:
 
         return load
 
-    return [SourceTensor(names.canonical_hf_name(n), shape, loader(n)) for n, shape in shapes.items()]
+    return [SourceTensor(canonical_name(n), shape, loader(n)) for n, shape in shapes.items()]
 
 
 def _pickle_entries(file: Path) -> list[SourceTensor]:
     state = dict(hf.iter_pickle(file))
-    return [SourceTensor(names.canonical_hf_name(n), tuple(t.shape), lambda t=t: t) for n, t in state.items()]
+    return [SourceTensor(canonical_name(n), tuple(t.shape), lambda t=t: t) for n, t in state.items()]
 
 
 @dataclass
@@ -235,6 +223,7 @@ class HFSource:
     config: ModelConfig
     preprocess: PreprocessConfig
     tensors: list[SourceTensor]
+    vocab_file: Path  # tokenizer.json, or qwen.tiktoken for Qwen (v1)
 
     @property
     def name(self) -> str:
@@ -242,38 +231,60 @@ class HFSource:
 
 
 def read_hf_source(directory: str | os.PathLike) -> HFSource:
+    from .weights.meta import is_meta_dir
+
+    if is_meta_dir(Path(directory).expanduser()) and not (Path(directory).expanduser() / "config.json").is_file():
+        return read_meta_source(Path(directory).expanduser())
     path = hf.resolve_model_dir(directory)
     config_path = path / "config.json"
     raw = hf.read_json(config_path) or {}
     config = model_config_from_hf(raw, where=str(config_path))
-    if not (path / "tokenizer.json").is_file():
-        raise ModelFileError(f"{path / 'tokenizer.json'}: missing (the GGUF's vocabulary comes from it)")
+    vocab_file = path / VOCAB_FILES.get(config.arch, "tokenizer.json")
+    if not vocab_file.is_file():
+        raise ModelFileError(f"{vocab_file}: missing (the exported vocabulary comes from it)")
     preprocess = preprocess_config_from_hf(hf.read_json(path / "preprocessor_config.json", required=False))
-    return HFSource(path, raw, config, preprocess, source_tensors(path))
+    return HFSource(path, raw, config, preprocess, source_tensors(path), vocab_file)
+
+
+def read_meta_source(directory: Path) -> HFSource:
+    """Meta's params.json + consolidated.*.pth, merged and renamed (weights/meta.py), as an HF source."""
+    from .weights.meta import load_meta, tokenizer_file
+
+    params, text, tensors = load_meta(directory)
+    config = ModelConfig(arch="llama", text=text)
+    sources = [SourceTensor(name, tuple(t.shape), lambda t=t: t) for name, t in tensors.items()]
+    return HFSource(directory, dict(params), config, PreprocessConfig(), sources, tokenizer_file(directory))
+
+
+# The file the GGUF vocabulary comes from, when it is not tokenizer.json
+VOCAB_FILES = {"qwen": "qwen.tiktoken", "llama": "tokenizer.model"}
 
 
 def plan_text(source: HFSource, requested: GGMLQuantizationType) -> list[PlannedTensor]:
     """The text GGUF's tensors (decoder and lm_head), llama.cpp-named, in checkpoint order."""
+    layout = layout_for(source.config.arch)
     cache = _LastLoaded()
     planned = []
     for tensor in source.tensors:
         if tensor.name.startswith("visual.") or tensor.name.endswith("rotary_emb.inv_freq"):
             continue
-        if tensor.name == "lm_head.weight" and source.config.text.tie_word_embeddings:
+        if tensor.name == layout.output_name and source.config.text.tie_word_embeddings:
             continue  # tied: llama.cpp reads token_embd for the output
         try:
-            gguf_name = names.hf_to_gguf_name(tensor.name)
+            gguf_name = layout.to_gguf(tensor.name)
         except KeyError:
             raise ModelFileError(
                 f"{source.directory}: unexpected tensor {tensor.name} in a {source.config.arch} checkpoint"
             ) from None
         chosen, note = tensor_type(gguf_name, tensor.shape, requested, tied=source.config.text.tie_word_embeddings)
+        heads = layout.rope_heads(tensor.name, source.config.text)
 
-        def load(t: SourceTensor = tensor) -> np.ndarray:
-            return cache.get(t.name, t.load).numpy()
+        def load(t: SourceTensor = tensor, heads: int | None = heads) -> np.ndarray:
+            values = cache.get(t.name, t.load)
+            return (values if heads is None else permute_rows(values, heads)).numpy()  # llama's q/k: interleaved
 
         planned.append(PlannedTensor(gguf_name, tensor.shape, chosen, load, note))
-    _check_complete(planned, expected_text_names(source.config), source.directory)
+    _check_complete(planned, layout, source.config, source.directory)
     return planned
 
 
@@ -320,127 +331,19 @@ def _piece_shapes(shape: tuple[int, ...], join: str) -> list[tuple[int, ...]]:
     return [shape]
 
 
-def expected_text_names(config: ModelConfig) -> list[str]:
-    from .weights.gguf import _expected_shapes
-
-    return list(_expected_shapes(config.text))
-
-
-def _check_complete(planned: list[PlannedTensor], expected: Iterable[str], where: Path) -> None:
-    present = {tensor.name for tensor in planned}
-    missing = [name for name in expected if name not in present]
-    if missing:
-        hf_name = names.gguf_to_hf_name(missing[0])
-        raise ModelFileError(f"{where}: missing tensor {hf_name}")
+def _check_complete(planned: list[PlannedTensor], layout: Layout, config: ModelConfig, where: Path) -> None:
+    present = {tensor.name: tensor.shape for tensor in planned}
+    for name, shape in layout.gguf_shapes(config.text).items():
+        if name not in present:
+            raise ModelFileError(f"{where}: missing tensor {layout.to_hf(name)}")
+        if present[name] != shape:
+            raise ModelFileError(
+                f"{where}: tensor {layout.to_hf(name)} has shape {list(present[name])}, config needs {list(shape)}"
+            )
 
 
 # ----------------------------------------------------------------------------------------------
 # Metadata
-
-
-def _general_metadata(writer: gguf.GGUFWriter, directory: Path, kind: str) -> None:
-    """general.type / name / size_label ... as llama.cpp's converter writes them (gguf.Metadata)."""
-    total, shared, expert, experts = writer.get_total_parameter_count()
-    metadata = gguf.Metadata.load(None, directory, None, total)
-    if metadata.name is None:
-        metadata.name = directory.name
-    if metadata.size_label is None and total > 0:
-        metadata.size_label = gguf.size_label(total, shared, expert, experts)
-    writer.add_type(kind)
-    metadata.set_gguf_meta_model(writer)
-
-
-def text_metadata(writer: gguf.GGUFWriter, source: HFSource, file_type: LlamaFileType) -> None:
-    _general_metadata(writer, source.directory, gguf.GGUFType.MODEL)
-    text = source.config.text
-    section = source.raw_config.get("text_config") or source.raw_config
-    writer.add_block_count(text.num_hidden_layers)
-    writer.add_context_length(text.max_position_embeddings)
-    writer.add_embedding_length(text.hidden_size)
-    writer.add_feed_forward_length(text.intermediate_size)
-    writer.add_head_count(text.num_attention_heads)
-    writer.add_head_count_kv(text.num_key_value_heads)
-    if text.mrope_section is not None:
-        writer.add_rope_dimension_sections((list(text.mrope_section) + [0] * 4)[:4])
-    writer.add_rope_freq_base(text.rope_theta)
-    writer.add_layer_norm_rms_eps(text.rms_norm_eps)
-    if section.get("head_dim") is not None:
-        writer.add_key_length(text.head_dim)
-        writer.add_value_length(text.head_dim)
-    writer.add_file_type(file_type)
-    writer.add_quantization_version(GGML_QUANT_VERSION)
-    tokenizer_metadata(writer, source)
-
-
-def tokenizer_metadata(writer: gguf.GGUFWriter, source: HFSource) -> None:
-    """tokenizer.ggml.*: what llama.cpp's converter writes for a Qwen2 byte-level BPE tokenizer."""
-    tokens, types = vocab_tokens(source.directory, source.config.text.vocab_size)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    special = gguf.SpecialVocab(source.directory, load_merges=False, n_vocab=len(tokens))
-    writer.add_token_merges(bpe_merges(source.directory / "tokenizer.json"))
-    special.add_to_gguf(writer, quiet=True)
-
-
-def bpe_merges(json_file: Path) -> list[str]:
-    """tokenizer.json's merges as "a b" strings; a space inside a part is written as U+0120 + 256 = 'Ġ'
-    shifted (chr(288)), as gguf.SpecialVocab does."""
-    try:
-        merges = json.loads(json_file.read_text(encoding="utf-8"))["model"]["merges"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ModelFileError(f"{json_file}: no BPE merges ({exc})") from None
-    if not merges or isinstance(merges[0], str):
-        return list(merges)
-    if any(" " in part for pair in merges for part in pair):
-        return [" ".join(part.replace(" ", chr(ord(" ") + 256)) for part in pair) for pair in merges]
-    return [f"{left} {right}" for left, right in merges]
-
-
-def vocab_tokens(directory: Path, vocab_size: int) -> tuple[list[str], list[int]]:
-    """Token strings and types by id, padded to the embedding's rows with UNUSED "[PADn]" tokens.
-
-    Added tokens are CONTROL when special (or shaped like "<|…|>"), else USER_DEFINED: llama.cpp's rule.
-    """
-    import tokenizers
-
-    json_file = directory / "tokenizer.json"
-    try:
-        backend = tokenizers.Tokenizer.from_file(str(json_file))
-    except Exception as exc:  # tokenizers raises plain Exception
-        raise ModelFileError(f"{json_file}: not a valid tokenizer.json ({exc})") from None
-    _check_qwen2_pretokenizer(backend, json_file)
-    added = backend.get_added_tokens_decoder()
-    by_id = {token_id: token for token, token_id in backend.get_vocab(with_added_tokens=True).items()}
-    if by_id and max(by_id) >= vocab_size:
-        raise ModelFileError(f"{json_file}: token id {max(by_id)} does not fit the {vocab_size}-row embedding")
-    tokens, types = [], []
-    for token_id in range(vocab_size):
-        token = by_id.get(token_id)
-        if token is None:
-            tokens.append(f"[PAD{token_id}]")
-            types.append(TokenType.UNUSED)
-        elif token_id in added:
-            content = added[token_id]
-            if not content.normalized:  # llama.cpp expects added tokens pre-normalized
-                token = backend.decode(backend.encode(token, add_special_tokens=False).ids, skip_special_tokens=False)
-            special = content.special or (token.startswith("<|") and token.endswith("|>"))
-            tokens.append(token if special else token.replace("\u2581", " "))
-            types.append(TokenType.CONTROL if special else TokenType.USER_DEFINED)
-        else:
-            tokens.append(token)
-            types.append(TokenType.NORMAL)
-    return tokens, [int(t) for t in types]
-
-
-def _check_qwen2_pretokenizer(backend: Any, json_file: Path) -> None:
-    ids = backend.encode(TOKENIZER_PROBE, add_special_tokens=False).ids
-    if sha256(str(ids).encode()).hexdigest() in QWEN2_TOKENIZER_HASHES:
-        return
-    if QWEN2_PRETOKENIZE_REGEX in backend.to_str():  # a fine-tuned vocabulary with Qwen2's splitting
-        return
-    raise ModelFileError(f"{json_file}: not a Qwen2 byte-level BPE tokenizer (its pre-tokenizer is not 'qwen2')")
 
 
 def mmproj_metadata(writer: gguf.GGUFWriter, source: HFSource, file_type: LlamaFileType) -> None:
@@ -448,7 +351,7 @@ def mmproj_metadata(writer: gguf.GGUFWriter, source: HFSource, file_type: LlamaF
     config, vision = source.config, source.config.vision
     assert vision is not None
     raw_vision = source.raw_config.get("vision_config") or {}
-    _general_metadata(writer, source.directory, gguf.GGUFType.MMPROJ)
+    general_metadata(writer, source.directory, gguf.GGUFType.MMPROJ, source.name)
     writer.add_file_type(file_type)
     writer.add_clip_has_vision_encoder(True)
     writer.add_vision_projection_dim(config.text.hidden_size)
@@ -600,7 +503,7 @@ def convert_hf(
         raise QwenVLError(f"{out_dir}: exists and is not a directory")
     inputs = [p for p in source.directory.iterdir() if p.is_file()]
     text_q = ggml_type(out_type)
-    text_arch = "qwen2" if source.config.arch == "qwen2" else "qwen2vl"
+    text_arch = GGUF_ARCH_OF[source.config.arch]
     text_path = out_dir / f"{source.name}-{text_q.name}.gguf"
     mm_path = out_dir / f"mmproj-{source.name}-{ggml_type(mmproj_type).name}.gguf"
     targets = [text_path] + ([mm_path] if source.config.is_vision else [])
@@ -633,6 +536,70 @@ def convert_hf(
             )
         )
     return written
+
+
+@dataclass
+class QwenCppSource:
+    """A qwen.cpp file and its qwen.tiktoken, as the GGUF metadata writers see a source."""
+
+    path: Path
+    config: ModelConfig
+    vocab_file: Path
+    directory: Path | None = None
+    raw_config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+
+def convert_qwencpp(
+    path: str | os.PathLike,
+    tiktoken: str | os.PathLike | None,
+    out_dir: str | os.PathLike,
+    *,
+    out_type: str | None = None,
+    force: bool = False,
+    progress: bool = True,
+) -> WrittenFile:
+    """A qwen.cpp GGML file → ``<name>-<TYPE>.gguf`` (llama.cpp's "qwen"). Without ``out_type`` every
+    tensor keeps its stored type, bytes copied as they are (the file's blocks are GGUF's); with one,
+    tensors are re-quantized as ``quantize`` does."""
+    from .tokenizer import Tokenizer
+    from .weights.qwencpp import check_vocabulary, read_qwencpp
+
+    if out_type is not None and out_type not in QUANTIZE_TYPES:
+        raise QwenVLError(f"--type {out_type!r}: choose from {', '.join(QUANTIZE_TYPES)}")
+    path, out_dir = Path(path), Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise QwenVLError(f"{out_dir}: exists and is not a directory")
+    with read_qwencpp(path) as model:
+        if tiktoken is None:
+            raise ModelFileError(f"{path}: a qwen.cpp file carries no vocabulary: pass its qwen.tiktoken (--tiktoken)")
+        check_vocabulary(model, Tokenizer.from_tiktoken(tiktoken), tiktoken)
+        requested = ggml_type(out_type) if out_type is not None else model.header.dtype
+        target = out_dir / f"{path.stem}-{requested.name}.gguf"
+        check_output(target, [path, Path(tiktoken)], force)
+        planned = []
+        for hf_name, info in ((name, model.info(name)) for name in model.hf_names()):
+            gguf_name = model.layout.to_gguf(hf_name)
+            chosen, note = info.ggml_type, ""
+            if out_type is not None:
+                chosen, note = tensor_type(gguf_name, info.shape, requested)
+            raw = (lambda n=hf_name: np.array(model.raw(n))) if info.ggml_type == chosen else None
+            load = lambda n=hf_name: model.tensor(n).numpy()  # noqa: E731
+            planned.append(PlannedTensor(gguf_name, info.shape, chosen, load, note, raw))
+        source = QwenCppSource(path, model.config, Path(tiktoken))
+        return write_gguf(
+            target,
+            GGUF_ARCH_OF["qwen"],
+            planned,
+            lambda w: text_metadata(w, source, FILE_TYPES[requested]),
+            requested=requested,
+            inputs=[path, Path(tiktoken)],
+            force=force,
+            progress=progress,
+        )
 
 
 def quantize_gguf(
@@ -742,6 +709,7 @@ __all__ = [
     "PlannedTensor",
     "WrittenFile",
     "convert_hf",
+    "convert_qwencpp",
     "quantize_gguf",
     "summary_table",
     "tensor_type",

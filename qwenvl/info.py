@@ -1,7 +1,7 @@
 """``qwenvl info``: what a model file or directory holds, without loading its weights.
 
-For HF checkpoint directories (config.json, safetensors headers, tokenizer files), GGUF text models
-and mmproj GGUFs: architecture, parameter count, a histogram of tensor types, context length,
+For HF checkpoint directories (config.json, safetensors headers, tokenizer files), GGUF text models,
+mmproj GGUFs and qwen.cpp GGML files: architecture, parameter count, a histogram of tensor types, context length,
 shapes, special tokens and whether a chat template is present.
 """
 
@@ -17,7 +17,13 @@ from .errors import ModelFileError
 
 def model_info(model: str | os.PathLike, mmproj: str | os.PathLike | None = None) -> dict[str, Any]:
     """A JSON-able description of a model (HF directory / hub id, GGUF text model or mmproj GGUF)."""
+    from .weights.checkpoint import file_kind
+
     path = Path(model).expanduser()
+    if file_kind(path) == "qwen.cpp":
+        if mmproj is not None:
+            raise ModelFileError(f"{mmproj}: --mmproj goes with a GGUF model, and {model} is a qwen.cpp file")
+        return _qwencpp_info(path)
     if path.is_file():
         info = _gguf_info(path)
         if mmproj is not None:
@@ -29,6 +35,10 @@ def model_info(model: str | os.PathLike, mmproj: str | os.PathLike | None = None
         return info
     if mmproj is not None:
         raise ModelFileError(f"{mmproj}: --mmproj goes with a GGUF model, and {model} is not a .gguf file")
+    from .weights.meta import is_meta_dir
+
+    if is_meta_dir(path) and not (path / "config.json").is_file():
+        return _meta_info(path)
     return _hf_info(model)
 
 
@@ -77,6 +87,43 @@ def _gguf_info(path: Path) -> dict[str, Any]:
             stop_token_ids=list(model.eos_token_ids),
             chat_template=model.chat_template is not None,
         )
+    return info
+
+
+def _qwencpp_info(path: Path) -> dict[str, Any]:
+    """A qwen.cpp file: its header, tensor table and special ids (the vocabulary is a separate file)."""
+    from .weights.qwencpp import read_qwencpp
+
+    with read_qwencpp(path) as model:
+        tensors = [(i.ggml_type.name, _numel(i.shape), i.n_bytes) for i in model.tensor_infos.values()]
+        header, text = model.header, model.config.text
+        info: dict[str, Any] = {
+            "source": str(path),
+            "format": "qwen.cpp",
+            "file_size": path.stat().st_size,
+            "architecture": "QWenLMHeadModel",
+            "model": "qwen",
+            "name": path.stem,
+            "file_type": header.dtype.name,
+            "parameters": sum(n for _, n, _ in tensors),
+            "tensor_types": _histogram(tensors),
+            "context_length": text.max_position_embeddings,
+            "seq_length": text.seq_length,
+            **_text_shape(text),
+            "special_tokens": {
+                name: {"id": getattr(header, key), "token": token}
+                for name, key, token in (
+                    ("eos", "eos_token_id", "<|endoftext|>"),
+                    ("pad", "pad_token_id", "<|endoftext|>"),
+                    ("im_start", "im_start_id", "<|im_start|>"),
+                    ("im_end", "im_end_id", "<|im_end|>"),
+                )
+            },
+            "stop_token_ids": list(model.generation_config.eos_token_ids),
+            "chat_template": False,
+        }
+        matrices = {i.ggml_type.name for i in model.tensor_infos.values() if len(i.shape) == 2}
+        _add_kernels(info["tensor_types"], matrices)
     return info
 
 
@@ -164,6 +211,33 @@ def _hf_info(model: str | os.PathLike) -> dict[str, Any]:
     return info
 
 
+def _meta_info(directory: Path) -> dict[str, Any]:
+    """Meta's params.json + consolidated.*.pth: shapes from the shards' headers (memory-mapped, not merged)."""
+    from .weights.meta import config_from_shapes, merged_shapes, shard_files, tokenizer_file
+
+    files = shard_files(directory)
+    shapes = merged_shapes(files)
+    text = config_from_shapes(directory)
+    tensors = [(str(dtype).removeprefix("torch.").upper().replace("BFLOAT", "BF").replace("FLOAT", "F"), _numel(s))
+               for s, dtype in shapes.values()]  # fmt: skip
+    sizes = {"F32": 4, "F16": 2, "BF16": 2}
+    return {
+        "source": str(directory),
+        "format": "meta",
+        "file_size": sum(f.stat().st_size for f in files),
+        "architecture": f"Llama (params.json, {len(files)} shard{'s' if len(files) > 1 else ''})",
+        "model": "llama",
+        "name": directory.name,
+        "parameters": sum(n for _, n in tensors),
+        "tensor_types": _histogram((kind, n, n * sizes.get(kind, 4)) for kind, n in tensors),
+        "context_length": text.max_position_embeddings,
+        **_text_shape(text),
+        "special_tokens": {},
+        "tokenizer": str(tokenizer_file(directory)),
+        "chat_template": False,
+    }
+
+
 def _hf_tensors(files: Iterable[Path]) -> Iterable[tuple[str, str, int, int]]:
     """(name, dtype, elements, bytes) of every tensor, from the safetensors headers (or a .bin's state)."""
     for file in files:
@@ -231,6 +305,14 @@ def _size(n_bytes: int) -> str:
     return f"{n_bytes} B"
 
 
+# What ``qwenvl run`` does with a model that ships no chat template (chat.fallback_template)
+NO_TEMPLATE = {
+    "qwen": "no (Qwen's ChatML with its default system prompt is used)",
+    "llama": "no (a base model: chat is refused, run --raw)",
+    None: "no (plain ChatML is used)",
+}
+
+
 def format_info(info: dict[str, Any]) -> str:
     """The description as aligned lines of text."""
     lines = [f"{info['source']}"]
@@ -263,7 +345,7 @@ def format_info(info: dict[str, Any]) -> str:
             f"{name} {entry['token']!r} ({entry['id']})" for name, entry in info["special_tokens"].items()
         )
         add("special tokens", specials or "none")
-        add("chat template", "yes" if info["chat_template"] else "no")
+        add("chat template", "yes" if info["chat_template"] else NO_TEMPLATE.get(info.get("model"), NO_TEMPLATE[None]))
     vision = info.get("vision")
     if vision:
         line = (

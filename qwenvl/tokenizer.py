@@ -1,8 +1,9 @@
-"""Qwen's byte-level BPE tokenizer on top of the `tokenizers` library, plus a streaming detokenizer.
+"""Tokenizers on top of the `tokenizers` library, plus a streaming detokenizer.
 
 Loads the `tokenizer.json` that HF checkpoints ship (or one built from GGUF metadata with
-`build_qwen2_tokenizer_json`), reads the special tokens and the chat template next to it, and turns
-generated ids back into text one token at a time without ever emitting half a UTF-8 character.
+`build_qwen2_tokenizer_json`, from Qwen (v1)'s `qwen.tiktoken`, or from a SentencePiece
+`tokenizer.model`: qwenvl/vocab.py), reads the special tokens and the chat template next to it, and
+turns generated ids back into text one token at a time without ever emitting half a UTF-8 character.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ import functools
 import json
 import threading
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import tokenizers
 
 from .errors import ModelFileError
+from .vocab import CONTROL, USER_DEFINED, AddedToken, SentencePieceVocab
 
 # The pre-tokenizer regex of Qwen2 / Qwen2.5 / Qwen2-VL (tiktoken's form, as in their tokenizer.json).
 QWEN2_PRETOKENIZE_REGEX = (
@@ -24,6 +27,9 @@ QWEN2_PRETOKENIZE_REGEX = (
     r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 
+QWEN_TIKTOKEN = "qwen.tiktoken"
+SENTENCEPIECE_MODEL = "tokenizer.model"
+SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 _BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
 
 
@@ -40,8 +46,13 @@ class Tokenizer:
         chat_template: str | None = None,
         source: str = "tokenizer.json",
         tool_chat_template: str | None = None,
+        add_bos_token: bool | None = False,
+        add_eos_token: bool | None = False,
     ):
         self._backend = backend
+        # None: whatever the tokenizer.json's post-processor adds (a checkpoint's own file, without flags)
+        self.add_bos_token = add_bos_token
+        self.add_eos_token = add_eos_token
         self._plain_text_backend: tokenizers.Tokenizer | None = None
         self._plain_text_lock = threading.Lock()
         self.chat_template = chat_template
@@ -58,19 +69,29 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
-        """Load `tokenizer.json` (+ `tokenizer_config.json` and the chat template) from a model directory."""
+        """Load `tokenizer.json` (+ `tokenizer_config.json` and the chat template) from a model directory;
+        without one, Qwen (v1)'s `qwen.tiktoken`."""
         path = Path(path)
         json_file = path / "tokenizer.json"
+        config_file = path / "tokenizer_config.json"
+        config = _read_json(config_file) if config_file.is_file() else {}
+        if not json_file.is_file() and (path / QWEN_TIKTOKEN).is_file():
+            return cls.from_tiktoken(path / QWEN_TIKTOKEN, chat_template=_find_chat_template(path, config))
+        if not json_file.is_file() and (path / SENTENCEPIECE_MODEL).is_file():
+            return cls.from_sentencepiece(path, config)
         if not json_file.is_file():
-            raise ModelFileError(f"{json_file}: missing (a tokenizer.json is required)")
+            raise ModelFileError(
+                f"{json_file}: missing (a tokenizer.json, {SENTENCEPIECE_MODEL} or {QWEN_TIKTOKEN} is required)"
+            )
         try:
             backend = tokenizers.Tokenizer.from_file(str(json_file))
         except Exception as error:  # tokenizers raises plain Exception on malformed files
             raise ModelFileError(f"{json_file}: not a valid tokenizer.json ({_one_line(error)})") from None
 
-        config_file = path / "tokenizer_config.json"
-        config = _read_json(config_file) if config_file.is_file() else {}
         _add_missing_added_tokens(backend, config.get("added_tokens_decoder") or {}, config_file)
+        flags = ("add_bos_token", "add_eos_token")
+        explicit = any(flag in config for flag in flags)  # transformers rebuilds the post-processor from them
+        add_bos, add_eos = (bool(config.get(flag, False)) if explicit else None for flag in flags)
         return cls(
             backend,
             eos_token=_token_content(config.get("eos_token")),
@@ -79,6 +100,8 @@ class Tokenizer:
             chat_template=_find_chat_template(path, config),
             source=str(config_file),
             tool_chat_template=_find_tool_template(path, config),
+            add_bos_token=add_bos,
+            add_eos_token=add_eos,
         )
 
     @classmethod
@@ -107,6 +130,47 @@ class Tokenizer:
             tool_chat_template=tool_chat_template,
         )
 
+    @classmethod
+    def from_tiktoken(cls, path: str | Path, *, chat_template: str | None = None) -> Tokenizer:
+        """Qwen (v1)'s tokenizer from its `qwen.tiktoken` (vocab.py): eos and pad `<|endoftext|>`."""
+        from .vocab import tiktoken_tokenizer_json
+
+        tokenizer = cls.from_json(
+            tiktoken_tokenizer_json(path),
+            eos_token="<|endoftext|>",
+            pad_token="<|endoftext|>",
+            chat_template=chat_template,
+        )
+        return tokenizer
+
+    @classmethod
+    def from_sentencepiece(cls, path: str | Path, config: dict | None = None) -> Tokenizer:
+        """A SentencePiece `tokenizer.model` with the json files transformers reads beside it
+        (`sentencepiece_config`), built as transformers 5 builds a LlamaTokenizer (vocab.py)."""
+        from .vocab import prefix_scheme, read_sentencepiece, sentencepiece_tokenizer_json
+
+        path = Path(path)
+        model_file = path / SENTENCEPIECE_MODEL if path.is_dir() else path
+        directory = model_file.parent
+        if config is None:
+            config_file = directory / "tokenizer_config.json"
+            config = _read_json(config_file) if config_file.is_file() else {}
+        vocab = read_sentencepiece(model_file)
+        settings = sentencepiece_config(directory, config, vocab)
+        prefix = prefix_scheme(legacy=settings.legacy, add_prefix_space=settings.add_prefix_space)
+        document = sentencepiece_tokenizer_json(vocab, settings.added, prefix=prefix)
+        backend = tokenizers.Tokenizer.from_str(document)
+        return cls(
+            backend,
+            eos_token=settings.tokens.get("eos_token"),
+            pad_token=settings.tokens.get("pad_token"),
+            bos_token=settings.tokens.get("bos_token"),
+            chat_template=_find_chat_template(directory, config),
+            source=str(model_file),
+            add_bos_token=settings.add_bos_token,
+            add_eos_token=settings.add_eos_token,
+        )
+
     def _special(self, token: str | None, field: str, source: str) -> tuple[str | None, int | None]:
         if token is None:
             return None, None
@@ -124,6 +188,19 @@ class Tokenizer:
         """
         backend = self._backend if parse_special else self._plain_text()
         return backend.encode(text, add_special_tokens=False).ids
+
+    def encode_raw(self, text: str) -> list[int]:
+        """Ids of a prompt taken as-is (no chat template), with BOS / EOS added as the tokenizer's
+        config asks (`add_bos_token`, `add_eos_token`; without them, as the tokenizer.json's post-processor
+        adds them): what transformers' `tokenizer(text)` gives."""
+        if self.add_bos_token is None and self.add_eos_token is None:
+            return self._backend.encode(text, add_special_tokens=True).ids
+        ids = self.encode(text)
+        if self.add_bos_token and self.bos_token_id is not None:
+            ids = [self.bos_token_id, *ids]
+        if self.add_eos_token and self.eos_token_id is not None:
+            ids = [*ids, self.eos_token_id]
+        return ids
 
     def _plain_text(self) -> tokenizers.Tokenizer:
         # A second backend with encode_special_tokens set, so that the shared one is never toggled mid-encode.
@@ -341,6 +418,72 @@ def _add_missing_added_tokens(backend: tokenizers.Tokenizer, added: dict, config
             backend.add_special_tokens([token])
         else:
             backend.add_tokens([token])
+
+
+@dataclass(frozen=True)
+class SentencePieceSettings:
+    tokens: dict[str, str]  # bos_token / eos_token / unk_token / pad_token → content (those set)
+    added: list[AddedToken]
+    legacy: bool
+    add_prefix_space: bool
+    add_bos_token: bool
+    add_eos_token: bool
+
+
+def sentencepiece_config(directory: Path, config: dict, vocab: SentencePieceVocab) -> SentencePieceSettings:
+    """The special and added tokens of a SentencePiece tokenizer as transformers 5 reads them:
+    tokenizer_config.json (LlamaTokenizer's defaults: <s>, </s>, <unk>, add_bos_token, no
+    add_eos_token, legacy off, add_prefix_space on); without an `added_tokens_decoder` in it,
+    special_tokens_map.json's entries override its special tokens and added_tokens.json's
+    {content: id} adds tokens (special when they are special tokens). The model's control pieces are
+    special added tokens, its user-defined pieces plain ones."""
+    tokens = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+    tokens |= {key: _token_content(config[key]) for key in SPECIAL_KEYS if key in config}
+    extra = [_token_content(t) for t in config.get("additional_special_tokens") or []]
+    added: dict[int, AddedToken] = {}
+    if "added_tokens_decoder" in config:
+        for key, spec in (config.get("added_tokens_decoder") or {}).items():
+            spec = spec if isinstance(spec, dict) else {"content": str(spec)}
+            fields = {f: bool(spec.get(f, False)) for f in ("special", "normalized", "lstrip", "rstrip", "single_word")}
+            added[int(key)] = AddedToken(int(key), spec["content"], **fields)
+    else:
+        map_file = directory / "special_tokens_map.json"
+        special_map = _read_json(map_file) if map_file.is_file() else {}
+        tokens |= {key: _token_content(special_map[key]) for key in SPECIAL_KEYS if key in special_map}
+        extra += [_token_content(t) for t in special_map.get("additional_special_tokens") or []]
+        added_file = directory / "added_tokens.json"
+        specials = {t for t in [*tokens.values(), *extra] if t}
+        for content, token_id in (_read_json(added_file) if added_file.is_file() else {}).items():
+            if not isinstance(token_id, int):
+                raise ModelFileError(f"{added_file}: the id of {content!r} is not an integer")
+            special = content in specials
+            added[token_id] = AddedToken(token_id, content, special, normalized=not special)
+    tokens = {key: value for key, value in tokens.items() if value}
+    for piece_id, (piece, kind) in enumerate(zip(vocab.pieces, vocab.types)):
+        if kind in (CONTROL, USER_DEFINED) and piece_id not in added:
+            added[piece_id] = AddedToken(piece_id, piece, kind == CONTROL)
+    for content in [*tokens.values(), *extra]:
+        piece_id = vocab.id_of(content)
+        if content and piece_id is not None and piece_id not in added:
+            added[piece_id] = AddedToken(piece_id, content, True)
+    _check_added_ids(added, len(vocab.pieces), directory)
+    return SentencePieceSettings(
+        tokens=tokens,
+        added=list(added.values()),
+        legacy=bool(config.get("legacy", False)),
+        add_prefix_space=config.get("add_prefix_space") is not False,
+        add_bos_token=bool(config.get("add_bos_token", True)),
+        add_eos_token=bool(config.get("add_eos_token", False)),
+    )
+
+
+def _check_added_ids(added: dict[int, AddedToken], base: int, directory: Path) -> None:
+    """Added tokens beyond the model's pieces must take the next ids, in order (as tokenizers numbers them)."""
+    beyond = sorted(i for i in added if i >= base)
+    if beyond != list(range(base, base + len(beyond))):
+        raise ModelFileError(
+            f"{directory}: added token ids {beyond} do not follow the {base}-piece SentencePiece vocabulary"
+        )
 
 
 def _find_chat_template(path: Path, config: dict) -> str | None:

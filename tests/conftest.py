@@ -13,7 +13,8 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from checkpoints import build_qwen2, build_vl  # noqa: E402
+from checkpoints import build_llama, build_qwen2, build_qwen_v1, build_vl  # noqa: E402
+from spm_fixtures import train_sentencepiece  # noqa: E402
 from tokenizer_fixtures import qwen_tokenizer_dir  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -45,6 +46,39 @@ def make_vl(tmp_path_factory, tokenizer_dir):
     def make(name: str = "default", **options) -> Path:
         if name not in made:
             made[name] = build_vl(tmp_path_factory.mktemp(f"vl-{name}"), tokenizer_dir, **options)
+        return made[name]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def make_qwen_v1(tmp_path_factory):
+    """make_qwen_v1(name, **shape) → a cached tiny Qwen (v1) checkpoint directory (QWenLMHeadModel)."""
+    made: dict[str, Path] = {}
+
+    def make(name: str = "default", **shape) -> Path:
+        if name not in made:
+            made[name] = build_qwen_v1(tmp_path_factory.mktemp(f"qwen-v1-{name}"), **shape)
+        return made[name]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def spm_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny SentencePiece models trained with Llama's settings: {"bpe": path, "unigram": path}."""
+    root = tmp_path_factory.mktemp("spm")
+    return {kind: train_sentencepiece(root / kind, kind) for kind in ("bpe", "unigram")}
+
+
+@pytest.fixture(scope="session")
+def make_llama(tmp_path_factory, spm_models):
+    """make_llama(name, **shape) → a cached tiny Llama checkpoint directory (BPE tokenizer.model)."""
+    made: dict[str, Path] = {}
+
+    def make(name: str = "default", **options) -> Path:
+        if name not in made:
+            made[name] = build_llama(tmp_path_factory.mktemp(f"llama-{name}"), spm_models["bpe"], **options)
         return made[name]
 
     return make

@@ -47,8 +47,8 @@ def test_config_not_json(checkpoint_copy):
 
 
 def test_unknown_architecture(checkpoint_copy):
-    _edit_config(checkpoint_copy, architectures=["LlamaForCausalLM"], model_type="llama")
-    with pytest.raises(ModelFileError, match=r"config\.json: unsupported architecture 'LlamaForCausalLM'"):
+    _edit_config(checkpoint_copy, architectures=["GemmaForCausalLM"], model_type="gemma")
+    with pytest.raises(ModelFileError, match=r"config\.json: unsupported architecture 'GemmaForCausalLM'"):
         qwenvl.load(checkpoint_copy)
 
 

@@ -33,6 +33,7 @@ from qwenvl.errors import QwenVLError
 from qwenvl.models.text import TextModel
 from qwenvl.weights import names
 from qwenvl.weights.gguf import open_gguf_file, read_gguf
+from qwenvl.weights.layout import QWEN2, canonical_name
 
 Q = GGMLQuantizationType
 ARCHS = list(VL_CONFIGS)
@@ -182,10 +183,10 @@ def test_keys_and_tensors_are_llama_cpps(converted, make_vl, arch):
     assert text.metadata["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
     assert len(text.metadata["tokenizer.ggml.tokens"]) == config.text.vocab_size
     allowed = _tensor_names(MODEL_ARCH.QWEN2VL, config.text.num_hidden_layers)
-    hf_shapes = {names.canonical_hf_name(n): tuple(t.shape) for n, t in _hf_state(hf_dir).items()}
+    hf_shapes = {canonical_name(n): tuple(t.shape) for n, t in _hf_state(hf_dir).items()}
     for name, info in text.tensor_infos.items():
         assert name in allowed
-        assert info.shape == hf_shapes[names.gguf_to_hf_name(name)]
+        assert info.shape == hf_shapes[QWEN2.to_hf(name)]
         assert info.ggml_type == (Q.F32 if len(info.shape) == 1 else Q.Q8_0), name
     assert ("output.weight" in text.tensor_infos) != config.text.tie_word_embeddings
 

@@ -1,7 +1,8 @@
 """Interoperability with llama.cpp itself, through llama-cpp-python (skipped when it is not installed;
 it is not a test dependency: building it takes ~11 minutes).
 
-- our text GGUFs load in llama.cpp, tokenize alike and generate the same greedy tokens;
+- our text GGUFs (Qwen2, Qwen v1, Llama with a SentencePiece vocabulary, Qwen2-VL) load in llama.cpp,
+  tokenize alike and generate the same greedy tokens;
 - llama.cpp's clip (mtmd) encodes images with our mmproj files as qwenvl does;
 - llama.cpp's llama_model_quantize writes the tensors and metadata ``qwenvl quantize`` writes;
 - (slow, with $QWENVL_LLAMA_CPP_DIR pointing at a llama.cpp checkout) its convert_hf_to_gguf.py
@@ -43,10 +44,11 @@ W112 = {
 
 
 @pytest.fixture(scope="module")
-def text_ggufs(make_qwen2, make_vl, tmp_path_factory):
-    """f32 GGUFs: a Qwen2 text model and the two VL pairs (text, mmproj)."""
+def text_ggufs(make_qwen2, make_qwen_v1, make_vl, tmp_path_factory):
+    """f32 GGUFs: a Qwen2 and a Qwen (v1) text model and the two VL pairs (text, mmproj)."""
     out = tmp_path_factory.mktemp("llama-cpp")
     files = {"qwen2": convert_hf(make_qwen2("default"), out, out_type="f32", progress=False)[0].path}
+    files["qwen"] = convert_hf(make_qwen_v1("default"), out, out_type="f32", progress=False)[0].path
     for name, config in (VL_CONFIGS | W112).items():
         text, mmproj = convert_hf(make_vl(name, **config), out, out_type="f32", progress=False)
         files[name] = text.path
@@ -54,7 +56,7 @@ def text_ggufs(make_qwen2, make_vl, tmp_path_factory):
     return files
 
 
-@pytest.mark.parametrize("name", ["qwen2", "qwen2_vl-d2"])
+@pytest.mark.parametrize("name", ["qwen2", "qwen", "qwen2_vl-d2"])
 def test_llama_cpp_generates_what_we_generate(text_ggufs, name):
     path = text_ggufs[name]
     llm = llama_cpp_model(path, logits_all=True)
@@ -89,6 +91,26 @@ def test_llama_cpp_generates_what_we_generate(text_ggufs, name):
         assert top2[0] - top2[1] <= 1e-3 * scale, f"llama.cpp chose {theirs[diverged]} at step {diverged}"
     else:
         assert theirs == expected
+
+
+def test_llama_cpp_runs_our_llama_gguf(make_llama, tmp_path):
+    """A Llama GGUF with a SentencePiece vocabulary (and an added <image>): llama.cpp tokenizes as
+    qwenvl reads the file (BOS, the space before each text fragment) and generates the same tokens."""
+    path = convert_hf(make_llama("gqa", heads=4, kv_heads=2), tmp_path, out_type="f32", progress=False)[0].path
+    llm = llama_cpp_model(path, logits_all=True)
+    ours = qwenvl.load(path, dtype="float32")
+    for text in ("the quick brown fox", "describe the <image> picture, please", "héllo 你好 x\n\ny"):
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == ours.tokenizer.encode_raw(text), text
+    ids = ours.tokenizer.encode_raw("describe the <image> picture of a lazy dog")
+    generation = ours.generate(ids, temperature=0, max_tokens=16, ignore_eos=True)
+    for _ in generation:
+        pass
+    theirs = []
+    for token in llm.generate(ids, temp=0.0, reset=True):
+        theirs.append(token)
+        if len(theirs) == 16:
+            break
+    assert theirs == generation.result.token_ids
 
 
 @pytest.mark.parametrize("name, size", [("qwen2_vl-d2", (112, 84)), ("qwen2_5_vl-w112", (252, 168))])

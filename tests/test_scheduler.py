@@ -76,9 +76,9 @@ def test_waiting_prompts_are_prefilled_together(model, monkeypatch):
     calls = []
     forward_segments = model.text_model.forward_segments
 
-    def recording(embeds, positions, caches, starts, lengths):
+    def recording(embeds, positions, caches, starts, lengths, rope_alphas=None):
         calls.append((list(starts), list(lengths)))
-        return forward_segments(embeds, positions, caches, starts, lengths)
+        return forward_segments(embeds, positions, caches, starts, lengths, rope_alphas)
 
     monkeypatch.setattr(model.text_model, "forward_segments", recording)
     engine = BatchEngine(model, max_batch=8)
@@ -220,10 +220,10 @@ def test_a_failing_request_does_not_affect_the_others(model, engine, monkeypatch
             raise ValueError("poisoned prompt\nsecond line")
         return embed(ids)
 
-    def failing_decode(embeds, positions, caches, starts):
+    def failing_decode(embeds, positions, caches, starts, rope_alphas=None):
         if poisoned_start in starts:
             raise RuntimeError("poisoned step")
-        return decode(embeds, positions, caches, starts)
+        return decode(embeds, positions, caches, starts, rope_alphas)
 
     def failing_sampler(self, logits, history, generated=None):
         if self.params.seed == 666:

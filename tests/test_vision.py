@@ -202,6 +202,27 @@ def test_video_frames_attend_separately_like_transformers() -> None:
     assert relative_error(out, hf_encode(hf, pixels, [[2, 6, 10]])) <= 1e-4
 
 
+@pytest.mark.parametrize("case_name", ["2vl-d1-w32-h2", "25vl-d2-w32-win56-full[]"])
+def test_norm_eps_is_the_configs(case_name: str) -> None:
+    """An mmproj may state another norm epsilon: the encoder uses it (transformers' with its norms'
+    eps set to the same value is the reference)."""
+    case = CASES[case_name]
+    hf = build_hf(case, seed=3)
+    eps = 0.5  # large enough to change the output clearly
+    for module in hf.model.visual.modules():
+        for attribute in ("eps", "variance_epsilon"):
+            if hasattr(module, attribute):
+                setattr(module, attribute, eps)
+    ours = VisionTransformer(replace(case.vision_config(), norm_eps=eps))
+    ours.load_weights(hf.state_dict())
+    grid = GRIDS["one"]
+    pixels = random_patches(grid)
+    assert relative_error(ours(pixels, grid), hf_encode(hf, pixels, grid)) <= 1e-4
+    default = VisionTransformer(case.vision_config())
+    default.load_weights(hf.state_dict())
+    assert relative_error(default(pixels, grid), hf_encode(hf, pixels, grid)) > 1e-2
+
+
 def test_bfloat16_close_to_float32_reference() -> None:
     case = CASES["25vl-d4-w64-h4-win56-full[1,3]"]
     hf, _ = tiny_pair("25vl-d4-w64-h4-win56-full[1,3]")

@@ -124,6 +124,7 @@ class Request:
     constraint: Constraint | None = None  # the grammar the output must follow (structured outputs, tools)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # when params.logprobs is set
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # when params.prompt_logprobs is set
+    rope_alpha: float = 1.0  # the model's rope factor for this prompt (Qwen's dynamic NTK), fixed at admission
 
     @property
     def next_position(self) -> int:
@@ -172,6 +173,7 @@ def new_request(
         max_new_tokens=max_new,
         constraint=constraint,
         prompt_logprobs=[None] if params.prompt_logprobs is not None else [],
+        rope_alpha=model.rope_alpha(length),
     )
     if allocate:
         request.allocate_cache(model)
@@ -279,7 +281,7 @@ def prefill_chunk(model: TextModel, req: Request, start: int) -> torch.Tensor | 
     """Prefill prompt tokens start … start + PREFILL_CHUNK (start a multiple of it, so every caller
     cuts a prompt the same way); the logits after the prompt's last token, None before it."""
     embeds, positions, end = _chunk_inputs(model, req, start)
-    hidden = model(embeds[None], positions[:, None], req.cache, start=start)
+    hidden = model(embeds[None], positions[:, None], req.cache, start=start, rope_alpha=req.rope_alpha)
     if req.params.prompt_logprobs is not None:
         _record_prompt_logprobs(model, req, hidden[0], start)
     return model.logits(hidden[0, -1]) if end == len(req.prompt.input_ids) else None
@@ -299,6 +301,7 @@ def prefill_chunks(model: TextModel, chunks: Sequence[tuple[Request, int]]) -> l
         [req.cache for req, _ in chunks],
         [start for _, start in chunks],
         lengths,
+        [req.rope_alpha for req, _ in chunks],
     )
     ends = torch.tensor(lengths).cumsum(0) - 1
     for (req, start), end, length in zip(chunks, ends.tolist(), lengths):
@@ -349,5 +352,5 @@ def decode_step(model: TextModel, req: Request, token: int) -> torch.Tensor:
     start = len(req.prompt.input_ids) + len(req.output_ids) - 1
     embeds = model.embed(torch.tensor([[token]], dtype=torch.long))
     positions = torch.full((3, 1, 1), req.next_position, dtype=torch.long)
-    hidden = model(embeds, positions, req.cache, start=start)
+    hidden = model(embeds, positions, req.cache, start=start, rope_alpha=req.rope_alpha)
     return model.logits(hidden[0, -1])

@@ -407,7 +407,11 @@ class BatchEngine:
         positions = torch.tensor([r.next_position for r in requests], dtype=torch.long)
         positions = positions.view(1, -1, 1).expand(3, -1, -1)
         hidden = model.decode(
-            model.embed(tokens), positions, [r.cache for r in requests], [r.next_start for r in requests]
+            model.embed(tokens),
+            positions,
+            [r.cache for r in requests],
+            [r.next_start for r in requests],
+            [r.rope_alpha for r in requests],
         )
         return model.logits(hidden[:, -1])
 

@@ -3,10 +3,16 @@
 M-RoPE gives every token three position ids (temporal, height, width). The head_dim/2 rotary
 frequencies are split into ``mrope_section`` chunks; chunk i rotates by the id of axis i % 3.
 Text tokens carry the same id on all three axes, so for text-only input M-RoPE equals 1-D RoPE.
+
+Qwen (v1) past its training length (its published modeling_qwen.py): dynamic NTK raises the rope
+base by a factor ``dynamic_ntk_alpha`` of the prompt's length (fixed for the whole request, as
+Qwen caches it at the prefill), and logn attention scales the query at position p by
+log(p + 1) / log(seq_length) once p + 1 exceeds seq_length (``logn_scale``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,6 +26,23 @@ TEXT, IMAGE, VIDEO = 0, 1, 2
 def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
     steps = torch.arange(0, head_dim, 2, dtype=torch.float32, device="cpu")
     return 1.0 / (theta ** (steps / head_dim))
+
+
+def dynamic_ntk_alpha(length: int, seq_length: int) -> int:
+    """Qwen's ``get_ntk_alpha``: 1 for up to ``seq_length`` tokens, then 2^ceil(log2(length / seq_length) + 1) - 1."""
+    context_value = math.log(length / seq_length, 2) + 1
+    return max(2 ** math.ceil(context_value) - 1, 1)
+
+
+def ntk_inv_freq(head_dim: int, theta: float, alpha: float) -> torch.Tensor:
+    """Inverse frequencies with Qwen's NTK-scaled base theta · alpha^(d / (d - 2)) (computed as Qwen does)."""
+    return rope_inv_freq(head_dim, theta * alpha ** (head_dim / (head_dim - 2)) if alpha != 1 else theta)
+
+
+def logn_scale(positions: torch.Tensor, seq_length: int) -> torch.Tensor:
+    """Qwen's logn factor (float32) for each position: log(p + 1) / log(seq_length) where p + 1 > seq_length, else 1."""
+    count = positions.double() + 1
+    return torch.where(count > seq_length, count.log() / math.log(seq_length), 1.0).float()
 
 
 def rope_cos_sin(

@@ -1,8 +1,12 @@
-"""The Qwen2 decoder: the text model of Qwen2 / Qwen2.5 and the language half of Qwen2-VL / Qwen2.5-VL.
+"""The decoder: the text model of Qwen2 / Qwen2.5, the language half of Qwen2-VL / Qwen2.5-VL, and
+Qwen (v1) and Llama, which share its structure (weights/layout.py maps their checkpoints onto it).
 
 Blocks as in the paper: token embedding → N × [RMSNorm → GQA attention (q/k/v bias, (M-)RoPE) → residual,
-RMSNorm → SwiGLU MLP → residual] → RMSNorm → lm_head. q/k/v and gate/up are fused into one matmul each.
-The model holds weights only; positions and the KV cache belong to the request and come in as arguments.
+RMSNorm → SwiGLU MLP → residual] → RMSNorm → lm_head. q/k/v and gate/up are fused into one matmul each;
+which projections have a bias is the config's. Qwen (v1) adds dynamic NTK and logn attention past its
+training length (models/rope.py).
+The model holds weights only; positions, the KV cache and the request's rope factor (``rope_alpha``)
+belong to the request and come in as arguments.
 """
 
 from __future__ import annotations
@@ -14,13 +18,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TextConfig
-from ..errors import ModelFileError
 from ..quant import kernels
-from .rope import apply_rope_heads, rope_cos_sin, rope_inv_freq, signed_sin
-
-# Prefixes under which checkpoints store the decoder: transformers 5 VL models, older VL models and Qwen2.
-TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
-VISION_PREFIXES = ("model.visual.", "visual.")
+from ..weights.layout import QWEN2, Layout
+from .rope import (
+    apply_rope_heads,
+    dynamic_ntk_alpha,
+    logn_scale,
+    ntk_inv_freq,
+    rope_cos_sin,
+    rope_inv_freq,
+    signed_sin,
+)
 
 
 class RMSNorm(nn.Module):
@@ -52,16 +60,24 @@ class Attention(nn.Module):
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
         self.qkv_sizes = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
-        self.qkv_proj = nn.Linear(cfg.hidden_size, sum(self.qkv_sizes), bias=True)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, sum(self.qkv_sizes), bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=cfg.o_bias)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVView | RowsKVView | SegmentsKVView | None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVView | RowsKVView | SegmentsKVView | None,
+        q_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``q_scale`` [B, 1, L, 1]: a factor on each position's rotated query (Qwen's logn attention)."""
         batch, length, _ = x.shape
         heads = self.qkv_proj(x).view(batch, length, -1, self.head_dim)  # q heads, k heads, v heads
         q_and_k = apply_rope_heads(heads[:, :, : self.num_heads + self.num_kv_heads], cos, sin)
         q = q_and_k[:, :, : self.num_heads].transpose(1, 2)
+        if q_scale is not None:
+            q = q * q_scale
         k = q_and_k[:, :, self.num_heads :].transpose(1, 2)
         v = heads[:, :, self.num_heads + self.num_kv_heads :].transpose(1, 2)
         if cache is None:
@@ -76,8 +92,8 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(swiglu(self.gate_up_proj(x)))
@@ -102,9 +118,14 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVView | RowsKVView | SegmentsKVView | None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVView | RowsKVView | SegmentsKVView | None,
+        q_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        attended = self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, cache, q_scale)
         x, normed = self.post_attention_layernorm.add_and_norm(x, attended)  # x + attention, and its norm
         return x + self.mlp(normed)
 
@@ -191,35 +212,56 @@ class TextModel(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
 
+    def rope_alpha(self, prompt_length: int) -> float:
+        """The rope factor of a request with this prompt length (Qwen's dynamic NTK; 1 for the others)."""
+        cfg = self.config
+        return float(dynamic_ntk_alpha(prompt_length, cfg.seq_length)) if cfg.use_dynamic_ntk else 1.0
+
     def forward(
-        self, embeds: torch.Tensor, position_ids: torch.Tensor, cache: KVCache | None = None, start: int = 0
+        self,
+        embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        start: int = 0,
+        rope_alpha: float = 1.0,
     ) -> torch.Tensor:
         """Hidden states [B, L, H] after the final norm, for embeddings [B, L, H] at ids [3, B, L].
 
         With a cache, keys/values are written at ``start`` … ``start + L`` and attention covers all before.
+        ``rope_alpha``: the request's ``rope_alpha(prompt length)``.
         """
-        cos, sin = self._rope(position_ids, embeds.dtype)
+        alphas = None if rope_alpha == 1.0 else torch.full(position_ids.shape[1:], rope_alpha)
+        cos, sin, q_scale = self._rope(position_ids, embeds.dtype, alphas)
         length = embeds.shape[1]
         mask = causal_mask(start, length) if cache is not None and start > 0 and length > 1 else None
         x = embeds
         for index, layer in enumerate(self.layers):
             view = cache.view(index, start, length, mask) if cache is not None else None
-            x = layer(x, cos, sin, view)
+            x = layer(x, cos, sin, view, q_scale)
         return self.norm(x)
 
     def decode(
-        self, embeds: torch.Tensor, position_ids: torch.Tensor, caches: Sequence[KVCache], starts: Sequence[int]
+        self,
+        embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        caches: Sequence[KVCache],
+        starts: Sequence[int],
+        rope_alphas: Sequence[float] | None = None,
     ) -> torch.Tensor:
         """One decode step for B independent requests: hidden states [B, 1, H] for embeddings [B, 1, H]
         at ids [3, B, 1]. Row i's key/value goes to ``caches[i]`` at ``starts[i]``; it attends to that
-        cache only. The projections run once for all rows (the weights are read once per step)."""
-        cos, sin = self._rope(position_ids, embeds.dtype)
+        cache only. The projections run once for all rows (the weights are read once per step).
+        ``rope_alphas``: each request's ``rope_alpha`` (default 1)."""
+        alphas = None
+        if rope_alphas is not None and any(alpha != 1.0 for alpha in rope_alphas):
+            alphas = torch.tensor(list(rope_alphas))[:, None].expand(position_ids.shape[1:])
+        cos, sin, q_scale = self._rope(position_ids, embeds.dtype, alphas)
         for cache, start in zip(caches, starts):
             cache.check_room(start, 1)
         kernel = decode_kernel([c.keys[:, 0] for c in caches], [c.values[:, 0] for c in caches], starts, embeds.dtype)
         x = embeds
         for index, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, RowsKVView(caches, starts, index, kernel))
+            x = layer(x, cos, sin, RowsKVView(caches, starts, index, kernel), q_scale)
         return self.norm(x)
 
     def forward_segments(
@@ -229,42 +271,53 @@ class TextModel(nn.Module):
         caches: Sequence[KVCache],
         starts: Sequence[int],
         lengths: Sequence[int],
+        rope_alphas: Sequence[float] | None = None,
     ) -> torch.Tensor:
         """Prompt chunks of several requests in one call: embeddings [1, N, H] at ids [3, 1, N], the
         first ``lengths[0]`` tokens request 0's (written to ``caches[0]`` at ``starts[0]``), and so on.
-        Hidden states [1, N, H]; each segment attends to its own cache only."""
-        cos, sin = self._rope(position_ids, embeds.dtype)
+        Hidden states [1, N, H]; each segment attends to its own cache only. ``rope_alphas``: each
+        request's ``rope_alpha`` (default 1)."""
+        alphas = None
+        if rope_alphas is not None and any(alpha != 1.0 for alpha in rope_alphas):
+            alphas = torch.tensor(list(rope_alphas)).repeat_interleave(torch.tensor(list(lengths)))[None]
+        cos, sin, q_scale = self._rope(position_ids, embeds.dtype, alphas)
         masks = [causal_mask(s, n) if s > 0 and n > 1 else None for s, n in zip(starts, lengths)]
         x = embeds
         for index, layer in enumerate(self.layers):
             views = [cache.view(index, s, n, mask) for cache, s, n, mask in zip(caches, starts, lengths, masks)]
-            x = layer(x, cos, sin, SegmentsKVView(views, lengths))
+            x = layer(x, cos, sin, SegmentsKVView(views, lengths), q_scale)
         return self.norm(x)
 
-    def _rope(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and signed sin [B, L, 1, head_dim] in ``dtype``, shared by every layer of a call."""
-        cos, sin = rope_cos_sin(position_ids, self.inv_freq, self.config.mrope_section)
-        return cos.to(dtype).unsqueeze(2), signed_sin(sin).to(dtype).unsqueeze(2)
+    def _rope(
+        self, position_ids: torch.Tensor, dtype: torch.dtype, alphas: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """cos and signed sin [B, L, 1, head_dim] in ``dtype``, shared by every layer of a call, for
+        position ids [3, B, L] whose tokens belong to requests with rope factors ``alphas`` [B, L]
+        (None: all 1); and the queries' logn factors [B, 1, L, 1] (None where the model has none)."""
+        cfg = self.config
+        cos, sin = rope_cos_sin(position_ids, self.inv_freq, cfg.mrope_section)
+        for alpha in alphas.unique().tolist() if alphas is not None and cfg.use_dynamic_ntk else ():
+            if alpha != 1.0:  # tokens of a request whose prompt outgrew seq_length: an NTK-scaled base
+                scaled = rope_cos_sin(position_ids, ntk_inv_freq(cfg.head_dim, cfg.rope_theta, alpha), None)
+                rows = (alphas == alpha)[..., None]
+                cos, sin = torch.where(rows, scaled[0], cos), torch.where(rows, scaled[1], sin)
+        q_scale = None
+        if cfg.use_logn_attn and int(position_ids[0].max()) + 1 > cfg.seq_length:  # else all factors are 1
+            q_scale = logn_scale(position_ids[0], cfg.seq_length).to(dtype)[:, None, :, None]
+        return cos.to(dtype).unsqueeze(2), signed_sin(sin).to(dtype).unsqueeze(2), q_scale
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
-    def load_weights(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Load from HF tensor names (any of TEXT_PREFIXES), fusing q/k/v and gate/up."""
-        weights = text_weights(tensors)
-        if self.config.tie_word_embeddings and "embed_tokens.weight" in weights:
-            weights["lm_head.weight"] = weights["embed_tokens.weight"]
-        for name, shape in hf_shapes(self.config).items():
-            if name not in weights:
-                raise ModelFileError(f"checkpoint: missing tensor '{_hf_name(name)}'")
-            if tuple(weights[name].shape) != shape:
-                raise ModelFileError(
-                    f"checkpoint: tensor '{_hf_name(name)}' has shape {list(weights[name].shape)}, "
-                    f"config needs {list(shape)}"
-                )
+    def load_weights(self, tensors: Mapping[str, torch.Tensor], layout: Layout = QWEN2) -> None:
+        """Load from checkpoint tensors named as ``layout`` names them (any known prefix; see
+        weights/layout.py): shapes checked, q/k/v and gate/up fused, the output projection tied to
+        the embedding when the config says so."""
+        state = layout.module_state(self.config, tensors)
+        if self.config.tie_word_embeddings:
+            state["lm_head.weight"] = state["embed_tokens.weight"]
         dtype = self.dtype
-        state = {name: t.to(dtype) for name, t in _fused_state(self.config, weights).items()}
-        self.load_state_dict(state, assign=True, strict=True)
+        self.load_state_dict({name: t.to(dtype) for name, t in state.items()}, assign=True, strict=True)
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
@@ -300,61 +353,3 @@ class KVCache:
     def view(self, layer: int, start: int, length: int, mask: torch.Tensor | None) -> KVView:
         self.check_room(start, length)
         return KVView(self.keys[layer], self.values[layer], start, length, mask)
-
-
-def text_weights(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The decoder's tensors with checkpoint prefixes stripped (vision tensors left out)."""
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in tensors.items():
-        if name.startswith(VISION_PREFIXES):
-            continue
-        if name == "lm_head.weight" or name == "language_model.lm_head.weight":
-            out["lm_head.weight"] = tensor
-            continue
-        for prefix in TEXT_PREFIXES:
-            if name.startswith(prefix):
-                out[name[len(prefix) :]] = tensor
-                break
-    return out
-
-
-def hf_shapes(cfg: TextConfig) -> dict[str, tuple[int, ...]]:
-    """Every decoder tensor a checkpoint must hold (prefix-stripped HF names) and its shape."""
-    hidden, heads, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    shapes = {
-        "embed_tokens.weight": (cfg.vocab_size, hidden),
-        "norm.weight": (hidden,),
-        "lm_head.weight": (cfg.vocab_size, hidden),
-    }
-    for i in range(cfg.num_hidden_layers):
-        layer = f"layers.{i}."
-        shapes |= {
-            layer + "input_layernorm.weight": (hidden,),
-            layer + "post_attention_layernorm.weight": (hidden,),
-            layer + "self_attn.q_proj.weight": (heads, hidden),
-            layer + "self_attn.q_proj.bias": (heads,),
-            layer + "self_attn.k_proj.weight": (kv, hidden),
-            layer + "self_attn.k_proj.bias": (kv,),
-            layer + "self_attn.v_proj.weight": (kv, hidden),
-            layer + "self_attn.v_proj.bias": (kv,),
-            layer + "self_attn.o_proj.weight": (hidden, heads),
-            layer + "mlp.gate_proj.weight": (cfg.intermediate_size, hidden),
-            layer + "mlp.up_proj.weight": (cfg.intermediate_size, hidden),
-            layer + "mlp.down_proj.weight": (hidden, cfg.intermediate_size),
-        }
-    return shapes
-
-
-def _fused_state(cfg: TextConfig, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The module's state dict from checked HF weights: q/k/v and gate/up concatenated."""
-    state = {name: weights[name] for name in hf_shapes(cfg)}
-    for i in range(cfg.num_hidden_layers):
-        attn, mlp = f"layers.{i}.self_attn.", f"layers.{i}.mlp."
-        for kind in ("weight", "bias"):
-            state[f"{attn}qkv_proj.{kind}"] = torch.cat([state.pop(f"{attn}{p}_proj.{kind}") for p in "qkv"])
-        state[f"{mlp}gate_up_proj.weight"] = torch.cat([state.pop(f"{mlp}{p}_proj.weight") for p in ("gate", "up")])
-    return state
-
-
-def _hf_name(name: str) -> str:
-    return name if name == "lm_head.weight" else f"model.{name}"

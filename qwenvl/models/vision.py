@@ -30,10 +30,9 @@ from torch import Tensor, nn
 
 from ..config import VisionConfig
 from ..errors import ModelFileError
+from ..weights.layout import VISION_PREFIXES
 
-VISION_PREFIXES = ("model.visual.", "visual.")  # transformers 5 checkpoints, older checkpoints
 ROPE_THETA = 10000.0
-NORM_EPS = 1e-6
 
 
 QUICK_GELU_SCALE = 1.702
@@ -133,9 +132,10 @@ class RMSNorm(nn.Module):
 
 
 def _norm(config: VisionConfig, dim: int, dtype: torch.dtype) -> nn.Module:
+    """The config's norm with its epsilon (1e-6 in every published model; an mmproj states its own)."""
     if config.variant == "qwen2_5_vl":
-        return RMSNorm(dim, NORM_EPS, dtype)
-    return nn.LayerNorm(dim, eps=NORM_EPS, dtype=dtype)
+        return RMSNorm(dim, config.norm_eps, dtype)
+    return nn.LayerNorm(dim, eps=config.norm_eps, dtype=dtype)
 
 
 class PatchProjection(nn.Module):

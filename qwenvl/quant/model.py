@@ -17,6 +17,7 @@ from gguf.constants import GGMLQuantizationType
 from torch import nn
 
 from ..models.text import TextModel
+from ..weights.layout import EMBEDDING, NORM, QWEN2, Layout
 from .linear import (
     INT4_TYPES,
     BlockQuantLinear,
@@ -56,29 +57,28 @@ def load_quantized_text(
     dtype: torch.dtype,
     kernel: str = "auto",
     prefill_pieces: int | None = None,
+    layout: Layout = QWEN2,
 ) -> None:
     """Replace ``model``'s (meta) weights by the source's: projections stay quantized.
 
-    ``dtype`` is the activation dtype (norms and embeddings come out in it); ``prefill_pieces`` as in
-    ``quant_linear_from_ggml`` (None: exact).
+    Which stored tensors make each module comes from ``layout`` (weights/layout.py). ``dtype`` is the
+    activation dtype (norms and embeddings come out in it); ``prefill_pieces`` as in
+    ``quant_linear_from_ggml`` (None: exact). A source without an output projection ties it to
+    the embedding, as llama.cpp does.
     """
     cfg = model.config
     build = _LayerBuilder(source, dtype, kernel, prefill_pieces)
-    for index, layer in enumerate(model.layers):
-        prefix = f"model.layers.{index}."
-        layer.input_layernorm.weight = build.dense(prefix + "input_layernorm.weight")
-        layer.post_attention_layernorm.weight = build.dense(prefix + "post_attention_layernorm.weight")
-        attn, mlp = prefix + "self_attn.", prefix + "mlp."
-        qkv_bias = torch.cat([source.tensor(f"{attn}{p}_proj.bias") for p in "qkv"])
-        layer.self_attn.qkv_proj = build.linear([f"{attn}{p}_proj.weight" for p in "qkv"], qkv_bias)
-        layer.self_attn.o_proj = build.linear([attn + "o_proj.weight"])
-        layer.mlp.gate_up_proj = build.linear([mlp + "gate_proj.weight", mlp + "up_proj.weight"])
-        layer.mlp.down_proj = build.linear([mlp + "down_proj.weight"])
-    model.norm.weight = build.dense("model.norm.weight")
-    model.embed_tokens = build.embedding("model.embed_tokens.weight")
-    tied = cfg.tie_word_embeddings or not source.has("lm_head.weight")
-    head = "model.embed_tokens.weight" if tied else "lm_head.weight"
-    model.lm_head = build.linear([head])
+    tied = cfg.tie_word_embeddings or not source.has(layout.output_name)
+    for module in layout.modules(cfg, tied=tied):
+        parent_path, _, leaf = module.path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        if module.kind == NORM:
+            getattr(parent, leaf).weight = build.dense(module.weights[0])
+        elif module.kind == EMBEDDING:
+            setattr(parent, leaf, build.embedding(module.weights[0]))
+        else:
+            bias = torch.cat([source.tensor(name) for name in module.biases]) if module.biases else None
+            setattr(parent, leaf, build.linear(module.weights, bias))
     _check_materialized(model)
 
 

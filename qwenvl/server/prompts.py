@@ -98,8 +98,8 @@ class PromptBuilder:
             if len(prompt) != 1:
                 raise APIError(400, "batched prompts are not supported: send one prompt per request", param="prompt")
             prompt = prompt[0]
-        if isinstance(prompt, str):
-            prompt = self.model.tokenizer.encode(prompt)
+        if isinstance(prompt, str):  # as-is, with BOS / EOS as the tokenizer adds them (a Llama's BOS)
+            prompt = self.model.tokenizer.encode_raw(prompt)
         vocab = self.model.config.text.vocab_size
         bad = next((token for token in prompt if not 0 <= token < vocab), None)
         if bad is not None:

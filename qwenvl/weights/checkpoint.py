@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -20,10 +21,10 @@ from ..config import (
     preprocess_config_from_hf,
 )
 from ..errors import ModelFileError
-from ..models.text import VISION_PREFIXES, hf_shapes, text_weights
 from ..models.vision import VisionTransformer, vision_weights
 from ..tokenizer import Tokenizer
 from . import hf
+from .layout import VISION_PREFIXES, canonical_name, layout_for
 
 
 @dataclass
@@ -39,16 +40,55 @@ class Checkpoint:
     quantized: Any = None
 
 
-def open_checkpoint(model: str | os.PathLike, mmproj: str | os.PathLike | None = None) -> Checkpoint:
-    """An HF checkpoint directory / hub id, or a GGUF file (with its vision ``mmproj`` GGUF, if any)."""
+def with_chat_stops(generation: GenerationConfig, arch: str, tokenizer: Tokenizer) -> GenerationConfig:
+    """``generation`` with the architecture's chat stop tokens (chat.CHAT_STOP_TOKENS) added to its eos ids."""
+    from ..chat import CHAT_STOP_TOKENS
+
+    extra = [tokenizer.token_to_id(token) for token in CHAT_STOP_TOKENS.get(arch, ())]
+    ids = tuple(dict.fromkeys([*generation.eos_token_ids, *(i for i in extra if i is not None)]))
+    return dataclasses.replace(generation, eos_token_ids=ids)
+
+
+def open_checkpoint(
+    model: str | os.PathLike, mmproj: str | os.PathLike | None = None, tiktoken: str | os.PathLike | None = None
+) -> Checkpoint:
+    """An HF checkpoint directory / hub id, a GGUF file (with its vision ``mmproj`` GGUF, if any), a
+    qwen.cpp GGML file (with the ``qwen.tiktoken`` it needs), or Meta's params.json + consolidated.*.pth."""
     path = Path(model).expanduser()
-    if path.is_file() and path.suffix.lower() == ".gguf":
+    kind = file_kind(path)
+    if tiktoken is not None and kind != "qwen.cpp" and path.exists():
+        raise ModelFileError(f"{tiktoken}: --tiktoken goes with a qwen.cpp GGML file, and {model} is not one")
+    if kind == "gguf":
         from .gguf import open_gguf_checkpoint
 
         return open_gguf_checkpoint(path, mmproj=mmproj)
     if mmproj is not None:
         raise ModelFileError(f"{mmproj}: --mmproj goes with a GGUF model, and {model} is not a .gguf file")
+    if kind == "qwen.cpp":
+        from .qwencpp import open_qwencpp_checkpoint
+
+        return open_qwencpp_checkpoint(path, tiktoken)
+    from .meta import is_meta_dir, open_meta_checkpoint
+
+    if is_meta_dir(path) and not (path / "config.json").is_file():
+        return open_meta_checkpoint(path)
     return open_hf_checkpoint(model)
+
+
+def file_kind(path: Path) -> str | None:
+    """ "gguf" or "qwen.cpp" by the file's magic bytes (a ".gguf" name counts, to get GGUF's errors), else None."""
+    if not path.is_file():
+        return None
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+    except OSError:
+        magic = b""
+    if magic == b"GGUF" or path.suffix.lower() == ".gguf":
+        return "gguf"
+    if magic == b"ggml":
+        return "qwen.cpp"
+    return None
 
 
 def open_hf_checkpoint(model: str | os.PathLike) -> Checkpoint:
@@ -61,13 +101,14 @@ def open_hf_checkpoint(model: str | os.PathLike) -> Checkpoint:
     tokenizer = Tokenizer.from_dir(directory)
     generation_path = directory / "generation_config.json"
     preprocess_path = directory / "preprocessor_config.json"
+    generation = generation_config_from_hf(
+        hf.read_json(generation_path, required=False), _config_eos(raw, str(config_path)), str(generation_path)
+    )
     return Checkpoint(
         source=str(directory),
         config=config,
         tokenizer=tokenizer,
-        generation_config=generation_config_from_hf(
-            hf.read_json(generation_path, required=False), _config_eos(raw, str(config_path)), str(generation_path)
-        ),
+        generation_config=with_chat_stops(generation, config.arch, tokenizer),
         preprocess_config=preprocess_config_from_hf(
             hf.read_json(preprocess_path, required=False), str(preprocess_path)
         ),
@@ -83,19 +124,22 @@ def _config_eos(raw: dict[str, Any], where: str) -> tuple[int, ...]:
     return generation_config_from_hf({"eos_token_id": eos}, where=where).eos_token_ids
 
 
-_LAYER = re.compile(r"^layers\.(\d+)\.")
 _BLOCK = re.compile(r"^blocks\.(\d+)\.")
 
 
 def check_weight_shapes(config: ModelConfig, shapes: Mapping[str, tuple[int, ...]], where: str) -> None:
-    """The config's sizes against the tensors' shapes (HF names), before any model is built: the layer
-    and block counts first (so an absurd depth never builds anything), then every tensor the decoder and
-    the vision tower need. One line naming the config field or the tensor on a mismatch."""
-    text = text_weights(shapes)  # type: ignore[arg-type]
-    _check_count(where, "num_hidden_layers", config.text.num_hidden_layers, text, _LAYER, "decoder layers")
-    if config.text.tie_word_embeddings and "embed_tokens.weight" in text:
-        text.setdefault("lm_head.weight", text["embed_tokens.weight"])
-    _compare(where, hf_shapes(config.text), text, _text_label(shapes))
+    """The config's sizes against the tensors' shapes, before any model is built: the layer and block
+    counts first (so an absurd depth never builds anything), then every tensor the decoder (its
+    architecture's layout) and the vision tower need. One line naming the config field or the tensor."""
+    layout = layout_for(config.arch)
+    stored = {canonical_name(name): name for name in shapes if not name.startswith(VISION_PREFIXES)}
+    text = {name: shapes[original] for name, original in stored.items()}
+    layers = layout.block_count(text)
+    if config.text.num_hidden_layers != layers:
+        raise ModelFileError(
+            f"{where}: num_hidden_layers is {config.text.num_hidden_layers} but the weights hold {layers} decoder layers"
+        )
+    _compare(where, layout.hf_shapes(config.text), text, lambda name: stored.get(name, name))
     if config.vision is None:
         return
     vision = vision_weights(shapes)  # type: ignore[arg-type]
@@ -126,12 +170,3 @@ def _compare(
             raise ModelFileError(
                 f"checkpoint: tensor '{label(name)}' has shape {list(found[name])}, {where} needs {list(shape)}"
             )
-
-
-def _text_label(shapes: Mapping[str, Any]) -> Callable[[str], str]:
-    """Prefix-stripped decoder name → the checkpoint's own name (as published checkpoints name a missing one)."""
-    source = {}
-    for name in shapes:
-        for short in text_weights({name: None}):  # type: ignore[dict-item]
-            source[short] = name
-    return lambda short: source.get(short) or (short if short == "lm_head.weight" else f"model.{short}")

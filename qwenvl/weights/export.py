@@ -3,7 +3,9 @@
 A ``qwen2`` text GGUF becomes a Qwen2ForCausalLM checkpoint; a ``qwen2vl`` text GGUF with its vision
 projector (mmproj) becomes a Qwen2VLForConditionalGeneration / Qwen2_5_VLForConditionalGeneration one,
 named as the published checkpoints (``model.layers.…``, ``visual.…``, ``lm_head``), with a
-``preprocessor_config.json`` carrying the mmproj's image mean / std.
+``preprocessor_config.json`` carrying the mmproj's image mean / std. A ``llama`` GGUF becomes a
+LlamaForCausalLM checkpoint (q / k back in HF's row order), a ``qwen`` one a QWenLMHeadModel checkpoint
+(``transformer.…``, Qwen's config names); their tokenizer is written as tokenizer.json.
 
 The weights are dequantized one tensor at a time and streamed into a single ``model.safetensors``
 (its header is known up front from the GGUF shapes), so exporting needs memory for one tensor, not
@@ -30,7 +32,7 @@ from typing import Any, BinaryIO
 import torch
 from tqdm import tqdm
 
-from ..config import ModelConfig
+from ..config import TEXT_ARCHS, ModelConfig
 from ..durable import flush, fsync_path, partial_path, remove_stale_partials
 from ..errors import ModelFileError
 from .gguf import GGUFModel, read_gguf, vl_model_config
@@ -69,7 +71,7 @@ def export_hf(
     with ExitStack() as stack:
         model = stack.enter_context(read_gguf(gguf_path))
         projector = None
-        if model.config.arch != "qwen2" and mmproj is None:
+        if model.config.arch not in TEXT_ARCHS and mmproj is None:
             raise ModelFileError(
                 f"{model.path}: a {model.config.arch} text model: exporting it needs its vision projector (--mmproj)"
             )
@@ -105,7 +107,7 @@ def _write_checkpoint(
         _write_json(directory / "preprocessor_config.json", preprocessor_config(projector))
         _write_json(directory / "config.json", hf_vl_config(model, config, dtype))  # last: a config means complete
     else:
-        _write_json(directory / "config.json", hf_config(model, dtype))
+        _write_json(directory / "config.json", TEXT_CONFIGS[model.config.arch](model, dtype))
 
 
 def export_tensors(model: GGUFModel, projector: Any = None) -> list[ExportTensor]:
@@ -233,6 +235,61 @@ def hf_config(model: GGUFModel, dtype: torch.dtype) -> dict[str, Any]:
     return config
 
 
+def qwen_config(model: GGUFModel, dtype: torch.dtype) -> dict[str, Any]:
+    """config.json of a QWenLMHeadModel (configuration_qwen.py's names; intermediate_size = 2 × MLP)."""
+    text = model.config.text
+    config = {
+        "architectures": ["QWenLMHeadModel"],
+        "model_type": "qwen",
+        "vocab_size": text.vocab_size,
+        "hidden_size": text.hidden_size,
+        "num_hidden_layers": text.num_hidden_layers,
+        "num_attention_heads": text.num_attention_heads,
+        "kv_channels": text.head_dim,
+        "intermediate_size": 2 * text.intermediate_size,
+        "layer_norm_epsilon": text.rms_norm_eps,
+        "rotary_emb_base": text.rope_theta,
+        "rotary_pct": 1.0,
+        "max_position_embeddings": text.max_position_embeddings,
+        "use_dynamic_ntk": text.use_dynamic_ntk,
+        "use_logn_attn": text.use_logn_attn,
+        "no_bias": not text.o_bias,
+        "tie_word_embeddings": text.tie_word_embeddings,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+    }
+    if text.seq_length:
+        config["seq_length"] = text.seq_length
+    return config
+
+
+def llama_config(model: GGUFModel, dtype: torch.dtype) -> dict[str, Any]:
+    """config.json of a LlamaForCausalLM, as transformers saves one."""
+    text = model.config.text
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "attention_bias": text.qkv_bias,
+        "mlp_bias": text.mlp_bias,
+        "bos_token_id": model.bos_token_id,
+        "eos_token_id": model.eos_token_id,
+        "pad_token_id": model.pad_token_id,
+        "hidden_act": "silu",
+        "hidden_size": text.hidden_size,
+        "head_dim": text.head_dim,
+        "intermediate_size": text.intermediate_size,
+        "max_position_embeddings": text.max_position_embeddings,
+        "num_attention_heads": text.num_attention_heads,
+        "num_hidden_layers": text.num_hidden_layers,
+        "num_key_value_heads": text.num_key_value_heads,
+        "rms_norm_eps": text.rms_norm_eps,
+        "rope_parameters": {"rope_type": "default", "rope_theta": text.rope_theta},
+        "tie_word_embeddings": text.tie_word_embeddings,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "vocab_size": text.vocab_size,
+    }
+    return config
+
+
 def tokenizer_config(model: GGUFModel) -> dict[str, Any]:
     """tokenizer_config.json: the special tokens, the added-token table and the chat template."""
     added = {
@@ -260,6 +317,12 @@ def tokenizer_config(model: GGUFModel) -> dict[str, Any]:
         "tokenizer_class": "Qwen2Tokenizer",
         "unk_token": None,
     }
+    if model.config.arch == "llama":  # the tokenizer.json holds the vocabulary; these name its specials
+        config |= {"tokenizer_class": "LlamaTokenizer", "add_eos_token": model.add_eos_token, "legacy": True}
+        vocab = model.sentencepiece_vocab
+        config |= {"add_prefix_space": None, "unk_token": model.token_text(vocab.unk_id) if vocab else None}
+    elif model.config.arch == "qwen":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
     if model.chat_template is not None:
         config["chat_template"] = model.chat_template
     return config
@@ -320,6 +383,9 @@ def hf_vl_config(model: GGUFModel, config: ModelConfig, dtype: torch.dtype) -> d
         "tie_word_embeddings": text.tie_word_embeddings,
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
+
+
+TEXT_CONFIGS = {"qwen2": hf_config, "qwen": qwen_config, "llama": llama_config}
 
 
 def _ratio(numerator: int, denominator: int) -> int | float:

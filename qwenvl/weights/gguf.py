@@ -34,12 +34,9 @@ from ..config import GenerationConfig, ModelConfig, PreprocessConfig, TextConfig
 from ..config_fields import MAX_CONTEXT, MAX_HEADS, MAX_LAYERS, MAX_WIDTH, check_range
 from ..errors import ModelFileError
 from ..tokenizer import Tokenizer, build_qwen2_tokenizer_json
-from . import names
-from .checkpoint import Checkpoint
-
-# llama.cpp architecture name → ModelConfig.arch. llama.cpp writes the text half of both Qwen2-VL
-# and Qwen2.5-VL as "qwen2vl"; the mmproj file tells the two apart.
-GGUF_ARCHITECTURES = {"qwen2": "qwen2", "qwen2vl": "qwen2_vl"}
+from ..vocab import AddedToken, SentencePieceVocab, sentencepiece_tokenizer_json
+from .checkpoint import Checkpoint, with_chat_stops
+from .layout import GGUF_ARCHITECTURES, Layout, layout_for, unpermute_rows
 
 _SCALAR_FORMATS = {
     GGUFValueType.UINT8: "<B",
@@ -201,7 +198,7 @@ def _tensor_infos(
 
 
 @functools.cache
-def _can_dequantize(ggml_type: GGMLQuantizationType) -> bool:
+def can_dequantize(ggml_type: GGMLQuantizationType) -> bool:
     """Whether ``gguf.quants.dequantize`` implements the type (tried on one zero block)."""
     type_size = GGML_QUANT_SIZES[ggml_type][1]
     try:
@@ -231,6 +228,7 @@ def model_config_from_gguf(
             f"{where}: unsupported architecture {gguf_arch!r}{hint}; qwenvl reads {', '.join(GGUF_ARCHITECTURES)}"
         )
     arch = GGUF_ARCHITECTURES[gguf_arch]
+    layout = layout_for(arch)
 
     def key(name: str, high: int | None = MAX_WIDTH) -> Any:
         """The metadata value (checked to be an integer in [1, high] unless high is None)."""
@@ -256,21 +254,30 @@ def model_config_from_gguf(
         if not isinstance(sections, list) or len(sections) < 3 or any(type(x) is not int or x < 0 for x in sections):
             raise ModelFileError(f"{where}: {gguf_arch}.rope.dimension_sections: expected a list of 3 or 4 sizes")
         mrope = tuple(int(s) for s in sections[:3])
+    seq_length = metadata.get(f"{gguf_arch}.seq_length", 0)  # qwenvl's own keys (Qwen v1: gguf_meta.py)
+    if seq_length:
+        check_range(where, f"{gguf_arch}.seq_length", seq_length, 1, MAX_CONTEXT)
     try:
         text = TextConfig(
             vocab_size=embedding.shape[0],
             hidden_size=hidden,
-            intermediate_size=int(key("feed_forward_length")),
+            intermediate_size=int(key("feed_forward_length")) // layout.ffn_factor,
             num_hidden_layers=int(key("block_count", MAX_LAYERS)),
             num_attention_heads=heads,
             num_key_value_heads=int(kv_heads),
             head_dim=head_dim,
             # stored as float32: take its shortest repr so 1e-6 reads back as 1e-6, not 9.99999997e-07
             rms_norm_eps=_float_meta(key("attention.layer_norm_rms_epsilon", None), "layer_norm_rms_epsilon", where),
-            rope_theta=_float_meta(key("rope.freq_base", None), "rope.freq_base", where),
+            rope_theta=_float_meta(  # llama.cpp's default where the file has none
+                metadata.get(f"{gguf_arch}.rope.freq_base", 10000.0), "rope.freq_base", where
+            ),
             max_position_embeddings=int(key("context_length", MAX_CONTEXT)),
             tie_word_embeddings="output.weight" not in tensors,
             mrope_section=mrope,
+            seq_length=int(seq_length),
+            use_dynamic_ntk=bool(metadata.get(f"{gguf_arch}.use_dynamic_ntk", False)),
+            use_logn_attn=bool(metadata.get(f"{gguf_arch}.use_logn_attn", False)),
+            **layout.gguf_biases(tensors),
         )
     except ModelFileError as error:  # the dataclass's own checks, which do not know the file
         raise ModelFileError(f"{where}: {error}") from None
@@ -284,56 +291,46 @@ def _float_meta(value: Any, name: str, where: str) -> float:
     return float(str(np.float32(value)))
 
 
-def _expected_shapes(text: TextConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor a Qwen2 decoder needs, by GGUF name, in torch order."""
-    h, kv = text.hidden_size, text.num_key_value_heads * text.head_dim
-    q = text.num_attention_heads * text.head_dim
-    shapes = {"token_embd.weight": (text.vocab_size, h), "output_norm.weight": (h,)}
-    if not text.tie_word_embeddings:
-        shapes["output.weight"] = (text.vocab_size, h)
-    per_layer = {
-        "attn_norm.weight": (h,),
-        "attn_q.weight": (q, h),
-        "attn_q.bias": (q,),
-        "attn_k.weight": (kv, h),
-        "attn_k.bias": (kv,),
-        "attn_v.weight": (kv, h),
-        "attn_v.bias": (kv,),
-        "attn_output.weight": (h, q),
-        "ffn_norm.weight": (h,),
-        "ffn_gate.weight": (text.intermediate_size, h),
-        "ffn_up.weight": (text.intermediate_size, h),
-        "ffn_down.weight": (h, text.intermediate_size),
-    }
-    for layer in range(text.num_hidden_layers):
-        for suffix, shape in per_layer.items():
-            shapes[f"blk.{layer}.{suffix}"] = shape
-    return shapes
-
-
-def _check_tensors(infos: dict[str, GGUFTensorInfo], text: TextConfig, where: str) -> None:
-    expected = _expected_shapes(text)
+def _check_tensors(infos: dict[str, GGUFTensorInfo], text: TextConfig, layout: Layout, where: str) -> None:
+    expected = layout.gguf_shapes(text)
     for name, shape in expected.items():
         info = infos.get(name)
         if info is None:
             raise ModelFileError(f"{where}: missing tensor {name}")
         if info.shape != shape:
             raise ModelFileError(f"{where}: tensor {name} has shape {list(info.shape)}, expected {list(shape)}")
-        if not _can_dequantize(info.ggml_type):
+        if not can_dequantize(info.ggml_type):
             raise ModelFileError(f"{where}: tensor {name} has unsupported tensor type {info.ggml_type.name}")
     extra = sorted(set(infos) - set(expected))
     if extra:
-        raise ModelFileError(f"{where}: unexpected tensor {extra[0]} for a {text.num_hidden_layers}-layer qwen2 model")
-
-
-def _check_tokenizer_kind(metadata: dict[str, Any], where: str) -> None:
-    model = _meta(metadata, "tokenizer.ggml.model", where)
-    pre = metadata.get("tokenizer.ggml.pre", "qwen2")
-    if model != "gpt2" or pre != "qwen2":
         raise ModelFileError(
-            f"{where}: unsupported tokenizer (tokenizer.ggml.model={model!r}, pre={pre!r}); "
-            "qwenvl reads Qwen2 byte-level BPE ('gpt2', pre 'qwen2')"
+            f"{where}: unexpected tensor {extra[0]} for a {text.num_hidden_layers}-layer {layout.name} model"
         )
+
+
+def _check_tokenizer_kind(metadata: dict[str, Any], where: str) -> str:
+    """ "gpt2" (Qwen's byte-level BPE, pre-tokenizer "qwen2") or "llama" (SentencePiece)."""
+    model = _meta(metadata, "tokenizer.ggml.model", where)
+    pre = metadata.get("tokenizer.ggml.pre", "qwen2" if model == "gpt2" else "default")
+    if (model, pre) not in (("gpt2", "qwen2"), ("llama", "default")):
+        raise ModelFileError(
+            f"{where}: unsupported tokenizer (tokenizer.ggml.model={model!r}, pre={pre!r}); qwenvl reads "
+            "Qwen's byte-level BPE ('gpt2', pre 'qwen2') and SentencePiece ('llama')"
+        )
+    return model
+
+
+def _sentencepiece_vocab(metadata: dict[str, Any], where: str) -> SentencePieceVocab:
+    """A GGUF "llama" vocabulary (tokens, scores, types) as SentencePiece pieces."""
+    tokens = _meta(metadata, "tokenizer.ggml.tokens", where)
+    scores = metadata.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+    types = metadata.get("tokenizer.ggml.token_type") or [TokenType.NORMAL] * len(tokens)
+    if not len(tokens) == len(scores) == len(types):
+        raise ModelFileError(f"{where}: tokenizer.ggml tokens, scores and types differ in length")
+    unk = _optional_id(metadata, "unknown_token_id")
+    if unk is None:
+        unk = next((i for i, kind in enumerate(types) if kind == TokenType.UNKNOWN), 0)
+    return SentencePieceVocab(list(tokens), [float(x) for x in scores], [int(t) for t in types], "bpe", unk)
 
 
 def _split_vocab(metadata: dict[str, Any], where: str) -> tuple[dict[str, int], list[tuple[int, str, bool]]]:
@@ -371,84 +368,54 @@ def _check_token_ids(metadata: dict[str, Any], where: str) -> None:
 # The model
 
 
-class GGUFModel:
-    """A GGUF text model opened lazily: tensors are read from the memory map when asked for."""
+class MappedTensors:
+    """A text model's tensors in a memory-mapped file (a GGUF, a qwen.cpp file), by HF name.
 
-    def __init__(self, path: Path, buf: mmap.mmap, metadata: dict[str, Any], infos: dict[str, GGUFTensorInfo]):
-        self.path = path
-        self.metadata = metadata
-        self.tensor_infos = infos  # by GGUF name
-        self._buf = buf
-        where = str(path)
-        self.config = model_config_from_gguf(metadata, infos, where)
-        _check_tensors(infos, self.config.text, where)
-        self.eos_token_id = _optional_id(metadata, "eos_token_id")
-        self.bos_token_id = _optional_id(metadata, "bos_token_id")
-        self.pad_token_id = _optional_id(metadata, "padding_token_id")
-        _check_token_ids(metadata, where)
-        self.add_bos_token = bool(metadata.get("tokenizer.ggml.add_bos_token", False))
-        self.chat_template: str | None = metadata.get("tokenizer.chat_template")
-        self.tool_chat_template: str | None = metadata.get("tokenizer.chat_template.tool_use")  # llama.cpp's name
-        _check_tokenizer_kind(metadata, where)
-        self._vocab, self.added_tokens = _split_vocab(metadata, where)
-        self._merges = _meta(metadata, "tokenizer.ggml.merges", where)
-        self._tokenizer_json: str | None = None
+    Subclasses set ``path``, ``config``, ``layout``, ``tensor_infos`` (by the file's names, mapped by
+    ``layout.to_gguf``) and ``_buf``. Tensors whose rows the file interleaves per head (llama.cpp's
+    llama q/k) come back in HF's order, quantized bytes included (rows are independent).
+    """
 
-    @property
-    def tokenizer_json(self) -> str:
-        """A tokenizer.json equal in behaviour to the checkpoint's own (built on first use, ~1 s)."""
-        if self._tokenizer_json is None:
-            self._tokenizer_json = build_qwen2_tokenizer_json(self._vocab, self._merges, self.added_tokens)
-        return self._tokenizer_json
+    path: Path
+    config: ModelConfig
+    layout: Layout
+    tensor_infos: dict[str, GGUFTensorInfo]
+    _buf: mmap.mmap
 
-    @property
-    def bos_token(self) -> str | None:
-        """The bos text, only when the file asks for it to be added (Qwen2 files do not)."""
-        return self.token_text(self.bos_token_id) if self.add_bos_token else None
-
-    def tokenizer(self) -> Tokenizer:
-        return Tokenizer.from_json(
-            self.tokenizer_json,
-            eos_token=self.token_text(self.eos_token_id),
-            pad_token=self.token_text(self.pad_token_id),
-            bos_token=self.bos_token,
-            chat_template=self.chat_template,
-            tool_chat_template=self.tool_chat_template,
-        )
-
-    @property
-    def eos_token_ids(self) -> tuple[int, ...]:
-        """Stop tokens the file names: its eos, then its end-of-turn / end-of-message ids if any."""
-        ids = [_optional_id(self.metadata, key) for key in ("eos_token_id", "eot_token_id", "eom_token_id")]
-        return tuple(dict.fromkeys(i for i in ids if i is not None))
-
-    @property
-    def generation_config(self) -> GenerationConfig:
-        return GenerationConfig(eos_token_ids=self.eos_token_ids, pad_token_id=self.pad_token_id)
-
-    def token_text(self, token_id: int | None) -> str | None:
-        return None if token_id is None else self.metadata["tokenizer.ggml.tokens"][token_id]
+    def file_name(self, hf_name: str) -> str:
+        """The tensor's name in the file."""
+        return self.layout.to_gguf(hf_name)
 
     def hf_names(self) -> list[str]:
-        return [names.gguf_to_hf_name(name) for name in self.tensor_infos]
+        return [self.layout.to_hf(name) for name in self.tensor_infos]
 
     def info(self, hf_name: str) -> GGUFTensorInfo:
         try:
-            return self.tensor_infos[names.hf_to_gguf_name(hf_name)]
+            return self.tensor_infos[self.file_name(hf_name)]
         except KeyError:
             raise ModelFileError(f"{self.path}: missing tensor {hf_name}") from None
 
+    def _heads(self, hf_name: str) -> int | None:
+        return self.layout.rope_heads(hf_name, self.config.text)
+
     def raw(self, hf_name: str) -> np.ndarray:
-        """The tensor's bytes as stored (uint8 blocks, shape ``info.byte_shape``), without copying."""
-        return raw_tensor(self._buf, self.info(hf_name))
+        """The tensor's bytes as stored (uint8 blocks, shape ``info.byte_shape``): a view of the map,
+        or a copy with the rows put in HF's order where the file interleaves them."""
+        data = raw_tensor(self._buf, self.info(hf_name))
+        heads = self._heads(hf_name)
+        return data if heads is None else unpermute_rows(torch.from_numpy(np.array(data)), heads).numpy()
 
     def tensor(self, hf_name: str) -> torch.Tensor:
-        """One tensor, dequantized to float32, in torch layout."""
-        return dequantized_tensor(self._buf, self.info(hf_name))
+        """One tensor, dequantized to float32, in torch layout (rows in HF's order)."""
+        tensor = dequantized_tensor(self._buf, self.info(hf_name))
+        heads = self._heads(hf_name)
+        return tensor if heads is None else unpermute_rows(tensor, heads).contiguous()
 
     def raw_joined(self, hf_names: Sequence[str]) -> np.ndarray | None:
         """The bytes of matrices stored back to back in one format (llama.cpp writes ffn_gate just
         before ffn_up) as one uint8 view [total rows, bytes per row]; None when they are not."""
+        if any(self._heads(name) is not None for name in hf_names):
+            return None
         infos = [self.info(name) for name in hf_names]
         first = infos[0]
         for before, after in zip(infos, infos[1:]):
@@ -461,7 +428,10 @@ class GGUFModel:
         return data.reshape(-1, first.byte_shape[-1])
 
     def has(self, hf_name: str) -> bool:
-        return names.hf_to_gguf_name(hf_name) in self.tensor_infos
+        try:
+            return self.file_name(hf_name) in self.tensor_infos
+        except KeyError:
+            return False
 
     def release(self, hf_names: Sequence[str]) -> None:
         """Drop the named tensors' pages from memory (after they were copied elsewhere): the map is
@@ -485,11 +455,89 @@ class GGUFModel:
         except BufferError:  # a tensor from raw() still views the map: it closes when that is freed
             pass
 
-    def __enter__(self) -> GGUFModel:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class GGUFModel(MappedTensors):
+    """A GGUF text model opened lazily: tensors are read from the memory map when asked for."""
+
+    def __init__(self, path: Path, buf: mmap.mmap, metadata: dict[str, Any], infos: dict[str, GGUFTensorInfo]):
+        self.path = path
+        self.metadata = metadata
+        self.tensor_infos = infos  # by GGUF name
+        self._buf = buf
+        where = str(path)
+        self.config = model_config_from_gguf(metadata, infos, where)
+        self.layout = layout_for(self.config.arch)
+        _check_tensors(infos, self.config.text, self.layout, where)
+        self.eos_token_id = _optional_id(metadata, "eos_token_id")
+        self.bos_token_id = _optional_id(metadata, "bos_token_id")
+        self.pad_token_id = _optional_id(metadata, "padding_token_id")
+        _check_token_ids(metadata, where)
+        self.chat_template: str | None = metadata.get("tokenizer.chat_template")
+        self.tool_chat_template: str | None = metadata.get("tokenizer.chat_template.tool_use")  # llama.cpp's name
+        self.tokenizer_model = _check_tokenizer_kind(metadata, where)
+        spm = self.tokenizer_model == "llama"  # llama.cpp adds BOS to SentencePiece prompts unless told not to
+        self.add_bos_token = bool(metadata.get("tokenizer.ggml.add_bos_token", spm))
+        self.add_eos_token = bool(metadata.get("tokenizer.ggml.add_eos_token", False))
+        self._vocab, self.added_tokens = _split_vocab(metadata, where)
+        self._spm = _sentencepiece_vocab(metadata, where) if spm else None
+        self._merges = None if spm else _meta(metadata, "tokenizer.ggml.merges", where)
+        self._tokenizer_json: str | None = None
+
+    @property
+    def tokenizer_json(self) -> str:
+        """A tokenizer.json equal in behaviour to the checkpoint's own (built on first use, ~1 s); for
+        a SentencePiece vocabulary, llama.cpp's: merges by score, a "▁" before every text fragment."""
+        if self._tokenizer_json is None:
+            if self._spm is not None:
+                added = [AddedToken(i, content, special) for i, content, special in self.added_tokens]
+                prefix = "fragments" if self.metadata.get("tokenizer.ggml.add_space_prefix", True) else "never"
+                self._tokenizer_json = sentencepiece_tokenizer_json(
+                    self._spm, added, prefix=prefix, merge_by_score=True
+                )
+            else:
+                self._tokenizer_json = build_qwen2_tokenizer_json(self._vocab, self._merges, self.added_tokens)
+        return self._tokenizer_json
+
+    @property
+    def sentencepiece_vocab(self) -> SentencePieceVocab | None:
+        """The SentencePiece pieces, scores and types of a "llama" vocabulary (None for BPE ones)."""
+        return self._spm
+
+    @property
+    def bos_token(self) -> str | None:
+        """The bos text, only when the file asks for it to be added (Qwen2 files do not)."""
+        return self.token_text(self.bos_token_id) if self.add_bos_token else None
+
+    def tokenizer(self) -> Tokenizer:
+        tokenizer = Tokenizer.from_json(
+            self.tokenizer_json,
+            eos_token=self.token_text(self.eos_token_id),
+            pad_token=self.token_text(self.pad_token_id),
+            bos_token=self.bos_token,
+            chat_template=self.chat_template,
+            tool_chat_template=self.tool_chat_template,
+        )
+        tokenizer.add_bos_token, tokenizer.add_eos_token = self.add_bos_token, self.add_eos_token
+        return tokenizer
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Stop tokens the file names: its eos, then its end-of-turn / end-of-message ids if any."""
+        ids = [_optional_id(self.metadata, key) for key in ("eos_token_id", "eot_token_id", "eom_token_id")]
+        return tuple(dict.fromkeys(i for i in ids if i is not None))
+
+    @property
+    def generation_config(self) -> GenerationConfig:
+        return GenerationConfig(eos_token_ids=self.eos_token_ids, pad_token_id=self.pad_token_id)
+
+    def token_text(self, token_id: int | None) -> str | None:
+        return None if token_id is None else self.metadata["tokenizer.ggml.tokens"][token_id]
 
 
 def raw_tensor(buf: mmap.mmap, info: GGUFTensorInfo) -> np.ndarray:
@@ -533,7 +581,7 @@ class GGUFFile:
     def tensor(self, name: str) -> torch.Tensor:
         """A tensor by GGUF name, dequantized to float32."""
         info = self._info(name)
-        if not _can_dequantize(info.ggml_type):
+        if not can_dequantize(info.ggml_type):
             raise ModelFileError(f"{self.path}: tensor {name} has unsupported tensor type {info.ggml_type.name}")
         return dequantized_tensor(self._buf, info)
 
@@ -600,7 +648,7 @@ def _open_map(path: Path) -> mmap.mmap:
         raise ModelFileError(f"{path}: permission denied") from None
 
 
-class _DequantizedTensors(Mapping[str, torch.Tensor]):
+class DequantizedTensors(Mapping[str, torch.Tensor]):
     """HF name → float32 tensor, dequantized when looked up (nothing is kept)."""
 
     def __init__(self, model: GGUFModel):
@@ -623,14 +671,15 @@ def open_gguf_checkpoint(path: str | os.PathLike, mmproj: str | os.PathLike | No
     """A GGUF text model (with its vision ``mmproj`` GGUF, if any) as the loaders' common Checkpoint view."""
     model = read_gguf(path)
     if mmproj is None:
+        tokenizer = model.tokenizer()
         return Checkpoint(
             source=str(model.path),
             config=model.config,
-            tokenizer=model.tokenizer(),
-            generation_config=model.generation_config,
+            tokenizer=tokenizer,
+            generation_config=with_chat_stops(model.generation_config, model.config.arch, tokenizer),
             preprocess_config=PreprocessConfig(),
             chat_template=model.chat_template,
-            tensors=lambda: _DequantizedTensors(model),
+            tensors=lambda: DequantizedTensors(model),
             quantized=model,
         )
     from .mmproj import VisionTensors, read_mmproj
@@ -644,7 +693,7 @@ def open_gguf_checkpoint(path: str | os.PathLike, mmproj: str | os.PathLike | No
         generation_config=model.generation_config,
         preprocess_config=projector.preprocess_config,
         chat_template=model.chat_template,
-        tensors=lambda: _ChainedTensors(_DequantizedTensors(model), VisionTensors(projector)),
+        tensors=lambda: _ChainedTensors(DequantizedTensors(model), VisionTensors(projector)),
         quantized=model,
     )
 

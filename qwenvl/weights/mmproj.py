@@ -31,7 +31,7 @@ from ..config import CLIP_MEAN, CLIP_STD, PreprocessConfig, VisionConfig
 from ..config_fields import MAX_HEADS, MAX_LAYERS, MAX_WIDTH, check_range
 from ..errors import ModelFileError
 from . import names
-from .gguf import GGUFFile, GGUFTensorInfo, _can_dequantize, open_gguf_file
+from .gguf import GGUFFile, GGUFTensorInfo, can_dequantize, open_gguf_file
 
 PROJECTOR_VARIANTS = {"qwen2vl_merger": "qwen2_vl", "qwen2.5vl_merger": "qwen2_5_vl"}
 VARIANT_PROJECTORS = {variant: projector for projector, variant in PROJECTOR_VARIANTS.items()}
@@ -201,7 +201,7 @@ class MMProj:
         for layout in self.layouts.values():
             for name in layout.gguf_names:
                 kind = self.file.tensor_infos[name].ggml_type
-                if not _can_dequantize(kind):
+                if not can_dequantize(kind):
                     raise ModelFileError(f"{where}: tensor {name} has unsupported tensor type {kind.name}")
 
     def _gguf_name(self, hf_name: str) -> str:

@@ -1,12 +1,12 @@
-"""The single HF ↔ GGUF tensor-name table of the project.
+"""HF ↔ GGUF tensor-name tables: ``NameTable`` (the decoders' tables are built from weights/layout.py)
+and the vision tower's.
 
-HF names are the keys of the published safetensors checkpoints: the decoder under ``model.`` plus
-``lm_head``; the Qwen2-VL / Qwen2.5-VL vision tower under ``visual.``. GGUF names are llama.cpp's
-(``gguf.constants.TENSOR_NAMES``, as ``convert_hf_to_gguf.py`` writes them). In a row, ``{N}`` stands
-for a block index; the ``.weight`` / ``.bias`` suffix is carried over unchanged.
+HF names are the keys of the published safetensors checkpoints: the Qwen2-VL / Qwen2.5-VL vision tower
+under ``visual.``. GGUF names are llama.cpp's (``gguf.constants.TENSOR_NAMES``, as
+``convert_hf_to_gguf.py`` writes them). In a row, ``{N}`` stands for a block index; the ``.weight`` /
+``.bias`` suffix is carried over unchanged.
 
-The GGUF converter stores qwen2 q/k projections as they are (no permutation), so a name is all that
-changes for the text model. The vision tables only hold plain renames: llama.cpp's converter also
+The vision tables only hold plain renames: llama.cpp's converter also
 splits ``visual.blocks.N.attn.qkv`` into ``v.blk.N.attn_{q,k,v}`` (thirds along the output rows)
 and the Conv3d ``visual.patch_embed.proj.weight`` into two Conv2d kernels ``v.patch_embd.weight``
 and ``v.patch_embd.weight.1`` (temporal slices 0 and 1): ``VisionTensor`` below describes those
@@ -26,22 +26,6 @@ from dataclasses import dataclass, field
 import torch
 
 SUFFIXES = (".weight", ".bias")
-
-# (HF stem, GGUF stem)
-TEXT_ROWS: tuple[tuple[str, str], ...] = (
-    ("model.embed_tokens", "token_embd"),
-    ("model.norm", "output_norm"),
-    ("lm_head", "output"),
-    ("model.layers.{N}.input_layernorm", "blk.{N}.attn_norm"),
-    ("model.layers.{N}.self_attn.q_proj", "blk.{N}.attn_q"),
-    ("model.layers.{N}.self_attn.k_proj", "blk.{N}.attn_k"),
-    ("model.layers.{N}.self_attn.v_proj", "blk.{N}.attn_v"),
-    ("model.layers.{N}.self_attn.o_proj", "blk.{N}.attn_output"),
-    ("model.layers.{N}.post_attention_layernorm", "blk.{N}.ffn_norm"),
-    ("model.layers.{N}.mlp.gate_proj", "blk.{N}.ffn_gate"),
-    ("model.layers.{N}.mlp.up_proj", "blk.{N}.ffn_up"),
-    ("model.layers.{N}.mlp.down_proj", "blk.{N}.ffn_down"),
-)
 
 # The vision tower and merger, as llama.cpp's mmproj files name them.
 _VISION_COMMON_ROWS: tuple[tuple[str, str], ...] = (
@@ -105,7 +89,6 @@ class NameTable:
         return self._translate(gguf_name, self._gguf, "GGUF")
 
 
-TEXT = NameTable(TEXT_ROWS)
 QWEN2_VL_VISION = NameTable(QWEN2_VL_VISION_ROWS)
 QWEN2_5_VL_VISION = NameTable(QWEN2_5_VL_VISION_ROWS)
 QWEN2_VL_VISION_LEGACY = NameTable(QWEN2_VL_VISION_LEGACY_ROWS)
@@ -121,13 +104,13 @@ def vision_table(variant: str, *, legacy: bool = False) -> NameTable:
     raise KeyError(f"unknown vision variant {variant!r}")
 
 
-def gguf_to_hf_name(name: str, table: NameTable = TEXT) -> str:
-    """``blk.3.attn_q.bias`` → ``model.layers.3.self_attn.q_proj.bias``; KeyError if not in the table."""
+def gguf_to_hf_name(name: str, table: NameTable) -> str:
+    """``v.blk.3.ln1.bias`` → ``visual.blocks.3.norm1.bias``; KeyError if not in the table."""
     return table.to_hf(name)
 
 
-def hf_to_gguf_name(name: str, table: NameTable = TEXT) -> str:
-    """``model.layers.3.self_attn.q_proj.bias`` → ``blk.3.attn_q.bias``; KeyError if not in the table."""
+def hf_to_gguf_name(name: str, table: NameTable) -> str:
+    """``visual.blocks.3.norm1.bias`` → ``v.blk.3.ln1.bias``; KeyError if not in the table."""
     return table.to_gguf(name)
 
 
@@ -218,30 +201,8 @@ def join_vision(pieces: Sequence[torch.Tensor], join: str) -> torch.Tensor:
     return tensor
 
 
-# ----------------------------------------------------------------------------------------------
-# HF checkpoint prefixes
-
-# transformers >= 4.52 / 5 nest the decoder under model.language_model and the ViT under model.visual;
-# older VL checkpoints use model.* / visual.*, older still language_model.model.* / language_model.lm_head.
-_HF_PREFIXES = (
-    ("model.language_model.", "model."),
-    ("language_model.model.", "model."),
-    ("language_model.lm_head.", "lm_head."),
-    ("model.visual.", "visual."),
-)
-
-
-def canonical_hf_name(name: str) -> str:
-    """A checkpoint tensor name in the tables' form: ``model.…``, ``lm_head.…`` or ``visual.…``."""
-    for prefix, replacement in _HF_PREFIXES:
-        if name.startswith(prefix):
-            return replacement + name[len(prefix) :]
-    return name
-
-
 __all__ = [
     "NameTable",
-    "TEXT",
     "QWEN2_VL_VISION",
     "QWEN2_5_VL_VISION",
     "QWEN2_VL_VISION_LEGACY",
@@ -252,7 +213,6 @@ __all__ = [
     "vision_layout_from_gguf",
     "split_vision",
     "join_vision",
-    "canonical_hf_name",
     "gguf_to_hf_name",
     "hf_to_gguf_name",
 ]
