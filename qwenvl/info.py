@@ -28,10 +28,19 @@ def model_info(model: str | os.PathLike, mmproj: str | os.PathLike | None = None
                 raise ModelFileError(f"{mmproj}: --mmproj takes the vision GGUF of a text GGUF")
             info["vision"] = projector["vision"]
             info["model"] = info["vision"]["variant"]
-        return info
-    if mmproj is not None:
+    elif mmproj is not None:
         raise ModelFileError(f"{mmproj}: --mmproj goes with a GGUF model, and {model} is not a .gguf file")
-    return _hf_info(model)
+    else:
+        info = _hf_info(model)
+    info["kernels"] = _kernels()
+    return info
+
+
+def _kernels() -> dict[str, Any]:
+    """The native kernels this machine runs the model with (QWENVL_ISA; see qwenvl.ops)."""
+    from . import ops
+
+    return ops.describe()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,6 +283,14 @@ def format_info(info: dict[str, Any]) -> str:
         )
         add("special tokens", specials or "none")
         add("chat template", "yes" if info["chat_template"] else "no")
+    kernels = info.get("kernels")
+    if kernels:
+        path = " + ".join([kernels["isa"], *kernels["extensions"]])
+        tiles = ", AMX tiles for batched bf16 rows" if kernels["amx_tiles"] else ""
+        add(
+            "kernels",
+            f"{path}{tiles} (this CPU runs {', '.join(kernels['cpu_runs'])}; QWENVL_ISA={kernels['requested']})",
+        )
     vision = info.get("vision")
     if vision:
         line = (

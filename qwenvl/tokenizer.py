@@ -167,12 +167,6 @@ class Tokenizer:
         """Number of ids, added tokens included."""
         return self._backend.get_vocab_size(with_added_tokens=True)
 
-    @property
-    def special_tokens_map(self) -> dict[str, str]:
-        """The special tokens that are set, by name: what transformers passes to chat templates."""
-        names = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token}
-        return {name: token for name, token in names.items() if token is not None}
-
 
 @functools.lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
