@@ -4,6 +4,7 @@
     python benchmarks/kernels.py --quick      # fewer formats and timing windows
     python benchmarks/kernels.py --compile    # also the torch.compile fused dequant-matmul (slow to build)
     python benchmarks/kernels.py --rows       # only the rows sweep (batched decode), 2 and 1 threads
+    QWENVL_ISA=avx2 python benchmarks/kernels.py --quick   # any instruction-set path this CPU runs
 
 Per-layer table: µs per call for 1 row (decode) and 512 rows (prefill) of bf16 activations, with
 2 threads; each the best of several timing windows started when the CPUs were idle (on a shared
@@ -36,7 +37,7 @@ import torch
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as T
 
-from qwenvl.quant import kernels
+from qwenvl import ops
 from qwenvl.quant.linear import (
     BlockQuantLinear,
     DenseLinear,
@@ -54,7 +55,7 @@ SHAPES = {  # name: (out, in) of the 0.5B
     "down": (896, 4864),
     "lm_head": (151936, 896),
 }
-FORMATS = [T.Q8_0, T.Q5_0, T.Q4_K, T.Q6_K, T.Q4_0, T.Q4_1, T.Q5_1, T.Q5_K, T.F16, T.BF16]
+FORMATS = [T.Q8_0, T.Q5_0, T.Q4_K, T.Q6_K, T.Q4_0, T.Q4_1, T.Q5_1, T.Q5_K, T.Q2_K, T.Q3_K, T.F16, T.BF16]
 QUICK_FORMATS = [T.Q8_0, T.Q5_0, T.Q4_K, T.Q6_K, T.Q4_0]
 PREFILL_ROWS = 512
 
@@ -118,19 +119,24 @@ def random_blocks(ggml_type: T, rows: int, cols: int, rng: np.random.Generator) 
     raw = rng.integers(0, 256, (rows, cols // block_size, type_size), dtype=np.uint8)
     scale = {T.Q8_0: 0.02 / 64, T.Q5_0: 0.02 / 8, T.Q5_1: 0.04 / 16, T.Q4_0: 0.02 / 4, T.Q4_1: 0.04 / 8}
     scale |= {T.Q4_K: 0.04 / 8 / 32, T.Q5_K: 0.04 / 16 / 32, T.Q6_K: 0.02 / 16 / 64}
+    scale |= {T.Q2_K: 0.04 / 2 / 8, T.Q3_K: 0.02 / 4 / 32}
+    # where d (and dmin, with its size) sit in a block
+    where = {T.Q6_K: (208, None), T.Q2_K: (80, (82, 0.02 / 8)), T.Q3_K: (108, None)}
+    where |= {
+        T.Q4_1: (0, (2, -0.02)),
+        T.Q5_1: (0, (2, -0.02)),
+        T.Q4_K: (0, (2, 0.02 / 32)),
+        T.Q5_K: (0, (2, 0.02 / 32)),
+    }
 
     def halves(value: float) -> np.ndarray:
         values = rng.uniform(*sorted((0.5 * value, 1.5 * value)), raw.shape[:2]).astype(np.float16)
         return values.view(np.uint8).reshape(*raw.shape[:2], 2)
 
-    if ggml_type == T.Q6_K:
-        raw[..., 208:210] = halves(scale[ggml_type])
-    else:
-        raw[..., 0:2] = halves(scale[ggml_type])
-        if ggml_type in (T.Q4_1, T.Q5_1):
-            raw[..., 2:4] = halves(-0.02)
-        if ggml_type in (T.Q4_K, T.Q5_K):
-            raw[..., 2:4] = halves(0.02 / 32)
+    d, minimum = where.get(ggml_type, (0, None))
+    raw[..., d : d + 2] = halves(scale[ggml_type])
+    if minimum is not None:
+        raw[..., minimum[0] : minimum[0] + 2] = halves(minimum[1])
     return raw.reshape(rows, -1)
 
 
@@ -159,7 +165,7 @@ def max_error(layer: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor) -> 
 def weight_error(layer: torch.nn.Module, raw: np.ndarray, ggml_type: T, weight: torch.Tensor) -> float:
     """max |W used - W gguf| / max |W|: the re-quantization alone (bf16 output rounding aside)."""
     if isinstance(layer, BlockQuantLinear):
-        pieces = kernels.dequantize(layer.blocks, ggml_type, layer.in_features, layer.pieces)
+        pieces = ops.kernels().dequantize(layer.blocks, ggml_type, layer.in_features, layer.pieces)
         used = pieces.float().view(layer.out_features, layer.pieces, -1).sum(1)  # the prefill weights
     elif isinstance(layer, DenseLinear):
         used = layer.weight.float()
@@ -191,7 +197,7 @@ def layer_table(formats: list[T], windows: int) -> None:
             if cols % block_size:
                 continue  # K-quants need rows of 256: only ffn_down (4864) in the 0.5B
             raw = random_blocks(ggml_type, rows, cols, rng)
-            weight = kernels.dequantize(torch.from_numpy(raw), ggml_type, cols)
+            weight = ops.kernels().dequantize(torch.from_numpy(raw), ggml_type, cols)
             x1 = torch.randn(1, cols).bfloat16()
             xp = torch.randn(PREFILL_ROWS, cols).bfloat16()
             full = name != "lm_head"  # the engine needs the lm_head on one row only
@@ -341,9 +347,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     windows = 3 if args.quick else 7
-    lib = kernels.library()
-    simd = {0: "portable C++", 1: "AVX-512", 2: "AVX-512 + AVX512-BF16"}[lib.qk_simd()] if lib else "unavailable"
-    print(f"threads {torch.get_num_threads()}, block kernels: {simd}, load average {os.getloadavg()[0]:.1f}")
+    chosen = ops.describe()
+    path = " + ".join([chosen["isa"], *chosen["extensions"]])
+    print(f"threads {torch.get_num_threads()}, kernels: {path}, load average {os.getloadavg()[0]:.1f}")
     if not args.rows:
         print(f"memory read bandwidth: {memory_bandwidth(windows):.1f} GB/s\n")
     formats = [T[name] for name in args.formats.split(",")] if args.formats else None

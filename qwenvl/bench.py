@@ -257,6 +257,7 @@ def _record_base(engine: str, options: BenchOptions, target: _Target, threads: i
         "decoded_tokens": None,
         "image": f"{image[0]}x{image[1]}" if image else None,
         "dtype": None,
+        "kernel_isa": None,
         "repeat": options.repeat,
         "model_file_mb": None,
         "import_rss_mb": None,
@@ -500,6 +501,8 @@ def _record_note(record: dict[str, Any]) -> str:
     parts = []
     if record.get("dtype"):
         parts.append(record["dtype"])
+    if record.get("kernel_isa"):
+        parts.append(f"{record['kernel_isa']} kernels")
     decoded, wanted = record.get("decoded_tokens"), record.get("gen_tokens")
     if decoded is not None and wanted is not None and decoded != wanted:
         parts.append(f"decoded {decoded} of {wanted} tokens (stopped early)")
@@ -687,6 +690,7 @@ def measure_qwenvl(run: EngineRun) -> dict[str, Any]:
         model = load(run.model, dtype=run.dtype, threads=run.threads, mmproj=run.mmproj)
     dtype = str(model.dtype).removeprefix("torch.")
     figures: dict[str, Any] = {"load_s": round(load_s[0], 3), "import_rss_mb": round(import_rss, 1), "dtype": dtype}
+    figures["kernel_isa"] = _kernel_isa()
     _qwenvl_generate(model, run.prompt_ids[:WARMUP_PROMPT_TOKENS], 2)
     runs = []
     for _ in range(run.repeat):
@@ -696,6 +700,13 @@ def measure_qwenvl(run: EngineRun) -> dict[str, Any]:
     if model.vision_model is not None and run.image:
         figures.update(_qwenvl_image_figures(model, run))
     return figures
+
+
+def _kernel_isa() -> str:
+    """The native kernels' path in use ("avx2", "avx512", ..., or "torch"), as ``qwenvl info`` names it."""
+    from . import ops
+
+    return ops.path()
 
 
 def _qwenvl_generate(model: Any, ids: list[int], tokens: int) -> Any:

@@ -16,7 +16,14 @@ from .errors import ModelFileError
 
 
 def model_info(model: str | os.PathLike, mmproj: str | os.PathLike | None = None) -> dict[str, Any]:
-    """A JSON-able description of a model (HF directory / hub id, GGUF text model or mmproj GGUF)."""
+    """A JSON-able description of a model (HF directory / hub id, GGUF text model or mmproj GGUF,
+    qwen.cpp file, Meta checkpoint) and of the native kernels it would run on here."""
+    info = _file_info(model, mmproj)
+    info["kernels"] = _kernels()
+    return info
+
+
+def _file_info(model: str | os.PathLike, mmproj: str | os.PathLike | None) -> dict[str, Any]:
     from .weights.checkpoint import file_kind
 
     path = Path(model).expanduser()
@@ -40,6 +47,13 @@ def model_info(model: str | os.PathLike, mmproj: str | os.PathLike | None = None
     if is_meta_dir(path) and not (path / "config.json").is_file():
         return _meta_info(path)
     return _hf_info(model)
+
+
+def _kernels() -> dict[str, Any]:
+    """The native kernels this machine runs the model with (QWENVL_ISA; see qwenvl.ops)."""
+    from . import ops
+
+    return ops.describe()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -346,6 +360,14 @@ def format_info(info: dict[str, Any]) -> str:
         )
         add("special tokens", specials or "none")
         add("chat template", "yes" if info["chat_template"] else NO_TEMPLATE.get(info.get("model"), NO_TEMPLATE[None]))
+    kernels = info.get("kernels")
+    if kernels:
+        path = " + ".join([kernels["isa"], *kernels["extensions"]])
+        tiles = ", AMX tiles for batched bf16 rows" if kernels["amx_tiles"] else ""
+        add(
+            "kernels",
+            f"{path}{tiles} (this CPU runs {', '.join(kernels['cpu_runs'])}; QWENVL_ISA={kernels['requested']})",
+        )
     vision = info.get("vision")
     if vision:
         line = (

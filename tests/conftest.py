@@ -14,8 +14,11 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 
 from checkpoints import build_llama, build_qwen2, build_qwen_v1, build_vl  # noqa: E402
+from isa_paths import ISAS, kernels  # noqa: E402
 from spm_fixtures import train_sentencepiece  # noqa: E402
 from tokenizer_fixtures import qwen_tokenizer_dir  # noqa: E402
+
+from qwenvl import ops  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -82,3 +85,15 @@ def make_llama(tmp_path_factory, spm_models):
         return made[name]
 
     return make
+
+
+@pytest.fixture(params=ISAS)
+def native_isa(request, monkeypatch):
+    """Each ISA path in turn as the process's choice (QWENVL_ISA): its kernels, or the test is skipped
+    with the reason this machine cannot run it. The choice is undone after the test."""
+    chosen = kernels(request.param)
+    monkeypatch.setenv("QWENVL_ISA", request.param)
+    monkeypatch.delenv("QWENVL_KERNELS", raising=False)
+    ops.kernels.cache_clear()
+    yield chosen
+    ops.kernels.cache_clear()

@@ -195,7 +195,7 @@ def write_tiny_gguf(
             writer.add_tensor(name, value.astype(np.float64))
             continue
         qtype = types(name)
-        k_quant = qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K)  # gguf's Python package cannot write these
+        k_quant = qtype in (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)  # gguf's Python package cannot write these
         data = quantize(value, qtype) if k_quant else gguf.quants.quantize(value, qtype)
         writer.add_tensor(name, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
     writer.write_header_to_file()

@@ -16,6 +16,7 @@ import torch
 from qwenvl import bench
 from qwenvl.cli import main as cli_main
 from qwenvl.models.vision import weight_names
+from qwenvl.ops import isa
 
 JSON_KEYS = {"engine", "prefill_tok_s", "decode_tok_s", "image_encode_s", "ttft_s", "load_s", "peak_rss_mb"}
 TINY = ["--prompt-tokens", "12", "--gen-tokens", "3", "--threads", "1"]
@@ -67,6 +68,7 @@ def test_json_has_one_object_per_engine_with_the_issue_keys(text_records, make_q
         assert record["other_cpu_cores"] >= 0  # Linux: the machine's busy time beyond the worker's
     assert ours["decoded_tokens"] == peer["decoded_tokens"] == 3  # end-of-sequence ignored
     assert ours["model"] == str(make_qwen2().resolve()) and peer["dtype"] == "bfloat16"
+    assert ours["kernel_isa"] in (*isa.ISAS, "torch") and peer["kernel_isa"] is None
 
 
 def test_ratio_is_qwenvl_over_peer(text_records):

@@ -109,7 +109,10 @@ def hf(tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def special_tokens(tokenizer_dir) -> dict[str, str]:
-    return Tokenizer.from_dir(tokenizer_dir).special_tokens_map
+    """The special tokens that are set, by name: what transformers passes to chat templates."""
+    tokenizer = Tokenizer.from_dir(tokenizer_dir)
+    names = {"bos_token": tokenizer.bos_token, "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token}
+    return {name: token for name, token in names.items() if token is not None}
 
 
 def hf_render(hf, template, messages, add_generation_prompt, **kwargs) -> str:

@@ -6,10 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qwenvl.models.text import KVCache, RowsKVView, decode_kernel
-from qwenvl.quant import kernels
-
-pytestmark = pytest.mark.skipif(not kernels.available(), reason="no C++ compiler")
+from qwenvl import ops
+from qwenvl.models.text import KVCache, RowsKVView
 
 
 def caches_and_step(rows, heads, kv_heads, dim, dtype, layers=3, seed=0):
@@ -42,10 +40,10 @@ def reference(keys, values, positions, q, k, v, layer):
     [(14, 2, 64), (12, 2, 128), (4, 4, 16), (4, 2, 20), (6, 3, 12)],  # vector paths (64, 128) and the generic one
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matches_sdpa_and_stores_the_new_key(heads, kv_heads, dim, dtype):
+def test_matches_sdpa_and_stores_the_new_key(native_isa, heads, kv_heads, dim, dtype):
     keys, values, positions, q, k, v = caches_and_step(5, heads, kv_heads, dim, dtype)
     want = reference(keys, values, positions, q, k, v, layer=1)
-    got = kernels.DecodeAttention(keys, values, positions, kernels.library())(q, k, v, layer=1)
+    got = native_isa.decode_attention(keys, values, positions)(q, k, v, layer=1)
     assert got.dtype == dtype and got.shape == (5, heads, dim)
     tolerance = 2e-6 if dtype == torch.float32 else 8e-3  # bf16: the output's rounding
     assert (got.double() - want).abs().max().item() < tolerance
@@ -54,41 +52,39 @@ def test_matches_sdpa_and_stores_the_new_key(heads, kv_heads, dim, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_row_does_not_depend_on_the_batch(dtype):
+def test_a_row_does_not_depend_on_the_batch(native_isa, dtype):
     keys, values, positions, q, k, v = caches_and_step(7, 14, 2, 64, dtype, seed=3)
-    lib = kernels.library()
-    batched = kernels.DecodeAttention(keys, values, positions, lib)(q, k, v, layer=2)
+    batched = native_isa.decode_attention(keys, values, positions)(q, k, v, layer=2)
     for i in range(7):
-        single = kernels.DecodeAttention([keys[i]], [values[i]], [positions[i]], lib)
+        single = native_isa.decode_attention([keys[i]], [values[i]], [positions[i]])
         alone = single(q[i : i + 1], k[i : i + 1], v[i : i + 1], 2)
         assert torch.equal(alone[0], batched[i]), i
 
 
-def test_strided_rows_as_the_model_passes_them():
+def test_strided_rows_as_the_model_passes_them(native_isa):
     """q, k, v are slices of one fused projection (row stride > heads · dim)."""
     keys, values, positions, q, k, v = caches_and_step(3, 4, 2, 16, torch.float32)
     fused = torch.cat([q.flatten(1), k.flatten(1), v.flatten(1), torch.zeros(3, 5)], dim=1)
     qs, ks, vs = fused[:, :64].view(3, 4, 16), fused[:, 64:96].view(3, 2, 16), fused[:, 96:128].view(3, 2, 16)
     want = reference(keys, values, positions, q, k, v, layer=0)
-    got = kernels.DecodeAttention(keys, values, positions, kernels.library())(qs, ks, vs, layer=0)
+    got = native_isa.decode_attention(keys, values, positions)(qs, ks, vs, layer=0)
     assert (got.double() - want).abs().max().item() < 2e-6
 
 
-def test_mismatches_are_refused():
+def test_mismatches_are_refused(native_isa):
     keys, values, positions, q, k, v = caches_and_step(2, 4, 2, 16, torch.float32)
-    lib = kernels.library()
     with pytest.raises(ValueError, match="room for the position"):
-        kernels.DecodeAttention(keys, values, [0, keys[1].shape[2]], lib)
+        native_isa.decode_attention(keys, values, [0, keys[1].shape[2]])
     with pytest.raises(ValueError, match="share a dtype"):
-        kernels.DecodeAttention([keys[0], keys[1].bfloat16()], values, positions, lib)
-    attention = kernels.DecodeAttention(keys, values, positions, lib)
+        native_isa.decode_attention([keys[0], keys[1].bfloat16()], values, positions)
+    attention = native_isa.decode_attention(keys, values, positions)
     with pytest.raises(ValueError, match="do not match"):
         attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), 0)
     with pytest.raises(ValueError, match="cannot share"):
         attention(torch.zeros(2, 3, 16), k, v, 0)
 
 
-def test_model_rows_take_the_kernel_or_sdpa_alike():
+def test_model_rows_take_the_kernel_or_sdpa_alike(native_isa):
     """RowsKVView with the kernel and without it (per-row SDPA, the fallback) agree."""
     from qwenvl.config import TextConfig
 
@@ -99,7 +95,9 @@ def test_model_rows_take_the_kernel_or_sdpa_alike():
         cache.keys.normal_(), cache.values.normal_()
     starts = [3, 17, 0]
     q, k, v = torch.randn(3, 4, 1, 16), torch.randn(3, 2, 1, 16), torch.randn(3, 2, 1, 16)
-    kernel = decode_kernel([c.keys[:, 0] for c in caches], [c.values[:, 0] for c in caches], starts, torch.float32)
+    kernel = ops.decode_attention(
+        [c.keys[:, 0] for c in caches], [c.values[:, 0] for c in caches], starts, torch.float32
+    )
     assert kernel is not None
     fast = RowsKVView(caches, starts, 1, kernel).attend(q, k, v)
     slow = RowsKVView(caches, starts, 1, None).attend(q, k, v)

@@ -14,9 +14,10 @@ import pytest
 import torch
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as T
+from isa_paths import ISAS, gemv, kernels_or_reason
 from test_quant_linear import BLOCK_TYPES, EPS, assert_within, bits, random_blocks, reference, reference_weight
 
-from qwenvl.quant import kernels
+from qwenvl.ops import check_blocks
 from qwenvl.quant.linear import AMX_TYPES
 
 # in/out widths of the published layers: text hidden sizes and MLPs (0.5B … 7B), vision embed, MLPs
@@ -25,18 +26,18 @@ OUT_ROWS = 7  # a 4-row tile, a 2-row tile and a single row
 MOST_ROWS = 16
 
 
-def kernel_paths() -> list[tuple[str, object, bool]]:
-    """(name, library, amx) for every path this machine can run."""
-    if not kernels.available():
-        return []
-    paths = [("native", kernels.load_library(), False), ("portable", kernels.load_library(portable=True), False)]
-    if kernels.amx_available():
-        paths.append(("amx", kernels.load_library(), True))
+def kernel_paths() -> list:
+    """(name, kernels, amx) for every ISA path — its vector GEMV, and the AMX library's tiles too —
+    each skipped with the reason where this machine cannot run it."""
+    paths = []
+    for label, name, tiles in [*((name, name, False) for name in ISAS), ("amx-tiles", "amx", True)]:
+        found = kernels_or_reason(name)
+        skip = [pytest.mark.skip(reason=found)] if isinstance(found, str) else []
+        paths.append(pytest.param((label, None if skip else found, tiles), id=label, marks=skip))
     return paths
 
 
 PATHS = kernel_paths()
-needs_paths = pytest.mark.skipif(not PATHS, reason="the block kernels could not be built here")
 
 
 def widths(ggml_type: T) -> list[int]:
@@ -55,13 +56,12 @@ def check_products(lib, amx: bool, ggml_type: T, k: int, dtype: torch.dtype, see
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(MOST_ROWS, k, generator=gen).to(dtype)
     ref, scale = reference(x, weight, None)
-    got = kernels.gemv(x, blocks, ggml_type, k, out=torch.empty(MOST_ROWS, OUT_ROWS), lib=lib, amx=amx)
+    got = gemv(lib, x, blocks, ggml_type, k, out=torch.empty(MOST_ROWS, OUT_ROWS), amx=amx)
     excess = ((got.double() - ref).abs() - EPS * scale).max().item()
     assert excess <= 0, f"{ggml_type.name} K={k} {dtype}: error exceeds the bound by {excess:.3g}"
 
 
-@needs_paths
-@pytest.mark.parametrize("path", PATHS, ids=lambda p: p[0])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("ggml_type", BLOCK_TYPES, ids=lambda t: t.name)
 def test_products_at_every_width(path, ggml_type: T) -> None:
     name, lib, amx = path
@@ -73,8 +73,7 @@ def test_products_at_every_width(path, ggml_type: T) -> None:
             check_products(lib, amx, ggml_type, k, dtype, seed=i)
 
 
-@needs_paths
-@pytest.mark.parametrize("path", PATHS, ids=lambda p: p[0])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("ggml_type", BLOCK_TYPES, ids=lambda t: t.name)
 def test_rows_strided_and_alone(path, ggml_type: T) -> None:
     """At widths with a tail (and a published one): 1-16 rows each within the bound; every row of a
@@ -95,7 +94,7 @@ def test_rows_strided_and_alone(path, ggml_type: T) -> None:
 
             def run(rows: torch.Tensor) -> torch.Tensor:
                 out = torch.empty(rows.shape[0], OUT_ROWS)
-                return kernels.gemv(rows, blocks, ggml_type, k, out=out, lib=lib, amx=amx)
+                return gemv(lib, rows, blocks, ggml_type, k, out=out, amx=amx)
 
             together = run(x)
             assert torch.equal(bits(together), bits(run(x.contiguous()))), f"K={k}: strided rows differ"
@@ -107,21 +106,20 @@ def test_rows_strided_and_alone(path, ggml_type: T) -> None:
                 assert_within(run(x[:rows]), ref, EPS * scale)
 
 
-@needs_paths
-@pytest.mark.parametrize("path", [p for p in PATHS if not p[2]], ids=lambda p: p[0])
+@pytest.mark.parametrize("path", [p for p in PATHS if not p.values[0][2]])
 @pytest.mark.parametrize("ggml_type", BLOCK_TYPES, ids=lambda t: t.name)
 def test_dequantize_at_every_width(path, ggml_type: T) -> None:
     """fp32 rows bit for bit gguf's, and three bf16 pieces summing to them, at every width."""
     name, lib, _ = path
     for i, k in enumerate(widths(ggml_type)):
         blocks, weight = weights(ggml_type, k, seed=i)
-        got = kernels.dequantize(blocks, ggml_type, k, lib=lib).numpy()
+        got = lib.dequantize(blocks, ggml_type, k).numpy()
         assert np.array_equal(got.view(np.uint32), weight.view(np.uint32)), f"{ggml_type.name} K={k}"
-        parts = kernels.dequantize(blocks, ggml_type, k, pieces=3, lib=lib).float().reshape(OUT_ROWS, 3, k)
+        parts = lib.dequantize(blocks, ggml_type, k, pieces=3).float().reshape(OUT_ROWS, 3, k)
         assert torch.equal(parts.sum(dim=1), torch.from_numpy(weight)), f"{ggml_type.name} K={k} pieces"
 
 
 def test_block_formats_refuse_a_partial_block() -> None:
     blocks = torch.zeros(2, GGML_QUANT_SIZES[T.Q8_0][1] * 2, dtype=torch.uint8)
     with pytest.raises(ValueError, match="multiple of 32"):
-        kernels.check_blocks(blocks, T.Q8_0, 2, 70)
+        check_blocks(blocks, T.Q8_0, 2, 70)

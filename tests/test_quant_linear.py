@@ -22,8 +22,10 @@ import torch
 from gguf import quants as gguf_quants
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as T
+from isa_paths import gemv, kernels_or_reason
 
-from qwenvl.quant import kernels, linear
+from qwenvl import ops
+from qwenvl.quant import linear
 from qwenvl.quant.linear import (
     BlockQuantLinear,
     ConcatLinear,
@@ -32,13 +34,15 @@ from qwenvl.quant.linear import (
     quant_linear_from_parts,
 )
 
-BLOCK_TYPES = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K]
-K_QUANTS = {T.Q4_K, T.Q5_K, T.Q6_K}
+BLOCK_TYPES = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
+K_QUANTS = {T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K}
+# where each K-quant keeps its fp16 d (and dmin), the rest of a block being codes and small scales
+K_QUANT_SCALES = {T.Q2_K: (80, 82), T.Q3_K: (108, None), T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208, None)}
 ROWS, COLS = 40, 512  # 512: two K-quant blocks (43 rows, with tile tails: the row-invariance test)
 FEW, MANY = (1, 3, 6), 23  # row counts for the fused GEMV and the dequantize + GEMM paths
 EPS = 1e-6
 
-needs_kernels = pytest.mark.skipif(not kernels.available(), reason="the block kernels could not be built here")
+needs_kernels = pytest.mark.skipif(ops.kernels() is None, reason="the block kernels could not be built here")
 
 
 def random_blocks(ggml_type: T, rows: int, cols: int, seed: int = 0) -> np.ndarray:
@@ -54,11 +58,10 @@ def random_blocks(ggml_type: T, rows: int, cols: int, seed: int = 0) -> np.ndarr
         values = rng.uniform(low, high, raw.shape[:2]).astype(np.float16)
         return values.view(np.uint8).reshape(*raw.shape[:2], 2)
 
-    if ggml_type == T.Q6_K:
-        raw[..., 208:210] = halves(1e-4, 1e-3)  # d last; scales are int8 bytes
-    else:
-        raw[..., 0:2] = halves(1e-4, 1e-3)  # d
-        raw[..., 2:4] = halves(0, 1e-3)  # dmin
+    d, dmin = K_QUANT_SCALES[ggml_type]
+    raw[..., d : d + 2] = halves(1e-4, 1e-3)
+    if dmin is not None:
+        raw[..., dmin : dmin + 2] = halves(0, 1e-3)
     return raw.reshape(rows, -1)
 
 
@@ -90,46 +93,34 @@ def assert_within(y: torch.Tensor, ref: torch.Tensor, bound: torch.Tensor) -> No
 # The kernels' weights are gguf's weights
 
 
-@needs_kernels
 @pytest.mark.parametrize("ggml_type", BLOCK_TYPES, ids=lambda t: t.name)
-def test_dequantize_is_bit_exact_and_pieces_sum_to_it(ggml_type: T) -> None:
+def test_dequantize_is_bit_exact_and_pieces_sum_to_it(native_isa, ggml_type: T) -> None:
     raw = random_blocks(ggml_type, ROWS, COLS)
     expected = reference_weight(raw, ggml_type)
     blocks = torch.from_numpy(raw)
-    got = kernels.dequantize(blocks, ggml_type, COLS).numpy()
+    got = native_isa.dequantize(blocks, ggml_type, COLS).numpy()
     assert np.array_equal(got.view(np.uint32), expected.view(np.uint32))
     pieces = linear.EXACT_PIECES.get(ggml_type, 3)
-    parts = kernels.dequantize(blocks, ggml_type, COLS, pieces=pieces).float().reshape(ROWS, pieces, COLS)
+    parts = native_isa.dequantize(blocks, ggml_type, COLS, pieces=pieces).float().reshape(ROWS, pieces, COLS)
     assert torch.equal(parts.sum(dim=1), torch.from_numpy(expected))  # the exact prefill path's claim
     if pieces > 1 and ggml_type not in (T.Q4_1, T.Q5_1):  # one piece fewer would round
         # (Q4_1/Q5_1: d·q + m often fits 16 bits, but not always — e.g. a large min with a small d)
-        fewer = kernels.dequantize(blocks, ggml_type, COLS, pieces=pieces - 1).float().reshape(ROWS, pieces - 1, COLS)
-        assert not torch.equal(fewer.sum(dim=1), torch.from_numpy(expected))
+        fewer = native_isa.dequantize(blocks, ggml_type, COLS, pieces=pieces - 1)
+        assert not torch.equal(fewer.float().reshape(ROWS, pieces - 1, COLS).sum(dim=1), torch.from_numpy(expected))
 
 
-@needs_kernels
-def test_portable_build_matches_gguf() -> None:
-    """The scalar C++ path (no -march=native), for machines without AVX-512."""
-    lib = kernels.load_library(portable=True)
-    assert lib.qk_simd() == 0
-    x = torch.randn(3, COLS)
-    for ggml_type in BLOCK_TYPES:
-        raw = random_blocks(ggml_type, ROWS, COLS, seed=1)
-        weight = reference_weight(raw, ggml_type)
-        blocks = torch.from_numpy(raw)
-        got = kernels.dequantize(blocks, ggml_type, COLS, lib=lib).numpy()
-        assert np.array_equal(got.view(np.uint32), weight.view(np.uint32)), ggml_type.name
-        ref, scale = reference(x, weight, None)
-        assert_within(kernels.gemv(x, blocks, ggml_type, COLS, lib=lib), ref, EPS * scale)
+def test_every_path_names_its_isa(native_isa) -> None:
+    """The library of each path is the one asked for, and the process's choice follows QWENVL_ISA."""
+    assert ops.kernels().path == native_isa.path and ops.path() == native_isa.isa
+    assert all(native_isa.lib.qk_supports(t) for t in BLOCK_TYPES) and not native_isa.lib.qk_supports(T.IQ4_NL)
 
 
 # ----------------------------------------------------------------------------------------------
 # Exact layers
 
 
-@needs_kernels
 @pytest.mark.parametrize("ggml_type", BLOCK_TYPES, ids=lambda t: t.name)
-def test_block_linear_is_exact(ggml_type: T) -> None:
+def test_block_linear_is_exact(native_isa, ggml_type: T) -> None:
     raw = random_blocks(ggml_type, ROWS, COLS)
     weight = reference_weight(raw, ggml_type)
     bias = torch.randn(ROWS) * 0.1
@@ -151,10 +142,9 @@ def bits(y: torch.Tensor) -> torch.Tensor:
     return y.view(torch.int16 if y.dtype == torch.bfloat16 else torch.int32)
 
 
-@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("ggml_type", BLOCK_TYPES, ids=lambda t: t.name)
-def test_decode_rows_do_not_depend_on_each_other(ggml_type: T, dtype: torch.dtype) -> None:
+def test_decode_rows_do_not_depend_on_each_other(native_isa, ggml_type: T, dtype: torch.dtype) -> None:
     """A batched step's rows must not depend on each other: row i of an M-row call is bit for bit
     x[i]'s 1-row result on the same path, for every M the fused GEMV takes (AVX-512 below
     ``amx_min_rows`` bf16 rows, AMX tiles from there on where the CPU has them)."""
@@ -165,11 +155,11 @@ def test_decode_rows_do_not_depend_on_each_other(ggml_type: T, dtype: torch.dtyp
     x = (torch.randn(most, COLS) * torch.logspace(-2, 2, most)[:, None]).to(dtype)
 
     def fp32_out(x: torch.Tensor, amx: bool) -> torch.Tensor:  # the kernel's sums before any bf16 rounding
-        return kernels.gemv(x, layer.blocks, ggml_type, COLS, out=torch.empty(x.shape[0], out_rows), amx=amx)
+        return gemv(native_isa, x, layer.blocks, ggml_type, COLS, out=torch.empty(x.shape[0], out_rows), amx=amx)
 
     def layer_out(x: torch.Tensor, amx: bool) -> torch.Tensor:
         out = torch.empty(x.shape[0], out_rows, dtype=x.dtype)
-        return kernels.gemv(x, layer.blocks, ggml_type, COLS, bias=layer.bias, out=out, amx=amx)
+        return gemv(native_isa, x, layer.blocks, ggml_type, COLS, bias=layer.bias, out=out, amx=amx)
 
     for run in (layer_out, fp32_out):
         alone = {amx: torch.cat([bits(run(x[i : i + 1], amx)) for i in range(most)]) for amx in (False, True)}
@@ -183,7 +173,8 @@ def test_decode_rows_do_not_depend_on_each_other(ggml_type: T, dtype: torch.dtyp
 
 
 AMX_TYPES = sorted(linear.AMX_TYPES, key=int)
-needs_amx = pytest.mark.skipif(not kernels.amx_available(), reason="no AMX tiles here")
+AMX = kernels_or_reason("amx")
+needs_amx = pytest.mark.skipif(isinstance(AMX, str), reason=AMX if isinstance(AMX, str) else "")
 
 
 @needs_amx
@@ -199,9 +190,9 @@ def test_amx_path_is_exact(ggml_type: T) -> None:
         x = torch.randn(rows, COLS).bfloat16()
         ref, scale = reference(x, weight, bias)
         out = torch.empty(rows, ROWS + 3)
-        got = kernels.gemv(x, blocks, ggml_type, COLS, bias=bias, out=out, amx=True)
+        got = gemv(AMX, x, blocks, ggml_type, COLS, bias=bias, out=out, amx=True)
         assert_within(got, ref, EPS * scale)
-        vector = kernels.gemv(x, blocks, ggml_type, COLS, bias=bias, out=torch.empty_like(out))
+        vector = gemv(AMX, x, blocks, ggml_type, COLS, bias=bias, out=torch.empty_like(out))
         assert not torch.equal(got, vector) or rows == 1  # really another path (sums in another order)
 
 
@@ -217,17 +208,27 @@ def test_amx_takes_strided_and_unaligned_rows(ggml_type: T) -> None:
     for rows in (5, 16):
         for extra, start in ((4, 0), (4, 1), (3, 0)):  # even stride; start off alignment; odd stride
             x = torch.randn(rows, COLS + extra).bfloat16()[:, start : start + COLS]
-            strided = kernels.gemv(x, blocks, ggml_type, COLS, out=torch.empty(rows, ROWS), amx=True)
-            packed = kernels.gemv(x.contiguous(), blocks, ggml_type, COLS, out=torch.empty(rows, ROWS), amx=True)
+            strided = gemv(AMX, x, blocks, ggml_type, COLS, out=torch.empty(rows, ROWS), amx=True)
+            packed = gemv(AMX, x.contiguous(), blocks, ggml_type, COLS, out=torch.empty(rows, ROWS), amx=True)
             assert torch.equal(strided, packed), (rows, extra, start)
 
 
 @needs_amx
 def test_amx_can_be_turned_off(monkeypatch) -> None:
-    monkeypatch.setenv("QWENVL_AMX", "0")
     raw = random_blocks(T.Q5_0, ROWS, COLS)
-    layer = quant_linear_from_ggml(raw, T.Q5_0, (ROWS, COLS), kernel="blocks")
-    assert layer.amx_min_rows > layer.gemv_max_rows and "AMX" not in layer.describe()
+    monkeypatch.setenv("QWENVL_ISA", "amx")
+    ops.kernels.cache_clear()
+    try:
+        layer = quant_linear_from_ggml(raw, T.Q5_0, (ROWS, COLS), kernel="blocks")
+        assert layer.amx_min_rows <= layer.gemv_max_rows and "AMX" in layer.describe()
+        monkeypatch.setenv("QWENVL_AMX", "0")
+        layer = quant_linear_from_ggml(raw, T.Q5_0, (ROWS, COLS), kernel="blocks")
+        assert layer.amx_min_rows > layer.gemv_max_rows and "AMX" not in layer.describe()
+        monkeypatch.delenv("QWENVL_ISA")
+        ops.kernels.cache_clear()
+        assert ops.path() == "avx512"  # auto stops below AMX
+    finally:
+        ops.kernels.cache_clear()
 
 
 @needs_kernels
@@ -261,7 +262,7 @@ def test_prefill_in_chunks_matches_one_chunk(monkeypatch: pytest.MonkeyPatch) ->
     whole = layer(x)
     monkeypatch.setattr(linear, "PREFILL_CHUNK_BYTES", 7 * COLS * 2 * layer.pieces)  # 7 rows per chunk
     assert torch.equal(layer(x), whole)
-    linear.release_buffers()
+    linear._buffers.__dict__.clear()  # a fresh buffer
     assert torch.equal(layer(x), whole)
 
 
@@ -394,13 +395,15 @@ def test_bad_inputs_are_refused() -> None:
         quant_linear_from_ggml(raw, T.Q8_0, (ROWS, COLS), kernel="fast")
     with pytest.raises(ValueError, match="int4 kernel takes"):
         quant_linear_from_ggml(random_blocks(T.Q8_0, 48, COLS), T.Q8_0, (48, COLS), kernel="int4")
-    with pytest.raises(ValueError, match="x must be"):
-        kernels.gemv(torch.randn(2, COLS + 32), torch.from_numpy(raw), T.Q8_0, COLS)
 
 
 def test_auto_falls_back_to_dense_without_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kernels, "available", lambda: False)
-    raw = random_blocks(T.Q5_0, ROWS, COLS)
-    with pytest.warns(UserWarning, match="fall back to dense"):
-        layer = quant_linear_from_ggml(raw, T.Q5_0, (ROWS, COLS))
-    assert layer.kernel == "dense" and not layer.exact
+    monkeypatch.setenv("QWENVL_KERNELS", "0")
+    ops.kernels.cache_clear()
+    try:
+        raw = random_blocks(T.Q5_0, ROWS, COLS)
+        with pytest.warns(UserWarning, match="fall back to dense"):
+            layer = quant_linear_from_ggml(raw, T.Q5_0, (ROWS, COLS))
+        assert layer.kernel == "dense" and not layer.exact
+    finally:
+        ops.kernels.cache_clear()

@@ -106,7 +106,7 @@ def test_special_ids_and_vocab_match_transformers(ours, hf):
     assert ours.bos_token_id is None and hf.bos_token_id is None
     hf_special = {i for i, token in hf.added_tokens_decoder.items() if token.special}
     assert ours.special_token_ids == hf_special
-    assert ours.special_tokens_map == {"eos_token": hf.eos_token, "pad_token": hf.pad_token}
+    assert (ours.bos_token, ours.eos_token, ours.pad_token) == (None, hf.eos_token, hf.pad_token)
     for token in SPECIAL_TOKENS + TOOL_TOKENS + ["Ġthe", "ä¸Ń", "!"]:
         assert ours.token_to_id(token) == hf.convert_tokens_to_ids(token)
         assert ours.id_to_token(ours.token_to_id(token)) == token

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from ..config import TextConfig
-from ..quant import kernels
 from ..weights.layout import QWEN2, Layout
 from .rope import (
     apply_rope_heads,
@@ -41,16 +41,8 @@ class RMSNorm(nn.Module):
         return self.add_and_norm(x, None)[1]
 
     def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(h, RMSNorm(h)) for h = x + delta (the residual add), or h = x without delta: x / rms(x) in
-        fp32, times the weight, rounded once to x's dtype — one compiled call where the kernels are
-        (``kernels.rms_norm``), else torch's fused op."""
-        lib = kernels.library()
-        weight = self.weight
-        fits = x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16) and x.is_contiguous()
-        if lib is not None and fits and (delta is None or (delta.dtype == x.dtype and delta.is_contiguous())):
-            return kernels.rms_norm_unchecked(lib, x, delta, weight, self.eps)
-        h = x if delta is None else x + delta
-        return h, F.rms_norm(h, (h.shape[-1],), weight, self.eps)
+        """(h, RMSNorm(h)) for h = x + delta (the residual add), or h = x without delta."""
+        return ops.add_rms_norm(x, delta, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -96,17 +88,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(swiglu(self.gate_up_proj(x)))
-
-
-def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up of the fused projection's output: one compiled call where the kernels are
-    (``kernels.silu_mul``, torch's roundings), else torch's two ops."""
-    lib = kernels.library()
-    if lib is not None and gate_up.dtype in (torch.float32, torch.bfloat16) and gate_up.is_contiguous():
-        return kernels.silu_mul_unchecked(lib, gate_up)
-    gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate).mul_(up)
+        return self.down_proj(ops.swiglu(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -144,7 +126,7 @@ class KVView:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Store this call's keys/values, then attention of q [B, heads, L, head_dim] over the cache."""
         if q.shape[2] == 1 and self.mask is None and q.shape[0] == self.keys.shape[0] == 1:
-            kernel = decode_kernel([self.keys], [self.values], [self.start], q.dtype)  # [1, …] as one "layer"
+            kernel = ops.decode_attention([self.keys], [self.values], [self.start], q.dtype)  # [1, …]: one "layer"
             if kernel is not None:
                 return kernel(q[:, :, 0], k[:, :, 0], v[:, :, 0], 0).unsqueeze(2)
         keys, values = self.append(k, v)
@@ -159,7 +141,7 @@ class RowsKVView:
     result does not depend on the others."""
 
     def __init__(
-        self, caches: Sequence[KVCache], starts: Sequence[int], layer: int, kernel: kernels.DecodeAttention | None
+        self, caches: Sequence[KVCache], starts: Sequence[int], layer: int, kernel: ops.DecodeAttention | None
     ):
         self.caches, self.starts, self.layer, self.kernel = caches, starts, layer, kernel
 
@@ -168,18 +150,6 @@ class RowsKVView:
             return self.kernel(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.layer).unsqueeze(2)
         views = [cache.view(self.layer, start, 1, None) for cache, start in zip(self.caches, self.starts)]
         return torch.cat([view.attend(q[i : i + 1], k[i : i + 1], v[i : i + 1]) for i, view in enumerate(views)])
-
-
-def decode_kernel(
-    keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], positions: Sequence[int], dtype: torch.dtype
-) -> kernels.DecodeAttention | None:
-    """The compiled decode attention for these caches ([layers, kv_heads, capacity, head_dim] each),
-    or None where it does not apply (no kernels; a dtype other than fp32/bf16): callers then run SDPA.
-    Single-request steps take it too, so a row's result does not depend on the batch."""
-    lib = kernels.library()
-    if lib is None or dtype not in (torch.float32, torch.bfloat16) or keys[0].dtype != dtype:
-        return None
-    return kernels.DecodeAttention(keys, values, positions, lib)
 
 
 class SegmentsKVView:
@@ -258,7 +228,8 @@ class TextModel(nn.Module):
         cos, sin, q_scale = self._rope(position_ids, embeds.dtype, alphas)
         for cache, start in zip(caches, starts):
             cache.check_room(start, 1)
-        kernel = decode_kernel([c.keys[:, 0] for c in caches], [c.values[:, 0] for c in caches], starts, embeds.dtype)
+        keys, values = [c.keys[:, 0] for c in caches], [c.values[:, 0] for c in caches]
+        kernel = ops.decode_attention(keys, values, starts, embeds.dtype)
         x = embeds
         for index, layer in enumerate(self.layers):
             x = layer(x, cos, sin, RowsKVView(caches, starts, index, kernel), q_scale)

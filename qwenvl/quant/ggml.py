@@ -47,16 +47,6 @@ def quantize(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
     return blocks.reshape(*values.shape[:-1], values.shape[-1] // QK_K * GGML_QUANT_SIZES[qtype][1])
 
 
-def can_quantize(qtype: GGMLQuantizationType) -> bool:
-    if qtype in K_QUANTIZERS or qtype in (Q.F32, Q.F16):
-        return True
-    try:
-        gguf_quants.quantize(np.zeros((1, block_size(qtype)), dtype=np.float32), qtype)
-    except NotImplementedError:
-        return False
-    return True
-
-
 # ----------------------------------------------------------------------------------------------
 # Helpers (float32 throughout, like the C code)
 
@@ -358,4 +348,4 @@ K_QUANTIZERS = {
     Q.Q6_K: quantize_q6_k,
 }
 
-__all__ = ["quantize", "can_quantize", "block_size", "K_QUANTIZERS"]
+__all__ = ["quantize", "block_size", "K_QUANTIZERS"]

@@ -3,7 +3,7 @@
 ``quant_linear_from_ggml`` builds one from a tensor's stored bytes (``GGUFModel.raw``) once, at load.
 Kernels (``kernel=``; docs/quantization-kernels.md has the measurements behind the defaults):
 
-- ``"blocks"``: the GGML blocks as stored, read by the compiled kernels of ``kernels.py``. Exact:
+- ``"blocks"``: the GGML blocks as stored, read by the native kernels (``qwenvl.ops``). Exact:
   the weights are gguf's dequantized fp32 values, bit for bit. Few rows (decode): a fused
   dequantize-and-multiply in fp32. Many rows (prefill): the rows are dequantized per call into
   ``pieces`` bf16 matrices whose sum is the fp32 weight, and one bf16 GEMM (AMX via oneDNN) runs
@@ -32,7 +32,7 @@ from gguf import quants as gguf_quants
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from torch import nn
 
-from . import kernels
+from .. import ops
 
 T = GGMLQuantizationType
 
@@ -49,6 +49,8 @@ DEFAULT_KERNELS: dict[GGMLQuantizationType, str] = {
     T.Q4_K: "blocks",
     T.Q5_K: "blocks",
     T.Q6_K: "blocks",
+    T.Q2_K: "blocks",
+    T.Q3_K: "blocks",
 }
 KERNELS = ("blocks", "dense", "int8", "int4")
 INT4_TYPES = frozenset({T.Q4_0, T.Q4_1, T.Q4_K})  # the formats the int4 kernel takes
@@ -92,11 +94,6 @@ def _onednn_linear_available() -> bool:
     except (AttributeError, RuntimeError):
         return False
     return bool(torch.all(y == 32))
-
-
-def release_buffers() -> None:
-    """Free the calling thread's prefill buffers (up to PREFILL_CHUNK_BYTES each; e.g. after a prefill)."""
-    _buffers.__dict__.clear()
 
 
 class QuantLinear(nn.Module):
@@ -164,20 +161,20 @@ class BlockQuantLinear(QuantLinear):
         gemv_max_rows: int = GEMV_MAX_ROWS,
     ):
         super().__init__(ggml_type, shape[0], shape[1], bias)
-        kernels.check_blocks(blocks, self.ggml_type, shape[0], shape[1])
+        ops.check_blocks(blocks, self.ggml_type, shape[0], shape[1])
         if pieces is not None and not 1 <= pieces <= 3:
             raise ValueError(f"pieces must be 1, 2 or 3, got {pieces}")
-        lib = kernels.library()
-        if lib is None:
+        chosen = ops.block_kernels(self.ggml_type)
+        if chosen is None:
             raise RuntimeError("qwenvl: the block kernels are unavailable (no C++ compiler, or QWENVL_KERNELS=0)")
         self.register_buffer("blocks", blocks)
         self.exact_pieces = EXACT_PIECES.get(self.ggml_type, 3)
         self.pieces = pieces or self.exact_pieces  # bf16 pieces for prefill; fewer than exact = rounding
         self.gemv_max_rows = gemv_max_rows
         # bf16 calls with at least this many rows take the AMX tiles (beyond gemv_max_rows: never)
-        amx = self.ggml_type in AMX_TYPES and kernels.amx_available(lib)
+        amx = self.ggml_type in AMX_TYPES and ops.amx_tiles(chosen)
         self.amx_min_rows = AMX_MIN_ROWS_BY_TYPE.get(self.ggml_type, AMX_MIN_ROWS) if amx else gemv_max_rows + 1
-        self._lib, self._type = lib, int(self.ggml_type)
+        self._kernels, self._type = chosen, int(self.ggml_type)
         self._packed: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see pack_prefill
 
     @property
@@ -210,15 +207,8 @@ class BlockQuantLinear(QuantLinear):
         else:
             if x.stride(-1) != 1:
                 x = x.contiguous()
-            bias = self.bias
-            status = self._lib.qk_gemv(
-                self._type, x.data_ptr(), bf16, x.shape[0], self.in_features, x.stride(0), self.blocks.data_ptr(),
-                self.out_features, self.blocks.stride(0), None if bias is None else bias.data_ptr(), out.data_ptr(),
-                out.dtype == torch.bfloat16, out.stride(0), torch.get_num_threads(),
-                bf16 and x.shape[0] >= self.amx_min_rows,
-            )  # fmt: skip
-            if status:
-                raise ValueError(f"block kernels do not support {self.ggml_type.name}")
+            amx = bf16 and x.shape[0] >= self.amx_min_rows
+            self._kernels.gemv(self._type, x, self.blocks, self.bias, out, amx)
 
     @property
     def prefill_pack_size(self) -> int:
@@ -237,7 +227,7 @@ class BlockQuantLinear(QuantLinear):
         Returns the bytes now held (0 where it does not apply: exact multi-piece prefill, or no
         oneDNN linear in this torch)."""
         if self._packed is None and self.pieces == 1 and _onednn_linear_available():
-            dense = kernels.dequantize(self.blocks, self.ggml_type, self.in_features, 1, lib=self._lib)
+            dense = self._kernels.dequantize(self.blocks, self.ggml_type, self.in_features, 1)
             bias = None if self.bias is None else self.bias.to(torch.bfloat16)
             self._packed = (torch.ops.mkldnn._reorder_linear_weight(dense, None), bias)
         return self.packed_bytes
@@ -262,7 +252,7 @@ class BlockQuantLinear(QuantLinear):
         for start in range(0, self.out_features, chunk):
             stop = min(start + chunk, self.out_features)
             w = buffer[: (stop - start) * width].view(stop - start, width)
-            kernels.dequantize(self.blocks[start:stop], self.ggml_type, self.in_features, pieces, w, self._lib)
+            self._kernels.dequantize(self.blocks[start:stop], self.ggml_type, self.in_features, pieces, w)
             self._matmul(xs, w, out, start)
 
     def _matmul(self, x: torch.Tensor, w: torch.Tensor, out: torch.Tensor, start: int) -> None:
@@ -398,12 +388,12 @@ class QuantEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = shape
         self.dtype = dtype
         self.register_buffer("blocks", blocks)
-        self._lib = kernels.library() if self.ggml_type in kernels.SUPPORTED_TYPES else None
+        self._kernels = ops.block_kernels(self.ggml_type)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = self.blocks.index_select(0, ids.reshape(-1))
-        if self._lib is not None:
-            values = kernels.dequantize(rows, self.ggml_type, self.embedding_dim, lib=self._lib)
+        if self._kernels is not None:
+            values = self._kernels.dequantize(rows, self.ggml_type, self.embedding_dim)
         else:
             values = torch.from_numpy(gguf_quants.dequantize(rows.numpy(), self.ggml_type))
         return values.to(self.dtype).reshape(*ids.shape, self.embedding_dim)
@@ -440,9 +430,9 @@ def _as_blocks(
 
 def dequantize_blocks(blocks: torch.Tensor, ggml_type: GGMLQuantizationType, shape: tuple[int, int]) -> torch.Tensor:
     """fp32 [rows, cols] exactly as ``gguf.quants.dequantize`` (via the kernels when available)."""
-    lib = kernels.library() if ggml_type in kernels.SUPPORTED_TYPES else None
-    if lib is not None:
-        return kernels.dequantize(blocks, ggml_type, shape[1], lib=lib)
+    chosen = ops.block_kernels(ggml_type)
+    if chosen is not None:
+        return chosen.dequantize(blocks, ggml_type, shape[1])
     values = gguf_quants.dequantize(blocks.numpy(), ggml_type)
     return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).reshape(shape)
 
@@ -480,16 +470,16 @@ def nibble_codes(
 def default_kernel(ggml_type: GGMLQuantizationType) -> str:
     """The kernel "auto" picks: the format's default, or "dense" when the block kernels are unavailable."""
     kernel = DEFAULT_KERNELS.get(ggml_type, "dense")
-    if kernel == "blocks" and (ggml_type not in kernels.SUPPORTED_TYPES or not kernels.available()):
+    if kernel == "blocks" and ops.block_kernels(ggml_type) is None:
         warnings.warn(f"qwenvl: {ggml_type.name} weights fall back to dense bf16 (rounded)", stacklevel=3)
         return "dense"
     return kernel
 
 
 def kernel_note(ggml_type: GGMLQuantizationType) -> tuple[str, str]:
-    """(kernel, how) for a matrix of this format loaded with kernel="auto", without building anything."""
+    """(kernel, how) for a matrix of this format loaded with kernel="auto"."""
     kernel = DEFAULT_KERNELS.get(ggml_type, "dense")
-    if kernel == "blocks" and (ggml_type not in kernels.SUPPORTED_TYPES or not kernels.available()):
+    if kernel == "blocks" and ops.block_kernels(ggml_type) is None:
         kernel = "dense"
     if kernel == "blocks":
         return kernel, "kept as stored, exact block kernel"
@@ -579,5 +569,4 @@ __all__ = [
     "nibble_codes",
     "quant_linear_from_ggml",
     "quant_linear_from_parts",
-    "release_buffers",
 ]

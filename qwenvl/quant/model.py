@@ -146,22 +146,4 @@ def pack_prefill_weights(model: TextModel, budget_bytes: int) -> int:
     return sum(m.pack_prefill() for m in layers)
 
 
-def describe_layers(model: TextModel) -> list[str]:
-    """One line per distinct (format, kernel, accuracy) of the model's projections, with how many use it."""
-    counts: dict[str, int] = {}
-    for module in model.modules():
-        if isinstance(module, QuantLinear):
-            line = f"{module.ggml_type.name}: {module.kernel}, {_accuracy(module)}"
-            counts[line] = counts.get(line, 0) + 1
-    return [f"{line} × {count}" for line, count in sorted(counts.items())]
-
-
-def _accuracy(layer: QuantLinear) -> str:
-    if layer.exact:
-        return "exact"
-    if isinstance(layer, BlockQuantLinear):
-        return "exact decode, prompts with weights rounded to bf16"
-    return "re-quantized"
-
-
-__all__ = ["QuantizedSource", "describe_layers", "load_quantized_text"]
+__all__ = ["QuantizedSource", "load_quantized_text"]

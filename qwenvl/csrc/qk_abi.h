@@ -1,0 +1,132 @@
+/* qwenvl native kernels: the C ABI, the only interface between the library and Python.
+ *
+ * qwenvl/ops/abi.py mirrors every struct here as a ctypes.Structure, field for field and in this
+ * order (tests/test_native_driver.py checks the offsets against a compiler). Each call takes one
+ * struct by pointer and returns a status (QK_OK, or the reason it did nothing).
+ *
+ * One library is built per instruction set (scalar, avx2, avx512, amx, ...: see qwenvl/ops/isa.py),
+ * from the same sources; every library exports all of these functions.
+ *
+ * Conventions: matrices are row-major, "ld*" fields are row strides in elements (not bytes), "type"
+ * is a GGMLQuantizationType value, "bf16" flags say a buffer holds bf16 (else fp32), and "threads"
+ * is the OpenMP thread count for the call (the library shares torch's libgomp pool).
+ */
+#ifndef QWENVL_QK_ABI_H
+#define QWENVL_QK_ABI_H
+
+#include <stdint.h>
+
+#if defined(__GNUC__)
+#define QK_API __attribute__((visibility("default")))
+#else
+#define QK_API
+#endif
+
+#define QK_ABI_VERSION 1
+
+enum {
+  QK_OK = 0,
+  QK_UNSUPPORTED_TYPE = 1, /* the library does not decode this GGML type */
+  QK_BAD_SHAPE = 2,        /* e.g. query heads that do not group over the key/value heads */
+};
+
+/* y[M, N] = x[M, K] @ dequant(w)[N, K]^T (+ bias), for few rows M (the decode GEMV, <= 16 rows a
+ * call is where it pays). A row's result does not depend on the other rows of the call. */
+typedef struct QkGemv {
+  const void* x;        /* [M, K] rows ldx apart, fp32 or bf16 (x_bf16) */
+  const uint8_t* w;     /* [N, row_bytes]: the GGML blocks of each row */
+  const float* bias;    /* [N] or NULL */
+  void* y;              /* [M, N] rows ldy apart, fp32 or bf16 (y_bf16) */
+  int64_t M, K, ldx;
+  int64_t N, row_bytes;
+  int64_t ldy;
+  int32_t type;
+  int32_t x_bf16, y_bf16;
+  int32_t threads;
+  int32_t amx;          /* bf16 x on AMX tiles, where the library has them (qk_amx()) */
+} QkGemv;
+
+/* out = dequant(w) as fp32 [N, K] (pieces == 0), or as bf16 [N, pieces * K]: `pieces` (1-3) bf16
+ * parts side by side whose fp32 sum is the value. */
+typedef struct QkDequant {
+  const uint8_t* w;
+  void* out;
+  int64_t N, K, row_bytes;
+  int32_t type;
+  int32_t pieces;
+  int32_t threads;
+} QkDequant;
+
+/* One decode step's attention for `rows` requests, each over its own KV cache (fp32 or bf16
+ * throughout): row r's new key and value (kv_heads x D each) are stored at positions[r], then its
+ * query heads attend over keys 0 .. positions[r]. Row r's cache for `layer` is kv_heads blocks of
+ * capacity x D elements, head_strides[r] apart, at key_ptrs[r] / value_ptrs[r] + layer *
+ * layer_strides[r] elements. */
+typedef struct QkDecodeAttention {
+  const void* q;                  /* [rows, heads, D], rows q_row apart */
+  const void* k;                  /* [rows, kv_heads, D], rows k_row apart */
+  const void* v;                  /* [rows, kv_heads, D], rows v_row apart */
+  void* out;                      /* [rows, heads, D] */
+  const int64_t* key_ptrs;        /* per row */
+  const int64_t* value_ptrs;      /* per row */
+  const int64_t* layer_strides;   /* per row, elements */
+  const int64_t* head_strides;    /* per row, elements */
+  const int64_t* positions;       /* per row */
+  int64_t rows, q_row, k_row, v_row;
+  int64_t layer;
+  int32_t heads, kv_heads, D;
+  int32_t bf16;
+  float scale;                    /* applied to q (1 / sqrt(D)) */
+  int32_t threads;
+} QkDecodeAttention;
+
+/* RMSNorm as torch's fused F.rms_norm computes it: y = (h * rsqrt(mean(h^2) + eps)) * w in fp32,
+ * rounded once, where h = x, or h = x + delta rounded to the dtype (the residual add, also stored
+ * in sum) when delta is not NULL. */
+typedef struct QkRmsNorm {
+  const void* x;
+  const void* delta;  /* or NULL */
+  void* sum;          /* written when delta is given */
+  const void* w;      /* [dim] */
+  void* y;
+  int64_t rows, dim;
+  int64_t ldx, ldd, lds, ldy;
+  float eps;
+  int32_t bf16;
+} QkRmsNorm;
+
+/* SwiGLU's product: y[r] = silu(gate) * up for gate_up[r] = [gate (inter values) | up (inter)],
+ * with torch's roundings for F.silu(gate).mul_(up). */
+typedef struct QkSiluMul {
+  const void* gate_up;
+  void* y;
+  int64_t rows, inter, ldg, ldy;
+  int32_t bf16;
+  int32_t threads;
+} QkSiluMul;
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+QK_API int qk_abi_version(void);
+/* the instruction set the library was built for ("scalar", "avx2", "avx512", "amx", ...) */
+QK_API const char* qk_isa(void);
+/* extensions compiled in beyond the base of the ISA, space-separated ("avx512bf16 avx512vbmi2") */
+QK_API const char* qk_extensions(void);
+/* 1 if qk_gemv can take bf16 x on AMX tiles here (built with AMX and the kernel grants the tiles) */
+QK_API int qk_amx(void);
+/* 1 if the library decodes GGML type `type` */
+QK_API int qk_supports(int32_t type);
+
+QK_API int qk_gemv(const QkGemv* call);
+QK_API int qk_dequant(const QkDequant* call);
+QK_API int qk_decode_attention(const QkDecodeAttention* call);
+QK_API int qk_rms_norm(const QkRmsNorm* call);
+QK_API int qk_silu_mul(const QkSiluMul* call);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* QWENVL_QK_ABI_H */

@@ -1,0 +1,147 @@
+"""The one place that chooses how an op runs: which native kernels (which instruction set), or torch.
+
+The model files hold modules and math; for RMSNorm, SwiGLU's product, decode attention and the
+quantized linear layers they call the functions here, which take the native kernels where they apply
+and torch's ops elsewhere.
+
+Choosing (read once per process, at the first op):
+
+- ``QWENVL_ISA=scalar|avx2|avx512|amx|auto`` (default ``auto``: the best this CPU runs). A name the
+  CPU cannot run is a one-line error (``IsaError``) naming what it runs.
+- ``QWENVL_KERNELS=0``: no native kernels at all (torch's ops; GGUF weights dequantized at load).
+- ``QWENVL_AMX=0``: ``auto`` stops at avx512, and no call puts rows on AMX tiles.
+- No compiler, or a build that fails: one warning naming the cause, then the scalar kernels if the
+  chosen ISA's build failed but theirs works, else torch.
+
+Tests and benchmarks run any ISA the machine runs side by side with ``native.load(isa)``; see
+``isa.py`` for the table of ISAs and ``build.py`` for the build and its cache.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from gguf.constants import GGMLQuantizationType
+
+from . import isa
+from .isa import IsaError
+from .native import SUPPORTED_TYPES, DecodeAttention, Kernels, check_blocks, load
+
+_FLOATS = (torch.float32, torch.bfloat16)
+
+
+@functools.cache
+def kernels() -> Kernels | None:
+    """The native kernels this process uses, or None (torch's ops). IsaError if QWENVL_ISA asks for an
+    ISA this CPU cannot run."""
+    if os.environ.get("QWENVL_KERNELS", "1") == "0":
+        return None
+    name = isa.requested()
+    try:
+        return load(name)
+    except RuntimeError as error:
+        cause = (str(error).strip().splitlines() or ["unknown error"])[-1]
+    if name != "scalar":
+        try:
+            scalar = load("scalar")
+        except RuntimeError:
+            pass
+        else:
+            warnings.warn(f"qwenvl: the {name} kernels failed to build ({cause}); using the scalar ones", stacklevel=2)
+            return scalar
+    warnings.warn(f"qwenvl: native kernels unavailable ({cause}); falling back to torch (slower)", stacklevel=2)
+    return None
+
+
+def path() -> str:
+    """The path in use: the ISA of the native kernels ("avx2", "avx512", ...) or "torch"."""
+    chosen = kernels()
+    return "torch" if chosen is None else chosen.isa
+
+
+def describe() -> dict[str, Any]:
+    """What ``qwenvl info`` and ``qwenvl bench`` report: the path, what the CPU runs, what was asked."""
+    chosen = kernels()
+    return {
+        "isa": path(),
+        "extensions": [] if chosen is None else chosen.extensions,
+        "amx_tiles": chosen is not None and amx_tiles(chosen),
+        "cpu_runs": isa.runnable(),
+        "requested": os.environ.get(isa.ENV, "auto"),
+    }
+
+
+def amx_tiles(chosen: Kernels) -> bool:
+    """Whether the GEMV may put bf16 rows on AMX tiles (the library has them; QWENVL_AMX=0 says no)."""
+    return chosen.amx and os.environ.get("QWENVL_AMX", "1") != "0"
+
+
+# ----------------------------------------------------------------------------------------------
+# The ops the models call
+
+
+def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, RMSNorm(h)) for h = x + delta (the residual add), or h = x without delta: h / rms(h) in fp32,
+    times the weight, rounded once to x's dtype — one native call where it applies, else torch's
+    fused op."""
+    chosen = kernels()
+    fits = x.dtype == weight.dtype and x.dtype in _FLOATS and x.is_contiguous()
+    if chosen is not None and fits and (delta is None or (delta.dtype == x.dtype and delta.is_contiguous())):
+        return chosen.rms_norm(x, delta, weight, eps)
+    h = x if delta is None else x + delta
+    return h, F.rms_norm(h, (h.shape[-1],), weight, eps)
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of the fused gate/up projection's output [..., 2·I]: one native call where it
+    applies (torch's roundings), else torch's two ops."""
+    chosen = kernels()
+    if chosen is not None and gate_up.dtype in _FLOATS and gate_up.is_contiguous():
+        return chosen.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate).mul_(up)
+
+
+def decode_attention(
+    keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], positions: Sequence[int], dtype: torch.dtype
+) -> DecodeAttention | None:
+    """The native decode attention for these caches ([layers, kv_heads, capacity, head_dim] each), or
+    None where it does not apply (no kernels; a dtype other than fp32/bf16): callers then run SDPA.
+    Single-request steps take it too, so a row's result does not depend on the batch."""
+    chosen = kernels()
+    if chosen is None or dtype not in _FLOATS or keys[0].dtype != dtype:
+        return None
+    return chosen.decode_attention(keys, values, positions)
+
+
+def block_kernels(ggml_type: GGMLQuantizationType) -> Kernels | None:
+    """The kernels that multiply by this format's blocks as stored, or None (the layer then holds a
+    dequantized matrix for torch)."""
+    chosen = kernels()
+    return chosen if chosen is not None and ggml_type in SUPPORTED_TYPES else None
+
+
+__all__ = [
+    "SUPPORTED_TYPES",
+    "DecodeAttention",
+    "IsaError",
+    "Kernels",
+    "add_rms_norm",
+    "amx_tiles",
+    "block_kernels",
+    "check_blocks",
+    "decode_attention",
+    "describe",
+    "kernels",
+    "load",
+    "path",
+    "swiglu",
+]
