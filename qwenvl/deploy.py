@@ -25,6 +25,7 @@ import copy
 import dataclasses
 import io
 import os
+import re
 import signal
 import socket
 import sys
@@ -117,6 +118,8 @@ class QwenVLIngress:
         self.replicas = replicas
         self.max_body_bytes = max_body_bytes
         self.app_name = serve.get_replica_context().app_name
+        # a first call makes this process's router, which knows the live replicas (/health, /metrics)
+        self._first_call = replicas.options(method_name="describe").remote(ForwardedRequest("GET", "/health"))
 
     async def __call__(self, request: Request) -> Response:
         path, method = request.url.path, request.method
@@ -159,7 +162,7 @@ class QwenVLIngress:
 
     async def health(self) -> Response:
         """Every replica's identity and counters, and their sums; 503 when no replica answers."""
-        ids = await self._replica_ids()
+        ids = live_replicas(self.app_name)
         # one call at a time: Ray tells the calls of one HTTP request apart by its request id only
         answers = [await self._describe(replica) for replica in ids]
         ok = [answer for answer in answers if answer.get("status") == "ok"]
@@ -175,7 +178,7 @@ class QwenVLIngress:
     async def metrics(self, request: Request) -> Response:
         """Each replica's /metrics in one exposition, every sample labelled replica="<id>"; a replica's own
         answer as it is when none gives metrics (a 404 while the server has no /metrics, a 401 without the key)."""
-        ids = await self._replica_ids()
+        ids = live_replicas(self.app_name)
         probe = ForwardedRequest.from_scope(request.scope, b"")
         answers = [await self._call(dataclasses.replace(probe, target=replica)) for replica in ids]
         texts = {replica: body.decode() for replica, (status, _, body) in zip(ids, answers) if status == 200}
@@ -186,15 +189,7 @@ class QwenVLIngress:
                 return Response(body, status_code=status, headers=_plain_headers(headers))
         return error_response(503, "no replica answered", code="replica_unavailable")
 
-    async def _replica_ids(self) -> list[str]:
-        """The live replicas, as this ingress's router knows them (created by a first call if need be)."""
-        ids = live_replicas(self.app_name)
-        if not ids:
-            await self._describe(None)
-            ids = live_replicas(self.app_name)
-        return ids
-
-    async def _describe(self, replica: str | None) -> dict[str, Any]:
+    async def _describe(self, replica: str) -> dict[str, Any]:
         call = self.replicas.options(method_name="describe").remote(ForwardedRequest("GET", "/health", target=replica))
         try:
             return await asyncio.wait_for(_awaited(call), REPLICA_CALL_TIMEOUT_S)
@@ -362,12 +357,26 @@ def start(args: argparse.Namespace, settings: ServerSettings) -> bool:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(build_app(args, settings), name=APP_NAME, route_prefix="/")
     except RuntimeError as error:
+        reason = _why_not_deployed() or _one_line(error)
         disconnect(started_here)
-        raise QwenVLError(f"the replicas did not start: {_one_line(error)}") from None
+        raise QwenVLError(f"the replicas did not start: {reason}") from None
     except BaseException:
         disconnect(started_here)
         raise
     return started_here
+
+
+def _why_not_deployed() -> str | None:
+    """The last line of the error a failed deployment's replicas raised (a qwenvl error: its message)."""
+    try:
+        deployments = serve.status().applications[APP_NAME].deployments.values()
+    except Exception:  # the status itself is out of reach: say what serve.run said
+        return None
+    for deployment in deployments:
+        lines = [line.strip() for line in (deployment.message or "").splitlines() if line.strip()]
+        if str(deployment.status).endswith("DEPLOY_FAILED") and lines:
+            return re.sub(r"^qwenvl\.[\w.]+: ", "", lines[-1])
+    return None
 
 
 def connect(address: str | None, cpus: int) -> bool:
