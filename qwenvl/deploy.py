@@ -29,7 +29,6 @@ import re
 import signal
 import socket
 import sys
-import threading
 import time
 from typing import Any
 
@@ -333,26 +332,38 @@ def app(options: dict[str, Any]) -> Any:
 
 
 def serve_on_ray(args: argparse.Namespace, settings: ServerSettings) -> int:
-    """`qwenvl serve --ray`: deploy, print the address, serve until Ctrl-C or SIGTERM, then clean up."""
-    started = time.perf_counter()
-    started_here = start(args, settings)
+    """`qwenvl serve --ray`: deploy, print the address, serve until Ctrl-C or SIGTERM, then clean up
+    (also when stopped while starting: a Ray instance started here never outlives the command)."""
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops it as Ctrl-C does
     try:
-        print(
-            f"qwenvl serve: {settings.model_id} on Ray Serve, {args.replicas} replicas × {args.threads} threads, "
-            f"router {args.router}, up in {time.perf_counter() - started:.1f} s; http://{args.host}:{args.port}/v1",
-            file=sys.stderr,
-        )
-        _wait_for_stop()
+        began = time.perf_counter()
+        started_here = start(args, settings)
+        try:
+            print(
+                f"qwenvl serve: {settings.model_id} on Ray Serve, {args.replicas} replicas × {args.threads} "
+                f"threads, router {args.router}, up in {time.perf_counter() - began:.1f} s; "
+                f"http://{args.host}:{args.port}/v1",
+                file=sys.stderr,
+            )
+            while True:
+                time.sleep(3600)
+        finally:
+            disconnect(started_here)
+    except KeyboardInterrupt:
+        return 0
     finally:
-        disconnect(started_here)
-    return 0
+        signal.signal(signal.SIGTERM, previous)
 
 
 def start(args: argparse.Namespace, settings: ServerSettings) -> bool:
     """Connect to (or start) Ray, start Serve's HTTP proxy on --host/--port and deploy the application;
     returns once every replica is up. True when Ray was started here (``disconnect`` stops it)."""
     _check_model(args)
-    started_here = connect(args.ray_address, cpus=args.replicas * args.threads)
+    try:
+        started_here = connect(args.ray_address, cpus=args.replicas * args.threads)
+    except BaseException:
+        ray.shutdown()  # what a stopped ray.init had started already
+        raise
     try:
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(build_app(args, settings), name=APP_NAME, route_prefix="/")
@@ -404,18 +415,6 @@ def disconnect(started_here: bool) -> None:
             serve.delete(APP_NAME)
     finally:
         ray.shutdown()
-
-
-def _wait_for_stop() -> None:
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while not stop.wait(5.0):
-            if not ray.is_initialized():
-                raise QwenVLError("lost the Ray cluster")
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _check_model(args: argparse.Namespace) -> None:

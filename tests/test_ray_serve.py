@@ -6,6 +6,7 @@ shut down when the module ends."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import signal
 import socket
@@ -27,13 +28,14 @@ from qwenvl.cli import build_parser, serve_settings  # noqa: E402
 from qwenvl.errors import QwenVLError  # noqa: E402
 from qwenvl.scaleout import check_ray_arguments  # noqa: E402
 from qwenvl.server.forward import REPLICA_HEADER  # noqa: E402
+from qwenvl.server.routing import HashRing, prefix_key  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sesame"
 MAX_TOKENS = 16
-QUESTIONS = [f"Question number {i}: what is {i} + {i}?" for i in range(8)]
+POOL = [f"Question number {i}: what is {i} + {i}?" for i in range(64)]
 
 
 def free_port() -> int:
@@ -63,6 +65,11 @@ def streamed(client: openai.OpenAI, messages: list[dict], **fields) -> tuple[str
 
 def health(base_url: str) -> dict:
     return requests.get(base_url + "/health", timeout=30).json()
+
+
+def owner(ring: HashRing, messages: list[dict]) -> str:
+    """The replica the prefix router places ``messages`` on (the ingress keys the parsed body alike)."""
+    return ring.owner(prefix_key("/v1/chat/completions", json.dumps({"messages": messages}).encode()))
 
 
 # -- without a running cluster ------------------------------------------------------------------------------
@@ -127,6 +134,8 @@ def test_the_cli_serves_and_stops_cleanly_on_ctrl_c(make_qwen2):
 class Served:
     base_url: str
     client: openai.OpenAI
+    ring: HashRing  # of the replicas at the start
+    questions: list[str]  # 8: 4 placed on each replica
 
 
 @pytest.fixture(scope="module")
@@ -142,23 +151,31 @@ def served(make_qwen2):
     print(f"local Ray + 2 replicas up in {time.perf_counter() - started:.1f} s")
     try:
         base_url = f"http://127.0.0.1:{port}"
-        yield Served(base_url, openai.OpenAI(base_url=base_url + "/v1", api_key=KEY, max_retries=0, timeout=120))
+        ring = HashRing(replica["replica"] for replica in health(base_url)["replicas"])
+        questions = []
+        for replica in sorted(ring.members):
+            questions += [q for q in POOL if owner(ring, conversation(q)) == replica][:4]
+        assert len(questions) == 8
+        client = openai.OpenAI(base_url=base_url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+        yield Served(base_url, client, ring, questions)
     finally:
         deploy.disconnect(started_here)
 
 
 def test_concurrent_streams_equal_the_same_requests_alone_and_both_replicas_serve(served):
-    alone = [streamed(served.client, conversation(question)) for question in QUESTIONS]
-    with concurrent.futures.ThreadPoolExecutor(len(QUESTIONS)) as pool:
-        together = list(pool.map(lambda question: streamed(served.client, conversation(question)), QUESTIONS))
+    questions = served.questions
+    alone = [streamed(served.client, conversation(question)) for question in questions]
+    # one at a time, each went where the ring places it
+    assert [replica for replica, _ in alone] == [owner(served.ring, conversation(q)) for q in questions]
+    with concurrent.futures.ThreadPoolExecutor(len(questions)) as pool:
+        together = list(pool.map(lambda question: streamed(served.client, conversation(question)), questions))
     assert [text for _, text in together] == [text for _, text in alone]
     assert len({text for _, text in alone}) > 1 and all(text for _, text in alone)
-    replicas = {replica for replica, _ in alone + together}
-    assert len(replicas) == 2, replicas  # 8 at once, 4 per replica at most before it counts as saturated
+    assert {replica for replica, _ in together} == served.ring.members  # both replicas served
 
 
 def test_a_second_turn_lands_on_the_replica_of_its_first_turn(served):
-    for question in QUESTIONS[:4]:
+    for question in served.questions[::2]:
         first = conversation(question)
         replica, answer = streamed(served.client, first)
         second = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And then?"}]
@@ -167,6 +184,27 @@ def test_a_second_turn_lands_on_the_replica_of_its_first_turn(served):
             model="tiny", messages=second + [{"role": "assistant", "content": "x"}, {"role": "user", "content": "?"}]
         )
         assert raw.headers[REPLICA_HEADER] == replica  # not streamed: the same
+
+
+def test_a_saturated_replica_passes_requests_to_the_least_loaded_one(served):
+    first, second = sorted(served.ring.members)
+    questions = [q for q in POOL if owner(served.ring, conversation(q)) == first][:6]
+    streams, placed = [], []
+    try:
+        for question in questions:  # one after another: each is running before the next is routed
+            raw = served.client.chat.completions.with_raw_response.create(
+                model="tiny",
+                messages=conversation(question),
+                max_tokens=3000,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
+            streams.append(raw.parse())
+            placed.append(raw.headers[REPLICA_HEADER])
+    finally:
+        for stream in streams:
+            stream.close()
+    assert placed == [first] * 4 + [second] * 2  # --max-batch 4: the owner is saturated from the 5th on
 
 
 def test_a_replica_serves_the_whole_api(served):
@@ -252,7 +290,7 @@ def test_killing_a_replica_mid_stream_ends_that_stream_with_an_error_and_the_oth
                 killed_at = time.monotonic()
     assert killed_at is not None and time.monotonic() - killed_at < 10
     print(f"the client's stream ended {time.monotonic() - killed_at:.2f} s after the kill: {error.value}")
-    for question in QUESTIONS[:4]:  # later requests are answered (by the replica left, or the restarted one)
+    for question in served.questions[:4]:  # later requests are answered (by the replica left, or the restarted one)
         replica, text = streamed(served.client, conversation(question))
         assert text and replica != victim
     deadline = time.monotonic() + 180  # Ray restarts the dead replica
