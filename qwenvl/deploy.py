@@ -43,7 +43,15 @@ from starlette.types import Message, Receive, Scope, Send
 
 from .errors import QwenVLError
 from .server.errors import error_response
-from .server.forward import REPLICA_HEADER, AppLifespan, ForwardedRequest, merge_metrics, serve_forwarded, sse_error
+from .server.forward import (
+    REPLICA_HEADER,
+    AppLifespan,
+    ForwardedRequest,
+    app_path,
+    merge_metrics,
+    serve_forwarded,
+    sse_error,
+)
 from .server.ray_router import PrefixAffinityRouter
 from .server.routing import live_replicas, prefix_key, queued_requests
 from .server.settings import ServerSettings
@@ -121,7 +129,7 @@ class QwenVLIngress:
         self._first_call = replicas.options(method_name="describe").remote(ForwardedRequest("GET", "/health"))
 
     async def __call__(self, request: Request) -> Response:
-        path, method = request.url.path, request.method
+        path, method = app_path(request.scope), request.method
         if path == "/health" and method in ("GET", "HEAD"):
             return await self.health()
         if path == "/metrics" and method == "GET":
@@ -334,7 +342,9 @@ def app(options: dict[str, Any]) -> Any:
 def serve_on_ray(args: argparse.Namespace, settings: ServerSettings) -> int:
     """`qwenvl serve --ray`: deploy, print the address, serve until Ctrl-C or SIGTERM, then clean up
     (also when stopped while starting: a Ray instance started here never outlives the command)."""
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops it as Ctrl-C does
+    # Ctrl-C and SIGTERM stop it (as uvicorn's handlers do for `qwenvl serve`, even where the shell that
+    # started it in the background had set SIGINT to be ignored)
+    previous = {sig: signal.signal(sig, signal.default_int_handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         began = time.perf_counter()
         started_here = start(args, settings)
@@ -352,7 +362,8 @@ def serve_on_ray(args: argparse.Namespace, settings: ServerSettings) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def start(args: argparse.Namespace, settings: ServerSettings) -> bool:

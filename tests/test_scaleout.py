@@ -17,7 +17,14 @@ from test_server_support import sse_payloads
 
 import qwenvl
 from qwenvl.cli import main
-from qwenvl.server.forward import REPLICA_HEADER, AppLifespan, ForwardedRequest, merge_metrics, serve_forwarded
+from qwenvl.server.forward import (
+    REPLICA_HEADER,
+    AppLifespan,
+    ForwardedRequest,
+    app_path,
+    merge_metrics,
+    serve_forwarded,
+)
 from qwenvl.server.routing import PREFIX_CHARS, HashRing, prefix_key
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -168,6 +175,18 @@ def chat_request(body: dict, key: str | None = "sesame") -> ForwardedRequest:
     if key:
         headers.append((b"authorization", f"Bearer {key}".encode()))
     return ForwardedRequest("POST", CHAT, headers=headers, body=json.dumps(body).encode(), client=("1.2.3.4", 5))
+
+
+def test_a_forwarded_request_has_the_path_below_the_route_prefix():
+    scope = {"method": "GET", "path": "/qwen/v1/models", "root_path": "/qwen", "headers": [(b"a", b"b")]}
+    request = ForwardedRequest.from_scope(scope, b"", route_key="k")
+    assert (request.path, request.headers, request.route_key, request.client) == (
+        "/v1/models",
+        [(b"a", b"b")],
+        "k",
+        None,
+    )
+    assert app_path({"path": "/qwen", "root_path": "/qwen"}) == "/" and app_path({"path": "/health"}) == "/health"
 
 
 def test_a_forwarded_stream_is_the_apps_own_answer_with_the_replica_named(app):

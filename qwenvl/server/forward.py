@@ -48,7 +48,7 @@ class ForwardedRequest:
         client = scope.get("client")
         return cls(
             method=scope["method"],
-            path=scope["path"],
+            path=app_path(scope),
             query_string=scope.get("query_string", b""),
             headers=[(bytes(name), bytes(value)) for name, value in scope.get("headers", [])],
             body=body,
@@ -72,6 +72,12 @@ class ForwardedRequest:
             "server": None,
             "state": {},
         }
+
+
+def app_path(scope: dict[str, Any]) -> str:
+    """The request's path below the prefix the app is mounted at (``serve run --route-prefix``)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return (path[len(root) :] or "/") if root and path.startswith(root) else path
 
 
 async def serve_forwarded(
