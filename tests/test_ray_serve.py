@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,26 +271,44 @@ def test_a_client_leaving_a_stream_frees_its_replica(served):
     assert status["running"] == 0 and status["kv_cache_bytes"] == 0, status
 
 
-def test_killing_a_replica_mid_stream_ends_that_stream_with_an_error_and_the_others_serve(served):
+def test_killing_a_replica_mid_answer_ends_its_requests_with_errors_and_the_others_serve(served):
+    victim = sorted(served.ring.members)[0]
+    streamed_question, whole_question = [q for q in POOL if owner(served.ring, conversation(q)) == victim][:2]
+    long_answer = {"max_tokens": 3000, "extra_body": {"ignore_eos": True}}
+    whole: dict = {}
+
+    def not_streamed() -> None:
+        try:
+            served.client.chat.completions.create(model="tiny", messages=conversation(whole_question), **long_answer)
+        except openai.APIError as error:
+            whole["error"], whole["at"] = error, time.monotonic()
+
+    waiter = threading.Thread(target=not_streamed)
+    waiter.start()
     raw = served.client.chat.completions.with_raw_response.create(
-        model="tiny",
-        messages=conversation("a very long story"),
-        max_tokens=3000,
-        stream=True,
-        extra_body={"ignore_eos": True},
+        model="tiny", messages=conversation(streamed_question), stream=True, **long_answer
     )
-    victim = raw.headers[REPLICA_HEADER]
-    before = {replica["replica"]: replica for replica in health(served.base_url)["replicas"]}
+    assert raw.headers[REPLICA_HEADER] == victim
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # both requests running on the victim
+        replicas = {replica["replica"]: replica for replica in health(served.base_url)["replicas"]}
+        if replicas[victim]["running"] == 2:
+            break
+        time.sleep(0.1)
     killed_at = None
     chunks = 0
     with pytest.raises(openai.APIError, match=f"replica {victim} stopped") as error:
         for _ in raw.parse():
             chunks += 1
             if chunks == 3:
-                os.kill(before[victim]["pid"], signal.SIGKILL)
+                os.kill(replicas[victim]["pid"], signal.SIGKILL)
                 killed_at = time.monotonic()
     assert killed_at is not None and time.monotonic() - killed_at < 10
-    print(f"the client's stream ended {time.monotonic() - killed_at:.2f} s after the kill: {error.value}")
+    print(f"the stream ended {time.monotonic() - killed_at:.2f} s after the kill: {error.value}")
+    waiter.join(timeout=30)
+    assert not waiter.is_alive() and isinstance(whole.get("error"), openai.APIStatusError), whole
+    assert whole["error"].status_code == 503 and whole["error"].body["code"] == "replica_lost"
+    assert whole["at"] - killed_at < 10  # the unstarted answer: a 503 the client may retry
     for question in served.questions[:4]:  # later requests are answered (by the replica left, or the restarted one)
         replica, text = streamed(served.client, conversation(question))
         assert text and replica != victim
