@@ -184,7 +184,7 @@ class QwenVLIngress:
 
     async def metrics(self, request: Request) -> Response:
         """Each replica's /metrics in one exposition, every sample labelled replica="<id>"; a replica's own
-        answer as it is when none gives metrics (a 404 while the server has no /metrics, a 401 without the key)."""
+        answer as it is when none gives metrics (a 401 without the key, for one)."""
         ids = live_replicas(self.app_name)
         probe = ForwardedRequest.from_scope(request.scope, b"")
         answers = [await self._call(dataclasses.replace(probe, target=replica)) for replica in ids]

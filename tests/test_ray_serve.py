@@ -226,6 +226,9 @@ def test_a_replica_serves_the_whole_api(served):
         served.base_url + "/v1/completions", data=b"x" * (33 * 2**20), headers={"Authorization": f"Bearer {KEY}"}
     )
     assert too_big.status_code == 413 and "limit" in too_big.json()["error"]["message"]
+    page = requests.get(served.base_url + "/", timeout=30)  # the chat page, from a replica like the rest
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert page.headers[REPLICA_HEADER]
     missing = requests.get(served.base_url + "/nowhere", timeout=30)
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
 
@@ -245,15 +248,18 @@ def test_health_lists_every_replica_and_sums_them(served):
         assert all(cpus and len(cpus) == 1 for cpus in pinned) and pinned[0] != pinned[1]
 
 
-def test_metrics_come_from_every_replica_or_as_a_replica_answers(served):
+def test_metrics_of_every_replica_in_one_exposition(served):
+    from prometheus_client.parser import text_string_to_metric_families
+
     answer = requests.get(served.base_url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
-    if answer.status_code == 200:  # the server has /metrics: one exposition, every sample labelled
-        samples = [line for line in answer.text.splitlines() if line and not line.startswith("#")]
-        assert samples and all('{replica="' in line for line in samples)
-        ids = {replica["replica"] for replica in health(served.base_url)["replicas"]}
-        assert {line.split('replica="')[1].split('"')[0] for line in samples} == ids
-    else:  # not yet: the replica's own answer, OpenAI-style
-        assert answer.status_code == 404 and answer.json()["error"]["type"] == "not_found_error"
+    assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/plain")
+    families = {family.name: family for family in text_string_to_metric_families(answer.text)}
+    samples = [sample for family in families.values() for sample in family.samples]
+    assert samples and all("replica" in sample.labels for sample in samples)
+    ids = {replica["replica"] for replica in health(served.base_url)["replicas"]}
+    assert {sample.labels["replica"] for sample in samples} == ids
+    steps = {s.labels["replica"]: s.value for s in samples if s.name.startswith("qwenvl_engine_steps")}
+    assert set(steps) == ids and sum(steps.values()) > 0  # each replica's own counters, side by side
 
 
 def test_a_client_leaving_a_stream_frees_its_replica(served):

@@ -279,6 +279,26 @@ def test_metrics_of_replicas_merge_into_one_exposition_labelled_by_replica():
     assert merge_metrics({}) == ""
 
 
+def test_merged_metrics_parse_as_prometheus_text_with_every_sample_labelled():
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    texts = {}
+    for replica, count in (("a", 2), ("b", 5)):
+        registry = CollectorRegistry()
+        requests = Counter("qwenvl_requests", "Requests.", ["status"], registry=registry)
+        requests.labels("200").inc(count)
+        Gauge("qwenvl_running", "Running.", registry=registry).set(count)
+        Histogram("qwenvl_ttft_seconds", "TTFT.", registry=registry, buckets=(0.1, 1.0)).observe(0.5)
+        texts[replica] = generate_latest(registry).decode()
+    families = {family.name: family for family in text_string_to_metric_families(merge_metrics(texts))}
+    assert {"qwenvl_requests", "qwenvl_running", "qwenvl_ttft_seconds"} <= set(families)
+    totals = {s.labels["replica"]: s.value for s in families["qwenvl_requests"].samples if s.name.endswith("_total")}
+    assert totals == {"a": 2.0, "b": 5.0}
+    for family in families.values():
+        assert all(sample.labels.get("replica") in ("a", "b") for sample in family.samples)
+
+
 # -- flags, pinning, imports ---------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "flags,message",
