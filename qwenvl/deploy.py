@@ -24,12 +24,14 @@ import contextlib
 import copy
 import dataclasses
 import io
+import math
 import os
 import re
 import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -38,7 +40,7 @@ from ray.exceptions import RayActorError, RayError
 from ray.serve.config import RequestRouterConfig
 from ray.serve.schema import LoggingConfig
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 
 from .errors import QwenVLError
@@ -63,7 +65,6 @@ HEALTH_CHECK_TIMEOUT_S = 30.0  # ... and restarts the replica after this long wi
 SHUTDOWN_GRACE_S = 5.0  # open requests may finish for this long when the server stops (as `qwenvl serve`)
 REPLICA_CALL_TIMEOUT_S = 3.0  # the ingress's per-replica /health and /metrics calls
 INGRESS_MAX_ONGOING = 4096  # concurrent HTTP requests the ingress holds (replicas queue them)
-REPLICA_QUEUE = 1024  # requests a replica takes beyond --max-batch (its engine queues them, as `qwenvl serve`)
 STATS = ("running", "waiting", "kv_cache_bytes", "steps")
 
 
@@ -121,14 +122,34 @@ class QwenVLReplica:
 class QwenVLIngress:
     """The HTTP entry: keys each request, hands it to a replica, relays the answer; /health, /metrics."""
 
-    def __init__(self, replicas: Any, max_body_bytes: int):
+    def __init__(self, replicas: Any, settings: ServerSettings):
         self.replicas = replicas
-        self.max_body_bytes = max_body_bytes
+        self.max_body_bytes = settings.max_body_bytes
+        self.body_timeout = settings.body_timeout
+        self.limit_concurrency = settings.limit_concurrency
+        self.open_requests = 0
         self.app_name = serve.get_replica_context().app_name
         # a first call makes this process's router, which knows the live replicas (/health, /metrics)
         self._first_call = replicas.options(method_name="describe").remote(ForwardedRequest("GET", "/health"))
 
     async def __call__(self, request: Request) -> Response:
+        if self.limit_concurrency is not None and self.open_requests >= self.limit_concurrency:
+            return PlainTextResponse("Service Unavailable", status_code=503)  # as uvicorn's --limit-concurrency
+        self.open_requests += 1
+        response: Response | None = None
+        try:
+            response = await self._answer(request)
+        finally:
+            if isinstance(response, _Relay):
+                response.on_end = self._closed  # open until its last byte
+            else:
+                self._closed()
+        return response
+
+    def _closed(self) -> None:
+        self.open_requests -= 1
+
+    async def _answer(self, request: Request) -> Response:
         path, method = app_path(request.scope), request.method
         if path == "/health" and method in ("GET", "HEAD"):
             return await self.health()
@@ -141,17 +162,23 @@ class QwenVLIngress:
         return await self.forward(forwarded)
 
     async def _body(self, request: Request) -> bytes | Response:
-        """The whole body, or a 413 past the replicas' own limit (so an oversized body is not carried)."""
+        """The whole body, or the 413 / 408 of `qwenvl serve` past its size or time (so that an oversized
+        or stalled body is not carried to a replica)."""
         declared = request.headers.get("content-length", "")
         limit_message = f"request body larger than the {self.max_body_bytes / 2**20:g} MiB limit (--max-body-mb)"
         if declared.isdigit() and int(declared) > self.max_body_bytes:
             return error_response(413, limit_message)
         chunks, total = [], 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > self.max_body_bytes:
-                return error_response(413, limit_message)
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                async for chunk in request.stream():
+                    total += len(chunk)
+                    if total > self.max_body_bytes:
+                        return error_response(413, limit_message)
+                    chunks.append(chunk)
+        except TimeoutError:
+            message = f"the request body did not arrive within {self.body_timeout:g} s (--body-timeout)"
+            return error_response(408, message, code="request_timeout", headers={"Connection": "close"})
         return b"".join(chunks)
 
     async def forward(self, forwarded: ForwardedRequest) -> Response:
@@ -233,8 +260,15 @@ class _Relay(Response):
         self.start, self.stream = start, stream
         self.background = None
         self.status_code = start["status"]
+        self.on_end: Callable[[], None] = lambda: None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self._relay(send)
+        finally:
+            self.on_end()
+
+    async def _relay(self, send: Send) -> None:
         await send(self.start)
         failure: BaseException | None = None
         try:
@@ -294,7 +328,7 @@ def build_app(args: argparse.Namespace, settings: ServerSettings) -> Any:
     )
     replica = QwenVLReplica.options(
         num_replicas=args.replicas,
-        max_ongoing_requests=args.max_batch + REPLICA_QUEUE,
+        max_ongoing_requests=args.max_batch + args.max_queue,  # its batch and its queue, as `qwenvl serve`
         ray_actor_options={"num_cpus": args.threads},
         request_router_config=router,
         health_check_period_s=HEALTH_CHECK_PERIOD_S,
@@ -305,7 +339,7 @@ def build_app(args: argparse.Namespace, settings: ServerSettings) -> Any:
     ).bind(replica_args, settings)
     return QwenVLIngress.options(
         logging_config=logging, graceful_shutdown_timeout_s=SHUTDOWN_GRACE_S, graceful_shutdown_wait_loop_s=0.5
-    ).bind(replica, settings.max_body_bytes)
+    ).bind(replica, settings)
 
 
 def app(options: dict[str, Any]) -> Any:
@@ -376,7 +410,8 @@ def start(args: argparse.Namespace, settings: ServerSettings) -> bool:
         ray.shutdown()  # what a stopped ray.init had started already
         raise
     try:
-        serve.start(http_options={"host": args.host, "port": args.port})
+        keep_alive = max(1, math.ceil(args.timeout_keep_alive))  # Ray's proxy takes whole seconds
+        serve.start(http_options={"host": args.host, "port": args.port, "keep_alive_timeout_s": keep_alive})
         serve.run(build_app(args, settings), name=APP_NAME, route_prefix="/")
     except RuntimeError as error:
         reason = _why_not_deployed() or _one_line(error)

@@ -13,6 +13,7 @@ from .runtime import physical_cores
 DEFAULT_REPLICAS = 2
 POLICIES = ("prefix", "pow2")  # prefix: by the request's prefix key on a hash ring; pow2: Ray Serve's default
 RAY_ONLY = ("replicas", "threads_per_replica", "ray_address", "router", "no_pin")
+PROXY_ONLY = ("header_timeout",)  # uvicorn's in `qwenvl serve`; Ray Serve's proxy has no such deadline
 
 
 def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +47,8 @@ def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--no-pin", action="store_true", help="do not pin each replica's threads to cores of its own on its host"
     )
+    # flags of the HTTP server that Ray Serve's proxy replaces (added before this call): their defaults
+    parser.set_defaults(proxy_defaults={name: parser.get_default(name) for name in PROXY_ONLY})
 
 
 def check_ray_arguments(args: argparse.Namespace) -> None:
@@ -55,6 +58,12 @@ def check_ray_arguments(args: argparse.Namespace) -> None:
         if given:
             raise QwenVLError(f"--{given[0].replace('_', '-')} needs --ray")
         return
+    for name, default in getattr(args, "proxy_defaults", {}).items():
+        if default is not None and getattr(args, name, default) != default:
+            raise QwenVLError(
+                f"--{name.replace('_', '-')} cannot be applied with --ray (Ray Serve's HTTP proxy takes the "
+                "connections and has no such setting): leave it out"
+            )
     args.replicas = DEFAULT_REPLICAS if args.replicas is None else args.replicas
     if args.replicas < 1:
         raise QwenVLError(f"--replicas must be at least 1, got {args.replicas}")

@@ -229,8 +229,10 @@ def test_a_replica_serves_the_whole_api(served):
     page = requests.get(served.base_url + "/", timeout=30)  # the chat page, from a replica like the rest
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert page.headers[REPLICA_HEADER]
-    missing = requests.get(served.base_url + "/nowhere", timeout=30)
+    missing = requests.get(served.base_url + "/nowhere", headers={"Authorization": f"Bearer {KEY}"}, timeout=30)
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "not_found_error"
+    unkeyed = requests.get(served.base_url + "/metrics", timeout=30)  # the replicas' answer, passed on
+    assert unkeyed.status_code == 401 and unkeyed.json()["error"]["code"] == "invalid_api_key"
 
 
 def test_health_lists_every_replica_and_sums_them(served):

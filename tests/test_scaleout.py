@@ -308,6 +308,7 @@ def test_merged_metrics_parse_as_prometheus_text_with_every_sample_labelled():
         (["--router", "pow2"], "--router needs --ray"),
         (["--ray", "--replicas", "0"], "--replicas must be at least 1"),
         (["--ray", "--threads", "2", "--threads-per-replica", "1"], "disagree"),
+        (["--ray", "--header-timeout", "3"], "--header-timeout cannot be applied with --ray"),
     ],
 )
 def test_ray_flags_are_checked_before_anything_loads(flags, message, capsys):
