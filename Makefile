@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PROMPT ?= Write a Python function that returns the n-th Fibonacci number.
 
-.PHONY: setup demo lint test test-slow test-fuzz fault-campaign screenshot clean
+.PHONY: setup demo lint test test-slow test-fuzz test-ray fault-campaign screenshot clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,9 @@ test: setup lint
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+test-ray: setup
+	$(PY) -m pytest -q -m ray
 
 # The README's picture of the chat page, taken by the browser test that draws grounding boxes.
 screenshot: setup

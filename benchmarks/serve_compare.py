@@ -3,14 +3,23 @@
 
     python benchmarks/serve_compare.py [--gguf FILE] [--hf-dir DIR] [--clients 1,8,16] [--max-tokens 64] [--rounds 2]
 
+One server against its Ray Serve replicas (docs/scale-out.md; needs the `ray` extra):
+
+    python benchmarks/serve_compare.py --skip transformers --ray-replicas 2 --ray-max-batch 8 --ray-threads 1 \
+        --max-batch 16 --clients 16
+
 Both servers are started on the same model (qwenvl: the GGUF; transformers: its HF export in
 bfloat16; transformers serve needs `accelerate` installed), warmed up with one request each, and stay
 up while scripts/loadgen.py drives them in turn: each round runs every client count on each server,
 the server order alternating from round to round, so a slow spell of a shared machine falls on both
 (streamed chat completions, greedy, `--requests-per-client` requests per client; an idle server uses
 no CPU). Prints each run, then per client count the mean over the rounds of aggregate tok/s and of
-mean time to first token, and the ratio qwenvl ÷ transformers; `--json` writes every run. A
-benchmark, not a test: run it on a quiet machine.
+mean time to first token, and the ratio qwenvl ÷ transformers; `--json` writes every run. With
+`--ray-replicas N` a third server joins: `qwenvl serve --ray` with N replicas of `--ray-threads` threads
+and `--ray-max-batch` each, compared with the one qwenvl server (`--max-batch`, `--threads`), and the Ray
+overhead per request is measured as the mean round trip of `--overhead-requests` sequential
+GET /v1/models through each (no model work: proxy, ingress and replica hops only). A benchmark, not a
+test: run it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ class Server:
     model: str
     process: subprocess.Popen | None = None
     log: IO[str] | None = None
+    stop_group: bool = True  # stop the whole process group (False: the leader, which stops its own)
 
     @property
     def base_url(self) -> str:
@@ -92,12 +102,27 @@ def measure(servers: list[Server], args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def round_trip_ms(base_url: str, requests: int) -> float:
+    """Mean milliseconds of a sequential GET /v1/models (after one not counted)."""
+    times = []
+    for index in range(requests + 1):
+        started = time.perf_counter()
+        with urllib.request.urlopen(base_url + "/v1/models", timeout=30) as response:
+            response.read()
+        if index:
+            times.append((time.perf_counter() - started) * 1000)
+    return statistics.fmean(times)
+
+
 def _stop(server: Server) -> None:
     process = server.process
     if process is not None and process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
+        if server.stop_group:
+            os.killpg(process.pid, signal.SIGTERM)
+        else:
+            os.kill(process.pid, signal.SIGTERM)
         try:
-            process.wait(30)
+            process.wait(90)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
     if server.log is not None:
@@ -121,6 +146,11 @@ def main() -> int:
         "--ignore-eos", action="store_true", help="ask for exactly --max-tokens tokens (qwenvl only honours it)"
     )
     parser.add_argument("--skip", default="", help="comma-separated servers to skip: qwenvl, transformers")
+    parser.add_argument("--ray-replicas", type=int, default=0, help="also run `qwenvl serve --ray` with N replicas")
+    parser.add_argument("--ray-max-batch", type=int, default=8, help="--max-batch of each Ray replica (default 8)")
+    parser.add_argument("--ray-threads", type=int, default=1, help="threads of each Ray replica (default 1)")
+    parser.add_argument("--ray-router", default="prefix", choices=["prefix", "pow2"], help="the replicas' router")
+    parser.add_argument("--overhead-requests", type=int, default=50, help="GET /v1/models per server for the overhead")
     parser.add_argument("--start-timeout", type=float, default=600)
     parser.add_argument("--log-dir", default="/tmp")
     parser.add_argument("--json", metavar="FILE", help="write the reports as JSON")
@@ -128,7 +158,6 @@ def main() -> int:
     args.clients = [int(c) for c in args.clients.split(",")]
     skip = set(filter(None, args.skip.split(",")))
     gguf = args.gguf or str(default_gguf_path())
-    hf_dir = args.hf_dir or str(default_hf_export_path())
     servers = []
     if "qwenvl" not in skip:
         command = [
@@ -145,7 +174,32 @@ def main() -> int:
             str(args.max_tokens),
         ] + (["--threads", str(args.threads)] if args.threads else [])
         servers.append(Server("qwenvl", command + args.qwenvl_args.split(), 8391, "default"))
+    if args.ray_replicas:
+        command = [
+            sys.executable,
+            "-m",
+            "qwenvl",
+            "serve",
+            gguf,
+            "--port",
+            "8393",
+            "--max-tokens",
+            str(args.max_tokens),
+            "--ray",
+            "--replicas",
+            str(args.ray_replicas),
+            "--threads-per-replica",
+            str(args.ray_threads),
+            "--max-batch",
+            str(args.ray_max_batch),
+            "--router",
+            args.ray_router,
+            "--log-level",
+            "warning",
+        ]
+        servers.append(Server("qwenvl-ray", command + args.qwenvl_args.split(), 8393, "default", stop_group=False))
     if "transformers" not in skip:
+        hf_dir = args.hf_dir or str(default_hf_export_path())  # exported once (2.5 GB) when first needed
         command = [
             "transformers",
             "serve",
@@ -163,13 +217,31 @@ def main() -> int:
         for server in servers:
             start(server, args)
         rows = measure(servers, args)
+        overhead = _overhead(servers, args)
     finally:
         for server in servers:
             _stop(server)
     _print_ratios(rows)
+    if overhead:
+        rows.append(overhead)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
+
+
+def _overhead(servers: list[Server], args: argparse.Namespace) -> dict | None:
+    """The Ray overhead per request: round trips through `qwenvl serve --ray` minus those of `qwenvl serve`."""
+    names = {server.name: server for server in servers}
+    if not args.ray_replicas or "qwenvl" not in names:
+        return None
+    plain = round_trip_ms(names["qwenvl"].base_url, args.overhead_requests)
+    through_ray = round_trip_ms(names["qwenvl-ray"].base_url, args.overhead_requests)
+    print(
+        f"Ray overhead per request: {through_ray - plain:.2f} ms (GET /v1/models, mean of "
+        f"{args.overhead_requests}: {plain:.2f} ms direct, {through_ray:.2f} ms through Ray Serve)",
+        flush=True,
+    )
+    return {"server": "overhead", "direct_ms": plain, "ray_ms": through_ray, "overhead_ms": through_ray - plain}
 
 
 def _print_ratios(rows: list[dict]) -> None:
@@ -181,6 +253,13 @@ def _print_ratios(rows: list[dict]) -> None:
         means[key] = tok_s, statistics.fmean(r["mean_ttft_s"] or 0 for r in runs), len(runs)
     for (server, clients), (tok_s, ttft, runs) in means.items():
         print(f"{server:>12} {clients:>3} clients, mean of {runs}: {tok_s:7.1f} tok/s, mean TTFT {ttft:.2f} s")
+    for (server, clients), (tok_s, ttft, _) in means.items():
+        single = means.get(("qwenvl", clients))
+        if server == "qwenvl-ray" and single and single[0]:
+            print(
+                f"{clients:>3} clients: Ray replicas ÷ one server tok/s = {tok_s / single[0]:.2f}, "
+                f"TTFT {ttft:.2f} s vs {single[1]:.2f} s"
+            )
     for (server, clients), (tok_s, ttft, _) in means.items():
         peer = means.get(("transformers", clients))
         if server == "qwenvl" and peer and peer[0]:

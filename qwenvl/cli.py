@@ -243,7 +243,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _add_serve_command(commands: Any) -> None:
-    """serve (docs/serve.md): the OpenAI-compatible HTTP server."""
+    """serve (docs/serve.md): the OpenAI-compatible HTTP server (docs/scale-out.md: its --ray replicas)."""
+    from .scaleout import add_ray_arguments
+
     serve = commands.add_parser(
         "serve",
         help="OpenAI-compatible HTTP server (chat, completions, images, videos, streaming)",
@@ -302,6 +304,7 @@ def _add_serve_command(commands: Any) -> None:
     serve.add_argument("--no-ui", action="store_true", help="do not serve the chat page at / (API only)")
     _add_connection_arguments(serve)
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_ray_arguments(serve)
     serve.set_defaults(handler=cmd_serve)
 
 
@@ -353,9 +356,28 @@ def _add_connection_arguments(serve: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .scaleout import check_ray_arguments
+    from .server import run_server
+
+    check_ray_arguments(args)
+    settings = serve_settings(args)
+    if args.ray:
+        from .deploy import serve_on_ray  # imports Ray: only with --ray
+
+        return serve_on_ray(args, settings)
+    app, loaded = serve_app(args, settings)
+    base = f"http://{args.host}:{args.port}"
+    page = f"; chat page {base}/" if settings.ui else ""
+    print(f"qwenvl serve: {loaded}; API {base}/v1{page}", file=sys.stderr)
+    run_server(app, args.host, args.port, args.log_level)
+    return 0
+
+
+def serve_settings(args: argparse.Namespace):
+    """The ServerSettings of the `qwenvl serve` flags (user errors raised here, before any loading)."""
     from pathlib import Path
 
-    from .server import ServerSettings, create_app, run_server
+    from .server import ServerSettings
     from .server.settings import local_media_root, parse_domains, parse_mm_limits
 
     positive = ("port", "max_batch", "default_max_tokens", "media_timeout", "max_media_mb", "max_body_mb",
@@ -364,7 +386,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for name in positive:
         _check_positive(name, getattr(args, name))
     video_limits = _video_limits(args)
-    settings = ServerSettings(
+    return ServerSettings(
         model_id=Path(args.model).name if args.model else _default_model_name(),
         api_key=args.api_key or None,
         max_body_bytes=int(args.max_body_mb * 2**20),
@@ -386,14 +408,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_waiting=args.max_queue,
         queue_timeout=args.queue_timeout,
     )
+
+
+def serve_app(args: argparse.Namespace, settings: Any) -> tuple[Any, str]:
+    """Load the model as the `qwenvl serve` flags say and build the server app over it (also what every
+    replica of `qwenvl serve --ray` runs); the app and a start-up note."""
+    from .server import create_app
+
     model, load_s = _load(args)
     _warm_grammar_compiler(model)
     packed = _pack_prefill_weights(model, args.prefill_weights)
-    base = f"http://{args.host}:{args.port}"
-    page = f"; chat page {base}/" if settings.ui else ""
-    print(f"qwenvl serve: {settings.model_id} loaded in {load_s:.1f} s{packed}; API {base}/v1{page}", file=sys.stderr)
-    run_server(create_app(model, settings, max_batch=args.max_batch), args.host, args.port, args.log_level)
-    return 0
+    app = create_app(model, settings, max_batch=args.max_batch)
+    return app, f"{settings.model_id} loaded in {load_s:.1f} s{packed}"
 
 
 def _cors_origins(text: str | None) -> tuple[str, ...]:
