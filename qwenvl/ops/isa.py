@@ -179,6 +179,8 @@ def check(name: str) -> str:
     if not runs_here(ISAS[name]):
         lacking = sorted(ISAS[name].cpu_flags - cpu_flags())
         why = f"lacks {', '.join(lacking)}" if lacking else "cannot run it"
+        if ISAS[name].machines and machine() not in ISAS[name].machines:
+            why = f"is {machine()} ({name} is for {', '.join(ISAS[name].machines)})"
         if not lacking and ISAS[name].needs_tile_grant:
             why = "has AMX but the kernel does not grant the tile state"
         raise IsaError(f"{ENV}={name}: this CPU {why}; it runs {', '.join(runnable())} (or auto)")
