@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -57,6 +58,28 @@ def test_neon_is_bit_for_bit_the_scalar_reference_under_qemu(tmp_path) -> None:
     assert not lines[3].endswith(" 0 failures") and result.returncode == 1
     failures = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
     assert failures and all(line.endswith(": not bit for bit the reference's") for line in failures), failures
+    # what each build names as its extensions (qk_extensions, shown by `qwenvl info`)
+    assert [extensions(driver.parent, library) for library in neon] == ["", "dotprod fp16"]
+
+
+EXTENSIONS = """#include <dlfcn.h>
+#include <stdio.h>
+int main(int argc, char** argv) {
+  void* lib = dlopen(argv[1], RTLD_NOW);
+  if (!lib) return 2;
+  printf("[%s]", ((const char* (*)(void))dlsym(lib, "qk_extensions"))());
+  return 0;
+}
+"""
+
+
+def extensions(folder: Path, library: Path) -> str:
+    """qk_extensions() of an AArch64 library, under qemu."""
+    program = folder / "extensions"
+    if not program.exists():
+        compile_program(CROSS, EXTENSIONS, program)
+    printed = subprocess.run([*RUNNER, str(program), str(library)], capture_output=True, text=True, check=True)
+    return printed.stdout.removeprefix("[").removesuffix("]")
 
 
 def test_auto_picks_neon_on_an_arm_cpu(monkeypatch) -> None:
