@@ -12,7 +12,19 @@ int qk_abi_version(void) { return QK_ABI_VERSION; }
 const char* qk_isa(void) { return QK_ISA_NAME; }
 
 const char* qk_extensions(void) {  // what the flags added beyond the ISA's base, for `qwenvl info`
+#if defined(__aarch64__)
+#if defined(__ARM_FEATURE_DOTPROD) && defined(__ARM_FEATURE_FP16_VECTOR_ARITHMETIC)
+  return "dotprod fp16";
+#elif defined(__ARM_FEATURE_DOTPROD)
+  return "dotprod";
+#elif defined(__ARM_FEATURE_FP16_VECTOR_ARITHMETIC)
+  return "fp16";
+#else
+  return "";
+#endif
+#else
   return QK_AMX ? "avx512bf16 avx512vbmi2 amx-tile amx-bf16" : QK_BF16 ? "avx512bf16 avx512vbmi2" : "";
+#endif
 }
 
 int qk_amx(void) {

@@ -6,7 +6,7 @@ and torch's ops elsewhere.
 
 Choosing (read once per process, at the first op):
 
-- ``QWENVL_ISA=scalar|avx2|avx512|amx|auto`` (default ``auto``: the best this CPU runs). A name the
+- ``QWENVL_ISA=scalar|avx2|avx512|amx|neon|auto`` (default ``auto``: the best this CPU runs). A name the
   CPU cannot run is a one-line error (``IsaError``) naming what it runs.
 - ``QWENVL_KERNELS=0``: no native kernels at all (torch's ops; GGUF weights dequantized at load).
 - ``QWENVL_AMX=0``: ``auto`` stops at avx512, and no call puts rows on AMX tiles.

@@ -3,7 +3,7 @@
 One library is built per instruction set from the sources in ``qwenvl/csrc`` (the common files plus the
 ISA's own), with that ISA's compiler flags and no ``-march=native``: a library never holds an
 instruction the ISA does not name, so forcing a lower ISA on a bigger CPU runs exactly what a smaller
-CPU would run. To add an ISA (an ARM NEON file, an int8 file): write its source under ``qwenvl/csrc``,
+CPU would run. To add an ISA (an int8 file, say): write its source under ``qwenvl/csrc``,
 add an ``Isa`` to ``ISAS`` (in order of preference, lowest first) with the CPU flags it needs.
 """
 
@@ -21,9 +21,20 @@ ENV = "QWENVL_ISA"
 # Sources every library compiles (paths under qwenvl/csrc); each ISA adds its own.
 COMMON_SOURCES = ("common.cpp", "api.cpp", "attention.cpp", "layers.cpp")
 X86 = ("x86_64", "amd64", "i686", "i386")
+ARM64 = ("aarch64", "arm64")
 _AVX2 = ("-mavx2", "-mfma", "-mf16c")
 _AVX512 = (*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq")
 _AVX512_BF16 = ("-mavx512bf16", "-mavx512vbmi2")
+# NEON: base ARMv8-A (Advanced SIMD is part of it); the products and sums of the exact kernels are never
+# fused, so they are the scalar path's bits. A CPU with the dot-product / fp16-arithmetic extensions
+# (Linux's asimddp, asimdhp + fphp) gets them in the -march (later -march flags replace earlier ones).
+_NEON = ("-march=armv8-a", "-ffp-contract=off")
+_FP16 = frozenset({"asimdhp", "fphp"})
+_NEON_EXTENSIONS = (
+    (_FP16, ("-march=armv8.2-a+fp16",)),
+    (frozenset({"asimddp"}), ("-march=armv8.2-a+dotprod",)),
+    (_FP16 | {"asimddp"}, ("-march=armv8.2-a+dotprod+fp16",)),
+)
 
 
 @dataclass(frozen=True)
@@ -89,6 +100,15 @@ ISAS: dict[str, Isa] = {
             (*_AVX512, *_AVX512_BF16, "-mamx-tile", "-mamx-bf16"),
             ("x86/avx512.cpp", "x86/amx.cpp"),
             needs_tile_grant=True,
+        ),
+        Isa(
+            "neon",
+            "AArch64 NEON (bit for bit the scalar path; + dot-product / fp16 flags where the CPU has them)",
+            ARM64,
+            frozenset({"asimd"}),
+            _NEON,
+            ("arm/neon.cpp",),
+            optional=_NEON_EXTENSIONS,
         ),
     )
 }
@@ -159,6 +179,8 @@ def check(name: str) -> str:
     if not runs_here(ISAS[name]):
         lacking = sorted(ISAS[name].cpu_flags - cpu_flags())
         why = f"lacks {', '.join(lacking)}" if lacking else "cannot run it"
+        if ISAS[name].machines and machine() not in ISAS[name].machines:
+            why = f"is {machine()} ({name} is for {', '.join(ISAS[name].machines)})"
         if not lacking and ISAS[name].needs_tile_grant:
             why = "has AMX but the kernel does not grant the tile state"
         raise IsaError(f"{ENV}={name}: this CPU {why}; it runs {', '.join(runnable())} (or auto)")

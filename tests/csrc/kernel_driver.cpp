@@ -10,7 +10,9 @@
 //     the bf16 rounding of a bf16 output), each row bit for bit its 1-row result, strided x bit for
 //     bit contiguous x; AMX tiles too where the library has them;
 //   - decode attention, RMSNorm and SwiGLU's product within a few ulp of the reference, rows
-//     independent of each other.
+//     independent of each other;
+//   - the paths that promise the reference's own sums (kBitExactGemv: NEON), every GEMV output bit
+//     for bit the reference's.
 // The reference library is checked against the double-precision products as well.
 //
 // It includes only qk_abi.h and loads the libraries with dlopen, so the same driver cross-compiles
@@ -110,6 +112,15 @@ float bf16_value(uint16_t h) {
   float f;
   memcpy(&f, &b, 4);
   return f;
+}
+
+// ISAs whose GEMV does the reference's operations in its order (arm/neon.cpp): the same bits
+const char* const kBitExactGemv[] = {"neon"};
+
+bool bit_exact_gemv(const Lib& lib) {
+  for (const char* name : kBitExactGemv)
+    if (lib.isa == name) return true;
+  return false;
 }
 
 std::mt19937 rng(1234);
@@ -271,6 +282,11 @@ void check_gemv(const Lib& ref, const Lib& lib, const Format& f, const GemvCase&
       if (excess > worst || std::isnan(y[m * c.N + n])) worst = std::isnan(y[m * c.N + n]) ? INFINITY : excess;
     }
   t.check(worst <= 0, std::string(f.name) + " " + text + ": outside the bound by " + std::to_string(worst));
+  if (bit_exact_gemv(lib)) {
+    const auto want = run_gemv(ref, f, w, c, xf, ldx, bias, 0, c.M);
+    t.check(memcmp(want.data(), y.data(), y.size() * 4) == 0,
+            std::string(f.name) + " " + text + ": not bit for bit the reference's");
+  }
   // the same rows contiguous (ldx == K): the same bits
   const auto packed = run_gemv(lib, f, w, c, xf, c.K, bias, 0, c.M);
   t.check(memcmp(packed.data(), y.data(), y.size() * 4) == 0,
