@@ -386,10 +386,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     check_ray_arguments(args)
     settings = serve_settings(args)
     if args.ray:
-        from .deploy import serve_on_ray  # imports Ray: only with --ray
-
         if not args.ray_address:  # a cluster's Serve proxy may hold the port already: checked when Ray is ours
             bind_socket(args.host, args.port).close()
+        from .deploy import serve_on_ray  # imports Ray: only with --ray
+
         return serve_on_ray(args, settings)
     sock = bind_socket(args.host, args.port)  # before loading: a port in use fails at once
     try:

@@ -212,6 +212,19 @@ def test_serve_on_a_port_in_use_fails_before_loading(text_dir):
     assert "loaded" not in out.stderr and time.monotonic() - started < 30
 
 
+def test_serve_ray_checks_the_port_before_starting_ray(text_dir, monkeypatch, capsys):
+    import qwenvl.deploy
+
+    monkeypatch.setattr(qwenvl.deploy, "serve_on_ray", lambda *a: pytest.fail("Ray started on a port in use"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert cli_main(["serve", str(text_dir), "--ray", "--port", port]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"qwenvl: error: cannot listen on 127.0.0.1:{port}: ") and err.count("\n") == 1
+
+
 # ---------------------------------------------------------------------------------------------------
 # 5. /docs offline; / without the chat page
 
@@ -318,6 +331,20 @@ def test_interrupted_convert_leaves_no_folder_it_created(monkeypatch, text_dir, 
     with pytest.raises(KeyboardInterrupt):
         convert.convert_hf(text_dir, kept, out_type="f32", progress=False)
     assert kept.is_dir()  # the user's folder stays
+
+
+def test_interrupted_export_leaves_no_folder_it_created(monkeypatch, text_dir, tmp_path):
+    from qwenvl.weights import export
+
+    (gguf,) = convert_hf(text_dir, tmp_path / "gguf", out_type="f32", progress=False)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "_write_checkpoint", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export.export_hf(gguf.path, tmp_path / "new" / "deeper" / "hf")
+    assert not (tmp_path / "new").exists()
 
 
 def test_export_prints_what_it_wrote(text_dir, tmp_path):
