@@ -241,13 +241,6 @@ def create_app(model: Model, settings: ServerSettings, *, engine: Any = None, ma
 
     if settings.ui:
         install_ui(app)
-    else:
-
-        @app.get("/", include_in_schema=False)
-        async def index() -> dict[str, str]:
-            """Where things are when the chat page is off (--no-ui)."""
-            return {"api": "/v1", "docs": "/docs", "openapi": "/openapi.json", "health": "/health"}
-
     return app
 
 
