@@ -3,13 +3,16 @@ the port checked before loading, consistent commands, no local paths in server e
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pty
 import shutil
 import socket
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 from pathlib import Path
@@ -35,6 +38,7 @@ def run_cli(*args: str, stdin: str | None = None, timeout: float = 300) -> subpr
 def run_with_tty_stderr(*args: str, timeout: float = 300) -> tuple[int, str, str]:
     """The command with stderr on a pseudo-terminal (what a user at a terminal sees) and stdout piped."""
     controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))  # a terminal's size
     process = subprocess.Popen(
         [*QWENVL, *args], stdout=subprocess.PIPE, stderr=terminal, stdin=subprocess.DEVNULL, env=ENV
     )
