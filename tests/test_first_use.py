@@ -399,6 +399,8 @@ def test_path_redactor_names_the_model_and_hides_folders(tmp_path):
     assert redact(f"{cache_dir() / 'x'}") == "<cache>/x"
     assert redact(f"{Path.home() / 'pictures'}") == "~/pictures"
     assert redact("file:///srv/cat.png: no such file") == "file:///srv/cat.png: no such file"
+    url = f"file://{source.parent / 'cat.png'}: outside the allowed local media path"
+    assert redact(url) == url  # the client's own URL is not rewritten
 
 
 def _data_uri(path: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
 from collections.abc import Callable
 from pathlib import Path
@@ -90,12 +91,12 @@ def path_redactor(model_source: str, model_id: str) -> Callable[[str], str]:
         for spelled in {str(folder), str(folder.absolute()), str(folder.resolve())}:
             if spelled not in ("/", "."):
                 pairs.setdefault(spelled, label)
-    ordered = sorted(pairs.items(), key=lambda pair: -len(pair[0]))  # the longest (most specific) first
+    ordered = sorted(pairs, key=len, reverse=True)  # the longest (most specific) first
+    # a file:// URL is the client's own words: left as it was sent
+    pattern = re.compile("(?<!file://)(?:" + "|".join(re.escape(path) for path in ordered) + ")")
 
     def redact(message: str) -> str:
-        for path, label in ordered:
-            message = message.replace(path, label)
-        return message
+        return pattern.sub(lambda match: pairs[match.group(0)], message)
 
     return redact
 
