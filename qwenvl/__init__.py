@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 # registry model at 0.4 tok/s instead of 22 with both cores busy elsewhere). So threads wait
 # passively unless the user chose a policy. libgomp reads it when torch loads it: this applies where
 # qwenvl is imported before torch (the CLI, the server, `import qwenvl` first); docs/engine.md.
+OMP_WAIT_POLICY_FROM_ENVIRONMENT = "OMP_WAIT_POLICY" in os.environ  # what `qwenvl info` / serve say
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 __version__ = "0.1.0"

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from . import status
 from .chat import fallback_template, media_items, normalize_messages, render_chat, template_uses_tools
 from .config import GenerationConfig, ModelConfig, PreprocessConfig
 from .engine.generate import Generation, GenerationResult, new_request
@@ -169,6 +170,16 @@ class Model:
         counts = iter([_visual_tokens(item, self.preprocess_config.merge_size) for item in prepared])
         return [pad for token in ids for pad in ([token] * next(counts) if token in pads else [token])]
 
+    def no_vision_message(self) -> str:
+        """Why images and videos are refused: a text model, or a Qwen2-VL GGUF without its vision file."""
+        name = self.source  # the server answers with its model name instead (server/errors.py)
+        if self.config.arch in ("qwen2_vl", "qwen2_5_vl"):
+            return (
+                f"{name} is a Qwen2-VL model whose vision half is in another file: give its mmproj GGUF "
+                "with --mmproj FILE (API: qwenvl.load(..., mmproj=FILE))"
+            )
+        return f"{name} is a text-only model: it cannot take images or videos"
+
     def _tokenize_chat(
         self,
         messages: list[dict[str, Any]],
@@ -181,7 +192,7 @@ class Model:
         items = media_items(messages)
         if self.vision_model is None:
             if items:
-                raise MediaError(f"{self.source} is a text-only model: it cannot take images or videos")
+                raise MediaError(self.no_vision_message())
             messages = [_flatten_text_parts(m) for m in messages]
         text = render_chat(
             self._template(tools),
@@ -411,8 +422,9 @@ def load(
         from .defaults import default_model_path
 
         model = default_model_path()
-    checkpoint = open_checkpoint(model, mmproj=mmproj, tiktoken=tiktoken)
-    return _build(checkpoint, resolve_dtype(dtype), context, kernel, exact_prefill)
+    with status.step(f"loading {Path(model).name if Path(model).expanduser().exists() else model}"):
+        checkpoint = open_checkpoint(model, mmproj=mmproj, tiktoken=tiktoken)
+        return _build(checkpoint, resolve_dtype(dtype), context, kernel, exact_prefill)
 
 
 def _build(

@@ -225,6 +225,11 @@ def _bench_target(options: BenchOptions) -> _Target:
     checkpoint = open_checkpoint(model, mmproj=options.mmproj)
     is_vl = checkpoint.config.vision is not None
     if options.image and not is_vl:
+        if checkpoint.config.arch == "qwen2_vl":  # a Qwen2-VL GGUF without its mmproj beside it
+            raise QwenVLError(
+                f"{checkpoint.source} is a Qwen2-VL model whose vision half is in another file: give its "
+                "mmproj GGUF with --mmproj FILE"
+            )
         raise QwenVLError(
             f"{checkpoint.source} is a text-only model: --image needs a Qwen2-VL / Qwen2.5-VL model "
             "(or --vision-config)"

@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Any
 
-from . import __version__
+from . import __version__, status
 from .errors import QwenVLError
 
 USER_ERROR = 2
@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return USER_ERROR
+    # status lines (qwenvl.status) for terminals only, and never with --json output; serve logs them always
+    status.configure(args.handler is cmd_serve or (sys.stderr.isatty() and not getattr(args, "json", False)))
     try:
         return args.handler(args) or 0
     except QwenVLError as error:
@@ -71,7 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the token ids of a text",
         description="Token ids (and pieces) of TEXT: no special tokens added, special-token text parsed.",
     )
-    tokenize.add_argument("words", nargs="+", metavar="[MODEL] TEXT", help="model (optional) and the text")
+    tokenize.add_argument(
+        "words", nargs="+", metavar="[MODEL] TEXT", help="model (optional) and the text ('-' reads standard input)"
+    )
     tokenize.add_argument("--json", action="store_true", help="print {ids, pieces} as JSON")
     tokenize.add_argument("--no-parse-special", action="store_true", help="encode special-token text as plain text")
     tokenize.add_argument("--tiktoken", metavar="FILE", help="the qwen.tiktoken of a qwen.cpp GGML file")
@@ -142,7 +146,12 @@ def _add_file_commands(commands: Any) -> None:
     export.set_defaults(handler=cmd_export)
 
     info = commands.add_parser("info", help="describe a model file", description="Architecture, size, types, tokens.")
-    info.add_argument("model", metavar="MODEL", help="HF checkpoint dir, hub id, .gguf text model or mmproj")
+    info.add_argument(
+        "model",
+        nargs="?",
+        metavar="MODEL",
+        help="HF checkpoint dir, hub id, .gguf text model or mmproj (default: the embedded model)",
+    )
     info.add_argument("--mmproj", metavar="FILE", help="the vision GGUF of a text GGUF")
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(handler=cmd_info)
@@ -210,13 +219,27 @@ def cmd_export(args: argparse.Namespace) -> int:
         overwrite=args.force,
         progress=sys.stderr.isatty(),
     )
-    print(out)
+    print(_written_files(out))
     return 0
+
+
+def _written_files(directory: Any) -> str:
+    """The files of a written directory, one a line with its size, and their total (as convert prints)."""
+    from pathlib import Path
+
+    files = sorted(path for path in Path(directory).iterdir() if path.is_file())
+    total = sum(path.stat().st_size for path in files)
+    lines = [f"{path}  {path.stat().st_size / 2**20:,.1f} MB" for path in files]
+    return "\n".join([*lines, f"{len(files)} files, {total / 2**20:,.1f} MB in {directory}"])
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     from .info import format_info, model_info
 
+    if args.model is None:
+        from .defaults import default_model_path
+
+        args.model = default_model_path()
     info = model_info(args.model, mmproj=args.mmproj)
     print(json.dumps(info, ensure_ascii=False) if args.json else format_info(info))
     return 0
@@ -356,20 +379,28 @@ def _add_connection_arguments(serve: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .runtime import threads_note
     from .scaleout import check_ray_arguments
-    from .server import run_server
+    from .server import bind_socket, run_server
 
     check_ray_arguments(args)
     settings = serve_settings(args)
     if args.ray:
+        if not args.ray_address:  # a cluster's Serve proxy may hold the port already: checked when Ray is ours
+            bind_socket(args.host, args.port).close()
         from .deploy import serve_on_ray  # imports Ray: only with --ray
 
         return serve_on_ray(args, settings)
-    app, loaded = serve_app(args, settings)
-    base = f"http://{args.host}:{args.port}"
-    page = f"; chat page {base}/" if settings.ui else ""
-    print(f"qwenvl serve: {loaded}; API {base}/v1{page}", file=sys.stderr)
-    run_server(app, args.host, args.port, args.log_level)
+    sock = bind_socket(args.host, args.port)  # before loading: a port in use fails at once
+    try:
+        print(f"qwenvl serve: {threads_note()}", file=sys.stderr)
+        app, loaded = serve_app(args, settings)
+        base = f"http://{args.host}:{args.port}"
+        page = f"; chat page {base}/" if settings.ui else ""
+        print(f"qwenvl serve: {loaded}; API {base}/v1{page}", file=sys.stderr)
+        run_server(app, args.host, args.port, args.log_level, sock=sock)
+    finally:
+        sock.close()
     return 0
 
 
@@ -614,6 +645,19 @@ def _read_json_file(path: str, flag: str, kind: type) -> Any:
     return value
 
 
+def _check_media_flags(args: argparse.Namespace) -> None:
+    """Flag values refused before the model loads."""
+    from .media.image import check_pixel_range
+
+    try:
+        check_pixel_range(args.min_pixels, args.max_pixels)
+    except QwenVLError as error:
+        raise QwenVLError(f"--min-pixels {args.min_pixels} is above --max-pixels {args.max_pixels}") from error
+    for name in ("min_pixels", "max_pixels"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise QwenVLError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+
+
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "max_tokens": args.max_tokens,
@@ -694,6 +738,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .tools import ToolCallParser, parse_tool_calls, tool_names
 
     prompt = _read_prompt(args.prompt)
+    _check_media_flags(args)
     if args.raw:
         chat_only = set(_sampling(args)) - set(SAMPLING_OPTIONS) - set(_video_limits(args))  # limits: defaults
         media = {k.replace("_", "-"): v for k, v in _sampling(args).items() if k in chat_only}
@@ -811,6 +856,8 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     if len(args.words) > 2:
         raise QwenVLError("tokenize takes [MODEL] TEXT: quote the text")
     model_name, text = args.words if len(args.words) == 2 else (None, args.words[0])
+    if text == "-":
+        text = sys.stdin.read()
     if model_name is None:
         from .defaults import default_model_path
 
@@ -834,6 +881,7 @@ CHAT_HELP = (
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    _check_media_flags(args)
     model, _ = _load(args)
     history: list[dict[str, Any]] = _messages(args.system, "")[:-1]
     system_turns = list(history)
@@ -858,21 +906,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
             history, attached, attached_videos = list(system_turns), [], []
             print("(conversation cleared)", file=sys.stderr)
             continue
-        if text.startswith("/image"):
-            path = text[len("/image") :].strip()
-            if not path:
-                print("usage: /image PATH", file=sys.stderr)
+        if text.split()[0] in ("/image", "/video"):
+            kind, _, path = text.partition(" ")
+            kind = kind[1:]
+            problem = _attachment_problem(model, kind, path.strip())
+            if problem:
+                print(problem, file=sys.stderr)
             else:
-                attached.append(path)
-                print(f"(image attached to your next message: {path})", file=sys.stderr)
-            continue
-        if text.startswith("/video"):
-            path = text[len("/video") :].strip()
-            if not path:
-                print("usage: /video PATH", file=sys.stderr)
-            else:
-                attached_videos.append(path)
-                print(f"(video attached to your next message: {path})", file=sys.stderr)
+                (attached if kind == "image" else attached_videos).append(path.strip())
+                print(f"({kind} attached to your next message: {path.strip()})", file=sys.stderr)
             continue
         if text.startswith("/"):
             print(f"unknown command {text.split()[0]}; {CHAT_HELP}", file=sys.stderr)
@@ -882,6 +924,29 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if answer is not None:
             history += [turn, {"role": "assistant", "content": answer}]
         attached, attached_videos = [], []
+
+
+def _attachment_problem(model: Any, kind: str, source: str) -> str | None:
+    """Why ``/image`` or ``/video`` SOURCE cannot be attached (checked when typed), or None."""
+    from pathlib import Path
+
+    from .media.image import load_image
+
+    if not source:
+        return f"usage: /{kind} PATH"
+    if model.vision_model is None:
+        return f"qwenvl: error: {model.no_vision_message()}"
+    if source.startswith(("http://", "https://", "data:")):
+        return None
+    path = Path(source.removeprefix("file://")).expanduser()
+    if not path.exists():
+        return f"qwenvl: error: {kind} file not found: {source}"
+    if kind == "image":
+        try:
+            load_image(source)
+        except QwenVLError as error:
+            return f"qwenvl: error: {error}"
+    return None
 
 
 def _chat_turn(model, messages: list[dict[str, Any]], args: argparse.Namespace) -> str | None:

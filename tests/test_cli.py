@@ -125,6 +125,9 @@ class RecordingModel:
         self.model, self.calls, self.interrupt_turn = model, [], interrupt_turn
         self.source = model.source
 
+    def __getattr__(self, name):  # vision_model, no_vision_message, …: the model's
+        return getattr(self.model, name)
+
     def stream(self, messages, **options):
         self.calls.append([dict(m) for m in messages])
         generation = self.model.stream(messages, **options)

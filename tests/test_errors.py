@@ -36,8 +36,16 @@ def test_missing_directory():
 
 def test_missing_config(checkpoint_copy):
     (checkpoint_copy / "config.json").unlink()
-    with pytest.raises(ModelFileError, match=r"config\.json: file not found"):
+    with pytest.raises(
+        ModelFileError, match=r"not a model: expected a checkpoint directory \(config\.json \+ weights\)"
+    ):
         qwenvl.load(checkpoint_copy)
+
+
+def test_an_image_is_not_a_model(tmp_path):
+    (tmp_path / "odd.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(32))
+    with pytest.raises(ModelFileError, match=r"odd\.png: not a model: expected .*a \.gguf file or a hub id"):
+        qwenvl.load(tmp_path / "odd.png")
 
 
 def test_config_not_json(checkpoint_copy):

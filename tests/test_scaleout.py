@@ -357,8 +357,13 @@ import sys
 import qwenvl.cli as cli
 import qwenvl.server as server
 served = []
-server.run_server = lambda app, host, port, level: served.append(app)
-assert cli.main(["serve", sys.argv[1], "--dtype", "float32", "--port", "8999"]) == 0 and served
+import socket
+probe = socket.socket()
+probe.bind(("127.0.0.1", 0))  # a free port: serve binds it before loading
+port = str(probe.getsockname()[1])
+probe.close()
+server.run_server = lambda app, host, port, level, sock=None: served.append(app)
+assert cli.main(["serve", sys.argv[1], "--dtype", "float32", "--port", port]) == 0 and served
 print("ray" in sys.modules, any(name.startswith("ray.") for name in sys.modules))
 """
 

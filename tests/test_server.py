@@ -303,6 +303,8 @@ def test_serve_command(vl_dir):
         _, stderr = process.communicate(timeout=30)
     assert process.returncode == 0, stderr
     assert f"http://127.0.0.1:{port}/v1" in stderr
+    assert "OpenMP wait policy PASSIVE" in stderr and "--threads N to change" in stderr  # docs/engine.md
+    assert f"qwenvl: loading {vl_dir.name} … done (" in stderr  # the status lines, always in serve's log
 
 
 def test_serve_command_user_errors(vl_dir, tmp_path, capsys):

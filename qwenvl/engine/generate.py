@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import status
 from ..errors import RequestError
 from ..grounding import GroundedBox, ImageGeometry
 from ..models.text import KVCache, TextModel
@@ -199,7 +200,12 @@ class Generation:
     def _run(self) -> Iterator[str]:
         req, model = self.request, self.model
         started = time.perf_counter()
-        logits = prefill(model, req)
+        length = len(req.prompt.input_ids)
+        if length >= status.LONG_PROMPT_TOKENS:
+            with status.step(f"prefill of {length} prompt tokens"):
+                logits = prefill(model, req)
+        else:
+            logits = prefill(model, req)
         prefill_done = time.perf_counter()
         history = torch.tensor(req.prompt.input_ids, dtype=torch.long)
         prompt_length = len(req.prompt.input_ids)

@@ -252,6 +252,12 @@ def smart_resize(
     return h_bar, w_bar
 
 
+def check_pixel_range(min_pixels: int | None, max_pixels: int | None) -> None:
+    """Refuse a min_pixels above max_pixels (the resize would silently break one of them)."""
+    if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
+        raise MediaError(f"min_pixels ({min_pixels}) is above max_pixels ({max_pixels}): lower one or raise the other")
+
+
 def preprocess_image(
     image: Image.Image,
     config: PreprocessConfig,
@@ -263,14 +269,11 @@ def preprocess_image(
 
     ``min_pixels`` / ``max_pixels`` override the config's resize budget.
     """
+    low = config.min_pixels if min_pixels is None else min_pixels
+    high = config.max_pixels if max_pixels is None else max_pixels
+    check_pixel_range(low, high)
     rgb = convert_to_rgb(image)
-    height, width = smart_resize(
-        rgb.height,
-        rgb.width,
-        factor=config.factor,
-        min_pixels=config.min_pixels if min_pixels is None else min_pixels,
-        max_pixels=config.max_pixels if max_pixels is None else max_pixels,
-    )
+    height, width = smart_resize(rgb.height, rgb.width, factor=config.factor, min_pixels=low, max_pixels=high)
     if height == 0 or width == 0:
         raise MediaError(f"image {rgb.width}x{rgb.height} resizes to zero size: check min_pixels")
     resized = np.asarray(rgb.resize((width, height), Image.Resampling.BICUBIC))  # uint8 [H, W, 3]

@@ -24,6 +24,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from .. import status
 from .isa import Isa, cpu_flags
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
@@ -90,7 +91,8 @@ def build_library(isa: Isa, cxx: str | None = None, cpu: frozenset[str] | None =
     flags = compile_flags(isa, cpu)
     target = cache_root() / build_key(isa, cxx, flags, cpu) / library_name(isa)
     if not target.exists():
-        _build(cxx, flags, isa.all_sources(), target)
+        with status.step(f"building the native kernels for {isa.name} (once; cached in {cache_root()})"):
+            _build(cxx, flags, isa.all_sources(), target)
     return target
 
 

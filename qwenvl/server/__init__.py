@@ -1,6 +1,6 @@
 """OpenAI-compatible HTTP server (``qwenvl serve``): see docs/serve.md."""
 
-from .app import create_app, run_server, server_config
+from .app import bind_socket, create_app, run_server, server_config
 from .settings import ServerSettings
 
-__all__ = ["create_app", "run_server", "server_config", "ServerSettings"]
+__all__ = ["bind_socket", "create_app", "run_server", "server_config", "ServerSettings"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import secrets
+import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -10,14 +12,23 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
 from .. import __version__
 from ..api import Model
 from ..engine.prompt import Prompt
+from ..errors import QwenVLError
 from ..tools import tool_names
-from .errors import RETRY_AFTER_S, APIError, APIKeyMiddleware, BodyLimitMiddleware, install_error_handlers
+from .errors import (
+    RETRY_AFTER_S,
+    APIError,
+    APIKeyMiddleware,
+    BodyLimitMiddleware,
+    install_error_handlers,
+    path_redactor,
+)
 from .metrics import HTTPMetricsMiddleware, ServerMetrics
 from .prompts import OutputPlan, PromptBuilder, refuse_unsupported
 from .protocol import protocol_class
@@ -83,7 +94,7 @@ def create_app(model: Model, settings: ServerSettings, *, engine: Any = None, ma
         finally:
             engine.shutdown()
 
-    app = FastAPI(
+    app = FastAPIOffline(  # /docs and /redoc load their scripts from this server (offline), not a CDN
         title="qwenvl",
         version=__version__,
         lifespan=lifespan,
@@ -91,6 +102,7 @@ def create_app(model: Model, settings: ServerSettings, *, engine: Any = None, ma
     )
     app.state.engine, app.state.model, app.state.settings = engine, model, settings
     app.state.metrics = metrics
+    app.state.redact = path_redactor(model.source, settings.model_id)
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout)
     app.add_middleware(APIKeyMiddleware, api_key=settings.api_key)
@@ -262,13 +274,35 @@ def server_config(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, log_l
     )
 
 
-def run_server(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
-    """Serve ``app`` until interrupted (Ctrl-C ends the open streams, then the engine)."""
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (not yet listening), taken before the model loads so that a port
+    in use fails at once; QwenVLError (one line) when it cannot be had."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as error:
+        raise QwenVLError(f"--host {host}: cannot resolve it ({error.strerror})") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a TIME_WAIT port is free
+    try:
+        sock.bind(address)
+    except OSError as error:
+        sock.close()
+        hint = " (another server is on it? choose another with --port)" if error.errno == errno.EADDRINUSE else ""
+        raise QwenVLError(f"cannot listen on {host}:{port}: {error.strerror}{hint}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def run_server(app: FastAPI, host: str, port: int, log_level: str = "info", sock: socket.socket | None = None) -> None:
+    """Serve ``app`` until interrupted (Ctrl-C ends the open streams, then the engine); on ``sock`` when
+    given (bound by ``bind_socket``), else on host:port."""
     import uvicorn
 
     server = uvicorn.Server(server_config(app, host, port, log_level))
     try:
-        server.run()
+        server.run(sockets=[sock] if sock is not None else None)
     except KeyboardInterrupt:  # the signal uvicorn re-raises after its graceful shutdown (as uvicorn.run)
         pass
     if not server.started:

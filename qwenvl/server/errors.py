@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -77,13 +80,44 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, _unexpected_error)
 
 
+def path_redactor(model_source: str, model_id: str) -> Callable[[str], str]:
+    """A function that takes this machine's paths out of a message meant for clients: the model file
+    (its served name instead), its folder, the cache and the home directory (docs/serve.md, "Errors")."""
+    from ..defaults import cache_dir
+
+    source = Path(model_source)
+    pairs = {str(source): model_id, str(source.absolute()): model_id, str(source.resolve()): model_id}
+    for folder, label in ((source.parent, "<model folder>"), (cache_dir(), "<cache>"), (Path.home(), "~")):
+        for spelled in {str(folder), str(folder.absolute()), str(folder.resolve())}:
+            if spelled not in ("/", "."):
+                pairs.setdefault(spelled, label)
+    ordered = sorted(pairs, key=len, reverse=True)  # the longest (most specific) first
+    # a file:// URL is the client's own words: left as it was sent
+    pattern = re.compile("(?<!file://)(?:" + "|".join(re.escape(path) for path in ordered) + ")")
+
+    def redact(message: str) -> str:
+        return pattern.sub(lambda match: pairs[match.group(0)], message)
+
+    return redact
+
+
+def public_message(request: Request | None, message: str) -> str:
+    """``message`` without this machine's paths (the app's redactor); the original is logged here."""
+    redact = getattr(request.app.state, "redact", None) if request is not None else None
+    public = redact(message) if redact is not None else message
+    if public != message:
+        log.info("error answered as %r: %s", public, message)
+    return public
+
+
 async def _api_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, APIError)
-    return error_response(error.status, error.message, error.param, error.code, error.headers)
+    message = public_message(request, error.message)
+    return error_response(error.status, message, error.param, error.code, error.headers)
 
 
 async def _user_error(request: Request, error: Exception) -> JSONResponse:
-    return error_response(400, " ".join(str(error).split()) or type(error).__name__)
+    return error_response(400, public_message(request, " ".join(str(error).split()) or type(error).__name__))
 
 
 async def _busy_error(request: Request, error: Exception) -> JSONResponse:

@@ -16,7 +16,7 @@ from starlette.requests import Request
 
 from ..engine.generate import TokenLogprob
 from ..tools import ToolCallParser, ToolDelta, parse_tool_calls
-from .errors import APIError, error_body
+from .errors import APIError, error_body, public_message
 from .output import CompletionLogprobs, chat_logprobs, tool_call_delta
 
 DONE = "data: [DONE]\n\n"
@@ -163,7 +163,8 @@ async def stream_events(request: Request, handle: Any, meta: ResponseMeta, inclu
             for payload in chunks.event(event, answer):
                 yield _sse(payload)
             if event.finish_reason == "error":
-                yield _sse(error_body(500, f"generation failed: {event.error or 'unknown error'}"))
+                message = public_message(request, f"generation failed: {event.error or 'unknown error'}")
+                yield _sse(error_body(500, message))
             elif event.finish_reason is not None:
                 finish = chunks.finish(event.finish_reason)
                 finish[-1].update(_extension(meta, answer))

@@ -33,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from ..config import TEXT_ARCHS, ModelConfig
-from ..durable import flush, fsync_path, partial_path, remove_stale_partials
+from ..durable import created_dirs_removed_on_failure, flush, fsync_path, partial_path, remove_stale_partials
 from ..errors import ModelFileError
 from .gguf import GGUFModel, read_gguf, vl_model_config
 
@@ -82,6 +82,7 @@ def export_hf(
             config = vl_model_config(model, projector)
         else:
             config = model.config
+        stack.enter_context(created_dirs_removed_on_failure(out_dir.parent))
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_partials(out_dir.parent)  # left by killed runs
         staging = partial_path(out_dir)

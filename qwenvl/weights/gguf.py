@@ -670,6 +670,8 @@ class DequantizedTensors(Mapping[str, torch.Tensor]):
 def open_gguf_checkpoint(path: str | os.PathLike, mmproj: str | os.PathLike | None = None) -> Checkpoint:
     """A GGUF text model (with its vision ``mmproj`` GGUF, if any) as the loaders' common Checkpoint view."""
     model = read_gguf(path)
+    if mmproj is None and model.config.arch == "qwen2_vl":
+        mmproj = mmproj_beside(model)
     if mmproj is None:
         tokenizer = model.tokenizer()
         return Checkpoint(
@@ -696,6 +698,27 @@ def open_gguf_checkpoint(path: str | os.PathLike, mmproj: str | os.PathLike | No
         tensors=lambda: _ChainedTensors(DequantizedTensors(model), VisionTensors(projector)),
         quantized=model,
     )
+
+
+def mmproj_beside(model: GGUFModel) -> Path | None:
+    """The one ``mmproj*.gguf`` beside a Qwen2-VL text GGUF that fits it (a Qwen2-VL / Qwen2.5-VL
+    projector as wide as its hidden size), as llama.cpp's tools look for it; None when none or several
+    fit. Said on stderr when one is taken."""
+    from .. import status
+    from .mmproj import read_mmproj
+
+    fitting = []
+    for candidate in sorted(Path(model.path).parent.glob("mmproj*.gguf")):
+        try:
+            with read_mmproj(candidate) as projector:
+                if projector.projection_dim == model.config.text.hidden_size:
+                    fitting.append(candidate)
+        except (ModelFileError, OSError):
+            continue
+    if len(fitting) != 1:
+        return None
+    status.notice(f"using the vision projector {fitting[0].name} found beside the model (--mmproj to choose)")
+    return fitting[0]
 
 
 VISION_TOKENS = {  # ModelConfig field → token text

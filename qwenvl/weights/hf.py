@@ -20,6 +20,9 @@ PICKLE_FILE = "pytorch_model.bin"
 PICKLE_INDEX_FILE = "pytorch_model.bin.index.json"
 
 
+NOT_A_MODEL = "not a model: expected a checkpoint directory (config.json + weights), a .gguf file or a hub id"
+
+
 def looks_like_hub_id(name: str) -> bool:
     parts = name.split("/")
     return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
@@ -29,9 +32,11 @@ def resolve_model_dir(name: str | os.PathLike) -> Path:
     """A local checkpoint directory, or a hub id fetched into (or found in) huggingface_hub's cache."""
     path = Path(name).expanduser()
     if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelFileError(f"{path}: {NOT_A_MODEL} (this folder has no config.json)")
         return path
     if path.exists():
-        raise ModelFileError(f"{path}: not a checkpoint directory (a GGUF file needs the GGUF loader)")
+        raise ModelFileError(f"{path}: {NOT_A_MODEL}")
     if not looks_like_hub_id(str(name)):
         raise ModelFileError(f"{name}: no such model directory")
     return _download_from_hub(str(name))
