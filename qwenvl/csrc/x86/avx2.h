@@ -226,6 +226,100 @@ inline void vec<F32>(const uint8_t* b, int, const Scales&, __m256 w[4]) {
   for (int i = 0; i < 4; ++i) w[i] = _mm256_loadu_ps((const float*)(b + 32 * i));
 }
 
+// ---------------------------------------------------------------------------------------------
+// The factored GEMV (formats whose weights are scale * code, and the K-quants with a minimum):
+// codes<F>(blk, g) gives group g's 32 stored codes (unsigned, the format's offset not yet taken off)
+// as bytes in value order. Q8_0's codes are its (signed) bytes.
+
+template <class F>
+constexpr bool kFactored = std::is_same_v<F, Q8_0> || std::is_same_v<F, Q4_0> || std::is_same_v<F, Q5_0> ||
+                           std::is_same_v<F, Q3_K> || std::is_same_v<F, Q6_K> || std::is_same_v<F, Q4_K> ||
+                           std::is_same_v<F, Q5_K>;
+
+template <class F>
+inline __m256i codes(const uint8_t* b, int g);
+
+template <>
+inline __m256i codes<Q4_0>(const uint8_t* b, int) {
+  return nibbles16(b + 2);
+}
+
+template <>
+inline __m256i codes<Q5_0>(const uint8_t* b, int) {
+  return _mm256_or_si256(nibbles16(b + 6), _mm256_and_si256(bits_to_bytes(load_u32(b + 2)), _mm256_set1_epi8(16)));
+}
+
+template <>
+inline __m256i codes<Q3_K>(const uint8_t* b, int g) {
+  return q3k_codes(b, g);
+}
+
+template <>
+inline __m256i codes<Q6_K>(const uint8_t* b, int g) {
+  return q6k_codes(b, g);
+}
+
+template <>
+inline __m256i codes<Q4_K>(const uint8_t* b, int g) {
+  return nibbles32(b + 16 + (g / 2) * 32, g % 2);
+}
+
+template <>
+inline __m256i codes<Q5_K>(const uint8_t* b, int g) {
+  return q5k_codes(b, g);
+}
+
+// Group g's 32 codes minus the format's offset as fp32 in four registers. Q8_0: in value order (each
+// register widens 8 of its bytes from memory). The others in "split order": the 32 code bytes are
+// read as 8 dwords, and register i holds byte i of each (codes i, 4 + i, 8 + i, ..., 28 + i), taken
+// out with a shift and a mask, then the offset taken off as integers (the shifts share two of the
+// four vector pipes with the shuffles; masks and integer subtractions run on any); the GEMV permutes
+// x to match (split_x).
+template <class F>
+constexpr bool kSplit = kFactored<F> && !std::is_same_v<F, Q8_0>;
+
+template <int kOffset>
+inline __m256 minus_offset(__m256i codes) {
+  if constexpr (kOffset > 0) codes = _mm256_sub_epi32(codes, _mm256_set1_epi32(kOffset));
+  return _mm256_cvtepi32_ps(codes);
+}
+
+template <int kOffset>
+inline void split(__m256i v, __m256 c[4]) {
+  const __m256i byte = _mm256_set1_epi32(0xFF);
+  c[0] = minus_offset<kOffset>(_mm256_and_si256(v, byte));
+  c[1] = minus_offset<kOffset>(_mm256_and_si256(_mm256_srli_epi32(v, 8), byte));
+  c[2] = minus_offset<kOffset>(_mm256_and_si256(_mm256_srli_epi32(v, 16), byte));
+  c[3] = minus_offset<kOffset>(_mm256_srli_epi32(v, 24));
+}
+
+template <class F>
+inline void code_values(const uint8_t* b, int g, __m256 c[4]) {
+  if constexpr (std::is_same_v<F, Q8_0>) {
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) c[i] = i8_to_ps(_mm_loadl_epi64((const __m128i*)(b + 2 + 8 * i)));
+  } else {
+    split<F::kOffset>(codes<F>(b, g), c);
+  }
+}
+
+// x in split order, in place: within each run of 32 values, value 4j + i moves to 8i + j
+inline void split_x(float* x, int64_t n) {
+  float run[32];
+  for (int64_t k = 0; k + 32 <= n; k += 32) {
+    memcpy(run, x + k, sizeof run);
+    for (int i = 0; i < 4; ++i)
+      for (int j = 0; j < 8; ++j) x[k + 8 * i + j] = run[4 * j + i];
+  }
+}
+
+// the scales of group g in split order: lanes 0-3 hold codes below 16, lanes 4-7 the others
+template <class F>
+inline __m256 split_scale(const Scales& s, int g) {
+  if constexpr (F::kHalves) return _mm256_set_m128(_mm_set1_ps(s.s1[g]), _mm_set1_ps(s.s0[g]));
+  return _mm256_set1_ps(s.s0[g]);
+}
+
 // 8 fp32 values as bf16, rounded to nearest even, NaN kept a (quiet) NaN: float_to_bf16's bits
 inline __m128i ps_to_bf16(__m256 v) {
   const __m256i bits = _mm256_castps_si256(v);
