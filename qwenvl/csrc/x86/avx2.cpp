@@ -120,7 +120,7 @@ constexpr int kAccumulators = kFactored<F> && F::kOffset < 0 ? 2 : 1;
 // two issue per cycle), at most 8 (16 ymm registers: the accumulators, 4 weights and temporaries)
 template <class F>
 constexpr int tile_rows(int mb) {
-  const int pairs = 8 / kAccumulators<F>;
+  const int pairs = 4 / kAccumulators<F>;
   return pairs / mb > 1 ? pairs / mb : 1;
 }
 
@@ -172,13 +172,13 @@ void gemv_format(const QkGemv& c) {
   load_x(c.x, c.x_bf16, c.M, c.K, c.ldx, xf.data());
   Gemv a = gemv_args(c);
   a.x = xf.data();
-  if constexpr (kSplit<F>) split_x(xf.data(), c.M * c.K);  // K is a multiple of 32
-  if constexpr (kFactored<F> && F::kOffset < 0) {
+  if constexpr (kFactored<F> && F::kOffset < 0) {  // the group sums of x as it is
     xsum.resize((size_t)(c.M * (c.K / 32)));
     group_sums(a.x, c.M, c.K, xsum.data());
     a.xsum = xsum.data();
     a.ldxs = c.K / 32;
   }
+  if constexpr (kSplit<F>) split_x(xf.data(), c.M * c.K);  // K is a multiple of 32
   for (int64_t m0 = 0; m0 < a.M; m0 += C) gemv_chunk<F, C>(a, m0, a.M - m0 < C ? a.M - m0 : C, c.threads);
 }
 

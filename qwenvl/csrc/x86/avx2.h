@@ -270,27 +270,31 @@ inline __m256i codes<Q5_K>(const uint8_t* b, int g) {
 }
 
 // Group g's 32 codes minus the format's offset as fp32 in four registers. Q8_0: in value order (each
-// register widens 8 of its bytes from memory). The others in "split order": the 32 code bytes are
-// read as 8 dwords, and register i holds byte i of each (codes i, 4 + i, 8 + i, ..., 28 + i), taken
-// out with a shift and a mask, then the offset taken off as integers (the shifts share two of the
-// four vector pipes with the shuffles; masks and integer subtractions run on any); the GEMV permutes
-// x to match (split_x).
+// register widens 8 of its bytes from memory). The others in "split order": the 32 code bytes
+// (each < 128) are read as 8 dwords, and register i holds byte i of each (codes i, 4 + i, 8 + i, ...,
+// 28 + i), converted without a shift where it can: byte i (i < 3) masked in place and put in the
+// mantissa of 2^23 is the float 2^23 + code * 2^(8i); subtracting 2^23 + offset * 2^(8i) leaves
+// (code - offset) * 2^(8i) exactly, and split_x scales register i's x values by 2^-(8i) to match (an
+// exact product: the FMAs see the same products as code * x). Byte 3 is shifted down. The GEMV
+// permutes x to match (split_x).
 template <class F>
 constexpr bool kSplit = kFactored<F> && !std::is_same_v<F, Q8_0>;
 
+constexpr int kMagic = 0x4B000000;  // the bits of 2^23: integers below 2^23 in its mantissa add to it
+
 template <int kOffset>
-inline __m256 minus_offset(__m256i codes) {
-  if constexpr (kOffset > 0) codes = _mm256_sub_epi32(codes, _mm256_set1_epi32(kOffset));
-  return _mm256_cvtepi32_ps(codes);
+inline __m256 split_byte(__m256i bits, int i) {  // bits: 2^23's exponent and code << 8i
+  const float offset = (float)(kOffset > 0 ? kOffset : 0) * (float)(1 << (8 * (i % 3)));
+  return _mm256_sub_ps(_mm256_castsi256_ps(bits), _mm256_set1_ps(8388608.0f + offset));
 }
 
 template <int kOffset>
 inline void split(__m256i v, __m256 c[4]) {
-  const __m256i byte = _mm256_set1_epi32(0xFF);
-  c[0] = minus_offset<kOffset>(_mm256_and_si256(v, byte));
-  c[1] = minus_offset<kOffset>(_mm256_and_si256(_mm256_srli_epi32(v, 8), byte));
-  c[2] = minus_offset<kOffset>(_mm256_and_si256(_mm256_srli_epi32(v, 16), byte));
-  c[3] = minus_offset<kOffset>(_mm256_srli_epi32(v, 24));
+  const __m256i magic = _mm256_set1_epi32(kMagic);
+  c[0] = split_byte<kOffset>(_mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi32(0xFF)), magic), 0);
+  c[1] = split_byte<kOffset>(_mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi32(0xFF00)), magic), 1);
+  c[2] = split_byte<kOffset>(_mm256_or_si256(_mm256_and_si256(v, _mm256_set1_epi32(0xFF0000)), magic), 2);
+  c[3] = split_byte<kOffset>(_mm256_or_si256(_mm256_srli_epi32(v, 24), magic), 3);
 }
 
 template <class F>
@@ -303,13 +307,15 @@ inline void code_values(const uint8_t* b, int g, __m256 c[4]) {
   }
 }
 
-// x in split order, in place: within each run of 32 values, value 4j + i moves to 8i + j
+// x in split order, in place: within each run of 32 values, value 4j + i moves to 8i + j, times
+// 2^-(8i) for i < 3 (exact, for the x values that stay normal: |x| > 2^-110)
 inline void split_x(float* x, int64_t n) {
   float run[32];
+  const float factor[4] = {1.0f, 1.0f / 256, 1.0f / 65536, 1.0f};
   for (int64_t k = 0; k + 32 <= n; k += 32) {
     memcpy(run, x + k, sizeof run);
     for (int i = 0; i < 4; ++i)
-      for (int j = 0; j < 8; ++j) x[k + 8 * i + j] = run[4 * j + i];
+      for (int j = 0; j < 8; ++j) x[k + 8 * i + j] = run[4 * j + i] * factor[i];
   }
 }
 
