@@ -107,6 +107,7 @@ void gemv_tile_factored(const Gemv& a, int64_t n, int64_t m0) {
 #pragma GCC unroll 16
     for (int m = 0; m < MB; ++m) {
       float v = reduce8(acc[r][m]);
+      if constexpr (kSplit<F>) v *= 1.0f / kSplitScale;  // exact
       if constexpr (kMin) v += reduce8(mins[r][m]);
       store(a, m0 + m, n + r, v);
     }

@@ -274,9 +274,10 @@ inline __m256i codes<Q5_K>(const uint8_t* b, int g) {
 // (each < 128) are read as 8 dwords, and register i holds byte i of each (codes i, 4 + i, 8 + i, ...,
 // 28 + i), converted without a shift where it can: byte i (i < 3) masked in place and put in the
 // mantissa of 2^23 is the float 2^23 + code * 2^(8i); subtracting 2^23 + offset * 2^(8i) leaves
-// (code - offset) * 2^(8i) exactly, and split_x scales register i's x values by 2^-(8i) to match (an
-// exact product: the FMAs see the same products as code * x). Byte 3 is shifted down. The GEMV
-// permutes x to match (split_x).
+// (code - offset) * 2^(8i) exactly. Byte 3 is shifted down. split_x puts x in the same order, scaled
+// so that every product is (code - offset) * x * 2^16 (register i's x values times 2^(16 - 8i), byte
+// 3's times 2^16: exact for |x| < 2^111), and the GEMV scales its sums back by 2^-16 (exact too):
+// the FMAs see the products code * x would give, times a power of two.
 template <class F>
 constexpr bool kSplit = kFactored<F> && !std::is_same_v<F, Q8_0>;
 
@@ -307,11 +308,13 @@ inline void code_values(const uint8_t* b, int g, __m256 c[4]) {
   }
 }
 
+constexpr float kSplitScale = 65536.0f;  // the products' factor in split order
+
 // x in split order, in place: within each run of 32 values, value 4j + i moves to 8i + j, times
-// 2^-(8i) for i < 3 (exact, for the x values that stay normal: |x| > 2^-110)
+// 2^(16 - 8i) (i < 3) or 2^16 (i = 3)
 inline void split_x(float* x, int64_t n) {
   float run[32];
-  const float factor[4] = {1.0f, 1.0f / 256, 1.0f / 65536, 1.0f};
+  const float factor[4] = {kSplitScale, kSplitScale / 256, kSplitScale / 65536, kSplitScale};
   for (int64_t k = 0; k + 32 <= n; k += 32) {
     memcpy(run, x + k, sizeof run);
     for (int i = 0; i < 4; ++i)
