@@ -78,7 +78,7 @@ ISAS: dict[str, Isa] = {
             X86,
             frozenset({"avx2", "fma", "f16c"}),
             _AVX2,
-            ("scalar.cpp",),
+            ("x86/avx2.cpp",),
         ),
         Isa(
             "avx512",

@@ -5,10 +5,11 @@
 // REFERENCE is the scalar library (tests/test_quant_linear.py checks its weights against gguf's own
 // dequantization); each LIB is checked against it:
 //   - dequantization: fp32 values and bf16 pieces bit for bit the reference's, every format and width;
-//   - the GEMV, 1-16 x rows, fp32 and bf16 x and y, odd row strides, with and without bias: every
-//     output within 1e-6 * sum |w * x| of a double-precision product of the reference's weights (plus
-//     the bf16 rounding of a bf16 output), each row bit for bit its 1-row result, strided x bit for
-//     bit contiguous x; AMX tiles too where the library has them;
+//   - the GEMV, 1-16 x rows (of sizes 1e-25 to 1e25), fp32 and bf16 x and y, odd row strides, with
+//     and without bias: every output within 1e-6 * sum |w * x| of a double-precision product of the
+//     reference's weights (plus the bf16 rounding of a bf16 output), each row bit for bit its 1-row
+//     result, strided x and strided weight rows bit for bit contiguous ones; AMX tiles too where the
+//     library has them;
 //   - decode attention, RMSNorm and SwiGLU's product within a few ulp of the reference, rows
 //     independent of each other;
 //   - the paths that promise the reference's own sums (kBitExactGemv: NEON), every GEMV output bit
@@ -215,9 +216,10 @@ struct GemvCase {
 };
 
 // y [M, ldy] of one call; x [M, ldx] (fp32 or bf16 as x_bf16), values in xf
+// (w_stride: bytes from one weight row to the next; 0: the rows' size, contiguous)
 std::vector<float> run_gemv(const Lib& lib, const Format& f, const std::vector<uint8_t>& w, const GemvCase& c,
                             const std::vector<float>& xf, int64_t ldx, const std::vector<float>& bias, int64_t m0,
-                            int64_t rows) {
+                            int64_t rows, int64_t w_stride = 0) {
   std::vector<uint16_t> xb((size_t)(rows * ldx));
   std::vector<float> x32((size_t)(rows * ldx));
   for (int64_t m = 0; m < rows; ++m)
@@ -237,7 +239,7 @@ std::vector<float> run_gemv(const Lib& lib, const Format& f, const std::vector<u
   call.K = c.K;
   call.ldx = ldx;
   call.N = c.N;
-  call.row_bytes = c.K / f.values * f.bytes;
+  call.row_bytes = w_stride ? w_stride : c.K / f.values * f.bytes;
   call.ldy = ldy;
   call.type = f.type;
   call.x_bf16 = c.x_bf16;
@@ -256,7 +258,8 @@ void check_gemv(const Lib& ref, const Lib& lib, const Format& f, const GemvCase&
   const auto weights = dequant(ref, f, w, c.N, c.K, 0);
   std::vector<float> xf((size_t)(c.M * c.K)), bias((size_t)c.N);
   for (int64_t m = 0; m < c.M; ++m) {
-    const float size = std::pow(10.0f, (float)(m % 5) - 2.0f);  // rows of different sizes
+    // rows of different sizes, a tiny one and a huge one among them
+    const float size = m == 5 ? 1e-25f : m == 11 ? 1e25f : std::pow(10.0f, (float)(m % 5) - 2.0f);
     for (int64_t k = 0; k < c.K; ++k) xf[m * c.K + k] = normal() * size;
   }
   // (not `x_bf16 ? bf16_value(bf16_bits(v)) : v`: GCC 12 folds that select to v at -O1 and above)
@@ -291,6 +294,13 @@ void check_gemv(const Lib& ref, const Lib& lib, const Format& f, const GemvCase&
   const auto packed = run_gemv(lib, f, w, c, xf, c.K, bias, 0, c.M);
   t.check(memcmp(packed.data(), y.data(), y.size() * 4) == 0,
           std::string(f.name) + " " + text + ": strided x rows differ from contiguous ones");
+  // the weight rows an odd number of bytes apart: the same bits
+  const int64_t row_bytes = c.K / f.values * f.bytes, w_stride = row_bytes + 7;
+  std::vector<uint8_t> padded((size_t)(c.N * w_stride), 0xA5);
+  for (int64_t n = 0; n < c.N; ++n) memcpy(padded.data() + n * w_stride, w.data() + n * row_bytes, (size_t)row_bytes);
+  const auto apart = run_gemv(lib, f, padded, c, xf, ldx, bias, 0, c.M, w_stride);
+  t.check(memcmp(apart.data(), y.data(), y.size() * 4) == 0,
+          std::string(f.name) + " " + text + ": weight rows an odd stride apart differ from contiguous ones");
   if (!c.amx) {  // each row alone: the same bits (the AMX tiles' 1-row results differ, by design)
     bool same = true;
     for (int64_t m = 0; m < c.M && same; ++m) {
