@@ -511,7 +511,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kernel",
         default="auto",
-        choices=["auto", "blocks", "dense", "int8", "int4"],
+        choices=["auto", "blocks", "q8", "dense", "int8", "int4"],
         help="how GGUF weights run (default auto: kept in their format, exact block kernels; "
         "dense: dequantized at load; see docs/quantization-kernels.md)",
     )
