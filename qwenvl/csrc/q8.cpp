@@ -59,7 +59,7 @@ Activations quantize(const QkGemv& c) {
 // The weight formats split as q8.h writes them: codes(b, g, out) the 32 codes of group g,
 // scales(b, g, s) its scales.
 
-struct Split {
+struct Split {  // code offsets are applied by split_rows (wo = -offset * ws, imin = isc)
   int isc0 = 1, isc1 = 1, imin0 = 0, imin1 = 0;
   float ws = 0, wo = 0;
 };
@@ -69,7 +69,8 @@ struct Q8Format;
 
 template <>
 struct Q8Format<Q4_0> {
-  static constexpr Traits kTraits{false, false, false, 8};
+  static constexpr Traits kTraits{false, false, true};
+  static constexpr int kOffset = 8;
   static void codes(const uint8_t* b, int, uint8_t* out) {
     for (int i = 0; i < 16; ++i) out[i] = b[2 + i] & 0xF, out[i + 16] = b[2 + i] >> 4;
   }
@@ -78,7 +79,8 @@ struct Q8Format<Q4_0> {
 
 template <>
 struct Q8Format<Q4_1> {
-  static constexpr Traits kTraits{false, false, true, 0};
+  static constexpr Traits kTraits{false, false, true};
+  static constexpr int kOffset = 0;
   static void codes(const uint8_t* b, int, uint8_t* out) {
     for (int i = 0; i < 16; ++i) out[i] = b[4 + i] & 0xF, out[i + 16] = b[4 + i] >> 4;
   }
@@ -96,14 +98,16 @@ inline void five_bit_codes(const uint8_t* qs, uint32_t qh, uint8_t* out) {
 
 template <>
 struct Q8Format<Q5_0> {
-  static constexpr Traits kTraits{false, false, false, 16};
+  static constexpr Traits kTraits{false, false, true};
+  static constexpr int kOffset = 16;
   static void codes(const uint8_t* b, int, uint8_t* out) { five_bit_codes(b + 6, load_u32(b + 2), out); }
   static void scales(const uint8_t* b, int, Split* s) { s->ws = load_half(b); }
 };
 
 template <>
 struct Q8Format<Q5_1> {
-  static constexpr Traits kTraits{false, false, true, 0};
+  static constexpr Traits kTraits{false, false, true};
+  static constexpr int kOffset = 0;
   static void codes(const uint8_t* b, int, uint8_t* out) { five_bit_codes(b + 8, load_u32(b + 4), out); }
   static void scales(const uint8_t* b, int, Split* s) {
     s->ws = load_half(b), s->wo = load_half(b + 2), s->imin0 = s->imin1 = 1;
@@ -112,14 +116,16 @@ struct Q8Format<Q5_1> {
 
 template <>
 struct Q8Format<Q8_0> {
-  static constexpr Traits kTraits{true, false, false, 0};
+  static constexpr Traits kTraits{true, false, false};
+  static constexpr int kOffset = 0;
   static void codes(const uint8_t* b, int, uint8_t* out) { memcpy(out, b + 2, 32); }
   static void scales(const uint8_t* b, int, Split* s) { s->ws = load_half(b); }
 };
 
 template <>
 struct Q8Format<Q2_K> {  // w = (d * sc) * code - dmin * min, per 16
-  static constexpr Traits kTraits{false, true, true, 0};
+  static constexpr Traits kTraits{false, true, true};
+  static constexpr int kOffset = 0;
   static void codes(const uint8_t* b, int g, uint8_t* out) {
     const uint8_t* q = b + 16 + (g / 4) * 32;
     for (int i = 0; i < 32; ++i) out[i] = (q[i] >> ((g % 4) * 2)) & 3;
@@ -133,7 +139,8 @@ struct Q8Format<Q2_K> {  // w = (d * sc) * code - dmin * min, per 16
 
 template <>
 struct Q8Format<Q3_K> {  // w = (d * (scale - 32)) * (code - 4), per 16
-  static constexpr Traits kTraits{false, true, false, 4};
+  static constexpr Traits kTraits{false, true, true};
+  static constexpr int kOffset = 4;
   static void codes(const uint8_t* b, int g, uint8_t* out) {
     const uint8_t* q = b + 32 + (g / 4) * 32;
     for (int i = 0; i < 32; ++i) out[i] = (uint8_t)(((q[i] >> ((g % 4) * 2)) & 3) | (((b[i] >> g) & 1) << 2));
@@ -153,7 +160,8 @@ inline void k_split(const uint8_t* b, int g, Split* s) {  // Q4_K / Q5_K: per 32
 
 template <>
 struct Q8Format<Q4_K> {
-  static constexpr Traits kTraits{false, true, true, 0};
+  static constexpr Traits kTraits{false, true, true};
+  static constexpr int kOffset = 0;
   static void codes(const uint8_t* b, int g, uint8_t* out) {
     const uint8_t* q = b + 16 + (g / 2) * 32;
     for (int i = 0; i < 32; ++i) out[i] = (q[i] >> ((g % 2) * 4)) & 0xF;
@@ -163,7 +171,8 @@ struct Q8Format<Q4_K> {
 
 template <>
 struct Q8Format<Q5_K> {
-  static constexpr Traits kTraits{false, true, true, 0};
+  static constexpr Traits kTraits{false, true, true};
+  static constexpr int kOffset = 0;
   static void codes(const uint8_t* b, int g, uint8_t* out) {
     const uint8_t *qh = b + 16, *q = b + 48 + (g / 2) * 32;
     for (int i = 0; i < 32; ++i) out[i] = (uint8_t)(((q[i] >> ((g % 2) * 4)) & 0xF) | (((qh[i] >> g) & 1) << 4));
@@ -173,7 +182,8 @@ struct Q8Format<Q5_K> {
 
 template <>
 struct Q8Format<Q6_K> {  // w = (d * scale) * (code - 32), per 16, int8 scales
-  static constexpr Traits kTraits{false, true, false, 32};
+  static constexpr Traits kTraits{false, true, true};
+  static constexpr int kOffset = 32;
   static void codes(const uint8_t* b, int g, uint8_t* out) {
     const int half = g / 4, part = g % 4;
     const uint8_t *ql = b + half * 64 + (part % 2) * 32, *qh = b + 128 + half * 32;
@@ -196,7 +206,7 @@ void split_rows(const QkGemv& c, int64_t n0, int64_t rows, Panel* p) {
   p->rows = rows, p->groups = Gp;
   p->codes.assign((size_t)(rows * Gp * 32), 0);
   p->isc16.assign((size_t)(rows * Gp * 16), 0);
-  for (auto* v : {&p->isc0, &p->isc1, &p->imin0, &p->imin1}) v->assign((size_t)(rows * Gp), 0);
+  for (auto* v : {&p->imin0, &p->imin1}) v->assign((size_t)(rows * Gp), 0);
   for (auto* v : {&p->ws, &p->wo}) v->assign((size_t)(rows * Gp), 0.0f);
   for (int64_t r = 0; r < rows; ++r) {
     const uint8_t* row = c.w + (n0 + r) * c.row_bytes;
@@ -207,7 +217,11 @@ void split_rows(const QkGemv& c, int64_t n0, int64_t rows, Panel* p) {
       Q8Format<F>::codes(b, sub, p->codes.data() + at * 32);
       Split s;
       Q8Format<F>::scales(b, sub, &s);
-      p->isc0[at] = s.isc0, p->isc1[at] = s.isc1, p->imin0[at] = s.imin0, p->imin1[at] = s.imin1;
+      if (Q8Format<F>::kOffset) {  // ws * isc * (code - offset) = ws * isc * code + (-offset * ws) * isc
+        s.wo = -(float)Q8Format<F>::kOffset * s.ws;  // exact: a power of two times an fp16 value
+        s.imin0 = s.isc0, s.imin1 = s.isc1;
+      }
+      p->imin0[at] = s.imin0, p->imin1[at] = s.imin1;
       p->ws[at] = s.ws, p->wo[at] = s.wo;
       for (int i = 0; i < 8; ++i) p->isc16[at * 16 + i] = (int16_t)s.isc0, p->isc16[at * 16 + 8 + i] = (int16_t)s.isc1;
     }
@@ -239,25 +253,30 @@ void gemm_format(const QkGemv& c, TileKernel tile) {
 // ---------------------------------------------------------------------------------------------
 // The reference tile: q8.h's arithmetic, one (x row, w row) pair at a time.
 
+inline float sum8(const float* a) { return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7])); }
+
 void tile_scalar(const Activations& x, const Panel& p, const Traits& t, int64_t m0, int64_t m1, int64_t n0,
                  const Gemv& out) {
   const int64_t Gp = p.groups;
   for (int64_t m = m0; m < m1; ++m)
     for (int64_t r = 0; r < p.rows; ++r) {
-      float acc[kLanes] = {0};
+      float acc_d[kLanes] = {0}, acc_m[kLanes] = {0};
       for (int64_t g = 0; g < Gp; ++g) {
         const int8_t* q = x.codes(m) + g * 32;
-        const uint8_t* code = p.codes.data() + (r * Gp + g) * 32;
-        int32_t d[2] = {0, 0};
-        for (int i = 0; i < 32; ++i) d[i / 16] += (t.is_signed ? (int32_t)(int8_t)code[i] : (int32_t)code[i]) * q[i];
         const int64_t xa = m * Gp + g, wa = r * Gp + g;
-        const int32_t qs0 = x.qs0[xa], qs1 = x.qs1[xa];
-        const int32_t isum = p.isc0[wa] * d[0] + p.isc1[wa] * d[1] - t.ioff * (p.isc0[wa] * qs0 + p.isc1[wa] * qs1);
-        float& lane = acc[g % kLanes];
-        lane = std::fma(x.dx[xa] * p.ws[wa], (float)isum, lane);
-        if (t.mins) lane = std::fma(x.dx[xa] * p.wo[wa], (float)(p.imin0[wa] * qs0 + p.imin1[wa] * qs1), lane);
+        const uint8_t* code = p.codes.data() + wa * 32;
+        const float s = x.dx[xa] * p.ws[wa];
+        for (int j = 0; j < kLanes; ++j) {
+          int32_t lane = 0;
+          for (int i = 4 * j; i < 4 * j + 4; ++i) lane += (t.is_signed ? (int32_t)(int8_t)code[i] : (int32_t)code[i]) * q[i];
+          acc_d[j] = std::fma(s, (float)(lane * p.isc16[wa * 16 + 2 * j]), acc_d[j]);
+        }
+        if (t.mins) {
+          const int32_t mi = p.imin0[wa] * x.qs0[xa] + p.imin1[wa] * x.qs1[xa];
+          acc_m[g % kLanes] = std::fma(x.dx[xa] * p.wo[wa], (float)mi, acc_m[g % kLanes]);
+        }
       }
-      store(out, m, n0 + r, ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])));
+      store(out, m, n0 + r, sum8(acc_d) + sum8(acc_m));
     }
 }
 

@@ -3,24 +3,25 @@
 // Not exact (the exact kernels are the default; this path is chosen with --kernel q8). The rows of x
 // are quantized per 32 values to int8 codes q with one fp32 scale dx (dx = amax / 127, q =
 // round-half-even(x * (1 / dx)), as llama.cpp's Q8_0 activations), and every weight group of 32 is
-// split into integer codes and fp32 scales so that its dot product with an activation block is one
-// exact integer sum I (and, for the formats with a minimum, a second integer sum Mi) times fp32
-// scales:
+// split into small integer codes and fp32 scales:
 //
-//   w_i = ws * isc_h * (code_i - ioff) + wo * imin_h     (h: the half of 16 the weight is in)
-//   I   = isc_0 * D_0 + isc_1 * D_1 - ioff * (isc_0 * Qs_0 + isc_1 * Qs_1)
-//   Mi  = imin_0 * Qs_0 + imin_1 * Qs_1
-//   D_h = sum of code_i * q_i over half h,  Qs_h = sum of q_i over half h
+//   w_i = ws * (isc_h * code_i) + wo * imin_h          (h: the half of 16 the weight is in)
 //
-// (ws, wo fp32; isc, imin, ioff small integers: for Q4_0 ws = d, isc = 1, ioff = 8; for Q4_K ws = d,
-// isc = the 6-bit scale, wo = -dmin, imin = the 6-bit min; ...: q8.cpp, Q8Format.)
+// (for Q4_0 ws = d, isc = 1, code = the nibble, wo = -8 d, imin = 1; for Q4_K ws = d, isc = the 6-bit
+// scale, wo = -dmin, imin = the 6-bit min; a code offset always becomes such a "minimum", -offset *
+// ws, exact as the offsets are powers of two: q8.cpp, Q8Format). A group's dot product with an
+// activation block is then fp32 scales times exact integer sums:
 //
-// The fp32 accumulation, which every ISA's version follows operation for operation (so that every
-// path gives the same bits: integer sums are exact in any order):
-//   acc[0..7] = 0; for each group g (groups padded with zeros to a multiple of 8):
-//     acc[g % 8] = fma(dx[g] * ws[g], (float)I, acc[g % 8])
-//     acc[g % 8] = fma(dx[g] * wo[g], (float)Mi, acc[g % 8])     (formats with a minimum)
-//   y = ((acc0 + acc4) + (acc2 + acc6)) + ((acc1 + acc5) + (acc3 + acc7)) (+ bias)
+//   lane j (0-7, the 4 values 4j .. 4j + 3): L_j = isc_h * sum of code_i * q_i   (maddubs + madd)
+//   Mi = imin_0 * Qs_0 + imin_1 * Qs_1,  Qs_h = sum of q_i over half h
+//
+// The fp32 accumulation, which every ISA's version follows operation for operation (so every path
+// gives the same bits; the integer sums are exact in any order):
+//   accD[0..7] = accM[0..7] = 0; for each group g (padded with zero groups to a multiple of 8):
+//     accD[j] = fma(dx[g] * ws[g], (float)L_j, accD[j])     for j = 0 .. 7
+//     accM[g % 8] = fma(dx[g] * wo[g], (float)Mi, accM[g % 8])   (formats with a minimum or offset)
+//   y = sum8(accD) + sum8(accM) (+ bias),
+//   sum8(a) = ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))
 // Every output depends only on its x row and w row: a row's result is the same alone or batched.
 #pragma once
 
@@ -48,7 +49,7 @@ struct Panel {
   int64_t rows = 0, groups = 0;
   std::vector<uint8_t> codes;      // [rows, Gp * 32]: code_i (int8 for the signed Q8_0)
   std::vector<int16_t> isc16;      // [rows, Gp, 16]: isc_0 x 8, isc_1 x 8 (madd's multipliers)
-  std::vector<int32_t> isc0, isc1, imin0, imin1;  // [rows, Gp]
+  std::vector<int32_t> imin0, imin1;  // [rows, Gp]
   std::vector<float> ws, wo;       // [rows, Gp]
 };
 
@@ -56,8 +57,7 @@ struct Panel {
 struct Traits {
   bool is_signed;  // codes are int8 (Q8_0), else uint8 < 64
   bool int_scale;  // isc != 1 (the K-quants)
-  bool mins;       // wo != 0
-  int ioff;        // code offset
+  bool mins;       // wo != 0 (a minimum, or a code offset)
 };
 
 // y[m, n] for rows [m0, m1) and the panel's rows (W rows n0 ...), through Gemv's store (bias, bf16).

@@ -1,9 +1,9 @@
-// The activation-quantizing GEMM's tile on AVX2 (q8.h): the integer sums of 32 code x int8 products
-// by maddubs (unsigned codes x signed activations; the signed Q8_0 codes through sign/abs) and madd
-// (by ones, or by the K-quants' integer scales), eight groups' sums gathered into one vector by
-// hadd, then q8.h's fp32 steps with eight groups in the eight lanes: the same operations, in the
-// same order, as the scalar reference tile (q8.cpp), so the same bits. Built into every library
-// compiled with AVX2 (avx2, avx512, amx); empty elsewhere.
+// The activation-quantizing GEMM's tile on AVX2 (q8.h): a group's 32 code x int8 products summed
+// by maddubs (unsigned codes x signed activations; the signed Q8_0 codes through abs/sign) and madd
+// (by ones, or by the K-quants' integer scales) into 8 int32 lanes, scaled into fp32 lanes by one
+// fma; the minimum terms 8 groups at a time. The same operations, in the same order, as the scalar
+// reference tile (q8.cpp), so the same bits. Tiles of MR x rows by NR weight rows share the loads.
+// Built into every library compiled with AVX2 (avx2, avx512, amx); empty elsewhere.
 #include "../q8.h"
 
 #if QK_AVX2
@@ -13,25 +13,6 @@ namespace q8 {
 
 namespace {
 
-// the integer sum of group g's 32 products, in 8 int32 lanes (lanes 0-3: first half, 4-7: second)
-template <bool Signed, bool IntScale>
-inline __m256i group_dot(__m256i xv, const uint8_t* code, const int16_t* isc16) {
-  const __m256i cv = _mm256_loadu_si256((const __m256i*)code);
-  const __m256i pairs = Signed ? _mm256_maddubs_epi16(_mm256_abs_epi8(cv), _mm256_sign_epi8(xv, cv))
-                               : _mm256_maddubs_epi16(cv, xv);
-  const __m256i mult = IntScale ? _mm256_loadu_si256((const __m256i*)isc16) : _mm256_set1_epi16(1);
-  return _mm256_madd_epi16(pairs, mult);
-}
-
-// lane l of the result: the sum of the 8 lanes of v[l] (hadd keeps 128-bit halves apart; the last
-// step joins them)
-inline __m256i sum_lanes(__m256i v0, __m256i v1, __m256i v2, __m256i v3, __m256i v4, __m256i v5, __m256i v6,
-                         __m256i v7) {
-  const __m256i low = _mm256_hadd_epi32(_mm256_hadd_epi32(v0, v1), _mm256_hadd_epi32(v2, v3));
-  const __m256i high = _mm256_hadd_epi32(_mm256_hadd_epi32(v4, v5), _mm256_hadd_epi32(v6, v7));
-  return _mm256_add_epi32(_mm256_permute2x128_si256(low, high, 0x20), _mm256_permute2x128_si256(low, high, 0x31));
-}
-
 // ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7)), as the reference adds them
 inline float sum_acc(__m256 acc) {
   const __m128 four = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
@@ -39,65 +20,78 @@ inline float sum_acc(__m256 acc) {
   return _mm_cvtss_f32(_mm_add_ss(two, _mm_shuffle_ps(two, two, 1)));
 }
 
-// NR panel rows (from r0) against x row m
-template <bool Signed, bool IntScale, bool Mins, int NR>
-void rows_dot(const Activations& x, const Panel& p, int ioff, int64_t m, int64_t r0, int64_t n0, const Gemv& out) {
+// MR x rows (from m0) against NR panel rows (from r0): per group, each pair's 8 lane sums scaled
+// into its accD (the scale dx * ws broadcast from a vector of 8 groups' products); per 8 groups,
+// the minimum terms of 8 groups at once into accM
+template <bool Signed, bool IntScale, bool Mins, int MR, int NR>
+void block_dot(const Activations& x, const Panel& p, int64_t m0, int64_t r0, int64_t n0, const Gemv& out) {
   const int64_t Gp = p.groups;
-  const int8_t* xq = x.codes(m);
-  __m256 acc[NR];
-  for (int n = 0; n < NR; ++n) acc[n] = _mm256_setzero_ps();
+  __m256 acc_d[MR][NR], acc_m[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int n = 0; n < NR; ++n) acc_d[i][n] = acc_m[i][n] = _mm256_setzero_ps();
+  alignas(32) float scale[MR][NR][kLanes];
   for (int64_t c = 0; c < Gp; c += kLanes) {
-    __m256i isum[NR];
-    {
-      __m256i v[NR][kLanes];
-      for (int l = 0; l < kLanes; ++l) {
-        const __m256i xv = _mm256_loadu_si256((const __m256i*)(xq + (c + l) * 32));
-        for (int n = 0; n < NR; ++n) {
-          const int64_t at = (r0 + n) * Gp + c + l;
-          v[n][l] = group_dot<Signed, IntScale>(xv, p.codes.data() + at * 32, p.isc16.data() + at * 16);
+    __m256 dx[MR];
+    for (int i = 0; i < MR; ++i) {
+      dx[i] = _mm256_loadu_ps(x.dx.data() + (m0 + i) * Gp + c);
+      for (int n = 0; n < NR; ++n)
+        _mm256_store_ps(scale[i][n], _mm256_mul_ps(dx[i], _mm256_loadu_ps(p.ws.data() + (r0 + n) * Gp + c)));
+    }
+    for (int l = 0; l < kLanes; ++l) {
+      __m256i xv[MR];
+      for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_si256((const __m256i*)(x.codes(m0 + i) + (c + l) * 32));
+      for (int n = 0; n < NR; ++n) {
+        const int64_t at = (r0 + n) * Gp + c + l;
+        const __m256i cv = _mm256_loadu_si256((const __m256i*)(p.codes.data() + at * 32));
+        const __m256i mult =
+            IntScale ? _mm256_loadu_si256((const __m256i*)(p.isc16.data() + at * 16)) : _mm256_set1_epi16(1);
+        for (int i = 0; i < MR; ++i) {
+          const __m256i pairs = Signed ? _mm256_maddubs_epi16(_mm256_abs_epi8(cv), _mm256_sign_epi8(xv[i], cv))
+                                       : _mm256_maddubs_epi16(cv, xv[i]);
+          const __m256 lanes = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, mult));
+          acc_d[i][n] = _mm256_fmadd_ps(_mm256_set1_ps(scale[i][n][l]), lanes, acc_d[i][n]);
         }
       }
-      for (int n = 0; n < NR; ++n)
-        isum[n] = sum_lanes(v[n][0], v[n][1], v[n][2], v[n][3], v[n][4], v[n][5], v[n][6], v[n][7]);
     }
-    const int64_t xa = m * Gp + c;
-    const __m256i qs0 = _mm256_loadu_si256((const __m256i*)(x.qs0.data() + xa));
-    const __m256i qs1 = _mm256_loadu_si256((const __m256i*)(x.qs1.data() + xa));
-    const __m256 dx = _mm256_loadu_ps(x.dx.data() + xa);
-    for (int n = 0; n < NR; ++n) {
-      const int64_t wa = (r0 + n) * Gp + c;
-      __m256i total = isum[n];
-      if (ioff) {
-        __m256i scaled = _mm256_add_epi32(qs0, qs1);
-        if (IntScale)
-          scaled = _mm256_add_epi32(
-              _mm256_mullo_epi32(_mm256_loadu_si256((const __m256i*)(p.isc0.data() + wa)), qs0),
-              _mm256_mullo_epi32(_mm256_loadu_si256((const __m256i*)(p.isc1.data() + wa)), qs1));
-        total = _mm256_sub_epi32(total, _mm256_mullo_epi32(scaled, _mm256_set1_epi32(ioff)));
+    if (Mins)
+      for (int i = 0; i < MR; ++i) {
+        const int64_t xa = (m0 + i) * Gp + c;
+        const __m256i qs0 = _mm256_loadu_si256((const __m256i*)(x.qs0.data() + xa));
+        const __m256i qs1 = _mm256_loadu_si256((const __m256i*)(x.qs1.data() + xa));
+        for (int n = 0; n < NR; ++n) {
+          const int64_t wa = (r0 + n) * Gp + c;
+          const __m256i mi =
+              _mm256_add_epi32(_mm256_mullo_epi32(_mm256_loadu_si256((const __m256i*)(p.imin0.data() + wa)), qs0),
+                               _mm256_mullo_epi32(_mm256_loadu_si256((const __m256i*)(p.imin1.data() + wa)), qs1));
+          const __m256 u = _mm256_mul_ps(dx[i], _mm256_loadu_ps(p.wo.data() + wa));
+          acc_m[i][n] = _mm256_fmadd_ps(u, _mm256_cvtepi32_ps(mi), acc_m[i][n]);
+        }
       }
-      const __m256 t = _mm256_mul_ps(dx, _mm256_loadu_ps(p.ws.data() + wa));
-      acc[n] = _mm256_fmadd_ps(t, _mm256_cvtepi32_ps(total), acc[n]);
-      if (Mins) {
-        const __m256i mi =
-            _mm256_add_epi32(_mm256_mullo_epi32(_mm256_loadu_si256((const __m256i*)(p.imin0.data() + wa)), qs0),
-                             _mm256_mullo_epi32(_mm256_loadu_si256((const __m256i*)(p.imin1.data() + wa)), qs1));
-        const __m256 u = _mm256_mul_ps(dx, _mm256_loadu_ps(p.wo.data() + wa));
-        acc[n] = _mm256_fmadd_ps(u, _mm256_cvtepi32_ps(mi), acc[n]);
-      }
-    }
   }
-  for (int n = 0; n < NR; ++n) store(out, m, n0 + r0 + n, sum_acc(acc[n]));
+  for (int i = 0; i < MR; ++i)
+    for (int n = 0; n < NR; ++n) store(out, m0 + i, n0 + r0 + n, sum_acc(acc_d[i][n]) + sum_acc(acc_m[i][n]));
 }
 
-constexpr int kRows = 2;  // panel rows per x row load
+#ifndef QK_Q8_MR
+#define QK_Q8_MR 4
+#endif
+#ifndef QK_Q8_NR
+#define QK_Q8_NR 1
+#endif
+constexpr int kMR = QK_Q8_MR, kNR = QK_Q8_NR;  // x rows x panel rows per block
+
+template <bool Signed, bool IntScale, bool Mins, int MR>
+void rows_block(const Activations& x, const Panel& p, int64_t m, int64_t n0, const Gemv& out) {
+  int64_t r = 0;
+  for (; r + kNR <= p.rows; r += kNR) block_dot<Signed, IntScale, Mins, MR, kNR>(x, p, m, r, n0, out);
+  for (; r < p.rows; ++r) block_dot<Signed, IntScale, Mins, MR, 1>(x, p, m, r, n0, out);
+}
 
 template <bool Signed, bool IntScale, bool Mins>
-void tile(const Activations& x, const Panel& p, int ioff, int64_t m0, int64_t m1, int64_t n0, const Gemv& out) {
-  for (int64_t m = m0; m < m1; ++m) {
-    int64_t r = 0;
-    for (; r + kRows <= p.rows; r += kRows) rows_dot<Signed, IntScale, Mins, kRows>(x, p, ioff, m, r, n0, out);
-    for (; r < p.rows; ++r) rows_dot<Signed, IntScale, Mins, 1>(x, p, ioff, m, r, n0, out);
-  }
+void tile(const Activations& x, const Panel& p, int64_t m0, int64_t m1, int64_t n0, const Gemv& out) {
+  int64_t m = m0;
+  for (; m + kMR <= m1; m += kMR) rows_block<Signed, IntScale, Mins, kMR>(x, p, m, n0, out);
+  for (; m < m1; ++m) rows_block<Signed, IntScale, Mins, 1>(x, p, m, n0, out);
 }
 
 }  // namespace
@@ -105,11 +99,11 @@ void tile(const Activations& x, const Panel& p, int ioff, int64_t m0, int64_t m1
 void tile_avx2(const Activations& x, const Panel& p, const Traits& t, int64_t m0, int64_t m1, int64_t n0,
                const Gemv& out) {
   if (t.is_signed)
-    tile<true, false, false>(x, p, t.ioff, m0, m1, n0, out);
+    tile<true, false, false>(x, p, m0, m1, n0, out);
   else if (!t.int_scale)
-    (t.mins ? tile<false, false, true> : tile<false, false, false>)(x, p, t.ioff, m0, m1, n0, out);
+    (t.mins ? tile<false, false, true> : tile<false, false, false>)(x, p, m0, m1, n0, out);
   else
-    (t.mins ? tile<false, true, true> : tile<false, true, false>)(x, p, t.ioff, m0, m1, n0, out);
+    (t.mins ? tile<false, true, true> : tile<false, true, false>)(x, p, m0, m1, n0, out);
 }
 
 }  // namespace q8
