@@ -552,7 +552,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--kernel",
         default="auto",
         metavar="KERNEL",
-        help="qwenvl's kernel for GGUF weights: " + ", ".join(KERNEL_CHOICES) + " (default auto; see qwenvl run --help)",
+        help="qwenvl's kernel for GGUF weights: "
+        + ", ".join(KERNEL_CHOICES)
+        + " (default auto; see qwenvl run --help)",
     )
     parser.add_argument(
         "--peer-dtype",

@@ -52,7 +52,9 @@ def test_every_isa_gives_the_scalar_bits(name: str, ggml_type: T) -> None:
             x[0, :32] = 0  # an all-zero activation block (scale 0)
             for dtype, b in ((torch.float32, None), (torch.bfloat16, bias)):
                 xs = x.to(dtype)
-                np.testing.assert_array_equal(bits(q8(lib, ggml_type, xs, blocks, b)), bits(q8(scalar, ggml_type, xs, blocks, b)))
+                np.testing.assert_array_equal(
+                    bits(q8(lib, ggml_type, xs, blocks, b)), bits(q8(scalar, ggml_type, xs, blocks, b))
+                )
 
 
 @pytest.mark.parametrize("name", ["scalar", *other_isas()])

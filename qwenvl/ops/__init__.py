@@ -135,7 +135,9 @@ def q8_kernels(ggml_type: GGMLQuantizationType) -> Kernels | None:
     """The kernels whose activation-quantizing GEMM (``Kernels.gemm_q8``) takes this format, or None
     (the float formats; no kernels)."""
     chosen = kernels()
-    return chosen if chosen is not None and ggml_type in Q8_TYPES and chosen.lib.qk_q8_supports(int(ggml_type)) else None
+    return (
+        chosen if chosen is not None and ggml_type in Q8_TYPES and chosen.lib.qk_q8_supports(int(ggml_type)) else None
+    )
 
 
 __all__ = [
