@@ -37,7 +37,7 @@ void quantize_row(const float* x, int64_t K, Activations* a, int64_t m) {
 Activations quantize(const QkGemv& c) {
   Activations a;
   a.M = c.M;
-  a.groups = padded_groups(c.K);
+  a.groups = padded_groups(c.K), a.real = c.K / 32;
   a.q.assign((size_t)(c.M * a.groups * 32), 0);
   a.dx.assign((size_t)(c.M * a.groups), 0.0f);
   a.qs0.assign((size_t)(c.M * a.groups), 0);
@@ -69,7 +69,7 @@ struct Q8Format;
 
 template <>
 struct Q8Format<Q4_0> {
-  static constexpr Traits kTraits{false, false, true};
+  static constexpr Traits kTraits{false, false, true, false};
   static constexpr int kOffset = 8;
   static void codes(const uint8_t* b, int, uint8_t* out) {
     for (int i = 0; i < 16; ++i) out[i] = b[2 + i] & 0xF, out[i + 16] = b[2 + i] >> 4;
@@ -79,7 +79,7 @@ struct Q8Format<Q4_0> {
 
 template <>
 struct Q8Format<Q4_1> {
-  static constexpr Traits kTraits{false, false, true};
+  static constexpr Traits kTraits{false, false, true, false};
   static constexpr int kOffset = 0;
   static void codes(const uint8_t* b, int, uint8_t* out) {
     for (int i = 0; i < 16; ++i) out[i] = b[4 + i] & 0xF, out[i + 16] = b[4 + i] >> 4;
@@ -98,7 +98,7 @@ inline void five_bit_codes(const uint8_t* qs, uint32_t qh, uint8_t* out) {
 
 template <>
 struct Q8Format<Q5_0> {
-  static constexpr Traits kTraits{false, false, true};
+  static constexpr Traits kTraits{false, false, true, false};
   static constexpr int kOffset = 16;
   static void codes(const uint8_t* b, int, uint8_t* out) { five_bit_codes(b + 6, load_u32(b + 2), out); }
   static void scales(const uint8_t* b, int, Split* s) { s->ws = load_half(b); }
@@ -106,7 +106,7 @@ struct Q8Format<Q5_0> {
 
 template <>
 struct Q8Format<Q5_1> {
-  static constexpr Traits kTraits{false, false, true};
+  static constexpr Traits kTraits{false, false, true, false};
   static constexpr int kOffset = 0;
   static void codes(const uint8_t* b, int, uint8_t* out) { five_bit_codes(b + 8, load_u32(b + 4), out); }
   static void scales(const uint8_t* b, int, Split* s) {
@@ -116,7 +116,7 @@ struct Q8Format<Q5_1> {
 
 template <>
 struct Q8Format<Q8_0> {
-  static constexpr Traits kTraits{true, false, false};
+  static constexpr Traits kTraits{true, false, false, false};
   static constexpr int kOffset = 0;
   static void codes(const uint8_t* b, int, uint8_t* out) { memcpy(out, b + 2, 32); }
   static void scales(const uint8_t* b, int, Split* s) { s->ws = load_half(b); }
@@ -124,7 +124,7 @@ struct Q8Format<Q8_0> {
 
 template <>
 struct Q8Format<Q2_K> {  // w = (d * sc) * code - dmin * min, per 16
-  static constexpr Traits kTraits{false, true, true};
+  static constexpr Traits kTraits{false, true, true, true};
   static constexpr int kOffset = 0;
   static void codes(const uint8_t* b, int g, uint8_t* out) {
     const uint8_t* q = b + 16 + (g / 4) * 32;
@@ -139,7 +139,7 @@ struct Q8Format<Q2_K> {  // w = (d * sc) * code - dmin * min, per 16
 
 template <>
 struct Q8Format<Q3_K> {  // w = (d * (scale - 32)) * (code - 4), per 16
-  static constexpr Traits kTraits{false, true, true};
+  static constexpr Traits kTraits{false, true, true, true};
   static constexpr int kOffset = 4;
   static void codes(const uint8_t* b, int g, uint8_t* out) {
     const uint8_t* q = b + 32 + (g / 4) * 32;
@@ -160,7 +160,7 @@ inline void k_split(const uint8_t* b, int g, Split* s) {  // Q4_K / Q5_K: per 32
 
 template <>
 struct Q8Format<Q4_K> {
-  static constexpr Traits kTraits{false, true, true};
+  static constexpr Traits kTraits{false, true, true, false};
   static constexpr int kOffset = 0;
   static void codes(const uint8_t* b, int g, uint8_t* out) {
     const uint8_t* q = b + 16 + (g / 2) * 32;
@@ -171,7 +171,7 @@ struct Q8Format<Q4_K> {
 
 template <>
 struct Q8Format<Q5_K> {
-  static constexpr Traits kTraits{false, true, true};
+  static constexpr Traits kTraits{false, true, true, false};
   static constexpr int kOffset = 0;
   static void codes(const uint8_t* b, int g, uint8_t* out) {
     const uint8_t *qh = b + 16, *q = b + 48 + (g / 2) * 32;
@@ -182,7 +182,7 @@ struct Q8Format<Q5_K> {
 
 template <>
 struct Q8Format<Q6_K> {  // w = (d * scale) * (code - 32), per 16, int8 scales
-  static constexpr Traits kTraits{false, true, true};
+  static constexpr Traits kTraits{false, true, true, true};
   static constexpr int kOffset = 32;
   static void codes(const uint8_t* b, int g, uint8_t* out) {
     const int half = g / 4, part = g % 4;
@@ -203,7 +203,7 @@ constexpr bool kHasSplit = !F::kFloat;
 template <class F>
 void split_rows(const QkGemv& c, int64_t n0, int64_t rows, Panel* p) {
   const int64_t Gp = padded_groups(c.K), G = c.K / 32;
-  p->rows = rows, p->groups = Gp;
+  p->rows = rows, p->groups = Gp, p->real = G;
   p->codes.assign((size_t)(rows * Gp * 32), 0);
   p->isc16.assign((size_t)(rows * Gp * 16), 0);
   for (auto* v : {&p->imin0, &p->imin1}) v->assign((size_t)(rows * Gp), 0);
@@ -266,7 +266,7 @@ void tile_scalar(const Activations& x, const Panel& p, const Traits& t, int64_t 
         const int64_t xa = m * Gp + g, wa = r * Gp + g;
         const uint8_t* code = p.codes.data() + wa * 32;
         const float s = x.dx[xa] * p.ws[wa];
-        for (int j = 0; j < kLanes; ++j) {
+        for (int j = 0; j < kLanes && g < p.real; ++j) {
           int32_t lane = 0;
           for (int i = 4 * j; i < 4 * j + 4; ++i) lane += (t.is_signed ? (int32_t)(int8_t)code[i] : (int32_t)code[i]) * q[i];
           acc_d[j] = std::fma(s, (float)(lane * p.isc16[wa * 16 + 2 * j]), acc_d[j]);

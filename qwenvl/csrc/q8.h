@@ -17,9 +17,10 @@
 //
 // The fp32 accumulation, which every ISA's version follows operation for operation (so every path
 // gives the same bits; the integer sums are exact in any order):
-//   accD[0..7] = accM[0..7] = 0; for each group g (padded with zero groups to a multiple of 8):
-//     accD[j] = fma(dx[g] * ws[g], (float)L_j, accD[j])     for j = 0 .. 7
-//     accM[g % 8] = fma(dx[g] * wo[g], (float)Mi, accM[g % 8])   (formats with a minimum or offset)
+//   accD[0..7] = accM[0..7] = 0;
+//   for each group g:  accD[j] = fma(dx[g] * ws[g], (float)L_j, accD[j])     for j = 0 .. 7
+//   for each group g, padded with zero groups to a multiple of 8 (formats with a minimum or offset):
+//     accM[g % 8] = fma(dx[g] * wo[g], (float)Mi, accM[g % 8])
 //   y = sum8(accD) + sum8(accM) (+ bias),
 //   sum8(a) = ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))
 // Every output depends only on its x row and w row: a row's result is the same alone or batched.
@@ -37,7 +38,7 @@ inline int64_t padded_groups(int64_t K) { return (K / 32 + kLanes - 1) / kLanes 
 // The quantized rows of x: per row Gp (padded_groups) blocks of 32 codes, their scale and the sums of
 // their two halves' codes. Padding blocks are zero.
 struct Activations {
-  int64_t M = 0, groups = 0;  // groups: Gp
+  int64_t M = 0, groups = 0, real = 0;  // groups: Gp; real: K / 32
   std::vector<int8_t> q;      // [M, Gp * 32]
   std::vector<float> dx;      // [M, Gp]
   std::vector<int32_t> qs0, qs1;  // [M, Gp]
@@ -46,7 +47,7 @@ struct Activations {
 
 // One tile of weight rows split as above: per row Gp groups (padding groups zero).
 struct Panel {
-  int64_t rows = 0, groups = 0;
+  int64_t rows = 0, groups = 0, real = 0;
   std::vector<uint8_t> codes;      // [rows, Gp * 32]: code_i (int8 for the signed Q8_0)
   std::vector<int16_t> isc16;      // [rows, Gp, 16]: isc_0 x 8, isc_1 x 8 (madd's multipliers)
   std::vector<int32_t> imin0, imin1;  // [rows, Gp]
@@ -58,6 +59,7 @@ struct Traits {
   bool is_signed;  // codes are int8 (Q8_0), else uint8 < 64
   bool int_scale;  // isc != 1 (the K-quants)
   bool mins;       // wo != 0 (a minimum, or a code offset)
+  bool halves;     // imin_0 and imin_1 may differ (a scale or minimum per 16 values)
 };
 
 // y[m, n] for rows [m0, m1) and the panel's rows (W rows n0 ...), through Gemv's store (bias, bf16).

@@ -6,6 +6,8 @@
 // Built into every library compiled with AVX2 (avx2, avx512, amx); empty elsewhere.
 #include "../q8.h"
 
+#include <algorithm>
+
 #if QK_AVX2
 
 namespace qk {
@@ -23,7 +25,7 @@ inline float sum_acc(__m256 acc) {
 // MR x rows (from m0) against NR panel rows (from r0): per group, each pair's 8 lane sums scaled
 // into its accD (the scale dx * ws broadcast from a vector of 8 groups' products); per 8 groups,
 // the minimum terms of 8 groups at once into accM
-template <bool Signed, bool IntScale, bool Mins, int MR, int NR>
+template <bool Signed, bool IntScale, bool Mins, bool Halves, int MR, int NR>
 void block_dot(const Activations& x, const Panel& p, int64_t m0, int64_t r0, int64_t n0, const Gemv& out) {
   const int64_t Gp = p.groups;
   __m256 acc_d[MR][NR], acc_m[MR][NR];
@@ -37,7 +39,8 @@ void block_dot(const Activations& x, const Panel& p, int64_t m0, int64_t r0, int
       for (int n = 0; n < NR; ++n)
         _mm256_store_ps(scale[i][n], _mm256_mul_ps(dx[i], _mm256_loadu_ps(p.ws.data() + (r0 + n) * Gp + c)));
     }
-    for (int l = 0; l < kLanes; ++l) {
+    const int lanes_here = (int)std::min<int64_t>(kLanes, p.real - c);  // the padding groups add nothing
+    for (int l = 0; l < lanes_here; ++l) {
       __m256i xv[MR];
       for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_si256((const __m256i*)(x.codes(m0 + i) + (c + l) * 32));
       for (int n = 0; n < NR; ++n) {
@@ -60,9 +63,13 @@ void block_dot(const Activations& x, const Panel& p, int64_t m0, int64_t r0, int
         const __m256i qs1 = _mm256_loadu_si256((const __m256i*)(x.qs1.data() + xa));
         for (int n = 0; n < NR; ++n) {
           const int64_t wa = (r0 + n) * Gp + c;
+          // Mi = imin0 * Qs0 + imin1 * Qs1, with one product (imin0 == imin1) or none (both 1) where it can
+          const __m256i imin0 = _mm256_loadu_si256((const __m256i*)(p.imin0.data() + wa));
           const __m256i mi =
-              _mm256_add_epi32(_mm256_mullo_epi32(_mm256_loadu_si256((const __m256i*)(p.imin0.data() + wa)), qs0),
-                               _mm256_mullo_epi32(_mm256_loadu_si256((const __m256i*)(p.imin1.data() + wa)), qs1));
+              Halves ? _mm256_add_epi32(_mm256_mullo_epi32(imin0, qs0),
+                                        _mm256_mullo_epi32(_mm256_loadu_si256((const __m256i*)(p.imin1.data() + wa)), qs1))
+              : IntScale ? _mm256_mullo_epi32(imin0, _mm256_add_epi32(qs0, qs1))
+                         : _mm256_add_epi32(qs0, qs1);
           const __m256 u = _mm256_mul_ps(dx[i], _mm256_loadu_ps(p.wo.data() + wa));
           acc_m[i][n] = _mm256_fmadd_ps(u, _mm256_cvtepi32_ps(mi), acc_m[i][n]);
         }
@@ -80,30 +87,32 @@ void block_dot(const Activations& x, const Panel& p, int64_t m0, int64_t r0, int
 #endif
 constexpr int kMR = QK_Q8_MR, kNR = QK_Q8_NR;  // x rows x panel rows per block
 
-template <bool Signed, bool IntScale, bool Mins, int MR>
+template <bool Signed, bool IntScale, bool Mins, bool Halves, int MR>
 void rows_block(const Activations& x, const Panel& p, int64_t m, int64_t n0, const Gemv& out) {
   int64_t r = 0;
-  for (; r + kNR <= p.rows; r += kNR) block_dot<Signed, IntScale, Mins, MR, kNR>(x, p, m, r, n0, out);
-  for (; r < p.rows; ++r) block_dot<Signed, IntScale, Mins, MR, 1>(x, p, m, r, n0, out);
+  for (; r + kNR <= p.rows; r += kNR) block_dot<Signed, IntScale, Mins, Halves, MR, kNR>(x, p, m, r, n0, out);
+  for (; r < p.rows; ++r) block_dot<Signed, IntScale, Mins, Halves, MR, 1>(x, p, m, r, n0, out);
 }
 
-template <bool Signed, bool IntScale, bool Mins>
+template <bool Signed, bool IntScale, bool Mins, bool Halves>
 void tile(const Activations& x, const Panel& p, int64_t m0, int64_t m1, int64_t n0, const Gemv& out) {
   int64_t m = m0;
-  for (; m + kMR <= m1; m += kMR) rows_block<Signed, IntScale, Mins, kMR>(x, p, m, n0, out);
-  for (; m < m1; ++m) rows_block<Signed, IntScale, Mins, 1>(x, p, m, n0, out);
+  for (; m + kMR <= m1; m += kMR) rows_block<Signed, IntScale, Mins, Halves, kMR>(x, p, m, n0, out);
+  for (; m < m1; ++m) rows_block<Signed, IntScale, Mins, Halves, 1>(x, p, m, n0, out);
 }
 
 }  // namespace
 
 void tile_avx2(const Activations& x, const Panel& p, const Traits& t, int64_t m0, int64_t m1, int64_t n0,
                const Gemv& out) {
-  if (t.is_signed)
-    tile<true, false, false>(x, p, m0, m1, n0, out);
-  else if (!t.int_scale)
-    (t.mins ? tile<false, false, true> : tile<false, false, false>)(x, p, m0, m1, n0, out);
-  else
-    (t.mins ? tile<false, true, true> : tile<false, true, false>)(x, p, m0, m1, n0, out);
+  if (t.is_signed)  // Q8_0
+    tile<true, false, false, false>(x, p, m0, m1, n0, out);
+  else if (!t.int_scale)  // Q4_0, Q4_1, Q5_0, Q5_1
+    tile<false, false, true, false>(x, p, m0, m1, n0, out);
+  else if (!t.halves)  // Q4_K, Q5_K
+    tile<false, true, true, false>(x, p, m0, m1, n0, out);
+  else  // Q2_K, Q3_K, Q6_K
+    tile<false, true, true, true>(x, p, m0, m1, n0, out);
 }
 
 }  // namespace q8
