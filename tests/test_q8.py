@@ -93,3 +93,28 @@ def test_the_float_formats_are_refused(ggml_type: T) -> None:
     assert not lib.lib.qk_q8_supports(int(ggml_type))
     with pytest.raises(ValueError, match="q8"):
         q8(lib, ggml_type, torch.randn(2, 64), torch.from_numpy(raw))
+
+
+def test_the_q8_layer_quantizes_prompts_only() -> None:
+    """kernel="q8": many rows through the q8 GEMM, decode rows through the exact GEMV; float formats
+    stay exact."""
+    from qwenvl.quant.linear import quant_linear_from_ggml
+
+    raw = random_blocks(T.Q5_0, OUT_ROWS, 224, seed=6)
+    exact = quant_linear_from_ggml(raw, T.Q5_0, (OUT_ROWS, 224), kernel="blocks")
+    layer = quant_linear_from_ggml(raw, T.Q5_0, (OUT_ROWS, 224), kernel="q8")
+    assert layer.q8 and layer.kernel == "q8" and not layer.exact and "(q8)" in layer.describe()
+    x = torch.randn(40, 224, generator=torch.Generator().manual_seed(7))
+    np.testing.assert_array_equal(bits(layer(x)), bits(q8(kernels(isa.best()), T.Q5_0, x, layer.blocks)))
+    np.testing.assert_array_equal(bits(layer(x[:3])), bits(exact(x[:3])))  # decode rows: exact
+    floats = quant_linear_from_ggml(random_blocks(T.F16, 4, 64), T.F16, (4, 64), kernel="q8")
+    assert not floats.q8 and floats.exact
+
+
+def test_bench_refuses_an_unknown_kernel() -> None:
+    from qwenvl.bench import BenchOptions
+    from qwenvl.errors import QwenVLError
+
+    with pytest.raises(QwenVLError, match="--kernel 'fast'"):
+        BenchOptions(kernel="fast").validate()
+    assert BenchOptions(kernel="q8").validate().kernel == "q8"
