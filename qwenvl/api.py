@@ -411,9 +411,11 @@ def load(
     ``tiktoken``: the ``qwen.tiktoken`` a qwen.cpp file needs (it holds no vocabulary).
     ``kernel`` (GGUF files): "auto" keeps each weight in its GGML format with the format's default
     kernel; "dense" dequantizes everything to ``dtype`` at load; "blocks", "int8", "int4" force one
-    kernel (docs/quantization-kernels.md). ``exact_prefill``: with bf16 activations, multiply prompts
-    by the exact quantized weights too (slower); by default prompts use the weights rounded to bf16,
-    as a bf16 model does, and decoding is exact either way.
+    kernel; "q8" keeps the exact block kernels for decoding and multiplies prompts with int8-quantized
+    activations (llama.cpp's arithmetic, not exact; docs/quantization-kernels.md). ``exact_prefill``:
+    with bf16 activations, multiply prompts by the exact quantized weights too (slower); by default
+    prompts use the weights rounded to bf16, as a bf16 model does, and decoding is exact either way;
+    with kernel="q8" it turns the int8 activations off (the exact "blocks" kernels throughout).
     """
     if kernel != "auto" and kernel not in KERNELS:
         raise QwenVLError(f"unknown kernel {kernel!r}; choose auto, {', '.join(KERNELS)}")
@@ -436,6 +438,8 @@ def _build(
     text_model = text_model.to(dtype)
     tensors = checkpoint.tensors()
     layout = layout_for(config.arch)
+    if kernel == "q8" and exact_prefill:
+        kernel = "blocks"  # --exact-prefill: no activation quantization
     if checkpoint.quantized is not None and kernel != "dense":
         pieces = None if exact_prefill or dtype == torch.float32 else 1
         load_quantized_text(text_model, checkpoint.quantized, dtype, kernel, prefill_pieces=pieces, layout=layout)

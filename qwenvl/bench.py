@@ -59,6 +59,7 @@ FIGURES = ("prefill_tok_s", "decode_tok_s", "image_encode_s", "ttft_s", "load_s"
 VISION_CONFIG_NAMES = ("qwen2-vl-2b", "qwen2.5-vl-3b")
 DTYPE_CHOICES = ("auto", "bfloat16", "float32")
 PEER_DTYPE_CHOICES = ("bfloat16", "float32")
+KERNEL_CHOICES = ("auto", "blocks", "q8", "dense", "int8", "int4")  # qwenvl.quant.linear.KERNELS
 DEFAULT_IMAGE = (448, 448)
 WARMUP_PROMPT_TOKENS = 8
 WARMUP_IMAGE = (56, 56)
@@ -86,6 +87,7 @@ class BenchOptions:
     threads: int | None = None  # None: physical cores
     compare: tuple[str, ...] = ()
     dtype: str = "auto"  # qwenvl's compute dtype
+    kernel: str = "auto"  # qwenvl's --kernel (GGUF weights)
     peer_dtype: str = "bfloat16"  # transformers' dtype
     vision_config: str | None = None  # benchmark a random-weight vision encoder of published dims
     repeat: int = 1
@@ -100,6 +102,7 @@ class BenchOptions:
             (self.threads is None or self.threads >= 1, f"--threads must be at least 1, got {self.threads}"),
             (self.repeat >= 1, f"--repeat must be at least 1, got {self.repeat}"),
             (self.dtype in DTYPE_CHOICES, f"--dtype {self.dtype!r}: choose from {', '.join(DTYPE_CHOICES)}"),
+            (self.kernel in KERNEL_CHOICES, f"--kernel {self.kernel!r}: choose from {', '.join(KERNEL_CHOICES)}"),
             (
                 self.peer_dtype in PEER_DTYPE_CHOICES,
                 f"--peer-dtype {self.peer_dtype!r}: choose from {', '.join(PEER_DTYPE_CHOICES)}",
@@ -157,6 +160,7 @@ class EngineRun:
     dtype: str
     vision_config: str | None
     repeat: int
+    kernel: str = "auto"
 
 
 def run_bench(options: BenchOptions, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
@@ -187,6 +191,7 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] | None = No
             dtype=options.dtype if engine == "qwenvl" else options.peer_dtype,
             vision_config=options.vision_config,
             repeat=options.repeat,
+            kernel=options.kernel,
         )
         say(f"running {engine} ...")
         result = run_worker(run)
@@ -263,6 +268,7 @@ def _record_base(engine: str, options: BenchOptions, target: _Target, threads: i
         "image": f"{image[0]}x{image[1]}" if image else None,
         "dtype": None,
         "kernel_isa": None,
+        "kernel": options.kernel if engine == "qwenvl" else None,
         "repeat": options.repeat,
         "model_file_mb": None,
         "import_rss_mb": None,
@@ -508,6 +514,8 @@ def _record_note(record: dict[str, Any]) -> str:
         parts.append(record["dtype"])
     if record.get("kernel_isa"):
         parts.append(f"{record['kernel_isa']} kernels")
+    if record.get("kernel") not in (None, "auto"):
+        parts.append(f"--kernel {record['kernel']}")
     decoded, wanted = record.get("decoded_tokens"), record.get("gen_tokens")
     if decoded is not None and wanted is not None and decoded != wanted:
         parts.append(f"decoded {decoded} of {wanted} tokens (stopped early)")
@@ -539,6 +547,14 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare", metavar="PEERS", help="also run these engines: transformers,llama.cpp")
     parser.add_argument(
         "--dtype", default="auto", metavar="DTYPE", help="qwenvl compute dtype: auto, bfloat16, float32 (default auto)"
+    )
+    parser.add_argument(
+        "--kernel",
+        default="auto",
+        metavar="KERNEL",
+        help="qwenvl's kernel for GGUF weights: "
+        + ", ".join(KERNEL_CHOICES)
+        + " (default auto; see qwenvl run --help)",
     )
     parser.add_argument(
         "--peer-dtype",
@@ -586,6 +602,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         threads=_int_option("--threads", args.threads) if args.threads is not None else None,
         compare=parse_compare(args.compare),
         dtype=args.dtype,
+        kernel=args.kernel,
         peer_dtype=args.peer_dtype,
         vision_config=args.vision_config,
         repeat=_int_option("--repeat", args.repeat),
@@ -692,7 +709,7 @@ def measure_qwenvl(run: EngineRun) -> dict[str, Any]:
 
     import_rss = current_rss_mb()
     with _timer() as load_s:
-        model = load(run.model, dtype=run.dtype, threads=run.threads, mmproj=run.mmproj)
+        model = load(run.model, dtype=run.dtype, threads=run.threads, mmproj=run.mmproj, kernel=run.kernel)
     dtype = str(model.dtype).removeprefix("torch.")
     figures: dict[str, Any] = {"load_s": round(load_s[0], 3), "import_rss_mb": round(import_rss, 1), "dtype": dtype}
     figures["kernel_isa"] = _kernel_isa()

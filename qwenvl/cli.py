@@ -511,14 +511,16 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kernel",
         default="auto",
-        choices=["auto", "blocks", "dense", "int8", "int4"],
+        choices=["auto", "blocks", "q8", "dense", "int8", "int4"],
         help="how GGUF weights run (default auto: kept in their format, exact block kernels; "
-        "dense: dequantized at load; see docs/quantization-kernels.md)",
+        "q8: prompts with int8-quantized activations, not exact; dense: dequantized at load; "
+        "see docs/quantization-kernels.md)",
     )
     parser.add_argument(
         "--exact-prefill",
         action="store_true",
-        help="bf16: multiply prompts by the exact quantized weights too (slower)",
+        help="bf16: multiply prompts by the exact quantized weights too (slower); with --kernel q8: "
+        "no int8 activations",
     )
 
 

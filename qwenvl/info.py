@@ -370,6 +370,12 @@ def format_info(info: dict[str, Any]) -> str:
             "kernels",
             f"{path}{tiles} (this CPU runs {', '.join(kernels['cpu_runs'])}; QWENVL_ISA={kernels['requested']})",
         )
+        if kernels.get("quantized_activations"):
+            add(
+                "activations",
+                "exact (fp32/bf16) by default; --kernel q8 quantizes prompt activations to int8 per 32 values "
+                "(integer dot products, not exact)",
+            )
     if info.get("threading"):
         add("threads", threads_note())
     vision = info.get("vision")

@@ -125,6 +125,14 @@ QK_API int qk_decode_attention(const QkDecodeAttention* call);
 QK_API int qk_rms_norm(const QkRmsNorm* call);
 QK_API int qk_silu_mul(const QkSiluMul* call);
 
+/* The activation-quantizing GEMM (q8.h; not exact: chosen with --kernel q8): y = x @ W^T (+ bias)
+ * with x's rows quantized per 32 values to int8 and one fp32 scale, integer dot products against
+ * the weight blocks, fp32 accumulation of the block results. Same arguments as qk_gemv (amx is
+ * ignored); any number of rows (meant for prefill). Every library gives the same bits. */
+QK_API int qk_gemm_q8(const QkGemv* call);
+/* 1 if qk_gemm_q8 takes GGML type `type` (the block formats; not F32/F16/BF16) */
+QK_API int qk_q8_supports(int32_t type);
+
 #ifdef __cplusplus
 }
 #endif

@@ -31,7 +31,7 @@ from gguf.constants import GGMLQuantizationType
 
 from . import isa
 from .isa import IsaError
-from .native import SUPPORTED_TYPES, DecodeAttention, Kernels, check_blocks, load
+from .native import Q8_TYPES, SUPPORTED_TYPES, DecodeAttention, Kernels, check_blocks, load
 
 _FLOATS = (torch.float32, torch.bfloat16)
 
@@ -74,6 +74,8 @@ def describe() -> dict[str, Any]:
         "amx_tiles": chosen is not None and amx_tiles(chosen),
         "cpu_runs": isa.runnable(),
         "requested": os.environ.get(isa.ENV, "auto"),
+        # which paths quantize activations: none by default; --kernel q8 does for prompts
+        "quantized_activations": "--kernel q8 (prompts)" if chosen is not None else None,
     }
 
 
@@ -129,7 +131,17 @@ def block_kernels(ggml_type: GGMLQuantizationType) -> Kernels | None:
     return chosen if chosen is not None and ggml_type in SUPPORTED_TYPES else None
 
 
+def q8_kernels(ggml_type: GGMLQuantizationType) -> Kernels | None:
+    """The kernels whose activation-quantizing GEMM (``Kernels.gemm_q8``) takes this format, or None
+    (the float formats; no kernels)."""
+    chosen = kernels()
+    return (
+        chosen if chosen is not None and ggml_type in Q8_TYPES and chosen.lib.qk_q8_supports(int(ggml_type)) else None
+    )
+
+
 __all__ = [
+    "Q8_TYPES",
     "SUPPORTED_TYPES",
     "DecodeAttention",
     "IsaError",
@@ -143,5 +155,6 @@ __all__ = [
     "kernels",
     "load",
     "path",
+    "q8_kernels",
     "swiglu",
 ]

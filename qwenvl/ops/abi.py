@@ -110,6 +110,7 @@ CALLS = {  # function: its struct
     "qk_decode_attention": QkDecodeAttention,
     "qk_rms_norm": QkRmsNorm,
     "qk_silu_mul": QkSiluMul,
+    "qk_gemm_q8": QkGemv,
 }
 
 
@@ -122,6 +123,7 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         getattr(lib, name).argtypes, getattr(lib, name).restype = [], ctypes.c_char_p
     lib.qk_amx.argtypes, lib.qk_amx.restype = [], ctypes.c_int
     lib.qk_supports.argtypes, lib.qk_supports.restype = [_i32], ctypes.c_int
+    lib.qk_q8_supports.argtypes, lib.qk_q8_supports.restype = [_i32], ctypes.c_int
     for name, struct in CALLS.items():
         function = getattr(lib, name)
         function.argtypes, function.restype = [ctypes.POINTER(struct)], ctypes.c_int

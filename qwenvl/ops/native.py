@@ -28,6 +28,9 @@ SUPPORTED_TYPES = frozenset(
     for name in ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 )
 
+# Types the activation-quantizing GEMM takes (``qk_gemm_q8``; the float formats stay exact).
+Q8_TYPES = SUPPORTED_TYPES - {T.F32, T.F16, T.BF16}
+
 
 @functools.cache
 def load(isa: str) -> Kernels:
@@ -97,6 +100,21 @@ class Kernels:
         )  # fmt: skip
         if self.lib.qk_gemv(call):
             raise ValueError(f"block kernels do not support {GGMLQuantizationType(ggml_type).name}")
+
+    def gemm_q8(
+        self, ggml_type: int, x: torch.Tensor, blocks: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor
+    ) -> None:
+        """``out ≈ x @ W.T (+ bias)`` with x's rows quantized per 32 values to int8 (one fp32 scale each)
+        and integer dot products against W's blocks (``qk_gemm_q8``; not exact). Any number of rows;
+        a row's result does not depend on the others, and every ISA gives the same bits. Layouts as
+        ``gemv``; unchecked."""
+        call = abi.QkGemv(
+            x.data_ptr(), blocks.data_ptr(), _ptr(bias), out.data_ptr(), x.shape[0], x.shape[1], x.stride(0),
+            blocks.shape[0], blocks.stride(0), out.stride(0), int(ggml_type), x.dtype == torch.bfloat16,
+            out.dtype == torch.bfloat16, torch.get_num_threads(), 0,
+        )  # fmt: skip
+        if self.lib.qk_gemm_q8(call):
+            raise ValueError(f"the q8 kernels do not take {GGMLQuantizationType(ggml_type).name}")
 
     def dequantize(
         self,

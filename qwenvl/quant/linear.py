@@ -8,6 +8,10 @@ Kernels (``kernel=``; docs/quantization-kernels.md has the measurements behind t
   dequantize-and-multiply in fp32. Many rows (prefill): the rows are dequantized per call into
   ``pieces`` bf16 matrices whose sum is the fp32 weight, and one bf16 GEMM (AMX via oneDNN) runs
   over them with fp32 accumulation — 2 pieces are exact for Q4_0/Q5_0/F16, 3 for the rest.
+- ``"q8"``: the blocks kernel for decoding (exact, as above), and for many rows (prefill) the
+  activation-quantizing GEMM: x quantized per 32 values to int8 with one fp32 scale, integer dot
+  products against the blocks, fp32 accumulation (``Kernels.gemm_q8``). Not exact (llama.cpp's
+  arithmetic); F32/F16/BF16 weights stay on the exact kernel.
 - ``"dense"``: dequantized once to a dense ``compute_dtype`` matrix (2 bytes/param in bf16). Exact
   only for BF16; otherwise every weight is rounded to bf16.
 - ``"int8"``: torch's ``_weight_int8pack_mm``: re-quantized to int8 with one bf16 scale per row.
@@ -52,7 +56,7 @@ DEFAULT_KERNELS: dict[GGMLQuantizationType, str] = {
     T.Q2_K: "blocks",
     T.Q3_K: "blocks",
 }
-KERNELS = ("blocks", "dense", "int8", "int4")
+KERNELS = ("blocks", "q8", "dense", "int8", "int4")
 INT4_TYPES = frozenset({T.Q4_0, T.Q4_1, T.Q4_K})  # the formats the int4 kernel takes
 
 # bf16 pieces whose sum is exactly every value of the format: BF16 is one; F16 (11 significant
@@ -159,6 +163,7 @@ class BlockQuantLinear(QuantLinear):
         bias: torch.Tensor | None = None,
         pieces: int | None = None,
         gemv_max_rows: int = GEMV_MAX_ROWS,
+        q8: bool = False,
     ):
         super().__init__(ggml_type, shape[0], shape[1], bias)
         ops.check_blocks(blocks, self.ggml_type, shape[0], shape[1])
@@ -176,10 +181,14 @@ class BlockQuantLinear(QuantLinear):
         self.amx_min_rows = AMX_MIN_ROWS_BY_TYPE.get(self.ggml_type, AMX_MIN_ROWS) if amx else gemv_max_rows + 1
         self._kernels, self._type = chosen, int(self.ggml_type)
         self._packed: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see pack_prefill
+        # many rows through the activation-quantizing GEMM (where the kernels take the format)
+        self.q8 = q8 and ops.q8_kernels(self.ggml_type) is not None
+        if self.q8:
+            self.kernel = "q8"
 
     @property
     def exact(self) -> bool:
-        return self.pieces >= self.exact_pieces
+        return self.pieces >= self.exact_pieces and not self.q8
 
     def _method(self) -> str:
         tiles = (
@@ -187,10 +196,12 @@ class BlockQuantLinear(QuantLinear):
             if self.amx_min_rows <= self.gemv_max_rows
             else ""
         )
-        return (
-            f"≤{self.gemv_max_rows} rows: fused block GEMV, fp32 accumulation{tiles}; more rows: "
-            f"{self.pieces} bf16 piece(s) per weight + bf16 GEMM"
+        many = (
+            "activations quantized to int8 per 32 values, integer dot products (q8)"
+            if self.q8
+            else f"{self.pieces} bf16 piece(s) per weight + bf16 GEMM"
         )
+        return f"≤{self.gemv_max_rows} rows: fused block GEMV, fp32 accumulation{tiles}; more rows: {many}"
 
     def _compute(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.empty(x.shape[0], self.out_features, dtype=x.dtype)
@@ -226,7 +237,7 @@ class BlockQuantLinear(QuantLinear):
         skip the dequantization and run a faster GEMM, with the same weights. Decoding is unchanged.
         Returns the bytes now held (0 where it does not apply: exact multi-piece prefill, or no
         oneDNN linear in this torch)."""
-        if self._packed is None and self.pieces == 1 and _onednn_linear_available():
+        if self._packed is None and self.pieces == 1 and not self.q8 and _onednn_linear_available():
             dense = self._kernels.dequantize(self.blocks, self.ggml_type, self.in_features, 1)
             bias = None if self.bias is None else self.bias.to(torch.bfloat16)
             self._packed = (torch.ops.mkldnn._reorder_linear_weight(dense, None), bias)
@@ -236,6 +247,9 @@ class BlockQuantLinear(QuantLinear):
         """Dequantize row chunks of W into a reused buffer and multiply: bf16 pieces for bf16 x
         (one GEMM over x repeated ``pieces`` times along K), fp32 for fp32 x. With packed prefill
         weights (bf16 x), one oneDNN GEMM over them."""
+        if self.q8:
+            self._kernels.gemm_q8(self._type, x if x.stride(-1) == 1 else x.contiguous(), self.blocks, self.bias, out)
+            return
         if self._packed is not None and x.dtype == torch.bfloat16:
             weight, bias = self._packed
             out.copy_(torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], ""))
@@ -509,8 +523,8 @@ def quant_linear_from_ggml(
     shape = (int(shape[0]), int(shape[1]))
     blocks = _as_blocks(raw, ggml_type, shape, copy)
     kernel = default_kernel(ggml_type) if kernel == "auto" else kernel
-    if kernel == "blocks":
-        return BlockQuantLinear(blocks, ggml_type, shape, bias, pieces=prefill_pieces)
+    if kernel in ("blocks", "q8"):
+        return BlockQuantLinear(blocks, ggml_type, shape, bias, pieces=prefill_pieces, q8=kernel == "q8")
     if kernel == "dense":
         return DenseLinear(dequantize_blocks(blocks, ggml_type, shape), ggml_type, bias, compute_dtype)
     if kernel == "int8":
