@@ -33,6 +33,7 @@ from .generate import (
     Request,
     TokenLogprob,
     accept_token,
+    chunk_end,
     new_request,
     prefill_chunk,
     prefill_chunks,
@@ -193,6 +194,7 @@ class _Sequence:
         self.history = torch.empty(prompt_length + request.max_new_tokens, dtype=torch.long)
         self.history[:prompt_length] = torch.tensor(request.prompt.input_ids, dtype=torch.long)
         self.prefilled = 0  # prompt tokens already in the KV cache
+        self.cached_tokens = 0  # of which found in the prefix cache at admission
         self.submitted = time.perf_counter()
         self.admitted = 0.0
         self.first_token = 0.0
@@ -221,7 +223,6 @@ class BatchEngine:
         self._waiting: deque[_Sequence] = deque()
         self._prefilling: list[_Sequence] = []  # admitted, prompt not fully in the cache yet
         self._running: list[_Sequence] = []  # decoding
-        self._kv_bytes = 0
         self._steps = 0
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
@@ -268,7 +269,6 @@ class BatchEngine:
             params,
             self._eos,
             context,
-            allocate=False,
             constraint=constraint,
         )
         self.start()
@@ -282,12 +282,17 @@ class BatchEngine:
             self._work.notify_all()
         return handle
 
+    def _kv_bytes(self) -> int:
+        """Bytes of the KV blocks the admitted requests hold (caller holds the lock)."""
+        caches = [seq.request.cache for seq in self._prefilling + self._running]
+        return sum(cache.nbytes for cache in caches if cache is not None)
+
     def stats(self) -> dict:
         with self._lock:
             return {
                 "running": len(self._running) + len(self._prefilling),
                 "waiting": len(self._waiting),
-                "kv_cache_bytes": self._kv_bytes,
+                "kv_cache_bytes": self._kv_bytes(),
                 "steps": self._steps,
             }
 
@@ -333,16 +338,20 @@ class BatchEngine:
             with self._lock:
                 if not self._waiting or len(self._prefilling) + len(self._running) >= self.max_batch:
                     return
+                if self._prefilling or self._running:  # wait for blocks the running requests will free
+                    pool = self.model.kv_pool
+                    need = -(-self._waiting[0].prompt_length // pool.block_size) + 1
+                    if pool.available() < need:
+                        return
                 seq = self._waiting.popleft()
                 self._prefilling.append(seq)
             seq.handle._leave_queue()
             try:
-                cache = seq.request.allocate_cache(self.model.text_model)
+                cache = seq.request.allocate_cache(self.model.kv_pool)
             except Exception as exc:  # e.g. out of memory: this request only
                 self._end(seq, "error", exc)
                 continue
-            with self._lock:
-                self._kv_bytes += cache.nbytes
+            seq.prefilled = seq.cached_tokens = cache.cached_tokens
             seq.admitted = time.perf_counter()
 
     def _prefill(self) -> None:
@@ -353,7 +362,7 @@ class BatchEngine:
             if budget <= 0:
                 break
             chunks.append(seq)
-            budget -= min(PREFILL_CHUNK, seq.prompt_length - seq.prefilled)
+            budget -= chunk_end(seq.prefilled, seq.prompt_length) - seq.prefilled
         if not chunks:
             return
         model = self.model.text_model
@@ -365,7 +374,7 @@ class BatchEngine:
         for seq, logits in zip(chunks, results):
             if seq.handle.done:
                 continue
-            seq.prefilled = min(seq.prefilled + PREFILL_CHUNK, seq.prompt_length)
+            seq.prefilled = chunk_end(seq.prefilled, seq.prompt_length)
             if logits is not None:
                 with self._lock:
                     self._prefilling.remove(seq)
@@ -447,9 +456,7 @@ class BatchEngine:
             for group in (self._prefilling, self._running):
                 if seq in group:
                     group.remove(seq)
-            if req.cache is not None:
-                self._kv_bytes -= req.cache.nbytes
-                req.cache = None
+            req.release_cache()
         if seq.handle.done:
             return
         message = _one_line(exc) if exc is not None else None
@@ -466,6 +473,7 @@ class BatchEngine:
                 prompt_tokens=seq.prompt_length,
                 finish_reason=reason,
                 prefill_s=first - (seq.admitted or first),
+                cached_tokens=seq.cached_tokens,
                 decode_s=now - first,
                 error=message,
                 logprobs=list(req.logprobs) if req.params.logprobs is not None else None,
