@@ -356,20 +356,51 @@ class Model:
         """The whole answer at once: text, token ids, usage, finish reason and timings. With ``tools``
         (see ``stream``), ``tool_calls`` and ``content`` hold the parsed answer and ``finish_reason`` is
         ``"tool_calls"`` when the model called tools."""
-        parse = bool(options.get("tools")) and options.get("tool_choice") != "none"
-        tools = options.get("tools")
         generation = self.stream(messages, **options)
         for _ in generation:
             pass
         result = generation.result
         assert result is not None
-        if parse:
-            names = tool_names(tools)
-            result.content, calls, _ = parse_tool_calls(result.text, result.finish_reason, bare_names=names)
-            result.tool_calls = calls
-            if calls and result.finish_reason == "stop":
-                result.finish_reason = "tool_calls"
-        return result
+        return _parse_tools(result, options.get("tools"), options.get("tool_choice"))
+
+    def chat_choices(self, messages: list[dict[str, Any]], n: int, **options: Any) -> list[ChatResult]:
+        """``n`` whole answers to one conversation (OpenAI's ``n``), each as ``chat`` gives it: the prompt
+        is prefilled once and the choices decode together on forks of its KV cache (shared blocks,
+        copied when a choice first writes one). With a ``seed``, choice i samples with ``seed + i``.
+        ``options`` as for ``chat``."""
+        from .engine.scheduler import BatchEngine
+
+        tools, tool_choice = options.pop("tools", None), options.pop("tool_choice", None)
+        parallel = options.pop("parallel_tool_calls", None)
+        media = {k: options.pop(k) for k in MEDIA_OPTIONS if options.get(k) is not None}
+        options = {k: v for k, v in options.items() if k not in MEDIA_OPTIONS}
+        structured = structured_spec(**{k: options.pop(k, None) for k in STRUCTURED_OPTIONS})
+        shown, calls = resolve_tool_choice(tools, tool_choice, parallel)
+        if structured is not None and calls is not None:
+            raise RequestError("an output constraint (json_schema, regex, ...) cannot be combined with tools")
+        prompt = self.prepare(messages, tools=shown, **media)
+        spec = structured or calls
+        constraints = [self.constraint(spec) for _ in range(n)] if spec is not None else None
+        engine = BatchEngine(self, max_batch=n)
+        try:
+            results = [handle.result() for handle in engine.submit_choices(prompt, n, constraints, **options)]
+        finally:
+            engine.shutdown()
+        for result in results:
+            if result.finish_reason == "error":
+                raise QwenVLError(result.error or "generation failed")
+            result.images, result.boxes = self.grounding(prompt, result.token_ids, result.text)
+        return [_parse_tools(result, tools, tool_choice) for result in results]
+
+
+def _parse_tools(result: ChatResult, tools: list[dict[str, Any]] | None, tool_choice: Any) -> ChatResult:
+    """With tools (and tool_choice not "none"): the calls and content parsed out of the answer."""
+    if tools and tool_choice != "none":
+        result.content, calls, _ = parse_tool_calls(result.text, result.finish_reason, bare_names=tool_names(tools))
+        result.tool_calls = calls
+        if calls and result.finish_reason == "stop":
+            result.finish_reason = "tool_calls"
+    return result
 
 
 def _vision_only(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

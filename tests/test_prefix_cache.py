@@ -227,3 +227,19 @@ def test_truncate_and_fork_never_modify_a_shared_block():
         twin.truncate(30)
     seq.release(), twin.release(), twin.release()
     assert not any(pool.refs) and len(pool.free) == 8
+
+
+def test_chat_choices_fork_the_prompt(text_models):
+    cached, plain = text_models
+    messages = text_chat(1)[0]
+    greedy = plain.chat(messages, **GREEDY)
+    choices = cached.chat_choices(messages, 3, **GREEDY)
+    assert [c.token_ids for c in choices] == [greedy.token_ids] * 3
+    sampled = dict(temperature=1.0, top_p=1.0, seed=5, max_tokens=12)
+    want = [plain.chat(messages, **{**sampled, "seed": 5 + i}).token_ids for i in range(3)]
+    assert [c.token_ids for c in cached.chat_choices(messages, 3, **sampled)] == want
+    assert len({tuple(ids) for ids in want}) > 1
+    spec = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    for choice in cached.chat_choices(messages, 2, json_schema=spec, max_tokens=40, temperature=1.0, seed=1):
+        assert choice.text.startswith("{")
+    assert not any(cached.kv_pool.refs)

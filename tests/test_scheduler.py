@@ -69,8 +69,10 @@ def test_concurrent_greedy_requests_equal_each_alone(model, engine):
     assert engine.stats() | {"steps": 0} == {"running": 0, "waiting": 0, "kv_cache_bytes": 0, "steps": 0}
 
 
-def test_waiting_prompts_are_prefilled_together(model, monkeypatch):
-    """Requests admitted together are prefilled in one packed forward and still answer as alone."""
+def test_waiting_prompts_are_prefilled_together(make_qwen2, monkeypatch):
+    """Requests admitted together are prefilled in one packed forward and still answer as alone
+    (no prefix cache: each prompt is prefilled whole)."""
+    model = qwenvl.load(make_qwen2("untied-gqa2", **TEXT_SHAPE), prefix_cache=False)
     prompts = random_prompts(6, seed=11)  # the last one needs two chunks
     expected = [alone(model, p, temperature=0, max_tokens=8, ignore_eos=True).token_ids for p in prompts]
     calls = []
@@ -294,8 +296,11 @@ def test_decode_rows_equal_single_request_forward(model):
     params = sampling_params(model.generation_config, max_tokens=4)
     prompts = random_prompts(4, seed=7)[:3]
     with torch.inference_mode():
-        requests = [new_request(text_model, model.tokenizer, Prompt.text_only(p), params, [0], 4096) for p in prompts]
-        singles = [new_request(text_model, model.tokenizer, Prompt.text_only(p), params, [0], 4096) for p in prompts]
+        pool = model.kv_pool
+        requests = [new_request(text_model, model.tokenizer, Prompt.text_only(p), params, [0], 4096, pool=pool)
+                    for p in prompts]  # fmt: skip
+        singles = [new_request(text_model, model.tokenizer, Prompt.text_only(p), params, [0], 4096, pool=pool)
+                   for p in prompts]  # fmt: skip
         for request in requests + singles:
             prefill(text_model, request)
             request.output_ids.append(7)
@@ -304,3 +309,5 @@ def test_decode_rows_equal_single_request_forward(model):
         positions = torch.tensor([r.next_position for r in requests]).view(1, -1, 1).expand(3, -1, -1)
         hidden = text_model.decode(embeds, positions, [r.cache for r in requests], [r.next_start for r in requests])
         assert torch.allclose(text_model.logits(hidden[:, -1]), want, atol=1e-2, rtol=0)
+    for request in requests + singles:
+        request.release_cache()

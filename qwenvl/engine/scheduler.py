@@ -198,6 +198,7 @@ class _Sequence:
         self.submitted = time.perf_counter()
         self.admitted = 0.0
         self.first_token = 0.0
+        self.followers: list[_Sequence] = []  # the other choices of its prompt, forked once it is prefilled
 
     @property
     def cancelled(self) -> bool:
@@ -253,6 +254,21 @@ class BatchEngine:
         """Queue a request; RequestError here, synchronously, for anything wrong with it (BusyError: the
         queue already holds ``max_waiting`` requests). ``constraint``: the grammar its output must follow
         (``GrammarCompiler.constraint``), owned by the request."""
+        return self.submit_choices(prompt, 1, [constraint], **sampling)[0]
+
+    def submit_choices(
+        self,
+        prompt: Prompt | list[int],
+        n: int,
+        constraints: list[Constraint | None] | None = None,
+        **sampling: Any,
+    ) -> list[RequestHandle]:
+        """Queue ``n`` choices of one prompt (OpenAI's ``n``): the prompt is prefilled once, then each
+        choice continues on a fork of its KV cache (the blocks are shared, a block is copied when a
+        choice first writes it) with a sampler of its own (seeded ``seed + i`` when a seed is given).
+        ``constraints``: each choice's own grammar state (or None). One handle per choice."""
+        if n < 1:
+            raise RequestError(f"n must be at least 1, got {n}")
         if not isinstance(prompt, Prompt):
             prompt = Prompt.text_only(list(prompt))
         params = sampling_params(self.model.generation_config, **sampling)
@@ -262,30 +278,34 @@ class BatchEngine:
             raise RequestError(
                 f"prompt ({length} tokens) + max_tokens ({params.max_tokens}) exceeds the context of {context} tokens"
             )
-        request = new_request(
-            self.model.text_model,
-            self.model.tokenizer,
-            prompt,
-            params,
-            self._eos,
-            context,
-            constraint=constraint,
-        )
+        constraints = constraints or [None] * n
+        requests = []
+        for index, constraint in enumerate(constraints):
+            choice = sampling_params(
+                self.model.generation_config, **{**sampling, "seed": params.seed + index}
+            ) if params.seed is not None else params  # fmt: skip
+            requests.append(
+                new_request(
+                    self.model.text_model, self.model.tokenizer, prompt, choice, self._eos, context, constraint=constraint
+                )
+            )
         self.start()
         with self._work:
             if self._stopping:
                 raise RuntimeError("the engine has been shut down")
             if len(self._waiting) >= self.max_waiting:
                 raise BusyError(f"the queue is full ({self.max_waiting} requests waiting); try again later")
-            handle = RequestHandle(f"req-{next(self._ids)}", length, self._wake)
-            self._waiting.append(_Sequence(handle, request))
+            seqs = [_Sequence(RequestHandle(f"req-{next(self._ids)}", length, self._wake), r) for r in requests]
+            seqs[0].followers = seqs[1:]
+            self._waiting.append(seqs[0])
             self._work.notify_all()
-        return handle
+        return [seq.handle for seq in seqs]
 
     def _kv_bytes(self) -> int:
-        """Bytes of the KV blocks the admitted requests hold (caller holds the lock)."""
+        """Bytes of the KV blocks the admitted requests hold, a shared block once (caller holds the lock)."""
         caches = [seq.request.cache for seq in self._prefilling + self._running]
-        return sum(cache.nbytes for cache in caches if cache is not None)
+        blocks = {block for cache in caches if cache is not None for block in cache.blocks}
+        return len(blocks) * self.model.kv_pool.block_bytes
 
     def stats(self) -> dict:
         with self._lock:
@@ -336,9 +356,10 @@ class BatchEngine:
     def _admit(self) -> None:
         while True:
             with self._lock:
-                if not self._waiting or len(self._prefilling) + len(self._running) >= self.max_batch:
+                active = len(self._prefilling) + len(self._running)
+                if not self._waiting or (active and active + 1 + len(self._waiting[0].followers) > self.max_batch):
                     return
-                if self._prefilling or self._running:  # wait for blocks the running requests will free
+                if active:  # wait for blocks the running requests will free
                     pool = self.model.kv_pool
                     need = -(-self._waiting[0].prompt_length // pool.block_size) + 1
                     if pool.available() < need:
@@ -346,6 +367,8 @@ class BatchEngine:
                 seq = self._waiting.popleft()
                 self._prefilling.append(seq)
             seq.handle._leave_queue()
+            for follower in seq.followers:
+                follower.handle._leave_queue()
             try:
                 cache = seq.request.allocate_cache(self.model.kv_pool)
             except Exception as exc:  # e.g. out of memory: this request only
@@ -380,7 +403,23 @@ class BatchEngine:
                     self._prefilling.remove(seq)
                     self._running.append(seq)
                 seq.first_token = time.perf_counter()
+                self._fork_followers(seq, logits)
                 self._take_token(seq, logits)
+
+    def _fork_followers(self, seq: _Sequence, logits: torch.Tensor) -> None:
+        """The prompt is in: each other choice of it takes a fork of its cache and its first token."""
+        followers, seq.followers = seq.followers, []
+        for follower in followers:
+            if follower.cancelled:
+                self._end(follower, "cancelled")
+                continue
+            assert seq.request.cache is not None
+            follower.request.cache = seq.request.cache.fork()
+            follower.prefilled, follower.cached_tokens = seq.prefilled, seq.cached_tokens
+            follower.admitted, follower.first_token = seq.admitted, seq.first_token
+            with self._lock:
+                self._running.append(follower)
+            self._take_token(follower, logits)
 
     def _decode(self) -> None:
         rows = list(self._running)
@@ -457,6 +496,9 @@ class BatchEngine:
                 if seq in group:
                     group.remove(seq)
             req.release_cache()
+        followers, seq.followers = seq.followers, []
+        for follower in followers:  # ended before its prompt was in: so do the other choices
+            self._end(follower, reason, exc)
         if seq.handle.done:
             return
         message = _one_line(exc) if exc is not None else None
