@@ -6,7 +6,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qwenvl import ops
 from qwenvl.engine.kv_cache import KVPool, RowsKVView, decode_kernel
 
 

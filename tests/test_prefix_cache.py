@@ -200,7 +200,9 @@ def test_prompt_logprobs_compute_the_whole_prompt(text_models):
     want = plain.generate(prompt, max_tokens=1, prompt_logprobs=1)
     list(want)
     assert got.result.cached_tokens == 0
-    assert [e and e.token_id for e in got.result.prompt_logprobs] == [e and e.token_id for e in want.result.prompt_logprobs]
+    assert [e and e.token_id for e in got.result.prompt_logprobs] == [
+        e and e.token_id for e in want.result.prompt_logprobs
+    ]
 
 
 def test_truncate_and_fork_never_modify_a_shared_block():

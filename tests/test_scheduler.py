@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import random
-import weakref
 
 import numpy as np
 import pytest
@@ -13,7 +11,7 @@ import torch
 from PIL import Image
 
 import qwenvl
-from qwenvl.engine.generate import PREFILL_CHUNK, Request
+from qwenvl.engine.generate import PREFILL_CHUNK
 from qwenvl.engine.sampler import Sampler
 from qwenvl.engine.scheduler import BatchEngine
 from qwenvl.errors import BusyError, RequestError

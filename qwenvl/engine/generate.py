@@ -16,9 +16,9 @@ from .. import status
 from ..errors import RequestError
 from ..grounding import GroundedBox, ImageGeometry
 from ..models.text import TextModel
-from .kv_cache import BlockSequence, KVPool, block_hashes
 from ..tokenizer import StreamDecoder, Tokenizer
 from .grammar import Constraint, apply_mask
+from .kv_cache import BlockSequence, KVPool, block_hashes
 from .prompt import Prompt
 from .sampler import Sampler, SamplingParams
 

@@ -286,7 +286,13 @@ class BatchEngine:
             ) if params.seed is not None else params  # fmt: skip
             requests.append(
                 new_request(
-                    self.model.text_model, self.model.tokenizer, prompt, choice, self._eos, context, constraint=constraint
+                    self.model.text_model,
+                    self.model.tokenizer,
+                    prompt,
+                    choice,
+                    self._eos,
+                    context,
+                    constraint=constraint,
                 )
             )
         self.start()

@@ -159,7 +159,9 @@ def create_app(model: Model, settings: ServerSettings, *, engine: Any = None, ma
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return _CancellingStream(stream_choices(request, handles, metas, include_usage), group)
         answers = await collect_choices(request, handles, metas)
-        return JSONResponse(choices_response(chat_completion if meta.kind == "chat" else text_completion, metas, answers))
+        return JSONResponse(
+            choices_response(chat_completion if meta.kind == "chat" else text_completion, metas, answers)
+        )
 
     async def admitted(handle: Any, group: Any = None) -> Any:
         """The handle once the engine has taken it into its batch; 503 when no slot frees in time."""
