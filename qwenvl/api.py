@@ -297,14 +297,12 @@ class Model:
         params = sampling_params(self.generation_config, **sampling)
         eos = self.generation_config.eos_token_ids or _fallback_eos(self.tokenizer)
         constraint = self.constraint(grammar) if isinstance(grammar, GrammarSpec) else grammar
-        request = new_request(
-            self.text_model, self.tokenizer, prompt, params, eos, self.context, constraint=constraint, pool=self.kv_pool
-        )
+        request = new_request(self.text_model, self.tokenizer, prompt, params, eos, self.context, constraint=constraint)
 
         def finish(result: GenerationResult) -> None:
             result.images, result.boxes = self.grounding(prompt, result.token_ids, result.text)
 
-        return Generation(self.text_model, request, finish)
+        return Generation(self.text_model, request, finish, pool=self.kv_pool)
 
     def grounding(
         self, prompt: Prompt, token_ids: list[int], text: str | None = None

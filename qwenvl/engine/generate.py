@@ -210,12 +210,21 @@ class Generation:
     """Iterate for text pieces; ``result`` is set once the iteration ends.
 
     ``finish``: called with the result before it is set (the API adds the grounding fields there).
+    ``pool``: where the request takes its KV cache when the iteration starts (if it has none yet); the
+    blocks go back when the iteration ends, however it ends.
     """
 
-    def __init__(self, model: TextModel, request: Request, finish: Callable[[GenerationResult], None] | None = None):
+    def __init__(
+        self,
+        model: TextModel,
+        request: Request,
+        finish: Callable[[GenerationResult], None] | None = None,
+        pool: KVPool | None = None,
+    ):
         self.model = model
         self.request = request
         self.finish = finish
+        self.pool = pool
         self.result: GenerationResult | None = None
 
     def __iter__(self) -> Iterator[str]:
@@ -223,6 +232,8 @@ class Generation:
             yield from self._run()
 
     def _run(self) -> Iterator[str]:
+        if self.request.cache is None and self.pool is not None:
+            self.request.allocate_cache(self.pool)
         try:
             yield from self._generate()
         finally:
