@@ -121,9 +121,12 @@ def test_images_each_keyed_on_their_own(make_vl, pictures):
         {"role": "assistant", "content": "Another."},
         {"role": "user", "content": [image(a), {"type": "text", "text": "The first again?"}]},
     ]
-    results = assert_same_answers(cached, plain, [turn1, turn2, turn3])
+    other = [{"role": "user", "content": [image(b), {"type": "text", "text": "What is this?"}]}]  # turn1 but b
+    results = assert_same_answers(cached, plain, [turn1, turn2, turn3, other])
     assert results[1].cached_tokens >= results[0].prompt_tokens - 16
     assert results[2].cached_tokens >= results[1].prompt_tokens - 16
+    first_pad = cached.prepare(other).input_ids.index(cached.config.image_token_id)
+    assert results[3].cached_tokens == first_pad // 16 * 16  # shared up to the block where b's pads start
 
 
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
