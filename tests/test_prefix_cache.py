@@ -13,6 +13,7 @@ from qwenvl.engine.generate import new_request, prefill
 from qwenvl.engine.kv_cache import KVCacheFull, KVPool, block_hashes
 from qwenvl.engine.sampler import sampling_params
 from qwenvl.engine.scheduler import BatchEngine
+from qwenvl.errors import RequestError
 
 TEXT_SHAPE = dict(hidden=64, layers=2, heads=4, kv_heads=2, ffn=128, tie=False)
 VL_SHAPES = {
@@ -173,6 +174,12 @@ def test_eviction_under_a_tiny_budget(make_qwen2, text_models):
     with pytest.raises(KVCacheFull, match="kv-cache-mb"):
         list(tiny.generate([5] * 2100, max_tokens=2))
     assert not any(tiny.kv_pool.refs)
+    engine = BatchEngine(tiny, max_batch=2)
+    try:
+        with pytest.raises(RequestError, match="does not fit the KV cache"):
+            engine.submit([5] * 2100, max_tokens=2)
+    finally:
+        engine.shutdown()
 
 
 def test_concurrent_requests_sharing_a_prefix(text_models):

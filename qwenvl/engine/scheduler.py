@@ -278,6 +278,12 @@ class BatchEngine:
             raise RequestError(
                 f"prompt ({length} tokens) + max_tokens ({params.max_tokens}) exceeds the context of {context} tokens"
             )
+        pool = self.model.kv_pool
+        if length + 1 > pool.num_blocks * pool.block_size:
+            raise RequestError(
+                f"prompt ({length} tokens) does not fit the KV cache ({pool.num_blocks * pool.block_size} tokens, "
+                f"{pool.nbytes / 2**20:.0f} MiB); raise --kv-cache-mb"
+            )
         constraints = constraints or [None] * n
         requests = []
         for index, constraint in enumerate(constraints):
