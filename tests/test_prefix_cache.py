@@ -255,3 +255,18 @@ def test_chat_choices_fork_the_prompt(text_models):
     for choice in cached.chat_choices(messages, 2, json_schema=spec, max_tokens=40, temperature=1.0, seed=1):
         assert choice.text.startswith("{")
     assert not any(cached.kv_pool.refs)
+
+
+def test_qwen_v1_dynamic_ntk_prompts_of_another_rope_factor_share_nothing(make_qwen_v1):
+    """Qwen (v1) rescales rope by prompt length past seq_length: a longer prompt has other keys for
+    the same prefix, so it must not take the shorter prompt's blocks; same-length ones may."""
+    directory = make_qwen_v1("seq64", seq_length=64)
+    cached, plain = qwenvl.load(directory, dtype="float32"), qwenvl.load(directory, dtype="float32", prefix_cache=False)
+    short = list(range(500, 560))  # under seq_length: rope factor 1
+    long = short + list(range(700, 760))  # past it: another factor
+    for prompt in (short, long, long[:-1] + [9], short[:-1] + [9]):
+        got, want = cached.generate(prompt, **GREEDY), plain.generate(prompt, **GREEDY)
+        assert list(got) == list(want) and got.result.token_ids == want.result.token_ids
+        hits = got.result.cached_tokens
+    assert cached.text_model.rope_alpha(len(long)) != 1.0
+    assert hits == 48  # the last short prompt: three blocks of the first (the long ones shared none of it)
