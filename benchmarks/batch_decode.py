@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     options = {"kernel": args.kernel} if args.kernel else {}
-    model = qwenvl.load(args.model, threads=args.threads, **options)
+    model = qwenvl.load(args.model, threads=args.threads, prefix_cache=False, **options)  # each run prefills whole
     engine = BatchEngine(model, max_batch=max(args.clients))
     engine.start()
     run(engine, model, 2, 4)  # warm-up

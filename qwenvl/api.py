@@ -19,6 +19,7 @@ from .chat import fallback_template, media_items, normalize_messages, render_cha
 from .config import GenerationConfig, ModelConfig, PreprocessConfig
 from .engine.generate import Generation, GenerationResult, new_request
 from .engine.grammar import Constraint, GrammarCompiler, GrammarSpec, structured_spec
+from .engine.kv_cache import KVPool, default_budget_bytes
 from .engine.prompt import EncodedVisual, Prompt, VisionCache, build_prompt
 from .engine.sampler import sampling_params
 from .errors import MediaError, QwenVLError, RequestError
@@ -68,10 +69,24 @@ class Model:
     # One vision encoding at a time (the encoder and its cache are shared by the threads that call
     # prepare); loading, decoding and resizing media happen outside it.
     vision_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    kv_cache_mb: int | None = None  # the KV cache's budget (None: a share of the free memory, at first use)
+    prefix_cache: bool = True  # requests reuse the cached keys/values of a shared prompt prefix
+    _kv_pool: KVPool | None = field(default=None, repr=False, compare=False)
+    _kv_lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.text_model.dtype
+
+    @property
+    def kv_pool(self) -> KVPool:
+        """The KV cache every request of this model takes its blocks from (engine/kv_cache.py), made
+        at first use: ``kv_cache_mb`` MiB, or a share of the memory then available."""
+        with self._kv_lock:
+            if self._kv_pool is None:
+                budget = self.kv_cache_mb * 2**20 if self.kv_cache_mb is not None else default_budget_bytes()
+                self._kv_pool = KVPool(self.config.text, self.dtype, budget, prefix_caching=self.prefix_cache)
+            return self._kv_pool
 
     @property
     def grammar_compiler(self) -> GrammarCompiler:
@@ -248,12 +263,18 @@ class Model:
     def _encode_media(self, item: ImageInput | VideoPlan) -> EncodedVisual:
         if isinstance(item, VideoPlan):
             video = decode_video(item)
-            embeds = self.encode_pixels(video.pixel_values, video.grid_thw)
-            return EncodedVisual(VIDEO, video.grid_thw, embeds, video.second_per_grid)
-        return EncodedVisual(IMAGE, item.grid_thw, self.encode_pixels(item.pixel_values, item.grid_thw))
+            key = VisionCache.key(video.pixel_values, video.grid_thw)
+            embeds = self.encode_pixels(video.pixel_values, video.grid_thw, key)
+            return EncodedVisual(VIDEO, video.grid_thw, embeds, video.second_per_grid, digest=key)
+        key = VisionCache.key(item.pixel_values, item.grid_thw)
+        embeds = self.encode_pixels(item.pixel_values, item.grid_thw, key)
+        return EncodedVisual(IMAGE, item.grid_thw, embeds, digest=key)
 
-    def encode_pixels(self, pixel_values: torch.Tensor, grid_thw: tuple[int, int, int]) -> torch.Tensor:
-        """Vision-encoder embeddings of one preprocessed image or video (cached by content)."""
+    def encode_pixels(
+        self, pixel_values: torch.Tensor, grid_thw: tuple[int, int, int], key: str | None = None
+    ) -> torch.Tensor:
+        """Vision-encoder embeddings of one preprocessed image or video (cached by content; ``key``:
+        its ``VisionCache.key`` when already known)."""
         assert self.vision_model is not None
         vision = self.vision_model
 
@@ -261,7 +282,7 @@ class Model:
             with torch.inference_mode():
                 return vision(pixel_values.to(vision.dtype), [grid_thw])
 
-        key = VisionCache.key(pixel_values, grid_thw)
+        key = key or VisionCache.key(pixel_values, grid_thw)
         with self.vision_lock:
             return self.vision_cache.get_or_compute(key, compute)
 
@@ -281,7 +302,7 @@ class Model:
         def finish(result: GenerationResult) -> None:
             result.images, result.boxes = self.grounding(prompt, result.token_ids, result.text)
 
-        return Generation(self.text_model, request, finish)
+        return Generation(self.text_model, request, finish, pool=self.kv_pool)
 
     def grounding(
         self, prompt: Prompt, token_ids: list[int], text: str | None = None
@@ -333,20 +354,51 @@ class Model:
         """The whole answer at once: text, token ids, usage, finish reason and timings. With ``tools``
         (see ``stream``), ``tool_calls`` and ``content`` hold the parsed answer and ``finish_reason`` is
         ``"tool_calls"`` when the model called tools."""
-        parse = bool(options.get("tools")) and options.get("tool_choice") != "none"
-        tools = options.get("tools")
         generation = self.stream(messages, **options)
         for _ in generation:
             pass
         result = generation.result
         assert result is not None
-        if parse:
-            names = tool_names(tools)
-            result.content, calls, _ = parse_tool_calls(result.text, result.finish_reason, bare_names=names)
-            result.tool_calls = calls
-            if calls and result.finish_reason == "stop":
-                result.finish_reason = "tool_calls"
-        return result
+        return _parse_tools(result, options.get("tools"), options.get("tool_choice"))
+
+    def chat_choices(self, messages: list[dict[str, Any]], n: int, **options: Any) -> list[ChatResult]:
+        """``n`` whole answers to one conversation (OpenAI's ``n``), each as ``chat`` gives it: the prompt
+        is prefilled once and the choices decode together on forks of its KV cache (shared blocks,
+        copied when a choice first writes one). With a ``seed``, choice i samples with ``seed + i``.
+        ``options`` as for ``chat``."""
+        from .engine.scheduler import BatchEngine
+
+        tools, tool_choice = options.pop("tools", None), options.pop("tool_choice", None)
+        parallel = options.pop("parallel_tool_calls", None)
+        media = {k: options.pop(k) for k in MEDIA_OPTIONS if options.get(k) is not None}
+        options = {k: v for k, v in options.items() if k not in MEDIA_OPTIONS}
+        structured = structured_spec(**{k: options.pop(k, None) for k in STRUCTURED_OPTIONS})
+        shown, calls = resolve_tool_choice(tools, tool_choice, parallel)
+        if structured is not None and calls is not None:
+            raise RequestError("an output constraint (json_schema, regex, ...) cannot be combined with tools")
+        prompt = self.prepare(messages, tools=shown, **media)
+        spec = structured or calls
+        constraints = [self.constraint(spec) for _ in range(n)] if spec is not None else None
+        engine = BatchEngine(self, max_batch=n)
+        try:
+            results = [handle.result() for handle in engine.submit_choices(prompt, n, constraints, **options)]
+        finally:
+            engine.shutdown()
+        for result in results:
+            if result.finish_reason == "error":
+                raise QwenVLError(result.error or "generation failed")
+            result.images, result.boxes = self.grounding(prompt, result.token_ids, result.text)
+        return [_parse_tools(result, tools, tool_choice) for result in results]
+
+
+def _parse_tools(result: ChatResult, tools: list[dict[str, Any]] | None, tool_choice: Any) -> ChatResult:
+    """With tools (and tool_choice not "none"): the calls and content parsed out of the answer."""
+    if tools and tool_choice != "none":
+        result.content, calls, _ = parse_tool_calls(result.text, result.finish_reason, bare_names=tool_names(tools))
+        result.tool_calls = calls
+        if calls and result.finish_reason == "stop":
+            result.finish_reason = "tool_calls"
+    return result
 
 
 def _vision_only(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -403,6 +455,8 @@ def load(
     kernel: str = "auto",
     exact_prefill: bool = False,
     tiktoken: str | os.PathLike | None = None,
+    kv_cache_mb: int | None = None,
+    prefix_cache: bool = True,
 ) -> Model:
     """Load a checkpoint directory, hub id, GGUF file or qwen.cpp GGML file (``None``: the embedded
     default model).
@@ -416,7 +470,11 @@ def load(
     with bf16 activations, multiply prompts by the exact quantized weights too (slower); by default
     prompts use the weights rounded to bf16, as a bf16 model does, and decoding is exact either way;
     with kernel="q8" it turns the int8 activations off (the exact "blocks" kernels throughout).
+    ``kv_cache_mb``: the KV cache's budget in MiB (default: a quarter of the memory available when the
+    first request runs); ``prefix_cache=False``: every request prefills its whole prompt (docs/engine.md).
     """
+    if kv_cache_mb is not None and kv_cache_mb < 1:
+        raise QwenVLError(f"kv_cache_mb must be at least 1, got {kv_cache_mb}")
     if kernel != "auto" and kernel not in KERNELS:
         raise QwenVLError(f"unknown kernel {kernel!r}; choose auto, {', '.join(KERNELS)}")
     set_threads(threads)
@@ -426,7 +484,9 @@ def load(
         model = default_model_path()
     with status.step(f"loading {Path(model).name if Path(model).expanduser().exists() else model}"):
         checkpoint = open_checkpoint(model, mmproj=mmproj, tiktoken=tiktoken)
-        return _build(checkpoint, resolve_dtype(dtype), context, kernel, exact_prefill)
+        built = _build(checkpoint, resolve_dtype(dtype), context, kernel, exact_prefill)
+    built.kv_cache_mb, built.prefix_cache = kv_cache_mb, prefix_cache
+    return built
 
 
 def _build(

@@ -709,7 +709,10 @@ def measure_qwenvl(run: EngineRun) -> dict[str, Any]:
 
     import_rss = current_rss_mb()
     with _timer() as load_s:
-        model = load(run.model, dtype=run.dtype, threads=run.threads, mmproj=run.mmproj, kernel=run.kernel)
+        # no prefix cache: every repeat prefills its whole prompt (benchmarks/prefix_cache.py measures the cache)
+        model = load(
+            run.model, dtype=run.dtype, threads=run.threads, mmproj=run.mmproj, kernel=run.kernel, prefix_cache=False
+        )
     dtype = str(model.dtype).removeprefix("torch.")
     figures: dict[str, Any] = {"load_s": round(load_s[0], 3), "import_rss_mb": round(import_rss, 1), "dtype": dtype}
     figures["kernel_isa"] = _kernel_isa()

@@ -450,7 +450,7 @@ def serve_app(args: argparse.Namespace, settings: Any) -> tuple[Any, str]:
     _warm_grammar_compiler(model)
     packed = _pack_prefill_weights(model, args.prefill_weights)
     app = create_app(model, settings, max_batch=args.max_batch)
-    return app, f"{settings.model_id} loaded in {load_s:.1f} s{packed}"
+    return app, f"{settings.model_id} loaded in {load_s:.1f} s{packed}; {model.kv_pool.describe()}"
 
 
 def _cors_origins(text: str | None) -> tuple[str, ...]:
@@ -521,6 +521,18 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="bf16: multiply prompts by the exact quantized weights too (slower); with --kernel q8: "
         "no int8 activations",
+    )
+    parser.add_argument(
+        "--kv-cache-mb",
+        type=int,
+        metavar="MB",
+        help="KV cache budget in MiB, shared by all requests (default: a quarter of the free memory)",
+    )
+    parser.add_argument(
+        "--no-prefix-cache",
+        action="store_true",
+        help="prefill every prompt whole (by default a prompt reuses the cached keys/values of a prefix "
+        "it shares with earlier requests or chat turns; docs/engine.md)",
     )
 
 
@@ -711,6 +723,8 @@ def _load(args: argparse.Namespace):
         kernel=args.kernel,
         exact_prefill=args.exact_prefill,
         tiktoken=args.tiktoken,
+        kv_cache_mb=args.kv_cache_mb,
+        prefix_cache=not args.no_prefix_cache,
     )
     return model, time.perf_counter() - started
 
@@ -889,7 +903,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     system_turns = list(history)
     attached: list[str] = []
     attached_videos: list[str] = []
-    print(f"qwenvl chat — {model.source}\n{CHAT_HELP}", file=sys.stderr)
+    print(f"qwenvl chat — {model.source} ({model.kv_pool.describe()})\n{CHAT_HELP}", file=sys.stderr)
     while True:
         try:
             line = input("> ")

@@ -123,7 +123,7 @@ class RecordingModel:
 
     def __init__(self, model, interrupt_turn=None):
         self.model, self.calls, self.interrupt_turn = model, [], interrupt_turn
-        self.source = model.source
+        self.source, self.kv_pool, self.generations = model.source, model.kv_pool, []
 
     def __getattr__(self, name):  # vision_model, no_vision_message, …: the model's
         return getattr(self.model, name)
@@ -131,6 +131,7 @@ class RecordingModel:
     def stream(self, messages, **options):
         self.calls.append([dict(m) for m in messages])
         generation = self.model.stream(messages, **options)
+        self.generations.append(generation)
         if len(self.calls) == self.interrupt_turn:
 
             def interrupted():
@@ -172,6 +173,16 @@ def test_chat_repl_keeps_history_and_resets(make_qwen2, monkeypatch, capsys):
     assert second[1]["content"] == "Hello" and second[3]["content"] == "And again?"
     assert [m["role"] for m in third] == ["system", "user"] and third[1]["content"] == "Fresh start"
     assert "conversation cleared" in capsys.readouterr().err
+
+
+def test_chat_repl_turn_reuses_the_previous_turn(make_qwen2, monkeypatch, capsys):
+    """A turn prefills only what is new: the previous turn's prompt is in the KV cache."""
+    model = RecordingModel(qwenvl.load(make_qwen2("default"), dtype="float32"))
+    system = "You answer in one short sentence, always politely and without any preamble at all."
+    assert _run_repl(monkeypatch, model, ["Hello there, who are you?", "And again?"], extra=["--system", system]) == 0
+    first, second = (generation.result for generation in model.generations)
+    assert first.cached_tokens == 0 and second.cached_tokens >= first.prompt_tokens - 16 > 0
+    assert "KV cache" in capsys.readouterr().err and not any(model.kv_pool.refs)
 
 
 def test_chat_repl_ctrl_c_stops_the_answer_not_the_program(make_qwen2, monkeypatch, capsys):

@@ -6,8 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from qwenvl import ops
-from qwenvl.models.text import KVCache, RowsKVView
+from qwenvl.engine.kv_cache import KVPool, RowsKVView, decode_kernel
 
 
 def caches_and_step(rows, heads, kv_heads, dim, dtype, layers=3, seed=0):
@@ -85,21 +84,48 @@ def test_mismatches_are_refused(native_isa):
 
 
 def test_model_rows_take_the_kernel_or_sdpa_alike(native_isa):
-    """RowsKVView with the kernel and without it (per-row SDPA, the fallback) agree."""
+    """RowsKVView over block tables with the kernel and without it (gathered rows and SDPA, the
+    fallback) agree."""
     from qwenvl.config import TextConfig
 
     config = TextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2, head_dim=16, vocab_size=100)  # fmt: skip
-    caches = [KVCache(config, 30, torch.float32) for _ in range(3)]
-    for cache in caches:
-        cache.keys.normal_(), cache.values.normal_()
+    pool = KVPool(config, torch.float32, 1 << 20, block_size=4)
+    pool.keys.normal_(), pool.values.normal_()
     starts = [3, 17, 0]
+    caches = [pool.sequence() for _ in starts]
+    for cache, start in zip(caches, starts):
+        cache.prepare_write(0, start + 1)
     q, k, v = torch.randn(3, 4, 1, 16), torch.randn(3, 2, 1, 16), torch.randn(3, 2, 1, 16)
-    kernel = ops.decode_attention(
-        [c.keys[:, 0] for c in caches], [c.values[:, 0] for c in caches], starts, torch.float32
-    )
+    kernel = decode_kernel(caches, starts, torch.float32)
     assert kernel is not None
     fast = RowsKVView(caches, starts, 1, kernel).attend(q, k, v)
     slow = RowsKVView(caches, starts, 1, None).attend(q, k, v)
     assert fast.shape == slow.shape == (3, 4, 1, 16)
     assert torch.allclose(fast, slow, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_tables_give_the_contiguous_result(native_isa, dtype):
+    """Paged caches (scattered, out-of-order blocks) give bit for bit the contiguous caches' result, and
+    the new key/value lands in the row's block."""
+    keys, values, positions, q, k, v = caches_and_step(4, 14, 2, 64, dtype, seed=5)
+    want = native_isa.decode_attention([t.clone() for t in keys], [t.clone() for t in values], positions)(q, k, v, 1)
+    size, layers = 16, keys[0].shape[0]
+    tables, pool_keys, pool_values, next_block = [], [], [], 0
+    for key, value in zip(keys, values):
+        count = -(-key.shape[2] // size)
+        table = torch.arange(next_block, next_block + count).flip(0)  # blocks in reverse storage order
+        next_block += count
+        tables.append(table)
+        padded = [F.pad(t, (0, 0, 0, count * size - t.shape[2])) for t in (key, value)]
+        for store, t in zip((pool_keys, pool_values), padded):
+            blocks = t.view(layers, t.shape[1], count, size, t.shape[3]).permute(2, 0, 1, 3, 4)
+            store.append(blocks.flip(0))  # block i of the row stored at table[i]
+    pool_k, pool_v = torch.cat(pool_keys).contiguous(), torch.cat(pool_values).contiguous()
+    got = native_isa.paged_decode_attention(pool_k, pool_v, tables, positions)(q, k, v, 1)
+    assert torch.equal(got, want)
+    for row, position in enumerate(positions):
+        block = tables[row][position // size]
+        assert torch.equal(pool_k[block, 1, :, position % size], k[row])
+        assert torch.equal(pool_v[block, 1, :, position % size], v[row])

@@ -101,11 +101,16 @@ def _next_logits(model: qwenvl.api.Model, ids: list[int]) -> torch.Tensor:
     from qwenvl.engine.sampler import sampling_params
 
     params = sampling_params(model.generation_config, temperature=0, max_tokens=4)
-    request = new_request(model.text_model, model.tokenizer, Prompt.text_only(ids), params, [0], model.context)
-    with torch.inference_mode():
-        prefill(model.text_model, request)
-        request.output_ids.append(ids[0])
-        return decode_step(model.text_model, request, ids[0]).float()
+    request = new_request(
+        model.text_model, model.tokenizer, Prompt.text_only(ids), params, [0], model.context, pool=model.kv_pool
+    )
+    try:
+        with torch.inference_mode():
+            prefill(model.text_model, request)
+            request.output_ids.append(ids[0])
+            return decode_step(model.text_model, request, ids[0]).float()
+    finally:
+        request.release_cache()
 
 
 @pytest.mark.parametrize(("kind", "kernel"), [("q8_0", "int8"), ("q4_0", "int4"), ("q4_1", "int4")])

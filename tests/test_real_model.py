@@ -73,3 +73,19 @@ def test_gguf_and_its_export_answer_alike():
     a = gguf_model.chat(messages, temperature=0, max_tokens=24)
     b = hf_model.chat(messages, temperature=0, max_tokens=24)
     assert a.token_ids == b.token_ids
+
+
+@pytest.mark.slow
+def test_second_turn_from_the_prefix_cache_equals_cold():
+    """The real GGUF: a second chat turn served from the first turn's cached KV gives the greedy
+    tokens of the same turn with the prefix cache off (benchmarks/prefix_cache.py times it)."""
+    warm, cold = qwenvl.load(), qwenvl.load(prefix_cache=False)
+    first = [
+        {"role": "system", "content": "You are a careful reviewer. " * 20},
+        {"role": "user", "content": PROMPTS[0]},
+    ]
+    answer = warm.chat(first, temperature=0, max_tokens=24)
+    second = first + [{"role": "assistant", "content": answer.text}, {"role": "user", "content": PROMPTS[3]}]
+    got, want = warm.chat(second, temperature=0, max_tokens=24), cold.chat(second, temperature=0, max_tokens=24)
+    assert got.cached_tokens >= answer.prompt_tokens - 16 and want.cached_tokens == 0
+    assert got.token_ids == want.token_ids

@@ -196,6 +196,34 @@ def test_seed_reproducibility(client):
     assert sampled(4321) != first
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_n_choices_share_the_prompt(client, model, stream):
+    """n choices: each is what that seed gives alone; greedy choices are all the greedy answer; the
+    usage counts the prompt once. The choices' blocks all go back to the pool."""
+    messages = [{"role": "user", "content": "Invent a word."}]
+    options = dict(temperature=1.0, top_p=1.0, seed=77, max_tokens=10)
+    want = [chat(client, messages, **{**options, "seed": 77 + i}).choices[0].message.content for i in range(3)]
+    if stream:
+        chunks = list(chat(client, messages, n=3, stream=True, stream_options={"include_usage": True}, **options))
+        texts = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+                 for i in range(3)]  # fmt: skip
+        finishes = [c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert sorted(finishes) == [0, 1, 2]
+        usage = chunks[-1].usage
+    else:
+        response = chat(client, messages, n=3, **options)
+        assert [choice.index for choice in response.choices] == [0, 1, 2]
+        texts, usage = [choice.message.content for choice in response.choices], response.usage
+    assert texts == want and len(set(texts)) > 1
+    single = chat(client, messages, **options).usage
+    assert usage.prompt_tokens == single.prompt_tokens
+    greedy = chat(client, messages, n=2, temperature=0, max_tokens=8)
+    assert greedy.choices[0].message.content == greedy.choices[1].message.content
+    completion = client.completions.create(model="tiny", prompt="Once upon", n=2, temperature=0, max_tokens=6)
+    assert [c.index for c in completion.choices] == [0, 1] and completion.choices[0].text == completion.choices[1].text
+    assert not any(model.kv_pool.refs)
+
+
 def test_completions_string_and_token_ids(client, model):
     text = "The capital of France is"
     ids = model.tokenizer.encode(text)

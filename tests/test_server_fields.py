@@ -44,7 +44,6 @@ REFUSED_VALUES = {
     "truncate_prompt_tokens": (5, None),
     "logits_processors": (["x"], None),
     "priority": (1, 0),
-    "n": (2, 1),
     "echo": (True, False),
     "best_of": (2, 1),
     "chat_template": ("{{ messages }}", None),

@@ -76,6 +76,10 @@ def test_metrics_counters_move_by_the_requests_made(server):
     for gauge in ("qwenvl_requests_running", "qwenvl_requests_waiting", "qwenvl_kv_cache_bytes"):
         assert after[(gauge, ())] == 0
     assert delta(before, after, "qwenvl_engine_steps_total") >= tokens_after_first / 2
+    # the same conversation three times: the 2nd and 3rd take its full blocks from the prefix cache
+    assert delta(before, after, "qwenvl_prefix_cache_hit_tokens_total") >= 2 * (usage[0].prompt_tokens // 16 * 16)
+    assert delta(before, after, "qwenvl_prefix_cache_queried_tokens_total") == sum(u.prompt_tokens - 1 for u in usage)
+    assert after[("qwenvl_kv_cache_blocks_used", ())] == 0 and after[("qwenvl_kv_cache_blocks_cached", ())] > 0
 
 
 def test_tokenize_and_detokenize(server, model):

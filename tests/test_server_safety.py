@@ -164,7 +164,7 @@ def test_invalid_json_and_schema(server):
     cold = post(server, {"messages": [{"role": "user", "content": "x"}], "temperature": -1})
     assert assert_error(cold, 400)["param"] == "temperature"
     assert_error(post(server, b'{"messages": [{"role": "user", "content": "x"}], "top_p": NaN}'), 400, "finite")
-    assert_error(post(server, {"messages": [{"role": "user", "content": "x"}], "n": 2}), 400, "n=2")
+    assert_error(post(server, {"messages": [{"role": "user", "content": "x"}], "n": 17}), 400, "n=17")
     assert_error(post(server, {"messages": [{"role": "user", "content": "x"}], "audio": {"voice": "x"}}), 400, "audio")
     assert_error(post(server, {"prompt": ["a", "b"]}, "/v1/completions"), 400, "one prompt")
     assert_error(post(server, {"prompt": [1, 10**9]}, "/v1/completions"), 400, "vocabulary")

@@ -84,25 +84,49 @@ inline void weigh_rows(const float* p, const float* rows, int64_t n, int D, floa
 
 constexpr int64_t kAttnBlock = 32;  // keys (values) converted to fp32 at a time
 
+// Where one (row, kv head)'s key (or value) rows lie: contiguous from `base`, or, with a block
+// table, block_size rows per block at base + id * block_stride.
+template <class T>
+struct RowSource {
+  T* base;
+  const int64_t* table;  // NULL: contiguous
+  int64_t block_size, block_stride;
+  int D;
+
+  T* at(int64_t t) const {
+    return table ? base + table[t / block_size] * block_stride + (t % block_size) * D : base + t * D;
+  }
+  // how many of the rows t .. t + n lie contiguously from at(t)
+  int64_t run(int64_t t, int64_t n) const {
+    if (!table) return n;
+    const int64_t left = block_size - t % block_size;
+    return n < left ? n : left;
+  }
+};
+
 template <class T>
 void attention_task(const QkDecodeAttention& a, int64_t row, int g) {
   const int G = a.heads / a.kv_heads, D = a.D;
   const int64_t pos = a.positions[row], len = pos + 1, head_stride = a.head_strides[row];
   const int64_t offset = a.layer * a.layer_strides[row] + g * head_stride;
-  T* keys = (T*)a.key_ptrs[row] + offset;
-  T* values = (T*)a.value_ptrs[row] + offset;
-  memcpy(keys + pos * D, (const T*)a.k + row * a.k_row + g * D, D * sizeof(T));
-  memcpy(values + pos * D, (const T*)a.v + row * a.v_row + g * D, D * sizeof(T));
+  const bool paged = a.block_size > 0;
+  const int64_t* table = paged ? (const int64_t*)a.block_tables[row] : nullptr;
+  const int64_t block_stride = paged ? a.block_strides[row] : 0;
+  const RowSource<T> keys{(T*)a.key_ptrs[row] + offset, table, a.block_size, block_stride, D};
+  const RowSource<T> values{(T*)a.value_ptrs[row] + offset, table, a.block_size, block_stride, D};
+  memcpy(keys.at(pos), (const T*)a.k + row * a.k_row + g * D, D * sizeof(T));
+  memcpy(values.at(pos), (const T*)a.v + row * a.v_row + g * D, D * sizeof(T));
 
   thread_local std::vector<float> scratch;
   scratch.resize((size_t)G * D * 2 + kAttnBlock * D + (size_t)G * len);
   float *qf = scratch.data(), *acc = qf + G * D, *block = acc + G * D, *scores = block + kAttnBlock * D;
   const T* q = (const T*)a.q + row * a.q_row + (int64_t)g * G * D;
   for (int i = 0; i < G * D; ++i) qf[i] = to_float(q[i]) * a.scale;
-  for (int64_t t = 0; t < len; t += kAttnBlock) {
-    const int64_t n = len - t < kAttnBlock ? len - t : kAttnBlock;
-    load_rows(keys + t * D, n, D, block);
+  for (int64_t t = 0; t < len;) {
+    const int64_t n = keys.run(t, len - t < kAttnBlock ? len - t : kAttnBlock);
+    load_rows(keys.at(t), n, D, block);
     score_rows(qf, G, D, block, t, n, len, scores);
+    t += n;
   }
   for (int j = 0; j < G; ++j) {  // softmax
     float* s = scores + j * len;
@@ -120,10 +144,11 @@ void attention_task(const QkDecodeAttention& a, int64_t row, int g) {
     for (int64_t t = 0; t < len; ++t) s[t] *= inv;
   }
   for (int i = 0; i < G * D; ++i) acc[i] = 0.0f;
-  for (int64_t t0 = 0; t0 < len; t0 += kAttnBlock) {
-    const int64_t n = len - t0 < kAttnBlock ? len - t0 : kAttnBlock;
-    load_rows(values + t0 * D, n, D, block);
+  for (int64_t t0 = 0; t0 < len;) {
+    const int64_t n = values.run(t0, len - t0 < kAttnBlock ? len - t0 : kAttnBlock);
+    load_rows(values.at(t0), n, D, block);
     for (int j = 0; j < G; ++j) weigh_rows(scores + j * len + t0, block, n, D, acc + j * D);
+    t0 += n;
   }
   T* out = (T*)a.out + (row * a.heads + (int64_t)g * G) * D;
   for (int i = 0; i < G * D; ++i) store_as(out + i, acc[i]);
@@ -140,6 +165,7 @@ void run_attention(const QkDecodeAttention& a, int64_t rows, int threads) {
 
 int decode_attention(const QkDecodeAttention& a) {
   if (a.kv_heads <= 0 || a.heads % a.kv_heads) return QK_BAD_SHAPE;
+  if (a.block_size < 0 || (a.block_size > 0 && !a.block_tables)) return QK_BAD_SHAPE;
   if (a.bf16)
     run_attention<uint16_t>(a, a.rows, a.threads);
   else

@@ -22,7 +22,7 @@
 #define QK_API
 #endif
 
-#define QK_ABI_VERSION 1
+#define QK_ABI_VERSION 2
 
 enum {
   QK_OK = 0,
@@ -61,7 +61,11 @@ typedef struct QkDequant {
  * throughout): row r's new key and value (kv_heads x D each) are stored at positions[r], then its
  * query heads attend over keys 0 .. positions[r]. Row r's cache for `layer` is kv_heads blocks of
  * capacity x D elements, head_strides[r] apart, at key_ptrs[r] / value_ptrs[r] + layer *
- * layer_strides[r] elements. */
+ * layer_strides[r] elements.
+ * Block tables (block_size > 0, the engine's paged KV cache): row r's position t lives in block
+ * block_tables[r][t / block_size], row t % block_size of it; the block starts block id x
+ * block_strides[r] elements past the layer/head offset above, so a (layer, head) holds block_size x D
+ * contiguous elements of each block. Keys are read where they lie: no gathering copy. */
 typedef struct QkDecodeAttention {
   const void* q;                  /* [rows, heads, D], rows q_row apart */
   const void* k;                  /* [rows, kv_heads, D], rows k_row apart */
@@ -78,6 +82,9 @@ typedef struct QkDecodeAttention {
   int32_t bf16;
   float scale;                    /* applied to q (1 / sqrt(D)) */
   int32_t threads;
+  const int64_t* block_tables;    /* per row: the address of its int64 block ids (block_size > 0) */
+  const int64_t* block_strides;   /* per row, elements between consecutive block ids' storage */
+  int64_t block_size;             /* tokens per block; 0: contiguous caches (no tables) */
 } QkDecodeAttention;
 
 /* RMSNorm as torch's fused F.rms_norm computes it: y = (h * rsqrt(mean(h^2) + eps)) * w in fp32,

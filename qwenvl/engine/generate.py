@@ -15,9 +15,10 @@ import torch
 from .. import status
 from ..errors import RequestError
 from ..grounding import GroundedBox, ImageGeometry
-from ..models.text import KVCache, TextModel
+from ..models.text import TextModel
 from ..tokenizer import StreamDecoder, Tokenizer
 from .grammar import Constraint, apply_mask
+from .kv_cache import BlockSequence, KVPool, block_hashes
 from .prompt import Prompt
 from .sampler import Sampler, SamplingParams
 
@@ -30,6 +31,7 @@ class GenerationResult:
     finish_reason: str  # "stop" (EOS or a stop string) or "length"; the engine adds "cancelled" and "error"
     prefill_s: float
     decode_s: float
+    cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache
     error: str | None = None  # one-line message when finish_reason == "error"
     images: list[ImageGeometry] = field(default_factory=list)  # the prompt's images: original, resized size
     boxes: list[GroundedBox] = field(default_factory=list)  # boxes / points of the answer, original pixels
@@ -114,7 +116,7 @@ class Request:
     prompt: Prompt
     params: SamplingParams
     eos_token_ids: frozenset[int]
-    cache: KVCache | None  # None until allocated (a queued request of the batching engine) and once freed
+    cache: BlockSequence | None  # None until allocated (a queued request of the batching engine) and once freed
     sampler: Sampler
     decoder: StreamDecoder
     stopper: StopMatcher
@@ -136,9 +138,31 @@ class Request:
         """Cache index of the next decode step's token (the last one sampled)."""
         return len(self.prompt.input_ids) + len(self.output_ids) - 1
 
-    def allocate_cache(self, model: TextModel) -> KVCache:
-        self.cache = KVCache(model.config, len(self.prompt.input_ids) + self.max_new_tokens, model.dtype)
+    def allocate_cache(self, pool: KVPool) -> BlockSequence:
+        """Take the request's cache from the pool, with the longest cached prefix of its prompt (none
+        when it asks for prompt logprobs: every prompt position is then computed)."""
+        prompt = self.prompt
+        shareable = prompt.visual_embeds is None or bool(prompt.visual_items)
+        hashes = (
+            block_hashes(
+                prompt.input_ids,
+                prompt.position_ids,
+                prompt.visual_items,
+                prompt.visual_token_ids,
+                seed=f"rope_alpha={self.rope_alpha!r}",
+                block_size=pool.block_size,
+            )
+            if shareable and pool.prefix_caching
+            else []
+        )
+        reuse = len(prompt.input_ids) - 1 if self.params.prompt_logprobs is None else 0
+        self.cache = pool.sequence(hashes, reuse)
         return self.cache
+
+    def release_cache(self) -> None:
+        if self.cache is not None:
+            self.cache.release()
+            self.cache = None
 
 
 def new_request(
@@ -148,10 +172,11 @@ def new_request(
     params: SamplingParams,
     eos_ids,
     context: int,
-    allocate: bool = True,
     constraint: Constraint | None = None,
+    pool: KVPool | None = None,
 ) -> Request:
-    """A request ready to run; ``allocate=False`` leaves its KV cache for ``Request.allocate_cache``."""
+    """A request ready to run, its KV cache from ``pool``; without a pool its cache is left for
+    ``Request.allocate_cache``."""
     length = len(prompt.input_ids)
     if length == 0:
         raise RequestError("empty prompt")
@@ -176,8 +201,8 @@ def new_request(
         prompt_logprobs=[None] if params.prompt_logprobs is not None else [],
         rope_alpha=model.rope_alpha(length),
     )
-    if allocate:
-        request.allocate_cache(model)
+    if pool is not None:
+        request.allocate_cache(pool)
     return request
 
 
@@ -185,12 +210,21 @@ class Generation:
     """Iterate for text pieces; ``result`` is set once the iteration ends.
 
     ``finish``: called with the result before it is set (the API adds the grounding fields there).
+    ``pool``: where the request takes its KV cache when the iteration starts (if it has none yet); the
+    blocks go back when the iteration ends, however it ends.
     """
 
-    def __init__(self, model: TextModel, request: Request, finish: Callable[[GenerationResult], None] | None = None):
+    def __init__(
+        self,
+        model: TextModel,
+        request: Request,
+        finish: Callable[[GenerationResult], None] | None = None,
+        pool: KVPool | None = None,
+    ):
         self.model = model
         self.request = request
         self.finish = finish
+        self.pool = pool
         self.result: GenerationResult | None = None
 
     def __iter__(self) -> Iterator[str]:
@@ -198,9 +232,18 @@ class Generation:
             yield from self._run()
 
     def _run(self) -> Iterator[str]:
+        if self.request.cache is None and self.pool is not None:
+            self.request.allocate_cache(self.pool)
+        try:
+            yield from self._generate()
+        finally:
+            self.request.release_cache()
+
+    def _generate(self) -> Iterator[str]:
         req, model = self.request, self.model
         started = time.perf_counter()
-        length = len(req.prompt.input_ids)
+        cached = req.cache.cached_tokens if req.cache is not None else 0
+        length = len(req.prompt.input_ids) - cached  # the tokens this prefill reads
         if length >= status.LONG_PROMPT_TOKENS:
             with status.step(f"prefill of {length} prompt tokens"):
                 logits = prefill(model, req)
@@ -226,6 +269,7 @@ class Generation:
             prompt_tokens=len(req.prompt.input_ids),
             finish_reason=req.finish_reason or "length",
             prefill_s=prefill_done - started,
+            cached_tokens=cached,
             decode_s=finished - prefill_done,
             logprobs=list(req.logprobs) if req.params.logprobs is not None else None,
             prompt_logprobs=list(req.prompt_logprobs) if req.params.prompt_logprobs is not None else None,
@@ -274,20 +318,31 @@ def accept_token(req: Request, token: int) -> str:
 
 
 def prefill(model: TextModel, req: Request) -> torch.Tensor:
-    """Run the whole prompt through the model (in PREFILL_CHUNK pieces); the last token's logits."""
-    length = len(req.prompt.input_ids)
+    """Run the prompt through the model from its first uncached token (in chunks ending at multiples
+    of PREFILL_CHUNK); the last token's logits."""
+    assert req.cache is not None
+    length, start = len(req.prompt.input_ids), req.cache.cached_tokens
     logits = None
-    for start in range(0, length, PREFILL_CHUNK):
+    while start < length:
         logits = prefill_chunk(model, req, start)
+        start = chunk_end(start, length)
     assert logits is not None
     return logits
 
 
+def chunk_end(start: int, length: int) -> int:
+    """Where the prefill chunk at ``start`` ends: the next multiple of PREFILL_CHUNK (so a prompt is
+    cut at the same places whatever prefix of it was cached), or the prompt's end."""
+    return min((start // PREFILL_CHUNK + 1) * PREFILL_CHUNK, length)
+
+
 def prefill_chunk(model: TextModel, req: Request, start: int) -> torch.Tensor | None:
-    """Prefill prompt tokens start … start + PREFILL_CHUNK (start a multiple of it, so every caller
-    cuts a prompt the same way); the logits after the prompt's last token, None before it."""
+    """Prefill the prompt tokens of the chunk at ``start`` (see ``chunk_end``); the logits after the
+    prompt's last token, None before it. The chunk's full blocks are then offered to later requests."""
     embeds, positions, end = _chunk_inputs(model, req, start)
     hidden = model(embeds[None], positions[:, None], req.cache, start=start, rope_alpha=req.rope_alpha)
+    assert req.cache is not None
+    req.cache.register(end)
     if req.params.prompt_logprobs is not None:
         _record_prompt_logprobs(model, req, hidden[0], start)
     return model.logits(hidden[0, -1]) if end == len(req.prompt.input_ids) else None
@@ -309,6 +364,8 @@ def prefill_chunks(model: TextModel, chunks: Sequence[tuple[Request, int]]) -> l
         lengths,
         [req.rope_alpha for req, _ in chunks],
     )
+    for (req, _), (_, _, end) in zip(chunks, inputs):
+        req.cache.register(end)
     ends = torch.tensor(lengths).cumsum(0) - 1
     for (req, start), end, length in zip(chunks, ends.tolist(), lengths):
         if req.params.prompt_logprobs is not None:
@@ -341,7 +398,7 @@ def _record_prompt_logprobs(model: TextModel, req: Request, hidden: torch.Tensor
 def _chunk_inputs(model: TextModel, req: Request, start: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Embeddings [L, H] (vision rows in place) and position ids [3, L] of the prompt chunk at start, and its end."""
     prompt = req.prompt
-    end = min(start + PREFILL_CHUNK, len(prompt.input_ids))
+    end = chunk_end(start, len(prompt.input_ids))
     ids = torch.tensor(prompt.input_ids[start:end], dtype=torch.long)
     embeds = model.embed(ids)
     if prompt.visual_embeds is not None:

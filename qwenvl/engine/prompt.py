@@ -29,6 +29,9 @@ class Prompt:
     visual_embeds: torch.Tensor | None = None  # [number of pad tokens, hidden], in prompt order
     visual_token_ids: tuple[int, ...] = ()  # the pad ids that visual_embeds replace
     images: tuple[ImageGeometry, ...] = ()  # each image's original and resized size, in prompt order
+    # each image/video's content digest and pad-token count, in prompt order: what names its pad
+    # tokens in the KV cache's block hashes (empty with visual_embeds: the prompt's blocks are not shared)
+    visual_items: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def text_only(cls, input_ids: Sequence[int]) -> Prompt:
@@ -43,6 +46,7 @@ class EncodedVisual:
     grid_thw: tuple[int, int, int]
     embeds: torch.Tensor  # [t*h*w / merge², text hidden]
     second_per_grid: float = 1.0
+    digest: str = ""  # VisionCache.key of its preprocessed pixels and grid ("" when unknown)
 
 
 def build_prompt(ids: Sequence[int], visuals: Sequence[EncodedVisual], config: ModelConfig) -> Prompt:
@@ -68,7 +72,15 @@ def build_prompt(ids: Sequence[int], visuals: Sequence[EncodedVisual], config: M
         rope_delta=decode_delta(positions),
         visual_embeds=torch.cat([v.embeds for v in visuals]),
         visual_token_ids=(config.image_token_id, config.video_token_id),
+        visual_items=_visual_items(visuals, merge),
     )
+
+
+def _visual_items(visuals: Sequence[EncodedVisual], merge: int) -> tuple[tuple[str, int], ...]:
+    """Each item's digest and pad count, or () when one digest is unknown."""
+    if not all(v.digest for v in visuals):
+        return ()
+    return tuple((f"{v.kind}:{v.digest}", v.grid_thw[0] * v.grid_thw[1] * v.grid_thw[2] // merge**2) for v in visuals)
 
 
 def decode_delta(positions: torch.Tensor) -> int:

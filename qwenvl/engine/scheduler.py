@@ -33,6 +33,7 @@ from .generate import (
     Request,
     TokenLogprob,
     accept_token,
+    chunk_end,
     new_request,
     prefill_chunk,
     prefill_chunks,
@@ -193,9 +194,11 @@ class _Sequence:
         self.history = torch.empty(prompt_length + request.max_new_tokens, dtype=torch.long)
         self.history[:prompt_length] = torch.tensor(request.prompt.input_ids, dtype=torch.long)
         self.prefilled = 0  # prompt tokens already in the KV cache
+        self.cached_tokens = 0  # of which found in the prefix cache at admission
         self.submitted = time.perf_counter()
         self.admitted = 0.0
         self.first_token = 0.0
+        self.followers: list[_Sequence] = []  # the other choices of its prompt, forked once it is prefilled
 
     @property
     def cancelled(self) -> bool:
@@ -221,7 +224,6 @@ class BatchEngine:
         self._waiting: deque[_Sequence] = deque()
         self._prefilling: list[_Sequence] = []  # admitted, prompt not fully in the cache yet
         self._running: list[_Sequence] = []  # decoding
-        self._kv_bytes = 0
         self._steps = 0
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
@@ -252,6 +254,21 @@ class BatchEngine:
         """Queue a request; RequestError here, synchronously, for anything wrong with it (BusyError: the
         queue already holds ``max_waiting`` requests). ``constraint``: the grammar its output must follow
         (``GrammarCompiler.constraint``), owned by the request."""
+        return self.submit_choices(prompt, 1, [constraint], **sampling)[0]
+
+    def submit_choices(
+        self,
+        prompt: Prompt | list[int],
+        n: int,
+        constraints: list[Constraint | None] | None = None,
+        **sampling: Any,
+    ) -> list[RequestHandle]:
+        """Queue ``n`` choices of one prompt (OpenAI's ``n``): the prompt is prefilled once, then each
+        choice continues on a fork of its KV cache (the blocks are shared, a block is copied when a
+        choice first writes it) with a sampler of its own (seeded ``seed + i`` when a seed is given).
+        ``constraints``: each choice's own grammar state (or None). One handle per choice."""
+        if n < 1:
+            raise RequestError(f"n must be at least 1, got {n}")
         if not isinstance(prompt, Prompt):
             prompt = Prompt.text_only(list(prompt))
         params = sampling_params(self.model.generation_config, **sampling)
@@ -261,33 +278,53 @@ class BatchEngine:
             raise RequestError(
                 f"prompt ({length} tokens) + max_tokens ({params.max_tokens}) exceeds the context of {context} tokens"
             )
-        request = new_request(
-            self.model.text_model,
-            self.model.tokenizer,
-            prompt,
-            params,
-            self._eos,
-            context,
-            allocate=False,
-            constraint=constraint,
-        )
+        pool = self.model.kv_pool
+        if length + 1 > pool.num_blocks * pool.block_size:
+            raise RequestError(
+                f"prompt ({length} tokens) does not fit the KV cache ({pool.num_blocks * pool.block_size} tokens, "
+                f"{pool.nbytes / 2**20:.0f} MiB); raise --kv-cache-mb"
+            )
+        constraints = constraints or [None] * n
+        requests = []
+        for index, constraint in enumerate(constraints):
+            choice = sampling_params(
+                self.model.generation_config, **{**sampling, "seed": params.seed + index}
+            ) if params.seed is not None else params  # fmt: skip
+            requests.append(
+                new_request(
+                    self.model.text_model,
+                    self.model.tokenizer,
+                    prompt,
+                    choice,
+                    self._eos,
+                    context,
+                    constraint=constraint,
+                )
+            )
         self.start()
         with self._work:
             if self._stopping:
                 raise RuntimeError("the engine has been shut down")
             if len(self._waiting) >= self.max_waiting:
                 raise BusyError(f"the queue is full ({self.max_waiting} requests waiting); try again later")
-            handle = RequestHandle(f"req-{next(self._ids)}", length, self._wake)
-            self._waiting.append(_Sequence(handle, request))
+            seqs = [_Sequence(RequestHandle(f"req-{next(self._ids)}", length, self._wake), r) for r in requests]
+            seqs[0].followers = seqs[1:]
+            self._waiting.append(seqs[0])
             self._work.notify_all()
-        return handle
+        return [seq.handle for seq in seqs]
+
+    def _kv_bytes(self) -> int:
+        """Bytes of the KV blocks the admitted requests hold, a shared block once (caller holds the lock)."""
+        caches = [seq.request.cache for seq in self._prefilling + self._running]
+        blocks = {block for cache in caches if cache is not None for block in cache.blocks}
+        return len(blocks) * self.model.kv_pool.block_bytes
 
     def stats(self) -> dict:
         with self._lock:
             return {
                 "running": len(self._running) + len(self._prefilling),
                 "waiting": len(self._waiting),
-                "kv_cache_bytes": self._kv_bytes,
+                "kv_cache_bytes": self._kv_bytes(),
                 "steps": self._steps,
             }
 
@@ -331,18 +368,25 @@ class BatchEngine:
     def _admit(self) -> None:
         while True:
             with self._lock:
-                if not self._waiting or len(self._prefilling) + len(self._running) >= self.max_batch:
+                active = len(self._prefilling) + len(self._running)
+                if not self._waiting or (active and active + 1 + len(self._waiting[0].followers) > self.max_batch):
                     return
+                if active:  # wait for blocks the running requests will free
+                    pool = self.model.kv_pool
+                    need = -(-self._waiting[0].prompt_length // pool.block_size) + 1
+                    if pool.available() < need:
+                        return
                 seq = self._waiting.popleft()
                 self._prefilling.append(seq)
             seq.handle._leave_queue()
+            for follower in seq.followers:
+                follower.handle._leave_queue()
             try:
-                cache = seq.request.allocate_cache(self.model.text_model)
+                cache = seq.request.allocate_cache(self.model.kv_pool)
             except Exception as exc:  # e.g. out of memory: this request only
                 self._end(seq, "error", exc)
                 continue
-            with self._lock:
-                self._kv_bytes += cache.nbytes
+            seq.prefilled = seq.cached_tokens = cache.cached_tokens
             seq.admitted = time.perf_counter()
 
     def _prefill(self) -> None:
@@ -353,7 +397,7 @@ class BatchEngine:
             if budget <= 0:
                 break
             chunks.append(seq)
-            budget -= min(PREFILL_CHUNK, seq.prompt_length - seq.prefilled)
+            budget -= chunk_end(seq.prefilled, seq.prompt_length) - seq.prefilled
         if not chunks:
             return
         model = self.model.text_model
@@ -365,13 +409,29 @@ class BatchEngine:
         for seq, logits in zip(chunks, results):
             if seq.handle.done:
                 continue
-            seq.prefilled = min(seq.prefilled + PREFILL_CHUNK, seq.prompt_length)
+            seq.prefilled = chunk_end(seq.prefilled, seq.prompt_length)
             if logits is not None:
                 with self._lock:
                     self._prefilling.remove(seq)
                     self._running.append(seq)
                 seq.first_token = time.perf_counter()
+                self._fork_followers(seq, logits)
                 self._take_token(seq, logits)
+
+    def _fork_followers(self, seq: _Sequence, logits: torch.Tensor) -> None:
+        """The prompt is in: each other choice of it takes a fork of its cache and its first token."""
+        followers, seq.followers = seq.followers, []
+        for follower in followers:
+            if follower.cancelled:
+                self._end(follower, "cancelled")
+                continue
+            assert seq.request.cache is not None
+            follower.request.cache = seq.request.cache.fork()
+            follower.prefilled, follower.cached_tokens = seq.prefilled, seq.cached_tokens
+            follower.admitted, follower.first_token = seq.admitted, seq.first_token
+            with self._lock:
+                self._running.append(follower)
+            self._take_token(follower, logits)
 
     def _decode(self) -> None:
         rows = list(self._running)
@@ -447,9 +507,10 @@ class BatchEngine:
             for group in (self._prefilling, self._running):
                 if seq in group:
                     group.remove(seq)
-            if req.cache is not None:
-                self._kv_bytes -= req.cache.nbytes
-                req.cache = None
+            req.release_cache()
+        followers, seq.followers = seq.followers, []
+        for follower in followers:  # ended before its prompt was in: so do the other choices
+            self._end(follower, reason, exc)
         if seq.handle.done:
             return
         message = _one_line(exc) if exc is not None else None
@@ -466,6 +527,7 @@ class BatchEngine:
                 prompt_tokens=seq.prompt_length,
                 finish_reason=reason,
                 prefill_s=first - (seq.admitted or first),
+                cached_tokens=seq.cached_tokens,
                 decode_s=now - first,
                 error=message,
                 logprobs=list(req.logprobs) if req.params.logprobs is not None else None,

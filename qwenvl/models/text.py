@@ -12,6 +12,7 @@ belong to the request and come in as arguments.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from torch import nn
 
 from .. import ops
 from ..config import TextConfig
+from ..engine.kv_cache import BlockSequence, RowsKVView, SegmentsKVView, decode_kernel
 from ..weights.layout import QWEN2, Layout
 from .rope import (
     apply_rope_heads,
@@ -29,6 +31,13 @@ from .rope import (
     rope_inv_freq,
     signed_sin,
 )
+
+
+class AttentionView(Protocol):
+    """One layer's KV cache for one forward call (engine/kv_cache.py): stores the call's keys and
+    values, returns the queries' attention over everything cached so far."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
 
 
 class RMSNorm(nn.Module):
@@ -60,7 +69,7 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        cache: KVView | RowsKVView | SegmentsKVView | None,
+        cache: AttentionView | None,
         q_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``q_scale`` [B, 1, L, 1]: a factor on each position's rotated query (Qwen's logn attention)."""
@@ -104,65 +113,12 @@ class DecoderLayer(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        cache: KVView | RowsKVView | SegmentsKVView | None,
+        cache: AttentionView | None,
         q_scale: torch.Tensor | None = None,
     ) -> torch.Tensor:
         attended = self.self_attn(self.input_layernorm(x), cos, sin, cache, q_scale)
         x, normed = self.post_attention_layernorm.add_and_norm(x, attended)  # x + attention, and its norm
         return x + self.mlp(normed)
-
-
-class KVView:
-    """One layer's slice of a KV cache for one forward call: where to write, what to attend to."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, start: int, length: int, mask: torch.Tensor | None):
-        self.keys, self.values, self.start, self.end, self.mask = keys, values, start, start + length, mask
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.keys[:, :, self.start : self.end] = k
-        self.values[:, :, self.start : self.end] = v
-        return self.keys[:, :, : self.end], self.values[:, :, : self.end]
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Store this call's keys/values, then attention of q [B, heads, L, head_dim] over the cache."""
-        if q.shape[2] == 1 and self.mask is None and q.shape[0] == self.keys.shape[0] == 1:
-            kernel = ops.decode_attention([self.keys], [self.values], [self.start], q.dtype)  # [1, …]: one "layer"
-            if kernel is not None:
-                return kernel(q[:, :, 0], k[:, :, 0], v[:, :, 0], 0).unsqueeze(2)
-        keys, values = self.append(k, v)
-        causal = self.mask is None and q.shape[2] > 1
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask, is_causal=causal, enable_gqa=True)
-
-
-class RowsKVView:
-    """One layer's caches for a batched decode step: row i of the batch is a request of its own,
-    with its own cache and length. Attention runs per row (in one kernel call for all rows, or one
-    SDPA call per row without the kernels), exactly as a single-request step runs it, so each row's
-    result does not depend on the others."""
-
-    def __init__(
-        self, caches: Sequence[KVCache], starts: Sequence[int], layer: int, kernel: ops.DecodeAttention | None
-    ):
-        self.caches, self.starts, self.layer, self.kernel = caches, starts, layer, kernel
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if self.kernel is not None:
-            return self.kernel(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.layer).unsqueeze(2)
-        views = [cache.view(self.layer, start, 1, None) for cache, start in zip(self.caches, self.starts)]
-        return torch.cat([view.attend(q[i : i + 1], k[i : i + 1], v[i : i + 1]) for i, view in enumerate(views)])
-
-
-class SegmentsKVView:
-    """One layer's caches for several requests' prompt chunks packed into one sequence [1, N]:
-    consecutive segments of the N tokens belong to different requests. The projections see all N
-    rows; attention runs per segment, on its own cache, as the request's own prefill would."""
-
-    def __init__(self, views: Sequence[KVView], lengths: Sequence[int]):
-        self.views, self.lengths = views, list(lengths)
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        pieces = zip(self.views, q.split(self.lengths, 2), k.split(self.lengths, 2), v.split(self.lengths, 2))
-        return torch.cat([view.attend(*qkv) for view, *qkv in pieces], dim=2)
 
 
 class TextModel(nn.Module):
@@ -191,7 +147,7 @@ class TextModel(nn.Module):
         self,
         embeds: torch.Tensor,
         position_ids: torch.Tensor,
-        cache: KVCache | None = None,
+        cache: BlockSequence | None = None,
         start: int = 0,
         rope_alpha: float = 1.0,
     ) -> torch.Tensor:
@@ -204,6 +160,8 @@ class TextModel(nn.Module):
         cos, sin, q_scale = self._rope(position_ids, embeds.dtype, alphas)
         length = embeds.shape[1]
         mask = causal_mask(start, length) if cache is not None and start > 0 and length > 1 else None
+        if cache is not None:
+            cache.prepare_write(start, length)
         x = embeds
         for index, layer in enumerate(self.layers):
             view = cache.view(index, start, length, mask) if cache is not None else None
@@ -214,7 +172,7 @@ class TextModel(nn.Module):
         self,
         embeds: torch.Tensor,
         position_ids: torch.Tensor,
-        caches: Sequence[KVCache],
+        caches: Sequence[BlockSequence],
         starts: Sequence[int],
         rope_alphas: Sequence[float] | None = None,
     ) -> torch.Tensor:
@@ -227,9 +185,8 @@ class TextModel(nn.Module):
             alphas = torch.tensor(list(rope_alphas))[:, None].expand(position_ids.shape[1:])
         cos, sin, q_scale = self._rope(position_ids, embeds.dtype, alphas)
         for cache, start in zip(caches, starts):
-            cache.check_room(start, 1)
-        keys, values = [c.keys[:, 0] for c in caches], [c.values[:, 0] for c in caches]
-        kernel = ops.decode_attention(keys, values, starts, embeds.dtype)
+            cache.prepare_write(start, 1)
+        kernel = decode_kernel(caches, starts, embeds.dtype)
         x = embeds
         for index, layer in enumerate(self.layers):
             x = layer(x, cos, sin, RowsKVView(caches, starts, index, kernel), q_scale)
@@ -239,7 +196,7 @@ class TextModel(nn.Module):
         self,
         embeds: torch.Tensor,
         position_ids: torch.Tensor,
-        caches: Sequence[KVCache],
+        caches: Sequence[BlockSequence],
         starts: Sequence[int],
         lengths: Sequence[int],
         rope_alphas: Sequence[float] | None = None,
@@ -253,6 +210,8 @@ class TextModel(nn.Module):
             alphas = torch.tensor(list(rope_alphas)).repeat_interleave(torch.tensor(list(lengths)))[None]
         cos, sin, q_scale = self._rope(position_ids, embeds.dtype, alphas)
         masks = [causal_mask(s, n) if s > 0 and n > 1 else None for s, n in zip(starts, lengths)]
+        for cache, s, n in zip(caches, starts, lengths):
+            cache.prepare_write(s, n)
         x = embeds
         for index, layer in enumerate(self.layers):
             views = [cache.view(index, s, n, mask) for cache, s, n, mask in zip(caches, starts, lengths, masks)]
@@ -298,29 +257,3 @@ def causal_mask(start: int, length: int) -> torch.Tensor:
     keys = torch.arange(start + length)
     queries = torch.arange(start, start + length)
     return keys[None, :] <= queries[:, None]
-
-
-class KVCache:
-    """Preallocated keys/values for every layer: [layers, batch, kv_heads, capacity, head_dim].
-
-    Left uninitialized: attention only reads the positions already written, and untouched pages of a
-    large allocation cost no memory.
-    """
-
-    def __init__(self, cfg: TextConfig, capacity: int, dtype: torch.dtype, batch: int = 1):
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, capacity, cfg.head_dim)
-        self.keys = torch.empty(shape, dtype=dtype)
-        self.values = torch.empty(shape, dtype=dtype)
-        self.capacity = capacity
-
-    @property
-    def nbytes(self) -> int:
-        return self.keys.nbytes + self.values.nbytes
-
-    def check_room(self, start: int, length: int) -> None:
-        if start + length > self.capacity:
-            raise ValueError(f"KV cache overflow: {start + length} > {self.capacity}")
-
-    def view(self, layer: int, start: int, length: int, mask: torch.Tensor | None) -> KVView:
-        self.check_room(start, length)
-        return KVView(self.keys[layer], self.values[layer], start, length, mask)

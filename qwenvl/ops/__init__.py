@@ -124,6 +124,22 @@ def decode_attention(
     return chosen.decode_attention(keys, values, positions)
 
 
+def paged_decode_attention(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    tables: Sequence[torch.Tensor],
+    positions: Sequence[int],
+    dtype: torch.dtype,
+) -> DecodeAttention | None:
+    """The native decode attention over a block pool ([blocks, layers, kv_heads, block_size, head_dim]
+    keys and values) through each row's block table (int64 block ids), or None where it does not
+    apply: callers then gather the rows' keys and run SDPA."""
+    chosen = kernels()
+    if chosen is None or dtype not in _FLOATS or keys.dtype != dtype:
+        return None
+    return chosen.paged_decode_attention(keys, values, tables, positions)
+
+
 def block_kernels(ggml_type: GGMLQuantizationType) -> Kernels | None:
     """The kernels that multiply by this format's blocks as stored, or None (the layer then holds a
     dequantized matrix for torch)."""
@@ -154,6 +170,7 @@ __all__ = [
     "describe",
     "kernels",
     "load",
+    "paged_decode_attention",
     "path",
     "q8_kernels",
     "swiglu",

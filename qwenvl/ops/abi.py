@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ctypes
 
-ABI_VERSION = 1  # QK_ABI_VERSION
+ABI_VERSION = 2  # QK_ABI_VERSION
 OK, UNSUPPORTED_TYPE, BAD_SHAPE = 0, 1, 2
 
 _ptr, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
@@ -69,6 +69,9 @@ class QkDecodeAttention(ctypes.Structure):
         ("bf16", _i32),
         ("scale", _f32),
         ("threads", _i32),
+        ("block_tables", _ptr),
+        ("block_strides", _ptr),
+        ("block_size", _i64),
     ]
 
 

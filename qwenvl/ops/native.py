@@ -181,13 +181,21 @@ class Kernels:
     ) -> DecodeAttention:
         return DecodeAttention(keys, values, positions, self)
 
+    def paged_decode_attention(
+        self, keys: torch.Tensor, values: torch.Tensor, tables: Sequence[torch.Tensor], positions: Sequence[int]
+    ) -> DecodeAttention:
+        return DecodeAttention([keys] * len(tables), [values] * len(tables), positions, self, tables)
+
 
 class DecodeAttention:
     """One decode step's attention for B requests, each over its own KV cache (``qk_decode_attention``).
 
-    keys[i] / values[i]: request i's cache, [layers, kv_heads, capacity, head_dim] with contiguous
-    [capacity, head_dim] blocks (fp32 or bf16). Calling it for a layer stores row i's new key and value
-    at ``positions[i]`` and attends over positions 0 … positions[i]. Checked once, called per layer.
+    Contiguous caches (``tables`` None): keys[i] / values[i] is request i's cache, [layers, kv_heads,
+    capacity, head_dim] with contiguous [capacity, head_dim] blocks. Paged caches: keys[i] / values[i]
+    is a block pool [blocks, layers, kv_heads, block_size, head_dim] (contiguous) and ``tables[i]`` the
+    int64 ids of request i's blocks, in order (the kernel reads the keys where they lie). fp32 or bf16.
+    Calling it for a layer stores row i's new key and value at ``positions[i]`` and attends over
+    positions 0 … positions[i]. Checked once, called per layer.
     """
 
     def __init__(
@@ -196,17 +204,28 @@ class DecodeAttention:
         values: Sequence[torch.Tensor],
         positions: Sequence[int],
         kernels: Kernels,
+        tables: Sequence[torch.Tensor] | None = None,
     ):
         self.dtype, self.dim = keys[0].dtype, keys[0].shape[-1]
-        for cache, position in zip([*keys, *values], [*positions, *positions]):
-            fits = 0 <= position < cache.shape[-2]
+        self.block_size = 0 if tables is None else keys[0].shape[-2]
+        for i, (cache, position) in enumerate(zip([*keys, *values], [*positions, *positions])):
+            if tables is None:
+                fits = 0 <= position < cache.shape[-2]
+            else:
+                table = tables[i % len(tables)]
+                fits = cache.dim() == 5 and cache.is_contiguous() and table.dtype == torch.int64
+                fits = fits and table.is_contiguous() and 0 <= position < table.numel() * self.block_size
             if cache.dtype != self.dtype or cache.stride(-1) != 1 or cache.stride(-2) != self.dim or not fits:
                 raise ValueError("the KV caches must share a dtype and layout, with room for the position")
         self.rows = len(keys)
         self.kernels = kernels
+        paged = tables is not None
+        self.tables = list(tables) if paged else []  # kept alive while the kernel reads them
         self.table = torch.tensor(  # per row: key and value pointers, layer and head strides, position
-            [[t.data_ptr() for t in keys], [t.data_ptr() for t in values], [t.stride(0) for t in keys],
-             [t.stride(1) for t in keys], list(positions)],
+            [[t.data_ptr() for t in keys], [t.data_ptr() for t in values],
+             [t.stride(1 if paged else 0) for t in keys], [t.stride(2 if paged else 1) for t in keys],
+             list(positions), [t.data_ptr() for t in self.tables] or [0] * self.rows,
+             [t.stride(0) if paged else 0 for t in keys]],
             dtype=torch.int64,
         )  # fmt: skip
         self.columns = [row.data_ptr() for row in self.table]
@@ -219,9 +238,12 @@ class DecodeAttention:
         if rows != self.rows or dim != self.dim or not layout_ok:
             raise ValueError("q, k, v do not match the KV caches (rows, dtype or layout)")
         out = torch.empty(rows, heads, dim, dtype=q.dtype)
+        pointers, values, layer_strides, head_strides, positions, tables, block_strides = self.columns
         call = abi.QkDecodeAttention(
-            q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), *self.columns, rows, q.stride(0), k.stride(0),
-            v.stride(0), layer, heads, k.shape[1], dim, q.dtype == torch.bfloat16, dim**-0.5, torch.get_num_threads(),
+            q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), pointers, values, layer_strides, head_strides,
+            positions, rows, q.stride(0), k.stride(0), v.stride(0), layer, heads, k.shape[1], dim,
+            q.dtype == torch.bfloat16, dim**-0.5, torch.get_num_threads(), tables if self.block_size else None,
+            block_strides, self.block_size,
         )  # fmt: skip
         if self.kernels.lib.qk_decode_attention(call):
             raise ValueError(f"{heads} query heads cannot share {k.shape[1]} key/value heads")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import secrets
 import socket
@@ -50,9 +51,13 @@ from .settings import ServerSettings
 from .streaming import (
     SSE_HEADERS,
     Answer,
+    Choices,
     ResponseMeta,
     chat_completion,
+    choices_response,
     collect,
+    collect_choices,
+    stream_choices,
     stream_events,
     text_completion,
 )
@@ -125,6 +130,8 @@ def create_app(model: Model, settings: ServerSettings, *, engine: Any = None, ma
         meta.tokenizer, meta.observer = model.tokenizer, metrics.request()
         meta.tools = tool_names(plan.tools) if plan.parse_tools else None
         meta.logprobs = sampling.get("logprobs") is not None
+        if body.n > 1:
+            return await answer_choices(request, body, prompt, meta, plan, sampling, constraint)
         handle = await admitted(engine.submit(prompt, constraint=constraint, **sampling))
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -133,10 +140,33 @@ def create_app(model: Model, settings: ServerSettings, *, engine: Any = None, ma
         build = chat_completion if meta.kind == "chat" else text_completion
         return JSONResponse(build(meta, result))
 
-    async def admitted(handle: Any) -> Any:
+    async def answer_choices(
+        request: Request,
+        body: SamplingFields,
+        prompt: Prompt,
+        meta: ResponseMeta,
+        plan: OutputPlan,
+        sampling: dict[str, Any],
+        constraint: Any,
+    ) -> JSONResponse | StreamingResponse:
+        """``n`` > 1: the choices share the prompt's prefill and KV blocks (BatchEngine.submit_choices)."""
+        constraints = [constraint] + [await run_in_threadpool(builder.constraint, plan) for _ in range(body.n - 1)]
+        metas = [meta] + [dataclasses.replace(meta, observer=metrics.request()) for _ in range(body.n - 1)]
+        handles = engine.submit_choices(prompt, body.n, constraints, **sampling)
+        group = Choices(handles)
+        await admitted(handles[0], group)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return _CancellingStream(stream_choices(request, handles, metas, include_usage), group)
+        answers = await collect_choices(request, handles, metas)
+        return JSONResponse(
+            choices_response(chat_completion if meta.kind == "chat" else text_completion, metas, answers)
+        )
+
+    async def admitted(handle: Any, group: Any = None) -> Any:
         """The handle once the engine has taken it into its batch; 503 when no slot frees in time."""
         if not await handle.wait_dequeued(settings.queue_timeout):
-            handle.cancel()
+            (group or handle).cancel()
             raise APIError(
                 503,
                 f"the server is busy: no batch slot came free within {settings.queue_timeout:g} s "

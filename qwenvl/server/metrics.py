@@ -18,6 +18,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..engine.kv_cache import KVPool
+
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 
@@ -104,6 +106,24 @@ class _EngineCollector:
         yield GaugeMetricFamily("qwenvl_requests_waiting", "Requests waiting for a slot", stats["waiting"])
         yield GaugeMetricFamily("qwenvl_kv_cache_bytes", "Bytes of KV cache held by requests", stats["kv_cache_bytes"])
         yield CounterMetricFamily("qwenvl_engine_steps", "Decode steps the engine has run", stats["steps"])
+        pool = getattr(getattr(self.engine, "model", None), "_kv_pool", None)
+        if isinstance(pool, KVPool):
+            kv = pool.stats()
+            yield GaugeMetricFamily("qwenvl_kv_cache_blocks", "Blocks of the KV cache (16 tokens each)", kv["blocks"])
+            yield GaugeMetricFamily("qwenvl_kv_cache_blocks_used", "KV blocks held by requests", kv["blocks_used"])
+            yield GaugeMetricFamily(
+                "qwenvl_kv_cache_blocks_cached",
+                "KV blocks no request holds, kept for prefix reuse",
+                kv["blocks_cached"],
+            )
+            yield CounterMetricFamily(
+                "qwenvl_prefix_cache_queried_tokens",
+                "Prompt tokens looked up in the prefix cache",
+                kv["prefix_queried_tokens"],
+            )
+            yield CounterMetricFamily(
+                "qwenvl_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache", kv["prefix_hit_tokens"]
+            )
 
 
 class HTTPMetricsMiddleware:

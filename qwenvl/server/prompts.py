@@ -149,10 +149,13 @@ class PromptBuilder:
         return requested
 
 
+MAX_CHOICES = 16  # choices of one request (n); they share the prompt's KV blocks
+
+
 def refuse_unsupported(body: ChatCompletionRequest | CompletionRequest) -> None:
     """400 for the request fields this server cannot honour, rather than silently ignoring them."""
-    if body.n != 1:
-        raise APIError(400, f"n={body.n} is not supported: only n=1 (send several requests instead)", param="n")
+    if not 1 <= body.n <= MAX_CHOICES:
+        raise APIError(400, f"n={body.n}: n must be 1 … {MAX_CHOICES}", param="n")
     refuse_fields(body, chat=isinstance(body, ChatCompletionRequest))
     if isinstance(body, ChatCompletionRequest) and body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")

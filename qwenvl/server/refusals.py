@@ -64,7 +64,6 @@ VLLM_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 CHAT_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "n": (_one_of(1), "only n=1 (send several requests instead)"),
     "echo": (_falsy, "echo is a /v1/completions field"),
     "best_of": (_one_of(1), "not supported"),
     "chat_template": (_absent, "the model's own chat template is used"),
@@ -75,7 +74,6 @@ CHAT_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 COMPLETION_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "n": (_one_of(1), "only n=1 (send several requests instead)"),
     "suffix": (_falsy, "suffix (fill-in-the-middle) is not supported"),
     "best_of": (_one_of(1), "only best_of=1"),
     "tools": (_absent, "tools are a /v1/chat/completions field"),

@@ -97,6 +97,44 @@ async def collect(request: Request, handle: Any, meta: ResponseMeta | None = Non
     return answer
 
 
+class Choices:
+    """The engine handles of one request's choices, cancelled together."""
+
+    def __init__(self, handles: list[Any]):
+        self.handles = handles
+
+    def cancel(self) -> None:
+        for handle in self.handles:
+            handle.cancel()
+
+
+async def collect_choices(request: Request, handles: list[Any], metas: list[ResponseMeta]) -> list[Answer]:
+    """The whole answers of a non-streamed request's choices (``n``)."""
+    watcher = asyncio.create_task(cancel_on_disconnect(request, Choices(handles)))
+    try:
+        return list(await asyncio.gather(*(_collect(h, m) for h, m in zip(handles, metas))))
+    finally:
+        watcher.cancel()
+        Choices(handles).cancel()
+
+
+async def _collect(handle: Any, meta: ResponseMeta) -> Answer:
+    answer = Answer(prompt_tokens=handle.prompt_tokens)
+    pieces = []
+    try:
+        async for event in handle.aevents():
+            pieces.append(event.text)
+            _fold(answer, event, meta)
+    finally:
+        handle.cancel()
+        answer.text = "".join(pieces)
+        if meta.observer is not None:
+            meta.observer.finish(answer)
+    if answer.finish_reason == "error":
+        raise APIError(500, f"generation failed: {answer.error or 'unknown error'}")
+    return answer
+
+
 def _fold(answer: Answer, event: Any, meta: ResponseMeta | None) -> None:
     answer.token_ids.extend(event.token_ids)
     answer.prompt_tokens = event.prompt_tokens
@@ -149,15 +187,32 @@ def _echo_logprobs(meta: ResponseMeta, answer: Answer) -> bool:
 
 async def stream_events(request: Request, handle: Any, meta: ResponseMeta, include_usage: bool) -> AsyncIterator[str]:
     """SSE lines for one streamed request: content chunks, the finish chunk, usage if asked, [DONE]."""
-    watcher = asyncio.create_task(cancel_on_disconnect(request, handle))
-    answer = Answer(prompt_tokens=handle.prompt_tokens)
-    chunks = _ChatChunks(meta) if meta.kind == "chat" else _TextChunks(meta)
+    async for line in stream_choices(request, [handle], [meta], include_usage):
+        yield line
+
+
+async def stream_choices(
+    request: Request, handles: list[Any], metas: list[ResponseMeta], include_usage: bool
+) -> AsyncIterator[str]:
+    """SSE lines for the choices of one streamed request (``n``; one handle and meta per choice, the
+    choice's index on its chunks), interleaved as their events come; usage (all choices) if asked, [DONE]."""
+    watchers = [asyncio.create_task(cancel_on_disconnect(request, Choices(handles)))]
+    answers = [Answer(prompt_tokens=handle.prompt_tokens) for handle in handles]
+    builders = [(_ChatChunks if m.kind == "chat" else _TextChunks)(m, i) for i, m in enumerate(metas)]
+    events: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    pumps = [asyncio.create_task(_pump(i, handle, events)) for i, handle in enumerate(handles)]
     try:
-        for payload in chunks.start():
-            yield _sse(payload)
-        async for event in handle.aevents():
+        for chunks in builders:
+            for payload in chunks.start():
+                yield _sse(payload)
+        running = len(handles)
+        while running:
+            index, event = await events.get()
+            meta, answer, chunks = metas[index], answers[index], builders[index]
             _fold(answer, event, meta)
             answer.text += event.text
+            if event.finish_reason is not None:
+                running -= 1
             if event.finish_reason == "cancelled":
                 return
             for payload in chunks.event(event, answer):
@@ -171,21 +226,45 @@ async def stream_events(request: Request, handle: Any, meta: ResponseMeta, inclu
                 for payload in finish:
                     yield _sse(payload)
         if include_usage:
-            yield _sse({**meta.header(_chunk_object(meta)), "choices": [], "usage": answer.usage()})
+            yield _sse({**metas[0].header(_chunk_object(metas[0])), "choices": [], "usage": usage_of(answers)})
         yield DONE
     finally:
-        watcher.cancel()
-        handle.cancel()
-        if meta.observer is not None:
-            meta.observer.finish(answer)
+        for task in watchers + pumps:
+            task.cancel()
+        for handle, meta, answer in zip(handles, metas, answers):
+            handle.cancel()
+            if meta.observer is not None:
+                meta.observer.finish(answer)
+
+
+async def _pump(index: int, handle: Any, events: asyncio.Queue) -> None:
+    async for event in handle.aevents():
+        events.put_nowait((index, event))
+
+
+def usage_of(answers: list[Answer]) -> dict[str, int]:
+    """The usage of a request's choices: the prompt once, every choice's tokens."""
+    completion = sum(answer.completion_tokens for answer in answers)
+    prompt = answers[0].prompt_tokens
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def choices_response(build: Callable[[ResponseMeta, Answer], dict[str, Any]], metas: list[ResponseMeta],
+                     answers: list[Answer]) -> dict[str, Any]:  # fmt: skip
+    """One response holding each choice's answer (``n``), numbered in order; usage over all."""
+    responses = [build(meta, answer) for meta, answer in zip(metas, answers)]
+    choices = []
+    for index, response in enumerate(responses):
+        choices += [{**choice, "index": index} for choice in response["choices"]]
+    return {**responses[0], "choices": choices, "usage": usage_of(answers)}
 
 
 class _ChatChunks:
     """``chat.completion.chunk`` payloads: content deltas, tool-call deltas (parsed as the text comes),
     logprobs on the chunk of the tokens they belong to."""
 
-    def __init__(self, meta: ResponseMeta):
-        self.meta = meta
+    def __init__(self, meta: ResponseMeta, index: int = 0):
+        self.meta, self.index = meta, index
         self.parser = ToolCallParser(bare_names=meta.tools) if meta.tools is not None else None
 
     def start(self) -> list[dict[str, Any]]:
@@ -221,7 +300,7 @@ class _ChatChunks:
         return out
 
     def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+        choice = {"index": self.index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
         return {**self.meta.header("chat.completion.chunk"), "choices": [choice]}
 
 
@@ -229,8 +308,8 @@ class _TextChunks:
     """``text_completion`` payloads: the echoed prompt first (with its logprobs once the first event
     brings them), then the text of each event with its tokens' logprobs."""
 
-    def __init__(self, meta: ResponseMeta):
-        self.meta = meta
+    def __init__(self, meta: ResponseMeta, index: int = 0):
+        self.meta, self.index = meta, index
         self.logprobs = CompletionLogprobs(meta.tokenizer) if meta.logprobs else None
         self.echo_pending = meta.echo is not None
 
@@ -258,7 +337,7 @@ class _TextChunks:
         return [self._chunk("", None, reason)]
 
     def _chunk(self, text: str, logprobs: Any, finish_reason: str | None = None) -> dict[str, Any]:
-        choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}
+        choice = {"index": self.index, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}
         return {**self.meta.header("text_completion"), "choices": [choice]}
 
 
