@@ -178,8 +178,15 @@ def test_eviction_under_a_tiny_budget(make_qwen2, text_models):
     try:
         with pytest.raises(RequestError, match="does not fit the KV cache"):
             engine.submit([5] * 2100, max_tokens=2)
+        # two prompts of 63 blocks each fit; their answers need 69 each: one runs out mid-decode, and
+        # says it is the cache's budget (the server's 503 to retry), not a fault
+        handles = [engine.submit([7 + i] * 1000, max_tokens=100, temperature=0, ignore_eos=True) for i in range(2)]
+        finals = [[event for event in handle.events()][-1] for handle in handles]
     finally:
         engine.shutdown()
+    assert sorted(event.finish_reason for event in finals) == ["error", "length"]
+    assert [event.busy for event in finals if event.finish_reason == "error"] == [True]
+    assert not any(tiny.kv_pool.refs)
 
 
 def test_concurrent_requests_sharing_a_prefix(text_models):
@@ -270,3 +277,12 @@ def test_qwen_v1_dynamic_ntk_prompts_of_another_rope_factor_share_nothing(make_q
         hits = got.result.cached_tokens
     assert cached.text_model.rope_alpha(len(long)) != 1.0
     assert hits == 48  # the last short prompt: three blocks of the first (the long ones shared none of it)
+
+
+def test_the_server_answers_a_full_cache_with_a_503_to_retry():
+    from qwenvl.server.streaming import Answer, _failure
+
+    busy = _failure(Answer(finish_reason="error", error="no free KV block", busy=True))
+    fault = _failure(Answer(finish_reason="error", error="boom"))
+    assert (busy.status, busy.code, busy.headers["Retry-After"]) == (503, "kv_cache_full", "5")
+    assert (fault.status, fault.code) == (500, None)

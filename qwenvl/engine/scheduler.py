@@ -40,6 +40,7 @@ from .generate import (
     sample_next,
 )
 from .grammar import Constraint
+from .kv_cache import KVCacheFull
 from .prompt import Prompt
 from .sampler import sampling_params
 
@@ -55,6 +56,7 @@ class TokenEvent:
     prompt_tokens: int
     completion_tokens: int  # total so far
     error: str | None = None  # one-line message when finish_reason == "error"
+    busy: bool = False  # the error is the KV cache's budget, not a fault: worth retrying later
     logprobs: list[TokenLogprob] | None = None  # of token_ids (a final EOS excepted), when the request asked
     prompt_logprobs: list[TokenLogprob | None] | None = None  # on the first event, when the request asked
 
@@ -517,6 +519,7 @@ class BatchEngine:
         req.finish_reason = reason
         if last_event is None:
             last_event = TokenEvent("", [], reason, seq.prompt_length, len(req.output_ids), message)
+            last_event.busy = isinstance(exc, KVCacheFull)
         now = time.perf_counter()
         first = seq.first_token or now
         seq.handle._emit(last_event)

@@ -16,7 +16,7 @@ from starlette.requests import Request
 
 from ..engine.generate import TokenLogprob
 from ..tools import ToolCallParser, ToolDelta, parse_tool_calls
-from .errors import APIError, error_body, public_message
+from .errors import RETRY_AFTER_S, APIError, error_body, public_message
 from .output import CompletionLogprobs, chat_logprobs, tool_call_delta
 
 DONE = "data: [DONE]\n\n"
@@ -32,6 +32,7 @@ class Answer:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None
+    busy: bool = False  # the error is the KV cache's budget (a 503 to retry), not a fault
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] | None = None
@@ -93,8 +94,16 @@ async def collect(request: Request, handle: Any, meta: ResponseMeta | None = Non
         if meta is not None and meta.observer is not None:
             meta.observer.finish(answer)
     if answer.finish_reason == "error":
-        raise APIError(500, f"generation failed: {answer.error or 'unknown error'}")
+        raise _failure(answer)
     return answer
+
+
+def _failure(answer: Answer) -> APIError:
+    """The error a failed answer gets: a 503 to retry when the KV cache's budget ran out, else a 500."""
+    message = f"generation failed: {answer.error or 'unknown error'}"
+    if answer.busy:
+        return APIError(503, message, code="kv_cache_full", headers={"Retry-After": str(RETRY_AFTER_S)})
+    return APIError(500, message)
 
 
 class Choices:
@@ -131,7 +140,7 @@ async def _collect(handle: Any, meta: ResponseMeta) -> Answer:
         if meta.observer is not None:
             meta.observer.finish(answer)
     if answer.finish_reason == "error":
-        raise APIError(500, f"generation failed: {answer.error or 'unknown error'}")
+        raise _failure(answer)
     return answer
 
 
@@ -146,6 +155,7 @@ def _fold(answer: Answer, event: Any, meta: ResponseMeta | None) -> None:
     if event.finish_reason is not None:
         answer.finish_reason = event.finish_reason
         answer.error = event.error
+        answer.busy = getattr(event, "busy", False)
     if meta is not None and meta.observer is not None:
         meta.observer.event(event)
 
@@ -218,8 +228,9 @@ async def stream_choices(
             for payload in chunks.event(event, answer):
                 yield _sse(payload)
             if event.finish_reason == "error":
+                status = 503 if getattr(event, "busy", False) else 500
                 message = public_message(request, f"generation failed: {event.error or 'unknown error'}")
-                yield _sse(error_body(500, message))
+                yield _sse(error_body(status, message))
             elif event.finish_reason is not None:
                 finish = chunks.finish(event.finish_reason)
                 finish[-1].update(_extension(meta, answer))
