@@ -22,6 +22,7 @@ from .engine.grammar import Constraint, GrammarCompiler, GrammarSpec, structured
 from .engine.kv_cache import KVPool, default_budget_bytes
 from .engine.prompt import EncodedVisual, Prompt, VisionCache, build_prompt
 from .engine.sampler import sampling_params
+from .engine.speculative import speculation
 from .errors import MediaError, QwenVLError, RequestError
 from .grounding import CONVENTIONS, GROUNDING_TOKENS, GroundedBox, ImageGeometry, ground, text_with_markers
 from .media.image import ImageInput, load_image, preprocess_image
@@ -288,16 +289,27 @@ class Model:
 
     # -- generation ---------------------------------------------------------------------------
     def generate(
-        self, prompt: Prompt | list[int], *, grammar: GrammarSpec | Constraint | None = None, **sampling: Any
+        self,
+        prompt: Prompt | list[int],
+        *,
+        grammar: GrammarSpec | Constraint | None = None,
+        speculative: str | None = None,
+        spec_tokens: int | None = None,
+        **sampling: Any,
     ) -> Generation:
         """Stream the continuation of a prepared prompt (or raw token ids). ``grammar``: what the output
-        must follow (a ``GrammarSpec``, compiled here, or a ready ``Constraint``)."""
+        must follow (a ``GrammarSpec``, compiled here, or a ready ``Constraint``). ``speculative="ngram"``:
+        prompt-lookup speculative decoding, drafting up to ``spec_tokens`` tokens a step (same output
+        distribution; greedy gives the same tokens; docs/speculative.md)."""
         if not isinstance(prompt, Prompt):
             prompt = Prompt.text_only(list(prompt))
+        spec = speculation(speculative, spec_tokens)
         params = sampling_params(self.generation_config, **sampling)
         eos = self.generation_config.eos_token_ids or _fallback_eos(self.tokenizer)
         constraint = self.constraint(grammar) if isinstance(grammar, GrammarSpec) else grammar
-        request = new_request(self.text_model, self.tokenizer, prompt, params, eos, self.context, constraint=constraint)
+        request = new_request(
+            self.text_model, self.tokenizer, prompt, params, eos, self.context, constraint=constraint, speculation=spec
+        )
 
         def finish(result: GenerationResult) -> None:
             result.images, result.boxes = self.grounding(prompt, result.token_ids, result.text)
@@ -335,7 +347,8 @@ class Model:
         """Iterate for text pieces; the finished Generation's ``result`` holds ids, usage and timings.
 
         ``options``: sampling values (max_tokens, temperature, top_p, top_k, min_p, repetition_penalty,
-        presence_penalty, frequency_penalty, seed, stop, logit_bias, logprobs), media preprocessing
+        presence_penalty, frequency_penalty, seed, stop, logit_bias, logprobs; ``speculative="ngram"`` and
+        ``spec_tokens``: see ``generate``), media preprocessing
         overrides (``MEDIA_OPTIONS``: see ``prepare``) and at most one output constraint
         (``STRUCTURED_OPTIONS``: ``json_schema`` a schema dict, ``regex`` a pattern, ``choice`` a list of
         strings, ``grammar`` a Lark or GBNF grammar). ``tools`` / ``tool_choice`` (``"auto"``, ``"none"``,

@@ -91,6 +91,8 @@ class BenchOptions:
     peer_dtype: str = "bfloat16"  # transformers' dtype
     vision_config: str | None = None  # benchmark a random-weight vision encoder of published dims
     repeat: int = 1
+    speculative: str | None = None  # "ngram": qwenvl also decodes with prompt-lookup speculation, alternating
+    spec_tokens: int | None = None
 
     def validate(self) -> BenchOptions:
         checks = [
@@ -119,7 +121,21 @@ class BenchOptions:
         for ok, message in checks:
             if not ok:
                 raise QwenVLError(message)
+        if self.speculative is not None or self.spec_tokens is not None:
+            self._check_speculation()
         return self
+
+    def _check_speculation(self) -> None:
+        from .engine.speculative import MAX_TOKENS
+
+        if self.speculative is None:
+            raise QwenVLError("--spec-tokens goes with --speculative")
+        if self.speculative != "ngram":
+            raise QwenVLError(f"--speculative {self.speculative!r}: the method is ngram")
+        if self.spec_tokens is not None and not 1 <= self.spec_tokens <= MAX_TOKENS:
+            raise QwenVLError(f"--spec-tokens must be in 1 … {MAX_TOKENS}, got {self.spec_tokens}")
+        if self.vision_config:
+            raise QwenVLError("--speculative measures text decoding: it takes no --vision-config")
 
 
 def parse_image_size(text: str) -> tuple[int, int]:
@@ -161,6 +177,8 @@ class EngineRun:
     vision_config: str | None
     repeat: int
     kernel: str = "auto"
+    speculative: str | None = None  # qwenvl only: also decode with speculation (alternating with plain)
+    spec_tokens: int | None = None
 
 
 def run_bench(options: BenchOptions, progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
@@ -192,6 +210,8 @@ def run_bench(options: BenchOptions, progress: Callable[[str], None] | None = No
             vision_config=options.vision_config,
             repeat=options.repeat,
             kernel=options.kernel,
+            speculative=options.speculative if engine == "qwenvl" else None,
+            spec_tokens=options.spec_tokens if engine == "qwenvl" else None,
         )
         say(f"running {engine} ...")
         result = run_worker(run)
@@ -492,12 +512,23 @@ def format_table(records: list[dict[str, Any]]) -> str:
         "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
         for row in rows
     ]
+    lines += [_speculative_line(r) for r in records if r.get("spec_decode_tok_s") is not None]
     notes = [f"  {r['engine']}: {_record_note(r)}" for r in records if _record_note(r)]
     if notes:
         lines += ["notes:"] + notes
     if any(r.get("ratio") for r in records):
         lines.append("ratios: qwenvl ÷ peer (tok/s: above 1 is qwenvl faster; s and MB: below 1 is qwenvl better)")
     return "\n".join(lines)
+
+
+def _speculative_line(record: dict[str, Any]) -> str:
+    """The qwenvl record's speculative figures (bench --speculative), one line."""
+    rate = record["spec_acceptance_rate"]
+    return (
+        f"{record['engine']} --speculative ngram --spec-tokens {record['spec_tokens']}: decode "
+        f"{record['spec_decode_tok_s']:.2f} tok/s ({record['spec_speedup']:.2f}× plain), acceptance "
+        f"{'—' if rate is None else f'{rate:.0%}'}, same tokens as plain: {'yes' if record['spec_identical'] else 'NO'}"
+    )
 
 
 def _cell(value: Any, fmt: str) -> str:
@@ -569,6 +600,15 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         + ", ".join(VISION_CONFIG_NAMES),
     )
     parser.add_argument("--repeat", default="1", metavar="N", help="timed runs per engine; the median is shown")
+    parser.add_argument(
+        "--speculative",
+        nargs="?",
+        const="ngram",
+        metavar="ngram",
+        help="qwenvl also decodes with prompt-lookup speculation (alternating with plain runs): its decode tok/s, "
+        "speedup, acceptance rate and whether the tokens are the same",
+    )
+    parser.add_argument("--spec-tokens", metavar="K", help="with --speculative: tokens drafted per step (default 5)")
     parser.add_argument("--json", action="store_true", help="print a JSON list, one object per engine")
     _one_line_errors(parser)
 
@@ -606,6 +646,8 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
         peer_dtype=args.peer_dtype,
         vision_config=args.vision_config,
         repeat=_int_option("--repeat", args.repeat),
+        speculative=args.speculative,
+        spec_tokens=_int_option("--spec-tokens", args.spec_tokens) if args.spec_tokens is not None else None,
     )
 
 
@@ -717,11 +759,17 @@ def measure_qwenvl(run: EngineRun) -> dict[str, Any]:
     figures: dict[str, Any] = {"load_s": round(load_s[0], 3), "import_rss_mb": round(import_rss, 1), "dtype": dtype}
     figures["kernel_isa"] = _kernel_isa()
     _qwenvl_generate(model, run.prompt_ids[:WARMUP_PROMPT_TOKENS], 2)
-    runs = []
+    runs, plain, spec = [], [], []
     for _ in range(run.repeat):
         result = _qwenvl_generate(model, run.prompt_ids, run.gen_tokens)
         runs.append((result.prefill_s, result.decode_s, result.completion_tokens))
+        plain.append(result)
+        if run.speculative:  # alternating with the plain run, under the same load
+            options = {"speculative": run.speculative, "spec_tokens": run.spec_tokens}
+            spec.append(_qwenvl_generate(model, run.prompt_ids, run.gen_tokens, **options))
     figures.update(_text_figures(runs, len(run.prompt_ids)))
+    if spec:
+        figures.update(_speculative_figures(plain, spec, run.spec_tokens))
     if model.vision_model is not None and run.image:
         figures.update(_qwenvl_image_figures(model, run))
     return figures
@@ -734,9 +782,26 @@ def _kernel_isa() -> str:
     return ops.path()
 
 
-def _qwenvl_generate(model: Any, ids: list[int], tokens: int) -> Any:
-    """Greedy, end-of-sequence ignored: exactly ``tokens`` tokens; the GenerationResult."""
-    generation = model.generate(ids, max_tokens=tokens, temperature=0.0, ignore_eos=True)
+def _speculative_figures(plain: list[Any], spec: list[Any], spec_tokens: int | None) -> dict[str, Any]:
+    """bench --speculative: the speculative runs' median decode tok/s, its ratio to the plain runs'
+    median, the acceptance rate (kept / drafted tokens) and whether every run gave plain's tokens."""
+    from .engine.speculative import DEFAULT_TOKENS
+
+    spec_rate, plain_rate = _median([r.decode_tok_s for r in spec]), _median([r.decode_tok_s for r in plain])
+    drafted = sum(r.draft_tokens for r in spec)
+    return {
+        "spec_tokens": spec_tokens or DEFAULT_TOKENS,
+        "spec_decode_tok_s": spec_rate,
+        "spec_speedup": round(spec_rate / plain_rate, 3) if spec_rate and plain_rate else None,
+        "spec_acceptance_rate": round(sum(r.accepted_tokens for r in spec) / drafted, 4) if drafted else None,
+        "spec_identical": all(r.token_ids == plain[0].token_ids for r in spec),
+    }
+
+
+def _qwenvl_generate(model: Any, ids: list[int], tokens: int, **options: Any) -> Any:
+    """Greedy, end-of-sequence ignored: exactly ``tokens`` tokens; the GenerationResult. ``options``:
+    speculative decoding's."""
+    generation = model.generate(ids, max_tokens=tokens, temperature=0.0, ignore_eos=True, **options)
     for _ in generation:
         pass
     return generation.result

@@ -285,6 +285,7 @@ def _add_serve_command(commands: Any) -> None:
         "(default: $QWENVL_API_KEY, else none)",
     )
     serve.add_argument("--max-batch", type=int, default=8, help="requests decoded together at most (default 8)")
+    _add_speculative_arguments(serve)
     serve.add_argument(
         "--prefill-weights",
         choices=["auto", "packed", "blocks"],
@@ -416,6 +417,7 @@ def serve_settings(args: argparse.Namespace):
                 "queue_timeout")  # fmt: skip
     for name in positive:
         _check_positive(name, getattr(args, name))
+    _speculation(args)
     video_limits = _video_limits(args)
     return ServerSettings(
         model_id=Path(args.model).name if args.model else _default_model_name(),
@@ -449,7 +451,7 @@ def serve_app(args: argparse.Namespace, settings: Any) -> tuple[Any, str]:
     model, load_s = _load(args)
     _warm_grammar_compiler(model)
     packed = _pack_prefill_weights(model, args.prefill_weights)
-    app = create_app(model, settings, max_batch=args.max_batch)
+    app = create_app(model, settings, max_batch=args.max_batch, speculation=_speculation(args))
     return app, f"{settings.model_id} loaded in {load_s:.1f} s{packed}; {model.kv_pool.describe()}"
 
 
@@ -610,9 +612,39 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--repetition-penalty", type=float)
     group.add_argument("--seed", type=int)
     group.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    _add_speculative_arguments(parser)
 
 
-SAMPLING_OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop")
+def _add_speculative_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("speculative decoding (docs/speculative.md)")
+    group.add_argument(
+        "--speculative",
+        choices=["ngram"],
+        help="ngram: draft tokens by prompt lookup (copying from the prompt and the answer so far) and verify "
+        "them in one step; the same answer (greedy: the same tokens), faster when the answer repeats its context",
+    )
+    group.add_argument(
+        "--spec-tokens",
+        type=int,
+        metavar="K",
+        help="with --speculative: tokens drafted per step at most (default 5, 1 … 15)",
+    )
+
+
+def _speculation(args: argparse.Namespace) -> Any:
+    """The --speculative / --spec-tokens flags checked (a one-line error naming the flag): a
+    ``speculative.Speculation``, or None."""
+    from .engine import speculative
+
+    if args.spec_tokens is not None and args.speculative is None:
+        raise QwenVLError("--spec-tokens goes with --speculative ngram")
+    if args.spec_tokens is not None and not 1 <= args.spec_tokens <= speculative.MAX_TOKENS:
+        raise QwenVLError(f"--spec-tokens must be in 1 … {speculative.MAX_TOKENS}, got {args.spec_tokens}")
+    return speculative.speculation(args.speculative, args.spec_tokens)
+
+
+SAMPLING_OPTIONS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop",
+                    "speculative", "spec_tokens")  # fmt: skip
 
 
 def _add_output_arguments(parser: argparse.ArgumentParser) -> None:
@@ -682,6 +714,8 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
         "repetition_penalty": args.repetition_penalty,
         "seed": args.seed,
         "stop": args.stop,
+        "speculative": args.speculative,
+        "spec_tokens": args.spec_tokens,
         "min_pixels": args.min_pixels,
         "max_pixels": args.max_pixels,
         "fps": args.fps,
@@ -755,6 +789,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     prompt = _read_prompt(args.prompt)
     _check_media_flags(args)
+    _speculation(args)
     if args.raw:
         chat_only = set(_sampling(args)) - set(SAMPLING_OPTIONS) - set(_video_limits(args))  # limits: defaults
         media = {k.replace("_", "-"): v for k, v in _sampling(args).items() if k in chat_only}
@@ -863,7 +898,17 @@ def _result_json(result, load_s: float, source: str) -> dict[str, Any]:
             "prefill_tok_s": round(result.prefill_tok_s, 2),
             "decode_tok_s": round(result.decode_tok_s, 2),
         },
+        **_speculative_json(result),
     }
+
+
+def _speculative_json(result) -> dict[str, Any]:
+    """--json with --speculative: the drafted and kept tokens ({} without speculation)."""
+    if not result.draft_tokens:
+        return {}
+    rate = result.accepted_tokens / result.draft_tokens
+    return {"speculative": {"draft_tokens": result.draft_tokens, "accepted_tokens": result.accepted_tokens,
+                            "acceptance_rate": round(rate, 4)}}  # fmt: skip
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
@@ -898,6 +943,7 @@ CHAT_HELP = (
 
 def cmd_chat(args: argparse.Namespace) -> int:
     _check_media_flags(args)
+    _speculation(args)
     model, _ = _load(args)
     history: list[dict[str, Any]] = _messages(args.system, "")[:-1]
     system_turns = list(history)

@@ -155,6 +155,10 @@ def test_a_worker_that_fails_is_reported_not_raised(tmp_path):
         (["--peer-dtype", "auto"], "--peer-dtype 'auto'"),
         (["--repeat", "0"], "--repeat must be at least 1"),
         (["some-model-dir", "--vision-config", "qwen2-vl-2b"], "it takes no MODEL"),
+        (["--spec-tokens", "3"], "--spec-tokens goes with --speculative"),
+        (["--speculative", "eagle"], "--speculative 'eagle': the method is ngram"),
+        (["--speculative", "--spec-tokens", "16"], "--spec-tokens must be in 1 … 15, got 16"),
+        (["--speculative", "--vision-config", "qwen2-vl-2b"], "--speculative measures text decoding"),
         (["--bogus"], "unrecognized arguments: --bogus"),
         (["--threads"], "--threads: expected one argument"),
     ],
@@ -188,3 +192,18 @@ def test_published_vision_configs_have_the_same_tensors_in_both_engines(name):
     assert sorted(shapes) == sorted(weight_names(ours))
     assert shapes["merger.mlp.2.weight"] == (ours.out_hidden_size, 4 * ours.hidden_size)
     assert sum(1 for key in shapes if key.endswith("attn.qkv.weight")) == ours.depth == 32
+
+
+def test_speculative_reports_speed_acceptance_and_sameness(make_qwen2, capsys):
+    """bench --speculative: plain and speculative runs alternate; the JSON keys and the table line."""
+    argv = ["bench", str(make_qwen2()), "--prompt-tokens", "40", "--gen-tokens", "24", "--threads", "1"]
+    code, out, _ = run_cli([*argv, "--speculative", "--spec-tokens", "4", "--repeat", "2", "--json"], capsys)
+    assert code == 0
+    record = json.loads(out)[0]
+    assert record["spec_tokens"] == 4 and record["spec_identical"] is True
+    assert record["spec_decode_tok_s"] > 0 and record["spec_speedup"] > 0
+    rate = record["spec_acceptance_rate"]
+    assert rate is None or 0 <= rate <= 1
+    code, out, _ = run_cli([*argv, "--speculative"], capsys)
+    assert code == 0
+    assert "qwenvl --speculative ngram --spec-tokens 5: decode" in out and "same tokens as plain: yes" in out

@@ -129,3 +129,26 @@ def test_block_tables_give_the_contiguous_result(native_isa, dtype):
         block = tables[row][position // size]
         assert torch.equal(pool_k[block, 1, :, position % size], k[row])
         assert torch.equal(pool_v[block, 1, :, position % size], v[row])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_of_one_sequence_attend_causally_as_one_row_steps(native_isa, dtype):
+    """Speculative verification: rows at consecutive positions of one block table (across a block
+    boundary) each see the keys up to their own position, the earlier rows' new keys included: bit for
+    bit the results and the stored keys/values of one-row steps."""
+    generator = torch.Generator().manual_seed(11)
+    layers, kv_heads, heads, dim, size, rows, start = 2, 2, 14, 64, 16, 7, 13
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(dtype)
+
+    pool_k, pool_v = randn(4, layers, kv_heads, size, dim), randn(4, layers, kv_heads, size, dim)
+    table = torch.tensor([2, 0, 3], dtype=torch.int64)
+    q, k, v = randn(rows, heads, dim), randn(rows, kv_heads, dim), randn(rows, kv_heads, dim)
+    positions = list(range(start, start + rows))
+    got_k, got_v = pool_k.clone(), pool_v.clone()
+    got = native_isa.paged_decode_attention(got_k, got_v, [table] * rows, positions)(q, k, v, 1)
+    for i, position in enumerate(positions):  # one row a step; positions past it hold stale keys meanwhile
+        step = native_isa.paged_decode_attention(pool_k, pool_v, [table], [position])
+        assert torch.equal(step(q[i : i + 1], k[i : i + 1], v[i : i + 1], 1)[0], got[i]), i
+    assert torch.equal(got_k, pool_k) and torch.equal(got_v, pool_v)

@@ -89,3 +89,40 @@ def test_second_turn_from_the_prefix_cache_equals_cold():
     got, want = warm.chat(second, temperature=0, max_tokens=24), cold.chat(second, temperature=0, max_tokens=24)
     assert got.cached_tokens >= answer.prompt_tokens - 16 and want.cached_tokens == 0
     assert got.token_ids == want.token_ids
+
+
+SMALL_EDIT = """Add type hints to this function and return the whole code:
+
+```python
+def scale(values, factor, offset=0.0):
+    result = []
+    for value in values:
+        result.append(value * factor + offset)
+    return result
+```"""
+
+
+def test_speculative_greedy_equals_plain_on_the_real_model():
+    """Prompt lookup on the embedded GGUF: the same tokens as plain decoding (the answer starts by
+    copying the function, so drafts are kept)."""
+    model = qwenvl.load(defaults.default_gguf_path())
+    messages = [{"role": "user", "content": SMALL_EDIT}]
+    plain = model.chat(messages, temperature=0, max_tokens=40)
+    spec = model.chat(messages, temperature=0, max_tokens=40, speculative="ngram", spec_tokens=5)
+    assert spec.token_ids == plain.token_ids and spec.text == plain.text
+    assert spec.accepted_tokens > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["code_edit", "no_copy"])
+def test_speculative_greedy_equals_plain_on_the_benchmark_prompts(name):
+    """benchmarks/prompts/: the 60-line code edit and the prompt with nothing to copy, 200 tokens."""
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "benchmarks" / "prompts" / f"{name}.txt").read_text()
+    model = qwenvl.load(defaults.default_gguf_path())
+    messages = [{"role": "user", "content": text}]
+    plain = model.chat(messages, temperature=0, max_tokens=200)
+    for k in (3, 8):
+        spec = model.chat(messages, temperature=0, max_tokens=200, speculative="ngram", spec_tokens=k)
+        assert spec.token_ids == plain.token_ids

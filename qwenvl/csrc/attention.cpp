@@ -1,7 +1,10 @@
-// Decode attention: one query token per row, each row a request of its own with its own KV cache.
-// A task is one (row, kv head): it stores the row's new key/value at its position, then runs the
-// kv head's G query heads over keys 0 .. position. The operations of a task do not depend on the
-// other rows, so a row gets the same result alone or in a batch.
+// Decode attention: one query token per row, each row with its own KV cache (contiguous, or blocks
+// through a block table) and position.
+// First every row's new key/value is stored at its position; then a task, one (row, kv head), runs
+// the kv head's G query heads over keys 0 .. position. The operations of a task do not depend on the
+// other rows, so a row gets the same result alone or in a batch. Rows may share a cache at
+// consecutive positions (speculative verification: the drafted tokens of one sequence): the store
+// comes first, so row i + 1 sees row i's key/value.
 #include "common.h"
 
 namespace qk {
@@ -104,18 +107,31 @@ struct RowSource {
   }
 };
 
+// the key (or value) rows of `row`'s kv head g, from the row's cache base pointer
+template <class T>
+RowSource<T> row_source(const QkDecodeAttention& a, int64_t base, int64_t row, int g) {
+  const bool paged = a.block_size > 0;
+  const int64_t offset = a.layer * a.layer_strides[row] + g * a.head_strides[row];
+  return RowSource<T>{(T*)base + offset, paged ? (const int64_t*)a.block_tables[row] : nullptr, a.block_size,
+                      paged ? a.block_strides[row] : 0, a.D};
+}
+
+// The row's new key and value of kv head g, stored at the row's position (through its block table)
+template <class T>
+void store_task(const QkDecodeAttention& a, int64_t row, int g) {
+  const RowSource<T> keys = row_source<T>(a, a.key_ptrs[row], row, g);
+  const RowSource<T> values = row_source<T>(a, a.value_ptrs[row], row, g);
+  const int64_t pos = a.positions[row];
+  memcpy(keys.at(pos), (const T*)a.k + row * a.k_row + g * a.D, a.D * sizeof(T));
+  memcpy(values.at(pos), (const T*)a.v + row * a.v_row + g * a.D, a.D * sizeof(T));
+}
+
 template <class T>
 void attention_task(const QkDecodeAttention& a, int64_t row, int g) {
   const int G = a.heads / a.kv_heads, D = a.D;
-  const int64_t pos = a.positions[row], len = pos + 1, head_stride = a.head_strides[row];
-  const int64_t offset = a.layer * a.layer_strides[row] + g * head_stride;
-  const bool paged = a.block_size > 0;
-  const int64_t* table = paged ? (const int64_t*)a.block_tables[row] : nullptr;
-  const int64_t block_stride = paged ? a.block_strides[row] : 0;
-  const RowSource<T> keys{(T*)a.key_ptrs[row] + offset, table, a.block_size, block_stride, D};
-  const RowSource<T> values{(T*)a.value_ptrs[row] + offset, table, a.block_size, block_stride, D};
-  memcpy(keys.at(pos), (const T*)a.k + row * a.k_row + g * D, D * sizeof(T));
-  memcpy(values.at(pos), (const T*)a.v + row * a.v_row + g * D, D * sizeof(T));
+  const int64_t pos = a.positions[row], len = pos + 1;
+  const RowSource<T> keys = row_source<T>(a, a.key_ptrs[row], row, g);
+  const RowSource<T> values = row_source<T>(a, a.value_ptrs[row], row, g);
 
   thread_local std::vector<float> scratch;
   scratch.resize((size_t)G * D * 2 + kAttnBlock * D + (size_t)G * len);
@@ -157,6 +173,7 @@ void attention_task(const QkDecodeAttention& a, int64_t row, int g) {
 template <class T>
 void run_attention(const QkDecodeAttention& a, int64_t rows, int threads) {
   const int64_t tasks = rows * a.kv_heads;
+  for (int64_t i = 0; i < tasks; ++i) store_task<T>(a, i / a.kv_heads, (int)(i % a.kv_heads));
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1) if (tasks > 1)
   for (int64_t i = 0; i < tasks; ++i) attention_task<T>(a, i / a.kv_heads, (int)(i % a.kv_heads));
 }

@@ -8,30 +8,41 @@ namespace qk {
 
 namespace {
 
-// one (w row, x row) pair: 32 lane sums over the groups, then the lanes in order, then the tail
+constexpr int kRowsAtOnce = 16;  // x rows multiplied per decoded w group
+
+// one w row against x rows m0 .. m0 + rows (rows <= kRowsAtOnce), each group of w decoded once for
+// all of them. Per x row: 32 lane sums over the groups, then the lanes in order, then the tail; the
+// same operations whatever the other rows, so a row gives the same bits alone or in a batch.
 template <class F>
-float row_dot(const uint8_t* w, const float* x, int64_t K) {
-  float lanes[32] = {0}, values[32];
+void rows_dot(const Gemv& a, int64_t n, int64_t m0, int rows) {
+  const uint8_t* w = a.w + n * a.row_bytes;
+  const int64_t K = a.K;
+  float lanes[kRowsAtOnce][32] = {}, values[32];
   Scales s;
   for (int64_t blk = 0; blk < K / F::kValues; ++blk) {
     const uint8_t* b = w + blk * F::kBytes;
     F::prepare(b, &s);
     for (int g = 0; g < F::kValues / 32; ++g) {
       F::scalar(b, g, &s, values);
-      const float* xg = x + blk * F::kValues + g * 32;
-      for (int i = 0; i < 32; ++i) lanes[i] += values[i] * xg[i];
+      for (int r = 0; r < rows; ++r) {
+        const float* xg = a.x + (m0 + r) * K + blk * F::kValues + g * 32;
+        for (int i = 0; i < 32; ++i) lanes[r][i] += values[i] * xg[i];
+      }
     }
   }
-  float sum = 0;
-  for (int i = 0; i < 32; ++i) sum += lanes[i];
-  return sum + tail_dot<F>(w, x, K);
+  for (int r = 0; r < rows; ++r) {
+    float sum = 0;
+    for (int i = 0; i < 32; ++i) sum += lanes[r][i];
+    store(a, m0 + r, n, sum + tail_dot<F>(w, a.x + (m0 + r) * K, K));
+  }
 }
 
 template <class F>
 void gemv_format(const Gemv& a, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t n = 0; n < a.N; ++n)
-    for (int64_t m = 0; m < a.M; ++m) store(a, m, n, row_dot<F>(a.w + n * a.row_bytes, a.x + m * a.K, a.K));
+    for (int64_t m = 0; m < a.M; m += kRowsAtOnce)
+      rows_dot<F>(a, n, m, (int)(a.M - m < kRowsAtOnce ? a.M - m : kRowsAtOnce));
 }
 
 template <class F>

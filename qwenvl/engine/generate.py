@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +22,9 @@ from .grammar import Constraint, apply_mask
 from .kv_cache import BlockSequence, KVPool, block_hashes
 from .prompt import Prompt
 from .sampler import Sampler, SamplingParams
+
+if TYPE_CHECKING:
+    from .speculative import Speculation
 
 
 @dataclass
@@ -39,6 +43,8 @@ class GenerationResult:
     prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token (None for the first)
     tool_calls: list | None = None  # qwenvl.tools.ToolCall list, when the request had tools (Model.chat)
     content: str | None = None  # with tools: the text outside the calls (None when there is none)
+    draft_tokens: int = 0  # speculative decoding: tokens drafted (verified) in all
+    accepted_tokens: int = 0  # speculative decoding: drafted tokens kept
 
     @property
     def completion_tokens(self) -> int:
@@ -128,6 +134,9 @@ class Request:
     logprobs: list[TokenLogprob] = field(default_factory=list)  # when params.logprobs is set
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # when params.prompt_logprobs is set
     rope_alpha: float = 1.0  # the model's rope factor for this prompt (Qwen's dynamic NTK), fixed at admission
+    speculation: Speculation | None = None  # speculative decoding (engine/speculative.py), None: off
+    draft_tokens: int = 0  # tokens drafted so far (speculation)
+    accepted_tokens: int = 0  # drafted tokens kept so far (speculation)
 
     @property
     def next_position(self) -> int:
@@ -174,9 +183,11 @@ def new_request(
     context: int,
     constraint: Constraint | None = None,
     pool: KVPool | None = None,
+    speculation: Speculation | None = None,
 ) -> Request:
     """A request ready to run, its KV cache from ``pool``; without a pool its cache is left for
-    ``Request.allocate_cache``."""
+    ``Request.allocate_cache``. ``speculation``: draft and verify several tokens a step
+    (engine/speculative.py)."""
     length = len(prompt.input_ids)
     if length == 0:
         raise RequestError("empty prompt")
@@ -200,6 +211,7 @@ def new_request(
         constraint=constraint,
         prompt_logprobs=[None] if params.prompt_logprobs is not None else [],
         rope_alpha=model.rope_alpha(length),
+        speculation=speculation,
     )
     if pool is not None:
         request.allocate_cache(pool)
@@ -250,6 +262,33 @@ class Generation:
         else:
             logits = prefill(model, req)
         prefill_done = time.perf_counter()
+        if req.speculation is not None:
+            from . import speculative
+
+            yield from speculative.decode(model, req, logits)
+        else:
+            yield from self._decode(logits)
+        finished = time.perf_counter()
+        result = GenerationResult(
+            text=req.text,
+            token_ids=list(req.output_ids),
+            prompt_tokens=len(req.prompt.input_ids),
+            finish_reason=req.finish_reason or "length",
+            prefill_s=prefill_done - started,
+            cached_tokens=cached,
+            decode_s=finished - prefill_done,
+            logprobs=list(req.logprobs) if req.params.logprobs is not None else None,
+            prompt_logprobs=list(req.prompt_logprobs) if req.params.prompt_logprobs is not None else None,
+            draft_tokens=req.draft_tokens,
+            accepted_tokens=req.accepted_tokens,
+        )
+        if self.finish is not None:
+            self.finish(result)
+        self.result = result
+
+    def _decode(self, logits: torch.Tensor) -> Iterator[str]:
+        """Plain decoding: one token a step, from the prefill's logits until the request finishes."""
+        req, model = self.request, self.model
         history = torch.tensor(req.prompt.input_ids, dtype=torch.long)
         prompt_length = len(req.prompt.input_ids)
         while True:
@@ -262,21 +301,6 @@ class Generation:
                 break
             history = torch.cat([history, torch.tensor([token])])
             logits = decode_step(model, req, token)
-        finished = time.perf_counter()
-        result = GenerationResult(
-            text=req.text,
-            token_ids=list(req.output_ids),
-            prompt_tokens=len(req.prompt.input_ids),
-            finish_reason=req.finish_reason or "length",
-            prefill_s=prefill_done - started,
-            cached_tokens=cached,
-            decode_s=finished - prefill_done,
-            logprobs=list(req.logprobs) if req.params.logprobs is not None else None,
-            prompt_logprobs=list(req.prompt_logprobs) if req.params.prompt_logprobs is not None else None,
-        )
-        if self.finish is not None:
-            self.finish(result)
-        self.result = result
 
 
 def sample_next(req: Request, logits: torch.Tensor, history: torch.Tensor, generated: torch.Tensor) -> int:

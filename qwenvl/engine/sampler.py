@@ -127,6 +127,17 @@ class Sampler:
         Extreme (finite) values never make it fail: scores pushed to +inf by a penalty or the temperature
         share the choice equally, NaN scores are never chosen, and torch.multinomial only ever sees
         finite, non-negative probabilities with a positive sum."""
+        choice = self.distribution(logits, history, generated)
+        if isinstance(choice, int):
+            return choice
+        return int(torch.multinomial(choice, 1, generator=self.generator))
+
+    def distribution(
+        self, logits: torch.Tensor, history: torch.Tensor, generated: torch.Tensor | None = None
+    ) -> int | torch.Tensor:
+        """What ``__call__`` draws from: the probabilities [vocab] after every transform (bias,
+        penalties, temperature, top-k / top-p / min-p), or the token itself where the choice is
+        deterministic (greedy, or nothing finite to sample from). Draws nothing."""
         p = self.params
         if p.logit_bias:
             logits = logits.index_add(0, self.bias_ids, self.bias_values.to(logits.dtype))
@@ -149,7 +160,7 @@ class Sampler:
         probs = torch.softmax(logits, dim=-1)
         if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:  # cannot happen; never crash
             return _argmax(logits, raw)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        return probs
 
 
 def finite_scores(logits: torch.Tensor) -> torch.Tensor | None:

@@ -7,7 +7,9 @@ One loop thread owns the model. Each iteration it
    (``TextModel.forward_segments``), so running requests keep streaming while a long prompt is read,
 3. runs one decode step for every running request (``TextModel.decode``: one matmul per weight for
    all rows, attention per row on the row's own cache and position), then samples each row with the
-   request's own sampler and streams the new text to the request's handle.
+   request's own sampler and streams the new text to the request's handle. With speculative
+   decoding (engine/speculative.py) a request adds its draft as more rows of that step (the step's
+   rows stay within ``speculative.MAX_ROWS``) and may take several tokens from it.
 A request never waits for another to finish, only for a free slot. A request whose step raises ends
 with finish_reason "error"; the others go on. docs/engine.md has the details.
 """
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..errors import BusyError, QwenVLError, RequestError
+from . import speculative
 from .generate import (
     PREFILL_CHUNK,
     GenerationResult,
@@ -43,6 +46,7 @@ from .grammar import Constraint
 from .kv_cache import KVCacheFull
 from .prompt import Prompt
 from .sampler import sampling_params
+from .speculative import Speculation
 
 if TYPE_CHECKING:
     from ..api import Model
@@ -197,6 +201,7 @@ class _Sequence:
         self.history[:prompt_length] = torch.tensor(request.prompt.input_ids, dtype=torch.long)
         self.prefilled = 0  # prompt tokens already in the KV cache
         self.cached_tokens = 0  # of which found in the prefix cache at admission
+        self.draft: list[int] = []  # speculation: the tokens drafted for the coming decode step
         self.submitted = time.perf_counter()
         self.admitted = 0.0
         self.first_token = 0.0
@@ -210,7 +215,10 @@ class _Sequence:
 class BatchEngine:
     """Runs submitted requests concurrently on one model; see the module docstring."""
 
-    def __init__(self, model: Model, *, max_batch: int = 8, max_waiting: int = 1024):
+    def __init__(
+        self, model: Model, *, max_batch: int = 8, max_waiting: int = 1024, speculation: Speculation | None = None
+    ):
+        """``speculation``: every request drafts and verifies several tokens a step (same outputs)."""
         if max_batch < 1:
             raise QwenVLError(f"max_batch must be at least 1, got {max_batch}")
         if max_waiting < 0:
@@ -218,6 +226,11 @@ class BatchEngine:
         self.model = model
         self.max_batch = max_batch
         self.max_waiting = max_waiting
+        self.speculation = speculation
+        self._draft_tokens = 0  # speculation: drafted, and kept, over every finished step
+        self._accepted_tokens = 0
+        self._decode_tokens = 0  # tokens emitted by decode steps, and the seconds those steps took
+        self._decode_seconds = 0.0
         self._eos = model.generation_config.eos_token_ids or tuple(
             i for i in (model.tokenizer.eos_token_id,) if i is not None
         )
@@ -301,6 +314,7 @@ class BatchEngine:
                     self._eos,
                     context,
                     constraint=constraint,
+                    speculation=self.speculation,
                 )
             )
         self.start()
@@ -328,6 +342,10 @@ class BatchEngine:
                 "waiting": len(self._waiting),
                 "kv_cache_bytes": self._kv_bytes(),
                 "steps": self._steps,
+                "draft_tokens": self._draft_tokens,
+                "accepted_tokens": self._accepted_tokens,
+                "decode_tokens": self._decode_tokens,
+                "decode_seconds": self._decode_seconds,
             }
 
     # -- the loop -------------------------------------------------------------------------------
@@ -436,13 +454,38 @@ class BatchEngine:
             self._take_token(follower, logits)
 
     def _decode(self) -> None:
+        started = time.perf_counter()
         rows = list(self._running)
-        logits = self._together_or_alone(rows, self._decode_rows, lambda seq: self._decode_rows([seq])[0])
+        before = sum(len(seq.request.output_ids) for seq in rows)
+        if self._plan_drafts(rows):
+            model = self.model.text_model
+            logits = self._together_or_alone(
+                rows,
+                lambda seqs: speculative.forward_rows(model, [s.request for s in seqs], [s.draft for s in seqs]),
+                lambda seq: speculative.forward_rows(model, [seq.request], [seq.draft])[0],
+            )
+        else:
+            logits = self._together_or_alone(rows, self._decode_rows, lambda seq: self._decode_rows([seq])[0])
         for seq, row in zip(rows, logits):
             if not seq.handle.done:
                 self._take_token(seq, row)
         with self._lock:
             self._steps += 1
+            self._decode_tokens += sum(len(seq.request.output_ids) for seq in rows) - before
+            self._decode_seconds += time.perf_counter() - started
+
+    def _plan_drafts(self, rows: list[_Sequence]) -> bool:
+        """Each speculating request's draft for this step, the step's rows kept within
+        ``speculative.MAX_ROWS`` and the KV blocks the pool has free (requests first come, first served);
+        whether any request drafted."""
+        budget = speculative.MAX_ROWS - len(rows)
+        spare = self.model.kv_pool.available() - sum(speculative.new_blocks(seq.request, 1) for seq in rows)
+        for seq in rows:
+            count = seq.prompt_length + len(seq.request.output_ids)
+            seq.draft = speculative.draft(seq.request, seq.history[:count], budget, spare) if budget > 0 else []
+            budget -= len(seq.draft)
+            spare -= speculative.new_blocks(seq.request, 1 + len(seq.draft)) - speculative.new_blocks(seq.request, 1)
+        return any(seq.draft for seq in rows)
 
     def _together_or_alone(
         self, seqs: list[_Sequence], together: Callable[[list[_Sequence]], Any], alone: Callable[[_Sequence], Any]
@@ -478,19 +521,27 @@ class BatchEngine:
         return model.logits(hidden[:, -1])
 
     def _take_token(self, seq: _Sequence, logits: torch.Tensor) -> None:
-        """Sample the request's next token from its logits, stream it, retire the request if done."""
+        """Sample the request's next token from its logits (with a draft: its tokens from its rows of
+        logits), stream it, retire the request if done."""
         try:
             req = seq.request
             count = seq.prompt_length + len(req.output_ids)
             recorded = len(req.logprobs)
-            token = sample_next(req, logits, seq.history[:count], seq.history[seq.prompt_length : count])
-            req.output_ids.append(token)
-            seq.history[count] = token
-            piece = accept_token(req, token)
+            if logits.dim() == 2:  # the rows of a speculative step
+                drafted, accepted = req.draft_tokens, req.accepted_tokens
+                tokens, piece = speculative.take(req, logits, seq.draft, seq.history)
+                with self._lock:
+                    self._draft_tokens += req.draft_tokens - drafted
+                    self._accepted_tokens += req.accepted_tokens - accepted
+            else:
+                token = sample_next(req, logits, seq.history[:count], seq.history[seq.prompt_length : count])
+                req.output_ids.append(token)
+                seq.history[count] = token
+                tokens, piece = [token], accept_token(req, token)
         except Exception as exc:
             self._end(seq, "error", exc)
             return
-        event = TokenEvent(piece, [token], req.finish_reason, seq.prompt_length, len(req.output_ids))
+        event = TokenEvent(piece, tokens, req.finish_reason, seq.prompt_length, len(req.output_ids))
         if req.params.logprobs is not None:
             event.logprobs = req.logprobs[recorded:]
         if req.params.prompt_logprobs is not None and len(req.output_ids) == 1:
@@ -535,6 +586,8 @@ class BatchEngine:
                 error=message,
                 logprobs=list(req.logprobs) if req.params.logprobs is not None else None,
                 prompt_logprobs=list(req.prompt_logprobs) if req.params.prompt_logprobs is not None else None,
+                draft_tokens=req.draft_tokens,
+                accepted_tokens=req.accepted_tokens,
             )
         )
 

@@ -82,12 +82,15 @@ class _CancellingStream(StreamingResponse):
             self.handle.cancel()
 
 
-def create_app(model: Model, settings: ServerSettings, *, engine: Any = None, max_batch: int = 8) -> FastAPI:
-    """The server app. ``engine``: a started-on-startup BatchEngine (default: a new one over ``model``)."""
+def create_app(
+    model: Model, settings: ServerSettings, *, engine: Any = None, max_batch: int = 8, speculation: Any = None
+) -> FastAPI:
+    """The server app. ``engine``: a started-on-startup BatchEngine (default: a new one over ``model``,
+    every request with ``speculation``, an ``engine.speculative.Speculation`` or None)."""
     if engine is None:
         from ..engine.scheduler import BatchEngine
 
-        engine = BatchEngine(model, max_batch=max_batch, max_waiting=settings.max_waiting)
+        engine = BatchEngine(model, max_batch=max_batch, max_waiting=settings.max_waiting, speculation=speculation)
     builder = PromptBuilder(model, settings)
     metrics = ServerMetrics(engine)
 

@@ -6,7 +6,10 @@ One registry per app (never the process-wide one), holding
   ``qwenvl_requests_finished_total{finish_reason}``: per completion request, counted when it ends;
 - histograms of the time to first token, the time per output token after it, and the whole request;
 - gauges read from the engine at scrape time: running and waiting requests, KV cache bytes; and the
-  engine's decode steps as a counter.
+  engine's decode steps as a counter;
+- speculative decoding (``serve --speculative``): drafted and kept tokens (counters) and their ratio
+  (``qwenvl_spec_acceptance_rate``); tokens emitted by decode steps and the seconds they took, and
+  their ratio (``qwenvl_decode_tokens_per_second``: the effective decode rate, speculation or not).
 """
 
 from __future__ import annotations
@@ -124,6 +127,22 @@ class _EngineCollector:
             yield CounterMetricFamily(
                 "qwenvl_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache", kv["prefix_hit_tokens"]
             )
+        drafted, accepted = stats.get("draft_tokens", 0), stats.get("accepted_tokens", 0)
+        yield CounterMetricFamily(
+            "qwenvl_spec_draft_tokens", "Speculative decoding: tokens drafted and verified", drafted
+        )
+        yield CounterMetricFamily("qwenvl_spec_accepted_tokens", "Speculative decoding: drafted tokens kept", accepted)
+        tokens, seconds = stats.get("decode_tokens", 0), stats.get("decode_seconds", 0.0)
+        yield CounterMetricFamily("qwenvl_decode_tokens", "Tokens emitted by decode steps", tokens)
+        yield CounterMetricFamily("qwenvl_decode_seconds", "Seconds spent in decode steps", seconds)
+        yield GaugeMetricFamily(
+            "qwenvl_decode_tokens_per_second", "Decode tokens per second of decode step so far (all requests)",
+            tokens / seconds if seconds else 0.0,
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "qwenvl_spec_acceptance_rate", "Speculative decoding: kept / drafted tokens so far", accepted / drafted
+            if drafted else 0.0,
+        )  # fmt: skip
 
 
 class HTTPMetricsMiddleware:
