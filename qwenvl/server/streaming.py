@@ -81,21 +81,10 @@ async def cancel_on_disconnect(request: Request, handle: Any) -> None:
 async def collect(request: Request, handle: Any, meta: ResponseMeta | None = None) -> Answer:
     """The whole answer of a non-streamed request."""
     watcher = asyncio.create_task(cancel_on_disconnect(request, handle))
-    answer = Answer(prompt_tokens=handle.prompt_tokens)
-    pieces = []
     try:
-        async for event in handle.aevents():
-            pieces.append(event.text)
-            _fold(answer, event, meta)
+        return await _collect(handle, meta)
     finally:
         watcher.cancel()
-        handle.cancel()
-        answer.text = "".join(pieces)
-        if meta is not None and meta.observer is not None:
-            meta.observer.finish(answer)
-    if answer.finish_reason == "error":
-        raise _failure(answer)
-    return answer
 
 
 def _failure(answer: Answer) -> APIError:
@@ -127,7 +116,8 @@ async def collect_choices(request: Request, handles: list[Any], metas: list[Resp
         Choices(handles).cancel()
 
 
-async def _collect(handle: Any, meta: ResponseMeta) -> Answer:
+async def _collect(handle: Any, meta: ResponseMeta | None) -> Answer:
+    """One engine request's whole answer: its events folded, its failure raised as the API error."""
     answer = Answer(prompt_tokens=handle.prompt_tokens)
     pieces = []
     try:
@@ -137,7 +127,7 @@ async def _collect(handle: Any, meta: ResponseMeta) -> Answer:
     finally:
         handle.cancel()
         answer.text = "".join(pieces)
-        if meta.observer is not None:
+        if meta is not None and meta.observer is not None:
             meta.observer.finish(answer)
     if answer.finish_reason == "error":
         raise _failure(answer)
