@@ -22,11 +22,13 @@ lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
+# Two pytest-xdist workers, a test file each at a time (the suite is mostly single-threaded Python:
+# two workers keep both cores of a 2-core machine busy; tests/conftest.py gives each worker its share).
 test: setup lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-slow: setup
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -n 2 --dist loadfile -m slow
 
 test-ray: setup
 	$(PY) -m pytest -q -m ray

@@ -20,7 +20,9 @@ from tokenizer_fixtures import qwen_tokenizer_dir  # noqa: E402
 
 from qwenvl import ops  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist (`make test` runs two workers) the cores are shared out between the workers.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
 
 
 @pytest.fixture(scope="session")
