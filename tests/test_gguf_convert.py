@@ -117,7 +117,14 @@ def test_f16_and_q8_0_agree_on_top1(converted, reference, image, arch, kind):
     assert agreement >= 0.9
 
 
-@pytest.mark.parametrize("arch", list(LOW_BIT_CONFIGS))
+# The text quantizers do not depend on the vision half: the first architecture runs in `make test`,
+# the others with the slow checks.
+LOW_BIT_ARCHS = [
+    arch if index == 0 else pytest.param(arch, marks=pytest.mark.slow) for index, arch in enumerate(LOW_BIT_CONFIGS)
+]
+
+
+@pytest.mark.parametrize("arch", LOW_BIT_ARCHS)
 def test_4_and_5_bit_logits_stay_close(converted, tmp_path, image, arch):
     """The text GGUF in each 4/5-bit type against the f32 one, the f32 mmproj feeding both."""
     text32, mmproj32 = converted(arch, "f32")
