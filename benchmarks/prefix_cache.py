@@ -21,7 +21,10 @@ first turn. One float32 copy of the model: "cold" is the same model after ``Mode
 (no cached prefix, no cached image encoding: the image is encoded and prefilled again), "warm" the
 second turn right after the first turn. Each round uses a new image; the order alternates (even
 rounds: first turn, warm, clear, cold; odd: cold, clear, first turn, warm; caches cleared between
-rounds; the first turn's answer in the second turn is fixed text). Reports whether
+rounds; the first turn's answer in the second turn is fixed text). Besides the time to the first
+streamed piece it reports the time to the first token (the call to the first token's logits): with
+random weights the first tokens are often pieces of a UTF-8 character, which stream no text until
+later decode steps, the same steps on both sides. Reports whether
 the warm turn encoded the image again (vision-cache misses) and how many prompt tokens it reused.
 """
 
@@ -136,9 +139,8 @@ def run_vl(args: argparse.Namespace) -> int:
 
             def timed(name: str, messages: list[dict]) -> None:
                 misses = model.vision_cache.misses
-                seconds, ids, prompt_tokens, cached = ttft(model, messages, args.max_tokens)
-                row[name] = {"ttft_s": seconds, "prompt_tokens": prompt_tokens, "cached_tokens": cached, "ids": ids,
-                             "image_encodes": model.vision_cache.misses - misses}  # fmt: skip
+                row[name] = timed_stream(model, messages, args.max_tokens)
+                row[name]["image_encodes"] = model.vision_cache.misses - misses
 
             if index % 2 == 0:
                 model.chat(first, temperature=0, max_tokens=args.max_tokens)  # turn 1: fills the caches
@@ -151,16 +153,22 @@ def run_vl(args: argparse.Namespace) -> int:
                 model.chat(first, temperature=0, max_tokens=args.max_tokens)
                 timed("warm", second)
             model.clear_caches()
-            row["same_answer"] = row["cold"]["ids"] == row["warm"]["ids"]
+            cold, warm = row["cold"], row["warm"]
+            row["same_answer"] = cold["ids"] == warm["ids"]
             rounds.append(row)
             print(
-                f"round {index}: prompt {row['cold']['prompt_tokens']} tokens, {row['warm']['cached_tokens']} cached, "
-                f"image encoded cold {row['cold']['image_encodes']}x / warm {row['warm']['image_encodes']}x; "
-                f"cold {row['cold']['ttft_s']:.2f} s, warm {row['warm']['ttft_s']:.2f} s "
-                f"({row['warm']['ttft_s'] / row['cold']['ttft_s']:.3f}x); same answer: {row['same_answer']}; "
-                f"load {row['load']:.1f}",
+                f"round {index}: prompt {cold['prompt_tokens']} tokens, {warm['cached_tokens']} cached, "
+                f"image encoded cold {cold['image_encodes']}x / warm {warm['image_encodes']}x; "
+                f"first token: cold {cold['first_token_s']:.2f} s, warm {warm['first_token_s']:.2f} s "
+                f"({warm['first_token_s'] / cold['first_token_s']:.3f}x; prefill {cold['prefill_s']:.2f} s vs "
+                f"{warm['prefill_s']:.2f} s); first piece: cold {cold['ttft_s']:.2f} s, warm {warm['ttft_s']:.2f} s "
+                f"({warm['ttft_s'] / cold['ttft_s']:.3f}x); same answer: {row['same_answer']}; load {row['load']:.1f}",
                 flush=True,
             )
+    cold_s = statistics.median(r["cold"]["first_token_s"] for r in rounds)
+    warm_s = statistics.median(r["warm"]["first_token_s"] for r in rounds)
+    print(f"median 2nd-turn time to the first token: cold {cold_s:.2f} s, warm {warm_s:.2f} s, "
+          f"warm/cold {warm_s / cold_s:.3f}")  # fmt: skip
     return summarize(rounds, args)
 
 
@@ -178,15 +186,31 @@ def summarize(rounds: list[dict], args: argparse.Namespace) -> int:
 
 def ttft(model: qwenvl.Model, messages: list[dict], max_tokens: int) -> tuple[float, list[int], int, int]:
     """(seconds to the first piece, answer token ids, prompt tokens, cached prompt tokens)."""
+    timing = timed_stream(model, messages, max_tokens)
+    return timing["ttft_s"], timing["ids"], timing["prompt_tokens"], timing["cached_tokens"]
+
+
+def timed_stream(model: qwenvl.Model, messages: list[dict], max_tokens: int) -> dict:
+    """One greedy streamed request: ``ttft_s`` (the call to the first streamed piece), ``first_token_s``
+    (the call to the first token's logits: templating, image preprocessing and encoding, prefill; the
+    total minus the decode time), ``prefill_s``, the answer ``ids`` and the prompt / cached tokens."""
     started = time.perf_counter()
     first = None
     generation = model.stream(messages, temperature=0, max_tokens=max_tokens)
     for _ in generation:
         if first is None:
             first = time.perf_counter() - started
+    total = time.perf_counter() - started
     result = generation.result
-    assert result is not None and first is not None
-    return first, result.token_ids, result.prompt_tokens, result.cached_tokens
+    assert result is not None
+    return {
+        "ttft_s": first if first is not None else total,  # an answer with no text: its end
+        "first_token_s": total - result.decode_s,
+        "prefill_s": result.prefill_s,
+        "ids": result.token_ids,
+        "prompt_tokens": result.prompt_tokens,
+        "cached_tokens": result.cached_tokens,
+    }
 
 
 def main() -> int:
