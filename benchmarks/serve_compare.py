@@ -28,7 +28,10 @@ overhead per request is measured as the mean round trip of `--overhead-requests`
 GET /v1/models through each (no model work: proxy, ingress and replica hops only). With
 `--no-prefix-cache-peer` a `qwenvl serve --no-prefix-cache` server joins, compared with the one qwenvl
 server; `--system-tokens N` starts every request with one shared system prompt of about N tokens
-(the mean prompt tokens the servers report are printed with each run). A benchmark, not a test: run
+(the mean prompt tokens the servers report are printed with each run); each server first answers
+one request with it, untimed, so a prefix-caching server holds it as one that has been running does
+(requests that arrive together with nothing cached all prefill it: each is admitted, and looks up
+the cache, before the first one's prefill registers its blocks). A benchmark, not a test: run
 it on a quiet machine.
 """
 
@@ -109,6 +112,9 @@ def system_prompt(tokens: int) -> str | None:
 def measure(servers: list[Server], args: argparse.Namespace) -> list[dict]:
     rows = []
     system = system_prompt(args.system_tokens)
+    if system is not None:  # one untimed request each: a running server has seen its system prompt
+        for server in servers:
+            run_load(server.base_url, clients=1, requests=1, max_tokens=1, model=server.model, system=system)
     for round_index in range(args.rounds):
         order = servers if round_index % 2 == 0 else servers[::-1]
         for clients in args.clients:
