@@ -3,6 +3,13 @@
 
     python benchmarks/serve_compare.py [--gguf FILE] [--hf-dir DIR] [--clients 1,8,16] [--max-tokens 64] [--rounds 2]
 
+The prefix cache under a shared system prompt (issue 17): one server with it, one with
+`--no-prefix-cache` (the server before prefix caching), every request starting with the same system
+prompt of about N tokens:
+
+    python benchmarks/serve_compare.py --skip transformers --no-prefix-cache-peer --system-tokens 1000 \
+        --clients 16 --requests-per-client 1 --max-tokens 16 --rounds 2
+
 One server against its Ray Serve replicas (docs/scale-out.md; needs the `ray` extra):
 
     python benchmarks/serve_compare.py --skip transformers --ray-replicas 2 --ray-max-batch 8 --ray-threads 1 \
@@ -18,8 +25,14 @@ mean time to first token, and the ratio qwenvl ÷ transformers; `--json` writes 
 `--ray-replicas N` a third server joins: `qwenvl serve --ray` with N replicas of `--ray-threads` threads
 and `--ray-max-batch` each, compared with the one qwenvl server (`--max-batch`, `--threads`), and the Ray
 overhead per request is measured as the mean round trip of `--overhead-requests` sequential
-GET /v1/models through each (no model work: proxy, ingress and replica hops only). A benchmark, not a
-test: run it on a quiet machine.
+GET /v1/models through each (no model work: proxy, ingress and replica hops only). With
+`--no-prefix-cache-peer` a `qwenvl serve --no-prefix-cache` server joins, compared with the one qwenvl
+server; `--system-tokens N` starts every request with one shared system prompt of about N tokens
+(the mean prompt tokens the servers report are printed with each run); each server first answers
+one request with it, untimed, so a prefix-caching server holds it as one that has been running does
+(requests that arrive together with nothing cached all prefill it: each is admitted, and looks up
+the cache, before the first one's prefill registers its blocks). A benchmark, not a test: run
+it on a quiet machine.
 """
 
 from __future__ import annotations
@@ -79,8 +92,29 @@ def start(server: Server, args: argparse.Namespace) -> None:
     run_load(server.base_url, clients=1, requests=1, max_tokens=8, model=server.model)  # warm-up
 
 
+SYSTEM_RULE = (
+    "Rule {n}: read the whole question before answering, keep the answer short and factual, "
+    "say so when you are unsure, and never invent an API, a file or a command. "
+)
+
+
+def system_prompt(tokens: int) -> str | None:
+    """A system prompt of about ``tokens`` tokens (numbered rules, ~4 characters a token); None for 0."""
+    if tokens <= 0:
+        return None
+    text, number = "You are a careful assistant for a software team. ", 0
+    while len(text) < 4 * tokens:
+        number += 1
+        text += SYSTEM_RULE.format(n=number)
+    return text
+
+
 def measure(servers: list[Server], args: argparse.Namespace) -> list[dict]:
     rows = []
+    system = system_prompt(args.system_tokens)
+    if system is not None:  # one untimed request each: a running server has seen its system prompt
+        for server in servers:
+            run_load(server.base_url, clients=1, requests=1, max_tokens=1, model=server.model, system=system)
     for round_index in range(args.rounds):
         order = servers if round_index % 2 == 0 else servers[::-1]
         for clients in args.clients:
@@ -92,11 +126,13 @@ def measure(servers: list[Server], args: argparse.Namespace) -> list[dict]:
                     max_tokens=args.max_tokens,
                     model=server.model,
                     ignore_eos=args.ignore_eos,
+                    system=system,
                 )
                 rows.append({"server": server.name, "round": round_index + 1, **vars(report)})
                 print(
                     f"round {round_index + 1} {server.name:>12} {clients:>3} clients: {report.tok_s:7.1f} tok/s, "
-                    f"mean TTFT {report.mean_ttft_s or 0:.2f} s, {report.errors} errors",
+                    f"mean TTFT {report.mean_ttft_s or 0:.2f} s, {report.errors} errors, "
+                    f"prompt {report.mean_prompt_tokens} tokens, load {os.getloadavg()[0]:.1f}",
                     flush=True,
                 )
     return rows
@@ -150,6 +186,10 @@ def main() -> int:
     parser.add_argument("--ray-max-batch", type=int, default=8, help="--max-batch of each Ray replica (default 8)")
     parser.add_argument("--ray-threads", type=int, default=1, help="threads of each Ray replica (default 1)")
     parser.add_argument("--ray-router", default="prefix", choices=["prefix", "pow2"], help="the replicas' router")
+    parser.add_argument("--no-prefix-cache-peer", action="store_true", help="also run `qwenvl serve --no-prefix-cache`")
+    parser.add_argument(
+        "--system-tokens", type=int, default=0, help="a shared system prompt of about N tokens in every request"
+    )
     parser.add_argument("--overhead-requests", type=int, default=50, help="GET /v1/models per server for the overhead")
     parser.add_argument("--start-timeout", type=float, default=600)
     parser.add_argument("--log-dir", default="/tmp")
@@ -174,6 +214,9 @@ def main() -> int:
             str(args.max_tokens),
         ] + (["--threads", str(args.threads)] if args.threads else [])
         servers.append(Server("qwenvl", command + args.qwenvl_args.split(), 8391, "default"))
+        if args.no_prefix_cache_peer:
+            command = [*command[:6], "8394", *command[7:], *args.qwenvl_args.split(), "--no-prefix-cache"]
+            servers.append(Server("qwenvl-no-cache", command, 8394, "default"))
     if args.ray_replicas:
         command = [
             sys.executable,
@@ -259,6 +302,13 @@ def _print_ratios(rows: list[dict]) -> None:
             print(
                 f"{clients:>3} clients: Ray replicas ÷ one server tok/s = {tok_s / single[0]:.2f}, "
                 f"TTFT {ttft:.2f} s vs {single[1]:.2f} s"
+            )
+    for (server, clients), (tok_s, ttft, _) in means.items():
+        uncached = means.get(("qwenvl-no-cache", clients))
+        if server == "qwenvl" and uncached and uncached[0]:
+            print(
+                f"{clients:>3} clients: prefix cache ÷ --no-prefix-cache tok/s = {tok_s / uncached[0]:.2f}, "
+                f"TTFT {ttft:.2f} s vs {uncached[1]:.2f} s"
             )
     for (server, clients), (tok_s, ttft, _) in means.items():
         peer = means.get(("transformers", clients))

@@ -89,6 +89,16 @@ class Model:
                 self._kv_pool = KVPool(self.config.text, self.dtype, budget, prefix_caching=self.prefix_cache)
             return self._kv_pool
 
+    def clear_caches(self) -> None:
+        """Forget what earlier requests left for later ones: the prefix cache's blocks and the encoded
+        images and videos. The next request runs cold (as after loading); running requests are unaffected."""
+        with self.vision_lock:
+            self.vision_cache.clear()
+        with self._kv_lock:
+            pool = self._kv_pool
+        if pool is not None:
+            pool.clear_prefixes()
+
     @property
     def grammar_compiler(self) -> GrammarCompiler:
         """Compiles this model's output grammars (structured outputs, tool calls); made on first use."""

@@ -7,7 +7,9 @@ CLIENTS threads each send streamed /v1/chat/completions requests, one after anot
 been sent in all. Prints the aggregate decode rate (completion tokens of all requests / wall time), the mean
 time to first token (first content chunk) and the errors. ``--json-schema-share 0.5`` sends every other
 request with a ``response_format`` JSON schema (``--json-schema FILE``, default: a long list of objects),
-the others plain, to measure what structured outputs cost the batch. Standard library only.
+the others plain, to measure what structured outputs cost the batch. ``--system-file FILE`` sends that
+file's text as a system message before every prompt (a system prompt all requests share, as
+applications do). Standard library only.
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ class RequestResult:
     prompt: str
     text: str = ""
     completion_tokens: int = 0
+    prompt_tokens: int | None = None  # from the usage chunk, when the server sends one
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, when the server sends it
     ttft_s: float | None = None
     total_s: float = 0.0
     finish_reason: str | None = None
@@ -86,16 +90,24 @@ class LoadReport:
     p50_ttft_s: float | None
     p90_ttft_s: float | None
     error_messages: list[str] = field(default_factory=list)
+    mean_prompt_tokens: float | None = None  # from the servers' usage chunks
 
 
 def chat_body(
-    prompt: str, max_tokens: int, model: str, temperature: float, ignore_eos: bool, schema: dict | None = None
+    prompt: str,
+    max_tokens: int,
+    model: str,
+    temperature: float,
+    ignore_eos: bool,
+    schema: dict | None = None,
+    system: str | None = None,
 ) -> dict[str, Any]:
     """One streamed chat request; with ``schema``, constrained to it (and without ignore_eos, which a
-    grammar does not take)."""
+    grammar does not take); with ``system``, that system message first."""
+    messages = [{"role": "system", "content": system}] if system is not None else []
     body: dict[str, Any] = {
         "model": model,
-        "messages": [{"role": "user", "content": prompt}],
+        "messages": messages + [{"role": "user", "content": prompt}],
         "max_tokens": max_tokens,
         "temperature": temperature,
         "stream": True,
@@ -158,6 +170,9 @@ def _read_events(response: http.client.HTTPResponse, result: RequestResult, star
             result.finish_reason = choice.get("finish_reason") or result.finish_reason
     result.text = "".join(pieces)
     result.completion_tokens = usage["completion_tokens"] if usage else chunks
+    if usage:
+        result.prompt_tokens = usage.get("prompt_tokens")
+        result.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
 
 
 def run_load(
@@ -174,9 +189,11 @@ def run_load(
     timeout: float = 600.0,
     schema: dict | None = None,
     schema_share: float = 0.0,
+    system: str | None = None,
 ) -> tuple[LoadReport, list[RequestResult]]:
     """Send ``requests`` streamed chat requests from ``clients`` threads; the report and every result.
-    ``schema_share``: the fraction of requests (spread evenly) constrained to ``schema``."""
+    ``schema_share``: the fraction of requests (spread evenly) constrained to ``schema``; ``system``:
+    a system message every request starts with."""
     constrained = [int((i + 1) * schema_share) > int(i * schema_share) for i in range(requests)]
     prompts = [
         SCHEMA_PROMPT if constrained[i] and prompt is None else prompt or PROMPTS[i % len(PROMPTS)]
@@ -193,7 +210,7 @@ def run_load(
             if index is None:
                 return
             request_schema = (schema or DEFAULT_SCHEMA) if constrained[index] else None
-            body = chat_body(prompts[index], max_tokens, model, temperature, ignore_eos, request_schema)
+            body = chat_body(prompts[index], max_tokens, model, temperature, ignore_eos, request_schema, system)
             result = stream_one(base_url, body, api_key, timeout)
             result.index = index
             results[index] = result
@@ -213,6 +230,7 @@ def summarize(results: list[RequestResult], clients: int, wall_s: float) -> Load
     ok = [r for r in results if r.error is None]
     ttfts = sorted(r.ttft_s for r in ok if r.ttft_s is not None)
     tokens = sum(r.completion_tokens for r in ok)
+    prompts = [r.prompt_tokens for r in ok if r.prompt_tokens]
     return LoadReport(
         clients=clients,
         requests=len(results),
@@ -225,6 +243,7 @@ def summarize(results: list[RequestResult], clients: int, wall_s: float) -> Load
         p50_ttft_s=round(ttfts[len(ttfts) // 2], 4) if ttfts else None,
         p90_ttft_s=round(ttfts[min(len(ttfts) - 1, int(len(ttfts) * 0.9))], 4) if ttfts else None,
         error_messages=sorted({r.error for r in results if r.error})[:10],
+        mean_prompt_tokens=round(statistics.fmean(prompts), 1) if prompts else None,
     )
 
 
@@ -266,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         help="fraction of the requests sent with a response_format JSON schema (default 0)",
     )
     parser.add_argument("--json-schema", metavar="FILE", help="that schema (default: a long list of objects)")
+    parser.add_argument("--system-file", metavar="FILE", help="a system message every request starts with")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     args = parser.parse_args(argv)
     if min(args.clients, args.requests, args.max_tokens) < 1:
@@ -279,6 +299,13 @@ def main(argv: list[str] | None = None) -> int:
                 schema = json.load(handle)
         except (OSError, ValueError) as error:
             parser.error(f"--json-schema: {error}")
+    system = None
+    if args.system_file:
+        try:
+            with open(args.system_file, encoding="utf-8") as handle:
+                system = handle.read()
+        except (OSError, ValueError) as error:
+            parser.error(f"--system-file: {error}")
     base_url = args.base_url.rstrip("/").removesuffix("/v1")
     report, _ = run_load(
         base_url,
@@ -293,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout=args.timeout,
         schema=schema,
         schema_share=args.json_schema_share,
+        system=system,
     )
     print(json.dumps(asdict(report)) if args.json else format_report(report))
     return 0 if report.errors == 0 else 1

@@ -130,6 +130,25 @@ def test_images_each_keyed_on_their_own(make_vl, pictures):
     assert results[3].cached_tokens == first_pad // 16 * 16  # shared up to the block where b's pads start
 
 
+def test_clear_caches_makes_the_next_request_cold(make_vl, pictures):
+    """``Model.clear_caches``: the prompt's blocks and the image's encoding are forgotten (the same
+    request then reuses nothing and encodes the image again) and the answer is unchanged."""
+    cached = qwenvl.load(make_vl("prefix-vl", **VL_SHAPES["qwen2_vl"]))
+    (a, _, _), _ = pictures
+    messages = [{"role": "user", "content": [{"type": "image", "image": a}, {"type": "text", "text": "What?"}]}]
+    first = cached.chat(messages, **GREEDY)
+    warm = cached.chat(messages, **GREEDY)
+    assert warm.cached_tokens > 0 and cached.vision_cache.hits == 1
+    misses = cached.vision_cache.misses
+    cached.clear_caches()
+    assert cached.kv_pool.stats()["blocks_cached"] == 0
+    cold = cached.chat(messages, **GREEDY)
+    assert cold.cached_tokens == 0 and cached.vision_cache.misses == misses + 1
+    assert first.token_ids == warm.token_ids == cold.token_ids
+    assert cached.chat(messages, **GREEDY).cached_tokens == warm.cached_tokens  # cached again
+    assert not any(cached.kv_pool.refs)
+
+
 @pytest.mark.parametrize("arch", ["qwen2_vl", "qwen2_5_vl"])
 def test_video_and_time_ids(make_vl, pictures, arch):
     directory = make_vl(f"prefix-video-{arch}", **VL_SHAPES[arch])

@@ -147,3 +147,16 @@ def test_loadgen_counts_errors(server, loadgen):
     report, results = loadgen.run_load(server.base_url, clients=2, requests=2, max_tokens=10**9)
     assert report.errors == 2 and all(result.status == 400 for result in results)
     assert "beyond the context" in report.error_messages[0]
+
+
+def test_loadgen_shared_system_prompt(server, loadgen):
+    """``system=``: every request starts with that system message (the usage's prompt tokens grow by
+    the same amount for every request); the report gives the mean prompt tokens."""
+    plain, plain_results = loadgen.run_load(server.base_url, clients=2, requests=2, max_tokens=2, prompt="Hi")
+    shared, results = loadgen.run_load(
+        server.base_url, clients=2, requests=2, max_tokens=2, prompt="Hi", system="Answer tersely. " * 20
+    )
+    assert plain.errors == shared.errors == 0
+    assert {r.prompt_tokens for r in results} == {shared.mean_prompt_tokens}
+    assert shared.mean_prompt_tokens > plain.mean_prompt_tokens + 40
+    assert loadgen.chat_body("Hi", 4, "m", 0.0, False, system="S")["messages"][0] == {"role": "system", "content": "S"}

@@ -16,7 +16,7 @@ from qwenvl.engine import speculative
 from qwenvl.engine.generate import new_request, prefill
 from qwenvl.engine.sampler import sampling_params, top_k_filter
 from qwenvl.engine.scheduler import BatchEngine
-from qwenvl.engine.speculative import Speculation, propose
+from qwenvl.engine.speculative import Drafting, Speculation, propose
 from qwenvl.errors import RequestError
 
 TEXT_SHAPE = dict(hidden=64, layers=2, heads=4, kv_heads=2, ffn=128, tie=False)
@@ -46,6 +46,53 @@ def test_propose_copies_what_followed_the_latest_longest_match():
     assert propose(np.array([1, 2, 3]), 4) == []  # nothing earlier matches
     assert propose(np.array([1, 2, 1]), 0) == []
     assert propose(np.array([7]), 3) == []
+
+
+def test_a_single_token_match_drafts_nothing():
+    """One common token (a comma, "the") is no evidence: the shortest n-gram looked up is 2 tokens."""
+    tokens = np.array([5, 7, 9, 8, 5])
+    assert propose(tokens, 3) == []
+    assert propose(tokens, 3, ngram_min=1) == [7, 9, 8]
+
+
+def test_drafting_grows_shrinks_and_pauses_after_misses():
+    state = Drafting.start(8)
+    state.limit = 3
+    state.update(3, 3)  # kept whole: grows by 2
+    assert (state.limit, state.pause) == (5, 0)
+    state.update(5, 2)  # cut short: shrinks by 1
+    assert (state.limit, state.pause, state.misses) == (4, 0, 0)
+    pauses = []
+    for _ in range(7):  # nothing kept, again and again: the limit halves, the pause doubles up to MAX_PAUSE
+        state.update(state.limit, 0)
+        pauses.append(pause := state.pause)
+        assert [state.wait() for _ in range(pause)] == [True] * pause and not state.wait()
+    assert state.limit == 1
+    assert pauses == [0, 1, 3, 7, 15, speculative.MAX_PAUSE, speculative.MAX_PAUSE]
+    state.update(1, 1)  # a kept token ends the streak
+    assert (state.misses, state.pause, state.limit) == (0, 0, 3)
+    state.update(0, 0)  # no draft: no change
+    assert (state.misses, state.limit) == (0, 3)
+
+
+def test_drafts_that_are_never_kept_are_soon_mostly_skipped(model, monkeypatch):
+    """A proposer whose drafts are always wrong (the greedy token + 1): the greedy tokens are still
+    plain decoding's, and after a few rejected drafts the request drafts rarely and little (before
+    the adaptive state, every one of the 39 steps verified K extra rows)."""
+    plain = chat(model, COPY, temperature=0, max_tokens=40, ignore_eos=True).token_ids
+    vocab = model.text_model.config.vocab_size
+    prompt_length = len(model.prepare([{"role": "user", "content": COPY}]).input_ids)
+
+    def wrong(tokens, count, **_):
+        done = len(tokens) - prompt_length  # the next token is plain[done]
+        return [(plain[done] + 1) % vocab] * count if count else []
+
+    monkeypatch.setattr(speculative, "propose", wrong)
+    spec = chat(model, COPY, temperature=0, max_tokens=40, ignore_eos=True, speculative="ngram", spec_tokens=5)
+    assert spec.token_ids == plain
+    assert spec.accepted_tokens == 0
+    # drafts of 5, 2, 1, then 1-token drafts after pauses of 1, 3, 7, 15 steps: 11 tokens in 39 steps
+    assert 0 < spec.draft_tokens <= 12
 
 
 # -- greedy: the same tokens as plain decoding ------------------------------------------------------

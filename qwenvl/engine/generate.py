@@ -24,7 +24,7 @@ from .prompt import Prompt
 from .sampler import Sampler, SamplingParams
 
 if TYPE_CHECKING:
-    from .speculative import Speculation
+    from .speculative import Drafting, Speculation
 
 
 @dataclass
@@ -137,6 +137,7 @@ class Request:
     speculation: Speculation | None = None  # speculative decoding (engine/speculative.py), None: off
     draft_tokens: int = 0  # tokens drafted so far (speculation)
     accepted_tokens: int = 0  # drafted tokens kept so far (speculation)
+    drafting: Drafting | None = None  # speculation: this request's adaptive draft length and pause
 
     @property
     def next_position(self) -> int:

@@ -144,6 +144,17 @@ class KVPool:
                 "prefix_hit_tokens": self.hit_tokens,
             }
 
+    def clear_prefixes(self) -> int:
+        """Forget every cached prefix (the next requests prefill their whole prompts; running requests
+        keep their blocks, which go back to the free list when released). Returns the blocks forgotten."""
+        with self.lock:
+            forgotten = len(self.hash_of)
+            self.free.extend(self.cached)
+            self.cached.clear()
+            self.block_of.clear()
+            self.hash_of.clear()
+            return forgotten
+
     def available(self) -> int:
         """Blocks a new request can get (free, or cached and unused)."""
         with self.lock:

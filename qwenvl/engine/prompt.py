@@ -137,6 +137,10 @@ class VisionCache:
         digest.update(repr(grid_thw).encode())
         return digest.hexdigest()
 
+    def clear(self) -> None:
+        """Drop every cached encoding (the next request encodes its images again)."""
+        self.entries.clear()
+
     def get_or_compute(self, key: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         if key in self.entries:
             self.hits += 1

@@ -2,7 +2,10 @@
 
 No second model. After each step the proposer looks for the last few tokens (an n-gram, the longest of
 ``NGRAM_MAX`` … ``NGRAM_MIN`` that occurs) earlier in the prompt + output, and drafts the up to k tokens
-that followed its latest occurrence. One forward then runs the last sampled token and the draft as
+that followed its latest occurrence. A single common token is no evidence (``NGRAM_MIN`` is 2), and
+each request adapts how much it drafts to what its drafts earned (``Drafting``: the draft grows while
+drafts are kept whole, shrinks when they are cut, and drafting pauses for longer and longer after
+drafts of which nothing was kept), so an answer with nothing to copy runs almost only plain steps. One forward then runs the last sampled token and the draft as
 k + 1 rows of the same sequence (``TextModel.decode``: the rows share the request's KV cache at
 consecutive positions; the projections read the weights once for all rows), so a row's logits are the
 ones a plain decode step would compute there, bit for bit (the linear kernels compute each row alone
@@ -43,7 +46,8 @@ DEFAULT_TOKENS = 5
 MAX_ROWS = GEMV_MAX_ROWS  # rows of one decode step: up to here the linear kernels compute each row alone
 MAX_TOKENS = MAX_ROWS - 1
 NGRAM_MAX = 3  # the longest context suffix looked up
-NGRAM_MIN = 1
+NGRAM_MIN = 2  # the shortest: a 1-token match (a comma, "the") predicts too little to pay for its rows
+MAX_PAUSE = 16  # plain steps at most between two drafts after drafts of which nothing was kept
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,43 @@ class Speculation:
 
     method: str = "ngram"
     tokens: int = DEFAULT_TOKENS
+
+
+@dataclass
+class Drafting:
+    """One request's drafting state (on the request, ``Request.drafting``), adapted after every
+    verified draft: ``limit`` (tokens the next draft may have, 1 … the request's K) grows by 2 after a
+    draft kept whole and shrinks by 1 after one cut short, and halves after a draft of which nothing
+    was kept; ``misses`` such drafts in a row pause drafting for 2^(misses−1) − 1 plain steps (at most
+    ``MAX_PAUSE``). A kept token ends the pause streak."""
+
+    cap: int
+    limit: int
+    pause: int = 0  # plain steps left before the next draft
+    misses: int = 0  # drafts in a row of which nothing was kept
+
+    @classmethod
+    def start(cls, tokens: int) -> Drafting:
+        return cls(cap=tokens, limit=tokens)
+
+    def wait(self) -> bool:
+        """True (and one step of the pause spent) while drafting is paused."""
+        if self.pause > 0:
+            self.pause -= 1
+            return True
+        return False
+
+    def update(self, drafted: int, kept: int) -> None:
+        """After a draft of ``drafted`` tokens of which the first ``kept`` were kept."""
+        if drafted <= 0:
+            return
+        if kept == 0:
+            self.misses += 1
+            self.limit = max(1, self.limit // 2)
+            self.pause = min(MAX_PAUSE, 2 ** (self.misses - 1) - 1)
+            return
+        self.misses = 0
+        self.limit = min(self.cap, self.limit + 2) if kept == drafted else max(1, self.limit - 1)
 
 
 def speculation(method: str | None, tokens: int | None = None) -> Speculation | None:
@@ -87,12 +128,16 @@ def propose(tokens: np.ndarray, count: int, ngram_max: int = NGRAM_MAX, ngram_mi
 
 def draft(req: Request, history: torch.Tensor, budget: int = MAX_TOKENS, spare_blocks: int | None = None) -> list[int]:
     """The request's draft for its next step (history: prompt + output so far), at most ``budget``
-    tokens, never beyond its token limit nor past the KV blocks it may take (``room``); [] without
-    speculation."""
+    tokens, never beyond its token limit nor past the KV blocks it may take (``room``), nor beyond
+    what its ``Drafting`` state allows; [] without speculation or while drafting is paused."""
     spec = req.speculation
     if spec is None or req.finish_reason is not None:
         return []
-    count = min(spec.tokens, req.max_new_tokens - len(req.output_ids) - 1, budget, room(req, spare_blocks))
+    if req.drafting is None:
+        req.drafting = Drafting.start(spec.tokens)
+    if req.drafting.wait():
+        return []
+    count = min(req.drafting.limit, req.max_new_tokens - len(req.output_ids) - 1, budget, room(req, spare_blocks))
     return propose(history.numpy(), count)
 
 
@@ -147,6 +192,7 @@ def take(req: Request, logits: torch.Tensor, guess: Sequence[int], history: torc
     prompt_length = len(req.prompt.input_ids)
     tokens: list[int] = []
     text = ""
+    kept = 0
     for row in range(logits.shape[0]):
         count = prompt_length + len(req.output_ids)
         drafted = guess[row] if row < len(guess) else None
@@ -156,10 +202,13 @@ def take(req: Request, logits: torch.Tensor, guess: Sequence[int], history: torc
         tokens.append(token)
         text += accept_token(req, token)
         if token == drafted:
-            req.accepted_tokens += 1
+            kept += 1
         if req.finish_reason is not None or token != drafted:
             break
     req.draft_tokens += len(guess)
+    req.accepted_tokens += kept
+    if guess and req.drafting is not None:
+        req.drafting.update(len(guess), kept)
     if req.cache is not None and req.next_start < req.cache.length:  # rows past the kept tokens
         req.cache.truncate(req.next_start)
     return tokens, text
