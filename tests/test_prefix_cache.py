@@ -227,6 +227,29 @@ def test_concurrent_requests_sharing_a_prefix(text_models):
     assert not any(cached.kv_pool.refs)
 
 
+def test_requests_arriving_together_prefill_a_shared_prefix_once(text_models, monkeypatch):
+    """All queued before the engine admits any: the first prefills the shared 96 tokens, the others
+    wait for its blocks instead of computing them again (the server's clients sharing a system prompt)."""
+    cached, plain = text_models
+    system = list(range(3200, 3200 + 100))
+    prompts = [system + [600 + i] * (i + 2) for i in range(4)]
+    want = [plain.generate(p, **GREEDY) for p in prompts]
+    for generation in want:
+        list(generation)
+    engine = BatchEngine(cached, max_batch=4)
+    monkeypatch.setattr(engine, "start", lambda: None)  # queue every request before the loop runs
+    handles = [engine.submit(p, **GREEDY) for p in prompts]
+    monkeypatch.undo()
+    try:
+        engine.start()
+        results = [h.result() for h in handles]
+    finally:
+        engine.shutdown()
+    assert [r.token_ids for r in results] == [w.result.token_ids for w in want]
+    assert [r.cached_tokens for r in results] == [0, 96, 96, 96]
+    assert not any(cached.kv_pool.refs)
+
+
 def test_prompt_logprobs_compute_the_whole_prompt(text_models):
     cached, plain = text_models
     prompt = list(range(4000, 4050))

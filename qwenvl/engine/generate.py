@@ -138,6 +138,7 @@ class Request:
     draft_tokens: int = 0  # tokens drafted so far (speculation)
     accepted_tokens: int = 0  # drafted tokens kept so far (speculation)
     drafting: Drafting | None = None  # speculation: this request's adaptive draft length and pause
+    _hashes: list[bytes] | None = field(default=None, repr=False)  # block_hashes, once computed
 
     @property
     def next_position(self) -> int:
@@ -148,25 +149,35 @@ class Request:
         """Cache index of the next decode step's token (the last one sampled)."""
         return len(self.prompt.input_ids) + len(self.output_ids) - 1
 
-    def allocate_cache(self, pool: KVPool) -> BlockSequence:
-        """Take the request's cache from the pool, with the longest cached prefix of its prompt (none
-        when it asks for prompt logprobs: every prompt position is then computed)."""
-        prompt = self.prompt
-        shareable = prompt.visual_embeds is None or bool(prompt.visual_items)
-        hashes = (
-            block_hashes(
-                prompt.input_ids,
-                prompt.position_ids,
-                prompt.visual_items,
-                prompt.visual_token_ids,
-                seed=f"rope_alpha={self.rope_alpha!r}",
-                block_size=pool.block_size,
+    def block_hashes(self, pool: KVPool) -> list[bytes]:
+        """The hashes naming the prompt's full blocks in ``pool`` (kv_cache.block_hashes; [] when the
+        pool caches no prefix or the prompt's visual items have no digest). Computed once."""
+        if self._hashes is None:
+            prompt = self.prompt
+            shareable = prompt.visual_embeds is None or bool(prompt.visual_items)
+            self._hashes = (
+                block_hashes(
+                    prompt.input_ids,
+                    prompt.position_ids,
+                    prompt.visual_items,
+                    prompt.visual_token_ids,
+                    seed=f"rope_alpha={self.rope_alpha!r}",
+                    block_size=pool.block_size,
+                )
+                if shareable and pool.prefix_caching
+                else []
             )
-            if shareable and pool.prefix_caching
-            else []
-        )
-        reuse = len(prompt.input_ids) - 1 if self.params.prompt_logprobs is None else 0
-        self.cache = pool.sequence(hashes, reuse)
+        return self._hashes
+
+    @property
+    def reuse_limit(self) -> int:
+        """Prompt tokens the request may take from the prefix cache: all but the last (its logits are
+        needed), none when it asks for prompt logprobs (every prompt position is then computed)."""
+        return len(self.prompt.input_ids) - 1 if self.params.prompt_logprobs is None else 0
+
+    def allocate_cache(self, pool: KVPool) -> BlockSequence:
+        """Take the request's cache from the pool, with the longest cached prefix of its prompt."""
+        self.cache = pool.sequence(self.block_hashes(pool), self.reuse_limit)
         return self.cache
 
     def release_cache(self) -> None:

@@ -170,6 +170,14 @@ class KVPool:
             self.hit_tokens += len(blocks) * self.block_size
         return BlockSequence(self, blocks, list(hashes), len(blocks) * self.block_size)
 
+    def cached_prefix(self, hashes: Sequence[bytes]) -> int:
+        """How many of ``hashes`` (a prompt's, in order) name blocks the pool holds now, from the first."""
+        with self.lock:
+            count = 0
+            while count < len(hashes) and hashes[count] in self.block_of:
+                count += 1
+            return count
+
     # -- blocks (callers hold no lock) ---------------------------------------------------------
     def _match(self, hashes: Sequence[bytes], limit: int) -> list[int]:
         blocks = []

@@ -394,7 +394,7 @@ class BatchEngine:
                 if active:  # wait for blocks the running requests will free
                     pool = self.model.kv_pool
                     need = -(-self._waiting[0].prompt_length // pool.block_size) + 1
-                    if pool.available() < need:
+                    if pool.available() < need or self._prefix_in_flight(self._waiting[0]):
                         return
                 seq = self._waiting.popleft()
                 self._prefilling.append(seq)
@@ -408,6 +408,23 @@ class BatchEngine:
                 continue
             seq.prefilled = seq.cached_tokens = cache.cached_tokens
             seq.admitted = time.perf_counter()
+
+    def _prefix_in_flight(self, seq: _Sequence) -> bool:
+        """True when the next block of the request's prompt that the cache lacks is one a request now
+        in prefill is computing (the same hash, not yet registered): admitted once that prefill has
+        registered it, the request reuses the block instead of computing it again — so requests that
+        arrive together with a shared system prompt prefill it once (caller holds the lock)."""
+        request, pool = seq.request, self.model.kv_pool
+        hashes = request.block_hashes(pool)[: request.reuse_limit // pool.block_size]
+        cached = pool.cached_prefix(hashes)
+        if cached == len(hashes):
+            return False
+        pending = hashes[cached]
+        for other in self._prefilling:
+            cache = other.request.cache
+            if cache is not None and pending in cache.hashes[cache.registered :]:
+                return True
+        return False
 
     def _prefill(self) -> None:
         """Prefill the admitted requests' next chunks (cut as generate.prefill cuts them), up to
