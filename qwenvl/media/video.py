@@ -36,9 +36,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import av
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -60,6 +59,9 @@ from .image import (
     smart_resize,
 )
 from .limits import VideoLimits
+
+if TYPE_CHECKING:  # PyAV is imported when a video is opened (its FFmpeg libraries are ~19 MB of RSS)
+    import av
 
 VideoSource = str | Path | bytes | bytearray | memoryview | Sequence[Any]
 
@@ -374,7 +376,14 @@ def _check_size(count: int, max_bytes: int, label: str) -> None:
 
 
 def _bytes_opener(data: bytes) -> Callable[[], av.container.InputContainer]:
-    return lambda: av.open(io.BytesIO(data), metadata_errors="ignore")
+    return lambda: _av().open(io.BytesIO(data), metadata_errors="ignore")
+
+
+def _av() -> Any:
+    """PyAV, imported on first use (a model that never sees a video does not map FFmpeg)."""
+    import av
+
+    return av
 
 
 def _plan_path(path: Path, config: PreprocessConfig, options: VideoOptions, limits: VideoLimits) -> VideoPlan:
@@ -393,7 +402,7 @@ def _plan_path(path: Path, config: PreprocessConfig, options: VideoOptions, limi
         raise MediaError(f"{path}: the video file is empty")
     if not os.access(path, os.R_OK):
         raise MediaError(f"{path}: cannot read (permission denied)")
-    return _plan_file(lambda: av.open(str(path), metadata_errors="ignore"), str(path), config, options, limits)
+    return _plan_file(lambda: _av().open(str(path), metadata_errors="ignore"), str(path), config, options, limits)
 
 
 def _natural_key(path: Path) -> list:
@@ -432,6 +441,7 @@ def _plan_file(
 
 def _with_av_errors(label: str, action: Callable[[], Any]) -> Any:
     """Run ``action``, turning PyAV / FFmpeg failures into one-line MediaErrors."""
+    av = _av()
     try:
         return action()
     except av.error.FileNotFoundError:
