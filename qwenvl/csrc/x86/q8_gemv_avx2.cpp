@@ -17,14 +17,22 @@ namespace q8 {
 
 namespace {
 
-constexpr int kMR = 4;  // x rows sharing one decode of the weights
+constexpr int kMR = 4;      // x rows sharing one decode of the weights
+// Accumulator pairs a kernel keeps, x rows x W rows: with 1, one W row at a time (the fastest
+// measured on Zen 3 for 1 x row: 2 or 4 W rows interleaved ran 1.1-1.8x slower, though with fewer
+// instructions); -DQK_Q8_CHAINS=4 interleaves 4 W rows for a lone x row.
+#ifndef QK_Q8_CHAINS
+#define QK_Q8_CHAINS 1
+#endif
+constexpr int kChains = QK_Q8_CHAINS;
 
 inline __m256i load256(const uint8_t* p) { return _mm256_loadu_si256((const __m256i*)p); }
 
-// 16 bytes of nibble pairs as 32 codes: the low nibbles (values 0-15), then the high ones (16-31)
+// 16 bytes of nibble pairs as 32 codes: the low nibbles (values 0-15), then the high ones (16-31):
+// the bytes in both halves, the upper half shifted right by 4 (a 64-bit shift: masked after)
 inline __m256i nibbles(const uint8_t* p) {
-  const __m128i q = _mm_loadu_si128((const __m128i*)p), low = _mm_set1_epi8(0xF);
-  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), low), _mm_and_si128(q, low));
+  const __m256i both = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i*)p));
+  return _mm256_and_si256(_mm256_srlv_epi64(both, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(0xF));
 }
 
 // 0x10 in byte i where bit i of bits is set (the fifth bit of the Q5 formats' codes)
@@ -38,77 +46,111 @@ inline __m256i fifth_bits(uint32_t bits) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The 32-value formats: one group a block. codes(b): its 32 codes; wo(b, ws): its minimum factor
-// (q8.cpp's Q8Format: -offset * ws, or the stored minimum).
+// The 32-value formats: one group a block. codes(b): its 32 codes; the minimum factor wo (q8.cpp's
+// Q8Format): kOffset * ws (kOffset = -offset), or the stored fp16 minimum after the scale (kMinHalf).
 
 struct SmallQ4_0 {
-  static constexpr bool kSigned = false, kMins = true;
+  static constexpr bool kSigned = false, kMins = true, kMinHalf = false;
+  static constexpr float kOffset = -8.0f;
   static __m256i codes(const uint8_t* b) { return nibbles(b + 2); }
-  static float wo(const uint8_t*, float ws) { return -8.0f * ws; }
 };
 
 struct SmallQ4_1 {
-  static constexpr bool kSigned = false, kMins = true;
+  static constexpr bool kSigned = false, kMins = true, kMinHalf = true;
+  static constexpr float kOffset = 0.0f;
   static __m256i codes(const uint8_t* b) { return nibbles(b + 4); }
-  static float wo(const uint8_t* b, float) { return load_half(b + 2); }
 };
 
 struct SmallQ5_0 {
-  static constexpr bool kSigned = false, kMins = true;
+  static constexpr bool kSigned = false, kMins = true, kMinHalf = false;
+  static constexpr float kOffset = -16.0f;
   static __m256i codes(const uint8_t* b) { return _mm256_or_si256(nibbles(b + 6), fifth_bits(load_u32(b + 2))); }
-  static float wo(const uint8_t*, float ws) { return -16.0f * ws; }
 };
 
 struct SmallQ5_1 {
-  static constexpr bool kSigned = false, kMins = true;
+  static constexpr bool kSigned = false, kMins = true, kMinHalf = true;
+  static constexpr float kOffset = 0.0f;
   static __m256i codes(const uint8_t* b) { return _mm256_or_si256(nibbles(b + 8), fifth_bits(load_u32(b + 4))); }
-  static float wo(const uint8_t* b, float) { return load_half(b + 2); }
 };
 
 struct SmallQ8_0 {
-  static constexpr bool kSigned = true, kMins = false;
+  static constexpr bool kSigned = true, kMins = false, kMinHalf = false;
+  static constexpr float kOffset = 0.0f;
   static __m256i codes(const uint8_t* b) { return load256(b + 2); }
-  static float wo(const uint8_t*, float) { return 0.0f; }
 };
 
-// x rows [m0, m0 + MR) against one W row of a 32-value format, 8 blocks at a time
-template <class S, int kBytes, int MR>
-void small_dot(const Activations& x, int64_t m0, const uint8_t* row, int64_t n, const Gemv& out) {
+inline int half_bits(const uint8_t* p) {
+  uint16_t h;
+  memcpy(&h, p, 2);
+  return h;
+}
+
+// The fp16 values at p, p + stride, ... (8 of them; `here` < 8: zeros after) as fp32 (F16C: exact)
+inline __m256 halves(const uint8_t* p, int64_t stride, int here) {
+  __m128i h = _mm_setzero_si128();
+  if (here == kLanes) {
+    h = _mm_insert_epi16(h, half_bits(p), 0);
+    h = _mm_insert_epi16(h, half_bits(p + stride), 1);
+    h = _mm_insert_epi16(h, half_bits(p + 2 * stride), 2);
+    h = _mm_insert_epi16(h, half_bits(p + 3 * stride), 3);
+    h = _mm_insert_epi16(h, half_bits(p + 4 * stride), 4);
+    h = _mm_insert_epi16(h, half_bits(p + 5 * stride), 5);
+    h = _mm_insert_epi16(h, half_bits(p + 6 * stride), 6);
+    h = _mm_insert_epi16(h, half_bits(p + 7 * stride), 7);
+    return _mm256_cvtph_ps(h);
+  }
+  alignas(16) uint16_t tail[kLanes] = {0};
+  for (int l = 0; l < here; ++l) memcpy(&tail[l], p + l * stride, 2);
+  return _mm256_cvtph_ps(_mm_load_si128((const __m128i*)tail));
+}
+
+// x rows [m0, m0 + MR) against W rows [n0, n0 + NR) of a 32-value format, 8 blocks at a time (the
+// NR rows' accumulations are independent chains, for the out-of-order core to overlap)
+template <class S, int kBytes, int MR, int NR>
+void small_dot(const Activations& x, int64_t m0, const QkGemv& c, int64_t n0, const Gemv& out) {
   const int64_t Gp = x.groups;
-  __m256 acc_d[MR], acc_m[MR];
-  for (int i = 0; i < MR; ++i) acc_d[i] = acc_m[i] = _mm256_setzero_ps();
+  __m256 acc_d[MR][NR], acc_m[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < NR; ++r) acc_d[i][r] = acc_m[i][r] = _mm256_setzero_ps();
   const __m256i ones = _mm256_set1_epi16(1);
-  for (int64_t c = 0; c < x.real; c += kLanes) {
-    const int here = (int)std::min<int64_t>(kLanes, x.real - c);
-    alignas(32) float ws[kLanes] = {0}, wo[kLanes] = {0}, scale[MR][kLanes];
-    for (int l = 0; l < here; ++l) {
-      const uint8_t* b = row + (c + l) * kBytes;
-      ws[l] = load_half(b), wo[l] = S::wo(b, ws[l]);
+  const uint8_t* rows[NR];
+  for (int r = 0; r < NR; ++r) rows[r] = c.w + (n0 + r) * c.row_bytes;
+  for (int64_t g0 = 0; g0 < x.real; g0 += kLanes) {
+    const int here = (int)std::min<int64_t>(kLanes, x.real - g0);
+    __m256 ws[NR], wo[NR], dx[MR];
+    for (int r = 0; r < NR; ++r) {
+      ws[r] = halves(rows[r] + g0 * kBytes, kBytes, here);  // 0 in the padding lanes
+      wo[r] = S::kMinHalf ? halves(rows[r] + g0 * kBytes + 2, kBytes, here) : _mm256_mul_ps(ws[r], _mm256_set1_ps(S::kOffset));
     }
-    __m256 dx[MR];
+    __m256 scale[MR][NR];  // lane l: group g0 + l's dx * ws, broadcast by a lane permutation
     for (int i = 0; i < MR; ++i) {
-      dx[i] = _mm256_loadu_ps(x.dx.data() + (m0 + i) * Gp + c);  // the padding groups' dx are 0
-      _mm256_store_ps(scale[i], _mm256_mul_ps(dx[i], _mm256_load_ps(ws)));
+      dx[i] = _mm256_loadu_ps(x.dx.data() + (m0 + i) * Gp + g0);  // the padding groups' dx are 0
+      for (int r = 0; r < NR; ++r) scale[i][r] = _mm256_mul_ps(dx[i], ws[r]);
     }
-    for (int l = 0; l < here; ++l) {
-      const __m256i cv = S::codes(row + (c + l) * kBytes);
-      const __m256i cu = S::kSigned ? _mm256_abs_epi8(cv) : cv;
-      for (int i = 0; i < MR; ++i) {
-        const __m256i xv = _mm256_loadu_si256((const __m256i*)(x.codes(m0 + i) + (c + l) * 32));
-        const __m256i pairs = _mm256_maddubs_epi16(cu, S::kSigned ? _mm256_sign_epi8(xv, cv) : xv);
-        const __m256 lanes = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
-        acc_d[i] = _mm256_fmadd_ps(_mm256_set1_ps(scale[i][l]), lanes, acc_d[i]);
+    __m256i lane = _mm256_setzero_si256();
+    for (int l = 0; l < here; ++l, lane = _mm256_add_epi32(lane, _mm256_set1_epi32(1))) {
+      __m256i xv[MR];
+      for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_si256((const __m256i*)(x.codes(m0 + i) + (g0 + l) * 32));
+      for (int r = 0; r < NR; ++r) {
+        const __m256i cv = S::codes(rows[r] + (g0 + l) * kBytes);
+        const __m256i cu = S::kSigned ? _mm256_abs_epi8(cv) : cv;
+        for (int i = 0; i < MR; ++i) {
+          const __m256i pairs = _mm256_maddubs_epi16(cu, S::kSigned ? _mm256_sign_epi8(xv[i], cv) : xv[i]);
+          const __m256 lanes = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, ones));
+          acc_d[i][r] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(scale[i][r], lane), lanes, acc_d[i][r]);
+        }
       }
     }
     if (S::kMins)
       for (int i = 0; i < MR; ++i) {
-        const int64_t xa = (m0 + i) * Gp + c;
-        const __m256i mi = _mm256_add_epi32(_mm256_loadu_si256((const __m256i*)(x.qs0.data() + xa)),
-                                            _mm256_loadu_si256((const __m256i*)(x.qs1.data() + xa)));
-        acc_m[i] = _mm256_fmadd_ps(_mm256_mul_ps(dx[i], _mm256_load_ps(wo)), _mm256_cvtepi32_ps(mi), acc_m[i]);
+        const int64_t xa = (m0 + i) * Gp + g0;
+        const __m256 mi = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_loadu_si256((const __m256i*)(x.qs0.data() + xa)),
+                                                              _mm256_loadu_si256((const __m256i*)(x.qs1.data() + xa))));
+        for (int r = 0; r < NR; ++r) acc_m[i][r] = _mm256_fmadd_ps(_mm256_mul_ps(dx[i], wo[r]), mi, acc_m[i][r]);
       }
   }
-  for (int i = 0; i < MR; ++i) store(out, m0 + i, n, sum_lanes(acc_d[i]) + sum_lanes(acc_m[i]));
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < NR; ++r) store(out, m0 + i, n0 + r, sum_lanes(acc_d[i][r]) + sum_lanes(acc_m[i][r]));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -186,47 +228,51 @@ struct KQ6 {
   }
 };
 
-// x rows [m0, m0 + MR) against one W row of a K-quant, a superblock (8 groups) at a time
-template <class Q, int kBytes, int MR>
-void k_dot(const Activations& x, int64_t m0, const uint8_t* row, int64_t n, const Gemv& out) {
+// x rows [m0, m0 + MR) against W rows [n0, n0 + NR) of a K-quant, a superblock (8 groups) at a time
+template <class Q, int kBytes, int MR, int NR>
+void k_dot(const Activations& x, int64_t m0, const QkGemv& c, int64_t n0, const Gemv& out) {
   const int64_t Gp = x.groups;
-  __m256 acc_d[MR], acc_m[MR];
-  for (int i = 0; i < MR; ++i) acc_d[i] = acc_m[i] = _mm256_setzero_ps();
-  for (int64_t c = 0; c < x.real; c += kLanes) {
-    const uint8_t* b = row + (c / kLanes) * kBytes;
-    KScales s;
-    Q::prepare(b, &s);
-    alignas(32) float scale[MR][kLanes];
+  __m256 acc_d[MR][NR], acc_m[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < NR; ++r) acc_d[i][r] = acc_m[i][r] = _mm256_setzero_ps();
+  for (int64_t g0 = 0; g0 < x.real; g0 += kLanes) {
+    KScales s[NR];
+    const uint8_t* b[NR];
+    for (int r = 0; r < NR; ++r) b[r] = c.w + (n0 + r) * c.row_bytes + (g0 / kLanes) * kBytes, Q::prepare(b[r], &s[r]);
+    alignas(32) float scale[MR][NR][kLanes];
     __m256 dx[MR];
     const int8_t* xq[MR];
     for (int i = 0; i < MR; ++i) {
-      dx[i] = _mm256_loadu_ps(x.dx.data() + (m0 + i) * Gp + c);
-      _mm256_store_ps(scale[i], _mm256_mul_ps(dx[i], _mm256_set1_ps(s.ws)));
-      xq[i] = x.codes(m0 + i) + c * 32;
+      dx[i] = _mm256_loadu_ps(x.dx.data() + (m0 + i) * Gp + g0);
+      for (int r = 0; r < NR; ++r) _mm256_store_ps(scale[i][r], _mm256_mul_ps(dx[i], _mm256_set1_ps(s[r].ws)));
+      xq[i] = x.codes(m0 + i) + g0 * 32;
     }
-    Q::groups(b, [&](int g, __m256i cv) {
-      const __m256i mult = Q::kHalves ? _mm256_set_m128i(_mm_set1_epi16(s.isc1[g]), _mm_set1_epi16(s.isc0[g]))
-                                      : _mm256_set1_epi16(s.isc0[g]);
-      for (int i = 0; i < MR; ++i) {
-        const __m256i pairs = _mm256_maddubs_epi16(cv, _mm256_loadu_si256((const __m256i*)(xq[i] + g * 32)));
-        const __m256 lanes = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, mult));
-        acc_d[i] = _mm256_fmadd_ps(_mm256_set1_ps(scale[i][g]), lanes, acc_d[i]);
-      }
-    });
+    for (int r = 0; r < NR; ++r)
+      Q::groups(b[r], [&](int g, __m256i cv) {
+        const __m256i mult = Q::kHalves ? _mm256_set_m128i(_mm_set1_epi16(s[r].isc1[g]), _mm_set1_epi16(s[r].isc0[g]))
+                                        : _mm256_set1_epi16(s[r].isc0[g]);
+        for (int i = 0; i < MR; ++i) {
+          const __m256i pairs = _mm256_maddubs_epi16(cv, _mm256_loadu_si256((const __m256i*)(xq[i] + g * 32)));
+          const __m256 lanes = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, mult));
+          acc_d[i][r] = _mm256_fmadd_ps(_mm256_set1_ps(scale[i][r][g]), lanes, acc_d[i][r]);
+        }
+      });
     for (int i = 0; i < MR; ++i) {
-      const int64_t xa = (m0 + i) * Gp + c;
+      const int64_t xa = (m0 + i) * Gp + g0;
       const __m256i qs0 = _mm256_loadu_si256((const __m256i*)(x.qs0.data() + xa));
       const __m256i qs1 = _mm256_loadu_si256((const __m256i*)(x.qs1.data() + xa));
-      const __m256i mi = Q::kHalves
-                             ? _mm256_add_epi32(_mm256_mullo_epi32(s.imin0, qs0), _mm256_mullo_epi32(s.imin1, qs1))
-                             : _mm256_mullo_epi32(s.imin0, _mm256_add_epi32(qs0, qs1));
-      acc_m[i] = _mm256_fmadd_ps(_mm256_mul_ps(dx[i], _mm256_set1_ps(s.wo)), _mm256_cvtepi32_ps(mi), acc_m[i]);
+      for (int r = 0; r < NR; ++r) {
+        const __m256i mi = Q::kHalves ? _mm256_add_epi32(_mm256_mullo_epi32(s[r].imin0, qs0), _mm256_mullo_epi32(s[r].imin1, qs1))
+                                      : _mm256_mullo_epi32(s[r].imin0, _mm256_add_epi32(qs0, qs1));
+        acc_m[i][r] = _mm256_fmadd_ps(_mm256_mul_ps(dx[i], _mm256_set1_ps(s[r].wo)), _mm256_cvtepi32_ps(mi), acc_m[i][r]);
+      }
     }
   }
-  for (int i = 0; i < MR; ++i) store(out, m0 + i, n, sum_lanes(acc_d[i]) + sum_lanes(acc_m[i]));
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < NR; ++r) store(out, m0 + i, n0 + r, sum_lanes(acc_d[i][r]) + sum_lanes(acc_m[i][r]));
 }
 
-// Which kernel a format takes: Dot<MR>::run(x, m0, row, n, out), or none (kHas false: Q2_K, Q3_K)
+// Which kernel a format takes: Kernel<F>::dot<MR, NR>(x, m0, c, n0, out), or none (kHas false: Q2_K, Q3_K)
 template <class F>
 struct Kernel {
   static constexpr bool kHas = false;
@@ -234,17 +280,17 @@ struct Kernel {
 template <class S, class F>
 struct SmallKernel {
   static constexpr bool kHas = true;
-  template <int MR>
-  static void dot(const Activations& x, int64_t m0, const uint8_t* row, int64_t n, const Gemv& out) {
-    small_dot<S, F::kBytes, MR>(x, m0, row, n, out);
+  template <int MR, int NR>
+  static void dot(const Activations& x, int64_t m0, const QkGemv& c, int64_t n0, const Gemv& out) {
+    small_dot<S, F::kBytes, MR, NR>(x, m0, c, n0, out);
   }
 };
 template <class Q, class F>
 struct KKernel {
   static constexpr bool kHas = true;
-  template <int MR>
-  static void dot(const Activations& x, int64_t m0, const uint8_t* row, int64_t n, const Gemv& out) {
-    k_dot<Q, F::kBytes, MR>(x, m0, row, n, out);
+  template <int MR, int NR>
+  static void dot(const Activations& x, int64_t m0, const QkGemv& c, int64_t n0, const Gemv& out) {
+    k_dot<Q, F::kBytes, MR, NR>(x, m0, c, n0, out);
   }
 };
 template <>
@@ -264,19 +310,24 @@ struct Kernel<Q5_K> : KKernel<KQ5, Q5_K> {};
 template <>
 struct Kernel<Q6_K> : KKernel<KQ6, Q6_K> {};
 
+// x rows [m0, m0 + MR) against W rows [n0, n1): NR (= kChains / MR) rows at a time, then one by one
+template <class F, int MR>
+void rows_of(const Activations& x, int64_t m0, const QkGemv& c, int64_t n0, int64_t n1, const Gemv& out) {
+  constexpr int NR = kChains / MR > 0 ? kChains / MR : 1;
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) Kernel<F>::template dot<MR, NR>(x, m0, c, n, out);
+  for (; n < n1; ++n) Kernel<F>::template dot<MR, 1>(x, m0, c, n, out);
+}
+
 template <class F>
 void rows(const Activations& x, const QkGemv& c, const Gemv& out, int64_t n0, int64_t n1) {
-  using Kn = Kernel<F>;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* row = c.w + n * c.row_bytes;
-    int64_t m = 0;
-    for (; m + kMR <= x.M; m += kMR) Kn::template dot<kMR>(x, m, row, n, out);
-    switch (x.M - m) {
-      case 3: Kn::template dot<3>(x, m, row, n, out); break;
-      case 2: Kn::template dot<2>(x, m, row, n, out); break;
-      case 1: Kn::template dot<1>(x, m, row, n, out); break;
-      default: break;
-    }
+  int64_t m = 0;
+  for (; m + kMR <= x.M; m += kMR) rows_of<F, kMR>(x, m, c, n0, n1, out);
+  switch (x.M - m) {
+    case 3: rows_of<F, 3>(x, m, c, n0, n1, out); break;
+    case 2: rows_of<F, 2>(x, m, c, n0, n1, out); break;
+    case 1: rows_of<F, 1>(x, m, c, n0, n1, out); break;
+    default: break;
   }
 }
 
