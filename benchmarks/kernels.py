@@ -4,6 +4,7 @@
     python benchmarks/kernels.py --quick      # fewer formats and timing windows
     python benchmarks/kernels.py --compile    # also the torch.compile fused dequant-matmul (slow to build)
     python benchmarks/kernels.py --rows       # only the rows sweep (batched decode), 2 and 1 threads
+    python benchmarks/kernels.py --kernels blocks,q8 --formats Q4_K,Q6_K   # exact vs int8 activations
     QWENVL_ISA=avx2 python benchmarks/kernels.py --quick   # any instruction-set path this CPU runs
 
 Per-layer table: µs per call for 1 row (decode) and 512 rows (prefill) of bf16 activations, with
@@ -38,6 +39,7 @@ from gguf.constants import GGML_QUANT_SIZES
 from gguf.constants import GGMLQuantizationType as T
 
 from qwenvl import ops
+from qwenvl.ops.native import Q8_TYPES
 from qwenvl.quant.linear import (
     BlockQuantLinear,
     DenseLinear,
@@ -143,7 +145,9 @@ def random_blocks(ggml_type: T, rows: int, cols: int, rng: np.random.Generator) 
 def variants(ggml_type: T) -> list[str]:
     """Kernels to time: the quant_linear_from_ggml kernels, plus "blocks, 1 piece" (the block
     kernels with a one-piece bf16 prefill: faster, rounds the weights to bf16)."""
-    names = ["blocks", "blocks, 1 piece", "dense", "int8"]
+    names = ["blocks", "blocks, 1 piece", "q8", "dense", "int8"]
+    if ggml_type not in Q8_TYPES:
+        names.remove("q8")  # the float formats stay exact
     if ggml_type in (T.Q4_0, T.Q4_1, T.Q4_K):
         names.append("int4")
     if ggml_type == T.BF16:
@@ -184,7 +188,7 @@ def cell(value: float, fmt: str) -> str:
     return "–" if math.isnan(value) else fmt.format(value)
 
 
-def layer_table(formats: list[T], windows: int) -> None:
+def layer_table(formats: list[T], windows: int, kernels: list[str] | None = None) -> None:
     rng = np.random.default_rng(0)
     print(
         "| format | layer | kernel | exact | B/weight | µs, 1 row | GB/s | µs, 512 rows | "
@@ -201,7 +205,7 @@ def layer_table(formats: list[T], windows: int) -> None:
             x1 = torch.randn(1, cols).bfloat16()
             xp = torch.randn(PREFILL_ROWS, cols).bfloat16()
             full = name != "lm_head"  # the engine needs the lm_head on one row only
-            for variant in variants(ggml_type):
+            for variant in [v for v in variants(ggml_type) if kernels is None or v in kernels]:
                 layer = build(raw, ggml_type, (rows, cols), variant)
                 decode = timed(lambda: layer(x1), windows)
                 prefill = timed(lambda: layer(xp), max(3, windows // 2)) if full else float("nan")
@@ -281,11 +285,11 @@ def model_passes(path: str, windows: int, kernel_names: list[str]) -> None:
 SWEEP_ROWS = (1, 2, 4, 8, 16)
 
 
-def rows_sweep(path: str, windows: int, thread_counts: tuple[int, ...] = (2, 1)) -> None:
+def rows_sweep(path: str, windows: int, thread_counts: tuple[int, ...] = (2, 1), kernel: str = "blocks") -> None:
     """ms per decode step of M rows through every linear layer (lm_head on all M rows)."""
-    layers, lm_head, hidden = model_layers(path, "blocks")
+    layers, lm_head, hidden = model_layers(path, kernel)
     inputs = {m.in_features for m in [*layers, lm_head]}
-    print(f"\nRows sweep: whole-model linear layers of {path}, M rows per call (best of {windows} windows)")
+    print(f"\nRows sweep ({kernel}): whole-model linear layers of {path}, M rows per call (best of {windows} windows)")
     print("| threads | " + " | ".join(f"M = {m}" for m in SWEEP_ROWS) + " | M = 16 / M = 1 |")
     print("|---|" + "---|" * (len(SWEEP_ROWS) + 1))
     previous = torch.get_num_threads()
@@ -344,6 +348,7 @@ def main() -> None:
     parser.add_argument("--formats", help="comma-separated GGML types for the layer table (default: all)")
     parser.add_argument("--skip-model", action="store_true", help="leave out the whole-model passes")
     parser.add_argument("--rows", action="store_true", help="only the rows sweep (decode of 1-16 rows at once)")
+    parser.add_argument("--kernels", help="comma-separated kernels to time (default: all; the rows sweep: blocks)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     windows = 3 if args.quick else 7
@@ -353,8 +358,9 @@ def main() -> None:
     if not args.rows:
         print(f"memory read bandwidth: {memory_bandwidth(windows):.1f} GB/s\n")
     formats = [T[name] for name in args.formats.split(",")] if args.formats else None
+    kernels = args.kernels.split(",") if args.kernels else None
     if not args.rows:
-        layer_table(formats or (QUICK_FORMATS if args.quick else FORMATS), windows)
+        layer_table(formats or (QUICK_FORMATS if args.quick else FORMATS), windows, kernels)
     path = args.gguf
     if args.skip_model:
         path = ""
@@ -366,9 +372,11 @@ def main() -> None:
         except Exception as error:  # the demo packages are optional
             print(f"\n(no registry GGUF: {error})")
     if path and not args.rows:
-        model_passes(path, windows, ["blocks", "blocks, 1 piece", "dense", "int8"])
+        passes = ["blocks", "blocks, 1 piece", "q8", "dense", "int8"]
+        model_passes(path, windows, [k for k in passes if kernels is None or k in kernels])
     if path:
-        rows_sweep(path, windows)
+        for kernel in [k for k in ("blocks", "q8") if k in (kernels or ["blocks"])]:
+            rows_sweep(path, windows, kernel=kernel)
     if args.compile:
         compiled_fused(windows)
     print(

@@ -373,8 +373,8 @@ def format_info(info: dict[str, Any]) -> str:
         if kernels.get("quantized_activations"):
             add(
                 "activations",
-                "exact (fp32/bf16) by default; --kernel q8 quantizes prompt activations to int8 per 32 values "
-                "(integer dot products, not exact)",
+                "exact (fp32/bf16) by default; --kernel q8 quantizes activations to int8 per 32 values, "
+                "prompts and decoding (integer dot products, not exact)",
             )
     if info.get("threading"):
         add("threads", threads_note())

@@ -101,12 +101,12 @@ def test_info_names_the_path(choose, capsys, tiny_gguf) -> None:
         "amx_tiles": False,
         "cpu_runs": isa.runnable(),
         "requested": "scalar",
-        "quantized_activations": "--kernel q8 (prompts)",
+        "quantized_activations": "--kernel q8 (prompts and decoding)",
     }
     assert cli_main(["info", str(tiny_gguf)]) == 0
     text = capsys.readouterr().out
     assert "kernels         scalar (this CPU runs scalar" in text
-    assert "activations     exact (fp32/bf16) by default; --kernel q8 quantizes prompt activations" in text
+    assert "activations     exact (fp32/bf16) by default; --kernel q8 quantizes activations" in text
 
 
 def test_the_cache_key_holds_sources_compiler_flags_and_cpu() -> None:

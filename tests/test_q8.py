@@ -1,7 +1,8 @@
-"""The activation-quantizing GEMM (``qk_gemm_q8``, --kernel q8): every ISA library this machine runs
-gives the scalar reference's bits for every format it takes, at 1-600 rows and widths that are not a
-multiple of 256 where the format allows; a row's result is the same alone or batched; the products
-stay close to the exact ones; the float formats are refused."""
+"""The activation-quantizing GEMM and GEMV (``qk_gemm_q8``, ``qk_gemv_q8``, --kernel q8): every ISA
+library this machine runs gives the scalar reference's bits for every format it takes, at 1-600 rows
+and widths that are not a multiple of 256 where the format allows; the GEMV gives the GEMM's bits; a
+row's result is the same alone or batched; the products stay close to the exact ones; the float
+formats are refused."""
 
 from __future__ import annotations
 
@@ -26,9 +27,9 @@ def widths(ggml_type: T) -> list[int]:
     return [256, 768] if ggml_type in K_QUANTS else [32, 224, 896]
 
 
-def q8(lib, ggml_type: T, x: torch.Tensor, blocks: torch.Tensor, bias=None, out_dtype=None) -> torch.Tensor:
+def q8(lib, ggml_type: T, x: torch.Tensor, blocks: torch.Tensor, bias=None, out_dtype=None, gemv=False) -> torch.Tensor:
     out = torch.empty(x.shape[0], blocks.shape[0], dtype=out_dtype or x.dtype)
-    lib.gemm_q8(int(ggml_type), x, blocks, bias, out)
+    (lib.gemv_q8 if gemv else lib.gemm_q8)(int(ggml_type), x, blocks, bias, out)
     return out
 
 
@@ -55,6 +56,29 @@ def test_every_isa_gives_the_scalar_bits(name: str, ggml_type: T) -> None:
                 np.testing.assert_array_equal(
                     bits(q8(lib, ggml_type, xs, blocks, b)), bits(q8(scalar, ggml_type, xs, blocks, b))
                 )
+
+
+@pytest.mark.parametrize("name", ["scalar", *other_isas()])
+@pytest.mark.parametrize("ggml_type", Q8, ids=lambda t: t.name)
+def test_the_gemv_gives_the_scalar_gemm_bits(name: str, ggml_type: T) -> None:
+    """The decode GEMV (1-16 rows, read from the stored blocks) equals the scalar q8 GEMM bit for bit,
+    fp32 and bf16 in and out, with and without bias, rows alone or batched, strided rows."""
+    lib, scalar = kernels(name), kernels("scalar")
+    for k in widths(ggml_type):
+        blocks = torch.from_numpy(random_blocks(ggml_type, OUT_ROWS, k, seed=k + 1))
+        bias = torch.randn(OUT_ROWS, generator=torch.Generator().manual_seed(k))
+        x = torch.randn(16, k, generator=torch.Generator().manual_seed(k + 2)) * 3
+        x[1, :32] = 0  # an all-zero activation block (scale 0)
+        for dtype, b in ((torch.float32, None), (torch.bfloat16, bias)):
+            xs = x.to(dtype)
+            want = bits(q8(scalar, ggml_type, xs, blocks, b))
+            for rows in (1, 3, 4, 7, 16):
+                got = q8(lib, ggml_type, xs[:rows], blocks, b, gemv=True)
+                np.testing.assert_array_equal(bits(got), want[:rows])
+            np.testing.assert_array_equal(bits(q8(lib, ggml_type, xs[9:10], blocks, b, gemv=True)), want[9:10])
+            strided = torch.zeros(16, k + 40, dtype=dtype)
+            strided[:, :k] = xs
+            np.testing.assert_array_equal(bits(q8(lib, ggml_type, strided[:, :k], blocks, b, gemv=True)), want)
 
 
 @pytest.mark.parametrize("name", ["scalar", *other_isas()])
@@ -91,13 +115,14 @@ def test_the_float_formats_are_refused(ggml_type: T) -> None:
     lib = kernels(isa.best())
     raw = random_blocks(ggml_type, 4, 64)
     assert not lib.lib.qk_q8_supports(int(ggml_type))
-    with pytest.raises(ValueError, match="q8"):
-        q8(lib, ggml_type, torch.randn(2, 64), torch.from_numpy(raw))
+    for gemv in (False, True):
+        with pytest.raises(ValueError, match="q8"):
+            q8(lib, ggml_type, torch.randn(2, 64), torch.from_numpy(raw), gemv=gemv)
 
 
-def test_the_q8_layer_quantizes_prompts_only() -> None:
-    """kernel="q8": many rows through the q8 GEMM, decode rows through the exact GEMV; float formats
-    stay exact."""
+def test_the_q8_layer_quantizes_prompts_and_decode_rows() -> None:
+    """kernel="q8": many rows through the q8 GEMM, decode rows through the q8 GEMV (the same bits as
+    in a prompt); float formats stay exact."""
     from qwenvl.quant.linear import quant_linear_from_ggml
 
     raw = random_blocks(T.Q5_0, OUT_ROWS, 224, seed=6)
@@ -106,7 +131,10 @@ def test_the_q8_layer_quantizes_prompts_only() -> None:
     assert layer.q8 and layer.kernel == "q8" and not layer.exact and "(q8)" in layer.describe()
     x = torch.randn(40, 224, generator=torch.Generator().manual_seed(7))
     np.testing.assert_array_equal(bits(layer(x)), bits(q8(kernels(isa.best()), T.Q5_0, x, layer.blocks)))
-    np.testing.assert_array_equal(bits(layer(x[:3])), bits(exact(x[:3])))  # decode rows: exact
+    lib = kernels(isa.best())
+    np.testing.assert_array_equal(bits(layer(x[:3])), bits(q8(lib, T.Q5_0, x[:3], layer.blocks, gemv=True)))
+    np.testing.assert_array_equal(bits(layer(x[:3])), bits(layer(x)[:3]))  # decode rows: a prompt's bits
+    assert not torch.equal(layer(x[:3]), exact(x[:3]))
     floats = quant_linear_from_ggml(random_blocks(T.F16, 4, 64), T.F16, (4, 64), kernel="q8")
     assert not floats.q8 and floats.exact
 

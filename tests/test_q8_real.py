@@ -1,6 +1,7 @@
 """--kernel q8 on the real Qwen2.5-Coder-0.5B-Instruct Q4_K_M GGUF (the demo extra's file): prompts
-multiplied with int8-quantized activations agree with the exact path, teacher-forced over a long
-text (every position's next-token prediction): top-1 agreement ≥ 0.99 and logits cosine ≥ 0.999."""
+and decode steps multiplied with int8-quantized activations agree with the exact path, teacher-forced
+over a long text (every position's next-token prediction; prompts as one forward, decoding one token
+a step through the KV cache and the q8 GEMV): top-1 agreement ≥ 0.99 and logits cosine ≥ 0.999."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from test_quant_model import prompt_logits
 
 import qwenvl
 from qwenvl import defaults
+from qwenvl.engine.kv_cache import KVPool
 from qwenvl.quant.linear import BlockQuantLinear
 
 TEXT = '''def quicksort(items):
@@ -61,6 +63,34 @@ def test_q8_prompts_agree_with_the_exact_path(models) -> None:
     assert agreement >= 0.99, agreement
     assert cosines.min().item() >= 0.999, cosines.min().item()
     assert not torch.equal(want, got)  # it is not the exact path
+
+
+def decode_logits(model: qwenvl.api.Model, ids: list[int]) -> torch.Tensor:
+    """Teacher-forced decoding: each token alone through the decode step (one row per linear layer),
+    the logits [len(ids), vocab] of every position's next token."""
+    text = model.text_model
+    cache = KVPool(text.config, torch.float32, 64 << 20, block_size=16).sequence()
+    rows = []
+    with torch.inference_mode():
+        for position, token in enumerate(ids):
+            positions = torch.full((3, 1, 1), position)
+            hidden = text.decode(text.embed(torch.tensor([[token]])), positions, [cache], [position])
+            rows.append(text.logits(hidden)[0, -1].float())
+    return torch.stack(rows)
+
+
+@pytest.mark.slow
+def test_q8_decoding_agrees_with_the_exact_path(models) -> None:
+    exact, q8 = models
+    ids = exact.tokenizer.encode(TEXT)
+    want, got = decode_logits(exact, ids), decode_logits(q8, ids)
+    agreement = (want.argmax(-1) == got.argmax(-1)).float().mean().item()
+    cosines = F.cosine_similarity(want, got, dim=-1)
+    assert agreement >= 0.99, agreement
+    assert cosines.min().item() >= 0.999, cosines.min().item()
+    assert not torch.equal(want, got)  # it is not the exact path
+    # the decode steps ran the exact model's prompt logits too (the decode path itself is sound)
+    assert F.cosine_similarity(want, prompt_logits(exact, ids), dim=-1).min().item() >= 0.9999
 
 
 @pytest.mark.slow

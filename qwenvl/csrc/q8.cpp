@@ -34,7 +34,9 @@ void quantize_row(const float* x, int64_t K, Activations* a, int64_t m) {
   }
 }
 
-Activations quantize(const QkGemv& c) {
+}  // namespace
+
+Activations quantize(const QkGemv& c, int threads) {
   Activations a;
   a.M = c.M;
   a.groups = padded_groups(c.K), a.real = c.K / 32;
@@ -42,7 +44,7 @@ Activations quantize(const QkGemv& c) {
   a.dx.assign((size_t)(c.M * a.groups), 0.0f);
   a.qs0.assign((size_t)(c.M * a.groups), 0);
   a.qs1.assign((size_t)(c.M * a.groups), 0);
-#pragma omp parallel num_threads(c.threads)
+#pragma omp parallel num_threads(threads) if (threads > 1)
   {
     std::vector<float> row((size_t)c.K);
 #pragma omp for schedule(static)
@@ -54,6 +56,8 @@ Activations quantize(const QkGemv& c) {
   }
   return a;
 }
+
+namespace {
 
 // ---------------------------------------------------------------------------------------------
 // The weight formats split as q8.h writes them: codes(b, g, out) the 32 codes of group g,
@@ -232,7 +236,7 @@ constexpr int64_t kTileRows = 16;  // W rows per panel (split once, used by ever
 
 template <class F>
 void gemm_format(const QkGemv& c, TileKernel tile) {
-  const Activations x = quantize(c);
+  const Activations x = quantize(c, c.threads);
   const Gemv out = gemv_args(c);
   const Traits traits = Q8Format<F>::kTraits;
   const int64_t tiles = (c.N + kTileRows - 1) / kTileRows;
@@ -280,12 +284,73 @@ void tile_scalar(const Activations& x, const Panel& p, const Traits& t, int64_t 
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// The reference GEMV: q8.h's arithmetic for one (x row, w row) pair, each group split from its
+// stored block as split_rows splits it (so the same integers and fp32 factors as gemm_q8's).
+
+template <class F>
+float dot_row(const Activations& x, int64_t m, const uint8_t* row, const Traits& t) {
+  float acc_d[kLanes] = {0}, acc_m[kLanes] = {0};
+  uint8_t code[32];
+  for (int64_t g = 0; g < x.real; ++g) {
+    const uint8_t* b = row + (g * 32 / F::kValues) * F::kBytes;
+    const int sub = (int)(g % (F::kValues / 32));
+    Q8Format<F>::codes(b, sub, code);
+    Split s;
+    Q8Format<F>::scales(b, sub, &s);
+    if (Q8Format<F>::kOffset) {
+      s.wo = -(float)Q8Format<F>::kOffset * s.ws;
+      s.imin0 = s.isc0, s.imin1 = s.isc1;
+    }
+    const int64_t xa = m * x.groups + g;
+    const int8_t* q = x.codes(m) + g * 32;
+    const float scale = x.dx[xa] * s.ws;
+    for (int j = 0; j < kLanes; ++j) {
+      int32_t lane = 0;
+      for (int i = 4 * j; i < 4 * j + 4; ++i) lane += (t.is_signed ? (int32_t)(int8_t)code[i] : (int32_t)code[i]) * q[i];
+      acc_d[j] = std::fma(scale, (float)(lane * (j < kLanes / 2 ? s.isc0 : s.isc1)), acc_d[j]);
+    }
+    if (t.mins) {
+      const int32_t mi = s.imin0 * x.qs0[xa] + s.imin1 * x.qs1[xa];
+      acc_m[g % kLanes] = std::fma(x.dx[xa] * s.wo, (float)mi, acc_m[g % kLanes]);
+    }
+  }
+  return sum8(acc_d) + sum8(acc_m);
+}
+
+void rows_scalar(const Activations& x, const QkGemv& c, const Gemv& out, int64_t n0, int64_t n1) {
+  dispatch(c.type, [&](auto format) {
+    using F = typename decltype(format)::type;
+    if constexpr (kHasSplit<F>)
+      for (int64_t n = n0; n < n1; ++n)
+        for (int64_t m = 0; m < x.M; ++m) store(out, m, n, dot_row<F>(x, m, c.w + n * c.row_bytes, Q8Format<F>::kTraits));
+  });
+}
+
 }  // namespace q8
 
 bool q8_supported(int type) {
   bool found = false;
   dispatch(type, [&](auto format) { found = q8::kHasSplit<typename decltype(format)::type>; });
   return found;
+}
+
+constexpr int64_t kGemvChunk = 16;  // W rows per OpenMP work item of the GEMV
+
+int gemv_q8(const QkGemv& c) {
+  if (!q8_supported(c.type)) return QK_UNSUPPORTED_TYPE;
+  const q8::Activations x = q8::quantize(c, 1);  // a few rows: not worth a parallel region
+  const Gemv out = gemv_args(c);
+  const int64_t chunks = (c.N + kGemvChunk - 1) / kGemvChunk;
+#pragma omp parallel for num_threads(c.threads) schedule(guided, min_chunk(chunks, c.threads)) if (c.threads > 1)
+  for (int64_t t = 0; t < chunks; ++t) {
+    const int64_t n0 = t * kGemvChunk, n1 = std::min(c.N, n0 + kGemvChunk);
+#if QK_AVX2
+    if (q8::rows_avx2(x, c, out, n0, n1)) continue;
+#endif
+    q8::rows_scalar(x, c, out, n0, n1);
+  }
+  return QK_OK;
 }
 
 int gemm_q8(const QkGemv& c) {
@@ -306,6 +371,8 @@ int gemm_q8(const QkGemv& c) {
 extern "C" {
 
 int qk_gemm_q8(const QkGemv* call) { return qk::gemm_q8(*call); }
+
+int qk_gemv_q8(const QkGemv* call) { return qk::gemv_q8(*call); }
 
 int qk_q8_supports(int32_t type) { return qk::q8_supported(type); }
 }

@@ -24,6 +24,12 @@
 //   y = sum8(accD) + sum8(accM) (+ bias),
 //   sum8(a) = ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))
 // Every output depends only on its x row and w row: a row's result is the same alone or batched.
+//
+// The GEMV (qk_gemv_q8, for decode's 1-16 rows) computes these same products, in this same order, but
+// straight from the stored blocks: no panel, every block read once per call for all the x rows. Its
+// results are gemm_q8's, bit for bit (the scalar reference rows_scalar splits each group as split_rows
+// does; the AVX2 rows decode the codes and scales into registers), so prompt and decode rows agree.
+// Groups past K / 32 only ever add fma(0, 0, acc) = acc to the minimum lanes, so the GEMV skips them.
 #pragma once
 
 #include "formats.h"
@@ -73,7 +79,29 @@ void tile_avx2(const Activations& x, const Panel& p, const Traits& t, int64_t m0
                const Gemv& out);
 #endif
 
+#if QK_AVX2
+// sum8 of 8 fp32 lanes: ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7)), as the reference adds them
+inline float sum_lanes(__m256 acc) {
+  const __m128 four = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+  return _mm_cvtss_f32(_mm_add_ss(two, _mm_shuffle_ps(two, two, 1)));
+}
+#endif
+
+// x's rows quantized (threads: OpenMP threads over the rows; 1 runs on the caller's thread).
+Activations quantize(const QkGemv& c, int threads);
+
+// The GEMV's y[m, n] for every x row and the W rows [n0, n1), through Gemv's store (bias, bf16).
+void rows_scalar(const Activations& x, const QkGemv& c, const Gemv& out, int64_t n0, int64_t n1);
+#if QK_AVX2
+// false (nothing written) for the formats without an AVX2 GEMV (Q2_K, Q3_K: the scalar rows then)
+bool rows_avx2(const Activations& x, const QkGemv& c, const Gemv& out, int64_t n0, int64_t n1);
+#endif
+
 }  // namespace q8
+
+// qk_gemv_q8: gemm_q8's results for few rows, straight from the blocks (QK_UNSUPPORTED_TYPE as gemm_q8)
+int gemv_q8(const QkGemv& call);
 
 // qk_gemm_q8: QK_OK, or QK_UNSUPPORTED_TYPE (the float formats and the types without a q8 split)
 int gemm_q8(const QkGemv& call);

@@ -137,6 +137,10 @@ QK_API int qk_silu_mul(const QkSiluMul* call);
  * the weight blocks, fp32 accumulation of the block results. Same arguments as qk_gemv (amx is
  * ignored); any number of rows (meant for prefill). Every library gives the same bits. */
 QK_API int qk_gemm_q8(const QkGemv* call);
+/* The activation-quantizing GEMV, for few rows (decode; <= 16 a call is where it pays): qk_gemm_q8's
+ * results bit for bit (q8.h: the same integers, the same fp32 order), read straight from the stored
+ * blocks instead of panels split per call. Same arguments and status as qk_gemm_q8. */
+QK_API int qk_gemv_q8(const QkGemv* call);
 /* 1 if qk_gemm_q8 takes GGML type `type` (the block formats; not F32/F16/BF16) */
 QK_API int qk_q8_supports(int32_t type);
 

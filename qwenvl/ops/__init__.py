@@ -74,8 +74,8 @@ def describe() -> dict[str, Any]:
         "amx_tiles": chosen is not None and amx_tiles(chosen),
         "cpu_runs": isa.runnable(),
         "requested": os.environ.get(isa.ENV, "auto"),
-        # which paths quantize activations: none by default; --kernel q8 does for prompts
-        "quantized_activations": "--kernel q8 (prompts)" if chosen is not None else None,
+        # which paths quantize activations: none by default; --kernel q8 does, prompts and decoding
+        "quantized_activations": "--kernel q8 (prompts and decoding)" if chosen is not None else None,
     }
 
 

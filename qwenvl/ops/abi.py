@@ -114,6 +114,7 @@ CALLS = {  # function: its struct
     "qk_rms_norm": QkRmsNorm,
     "qk_silu_mul": QkSiluMul,
     "qk_gemm_q8": QkGemv,
+    "qk_gemv_q8": QkGemv,
 }
 
 

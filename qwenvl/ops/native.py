@@ -116,6 +116,20 @@ class Kernels:
         if self.lib.qk_gemm_q8(call):
             raise ValueError(f"the q8 kernels do not take {GGMLQuantizationType(ggml_type).name}")
 
+    def gemv_q8(
+        self, ggml_type: int, x: torch.Tensor, blocks: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor
+    ) -> None:
+        """``gemm_q8``'s results, bit for bit, for few rows (the decode step): the same quantized x and
+        integer products, read straight from W's blocks (``qk_gemv_q8``; meant for M ≤ 16). Layouts
+        as ``gemv``; unchecked."""
+        call = abi.QkGemv(
+            x.data_ptr(), blocks.data_ptr(), _ptr(bias), out.data_ptr(), x.shape[0], x.shape[1], x.stride(0),
+            blocks.shape[0], blocks.stride(0), out.stride(0), int(ggml_type), x.dtype == torch.bfloat16,
+            out.dtype == torch.bfloat16, torch.get_num_threads(), 0,
+        )  # fmt: skip
+        if self.lib.qk_gemv_q8(call):
+            raise ValueError(f"the q8 kernels do not take {GGMLQuantizationType(ggml_type).name}")
+
     def dequantize(
         self,
         blocks: torch.Tensor,

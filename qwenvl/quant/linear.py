@@ -8,9 +8,10 @@ Kernels (``kernel=``; docs/quantization-kernels.md has the measurements behind t
   dequantize-and-multiply in fp32. Many rows (prefill): the rows are dequantized per call into
   ``pieces`` bf16 matrices whose sum is the fp32 weight, and one bf16 GEMM (AMX via oneDNN) runs
   over them with fp32 accumulation — 2 pieces are exact for Q4_0/Q5_0/F16, 3 for the rest.
-- ``"q8"``: the blocks kernel for decoding (exact, as above), and for many rows (prefill) the
-  activation-quantizing GEMM: x quantized per 32 values to int8 with one fp32 scale, integer dot
-  products against the blocks, fp32 accumulation (``Kernels.gemm_q8``). Not exact (llama.cpp's
+- ``"q8"``: activations quantized, for decoding and prefill alike: x quantized per 32 values to
+  int8 with one fp32 scale, integer dot products against the blocks, fp32 accumulation. Few rows
+  (decode) take the GEMV that reads the stored blocks (``Kernels.gemv_q8``), many rows (prefill) the
+  GEMM (``Kernels.gemm_q8``); both give the same bits for a row. Not exact (llama.cpp's
   arithmetic); F32/F16/BF16 weights stay on the exact kernel.
 - ``"dense"``: dequantized once to a dense ``compute_dtype`` matrix (2 bytes/param in bf16). Exact
   only for BF16; otherwise every weight is rounded to bf16.
@@ -196,11 +197,12 @@ class BlockQuantLinear(QuantLinear):
             if self.amx_min_rows <= self.gemv_max_rows
             else ""
         )
-        many = (
-            "activations quantized to int8 per 32 values, integer dot products (q8)"
-            if self.q8
-            else f"{self.pieces} bf16 piece(s) per weight + bf16 GEMM"
-        )
+        if self.q8:
+            return (
+                "activations quantized to int8 per 32 values, integer dot products (q8):"
+                f" ≤{self.gemv_max_rows} rows: block GEMV; more rows: GEMM"
+            )
+        many = f"{self.pieces} bf16 piece(s) per weight + bf16 GEMM"
         return f"≤{self.gemv_max_rows} rows: fused block GEMV, fp32 accumulation{tiles}; more rows: {many}"
 
     def _compute(self, x: torch.Tensor) -> torch.Tensor:
@@ -218,6 +220,9 @@ class BlockQuantLinear(QuantLinear):
         else:
             if x.stride(-1) != 1:
                 x = x.contiguous()
+            if self.q8:
+                self._kernels.gemv_q8(self._type, x, self.blocks, self.bias, out)
+                return
             amx = bf16 and x.shape[0] >= self.amx_min_rows
             self._kernels.gemv(self._type, x, self.blocks, self.bias, out, amx)
 

@@ -12,6 +12,9 @@
 //     library has them;
 //   - decode attention, RMSNorm and SwiGLU's product within a few ulp of the reference, rows
 //     independent of each other;
+//   - the activation-quantizing GEMV (qk_gemv_q8), 1-16 rows, fp32 and bf16 x and y, odd strides:
+//     bit for bit the reference library's GEMM (qk_gemm_q8: the same arithmetic, q8.h) and the
+//     library's own GEMM, each row bit for bit its 1-row result;
 //   - the paths that promise the reference's own sums (kBitExactGemv: NEON), every GEMV output bit
 //     for bit the reference's.
 // The reference library is checked against the double-precision products as well.
@@ -45,6 +48,9 @@ struct Lib {
   int (*attention)(const QkDecodeAttention*);
   int (*rms_norm)(const QkRmsNorm*);
   int (*silu_mul)(const QkSiluMul*);
+  int (*gemm_q8)(const QkGemv*);
+  int (*gemv_q8)(const QkGemv*);
+  int (*q8_supports)(int32_t);
 };
 
 template <class Fn>
@@ -65,7 +71,8 @@ bool open_lib(const char* path, Lib& lib) {
             symbol(handle, "qk_amx", lib.amx) && symbol(handle, "qk_supports", lib.supports) &&
             symbol(handle, "qk_gemv", lib.gemv) && symbol(handle, "qk_dequant", lib.dequant) &&
             symbol(handle, "qk_decode_attention", lib.attention) && symbol(handle, "qk_rms_norm", lib.rms_norm) &&
-            symbol(handle, "qk_silu_mul", lib.silu_mul);
+            symbol(handle, "qk_silu_mul", lib.silu_mul) && symbol(handle, "qk_gemm_q8", lib.gemm_q8) &&
+            symbol(handle, "qk_gemv_q8", lib.gemv_q8) && symbol(handle, "qk_q8_supports", lib.q8_supports);
   if (!ok) return false;
   if (lib.abi_version() != QK_ABI_VERSION) {
     fprintf(stderr, "%s speaks ABI %d, the driver %d\n", path, lib.abi_version(), QK_ABI_VERSION);
@@ -219,7 +226,7 @@ struct GemvCase {
 // (w_stride: bytes from one weight row to the next; 0: the rows' size, contiguous)
 std::vector<float> run_gemv(const Lib& lib, const Format& f, const std::vector<uint8_t>& w, const GemvCase& c,
                             const std::vector<float>& xf, int64_t ldx, const std::vector<float>& bias, int64_t m0,
-                            int64_t rows, int64_t w_stride = 0) {
+                            int64_t rows, int64_t w_stride = 0, int (*call_fn)(const QkGemv*) = nullptr) {
   std::vector<uint16_t> xb((size_t)(rows * ldx));
   std::vector<float> x32((size_t)(rows * ldx));
   for (int64_t m = 0; m < rows; ++m)
@@ -246,7 +253,7 @@ std::vector<float> run_gemv(const Lib& lib, const Format& f, const std::vector<u
   call.y_bf16 = c.y_bf16;
   call.threads = c.N > 8 ? kThreads : 1;  // the wider matrices split over the OpenMP threads
   call.amx = c.amx;
-  lib.gemv(&call);
+  (call_fn ? call_fn : lib.gemv)(&call);
   std::vector<float> y((size_t)(rows * c.N));
   for (int64_t m = 0; m < rows; ++m)
     for (int64_t n = 0; n < c.N; ++n) y[m * c.N + n] = c.y_bf16 ? bf16_value(yb[m * ldy + n]) : y32[m * ldy + n];
@@ -309,6 +316,43 @@ void check_gemv(const Lib& ref, const Lib& lib, const Format& f, const GemvCase&
     }
     t.check(same, std::string(f.name) + " " + text + ": a row differs from its 1-row result");
   }
+}
+
+// The q8 GEMV: the reference library's q8 GEMM bit for bit (and this library's), strided x and weight
+// rows the same bits, each row its 1-row result. x rows of different sizes, an all-zero 32-block.
+void check_gemv_q8(const Lib& ref, const Lib& lib, const Format& f, const GemvCase& c, Tally& t) {
+  const auto w = random_rows(f, c.N, c.K);
+  std::vector<float> xf((size_t)(c.M * c.K)), bias((size_t)c.N);
+  for (int64_t m = 0; m < c.M; ++m) {
+    const float size = m == 5 ? 1e-25f : m == 11 ? 1e25f : std::pow(10.0f, (float)(m % 5) - 2.0f);
+    for (int64_t k = 0; k < c.K; ++k) xf[m * c.K + k] = k < 32 && m == 2 ? 0.0f : normal() * size;
+  }
+  if (c.x_bf16)
+    for (auto& v : xf) v = bf16_value(bf16_bits(v));
+  for (auto& b : bias) b = normal() * 0.1f;
+  const int64_t ldx = c.K + 3;
+  char text[120];
+  snprintf(text, sizeof text, "gemv_q8 M=%ld K=%ld N=%ld x_bf16=%d y_bf16=%d bias=%d", (long)c.M, (long)c.K,
+           (long)c.N, c.x_bf16, c.y_bf16, c.bias);
+  const std::string name = std::string(f.name) + " " + text;
+  const auto y = run_gemv(lib, f, w, c, xf, ldx, bias, 0, c.M, 0, lib.gemv_q8);
+  const auto want = run_gemv(ref, f, w, c, xf, ldx, bias, 0, c.M, 0, ref.gemm_q8);
+  t.check(memcmp(want.data(), y.data(), y.size() * 4) == 0, name + ": not bit for bit the reference q8 GEMM's");
+  const auto own = run_gemv(lib, f, w, c, xf, ldx, bias, 0, c.M, 0, lib.gemm_q8);
+  t.check(memcmp(own.data(), y.data(), y.size() * 4) == 0, name + ": not bit for bit the library's q8 GEMM's");
+  const auto packed = run_gemv(lib, f, w, c, xf, c.K, bias, 0, c.M, 0, lib.gemv_q8);
+  t.check(memcmp(packed.data(), y.data(), y.size() * 4) == 0, name + ": strided x rows differ from contiguous ones");
+  const int64_t row_bytes = c.K / f.values * f.bytes, w_stride = row_bytes + 7;
+  std::vector<uint8_t> padded((size_t)(c.N * w_stride), 0xA5);
+  for (int64_t n = 0; n < c.N; ++n) memcpy(padded.data() + n * w_stride, w.data() + n * row_bytes, (size_t)row_bytes);
+  const auto apart = run_gemv(lib, f, padded, c, xf, ldx, bias, 0, c.M, w_stride, lib.gemv_q8);
+  t.check(memcmp(apart.data(), y.data(), y.size() * 4) == 0, name + ": weight rows an odd stride apart differ");
+  bool same = true;
+  for (int64_t m = 0; m < c.M && same; ++m) {
+    const auto alone = run_gemv(lib, f, w, c, xf, ldx, bias, m, 1, 0, lib.gemv_q8);
+    same = memcmp(alone.data(), y.data() + m * c.N, (size_t)c.N * 4) == 0;
+  }
+  t.check(same, name + ": a row differs from its 1-row result");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -479,6 +523,17 @@ Tally check_library(const Lib& ref, const Lib& lib) {
       widths = {256, 768};
     for (int64_t K : widths) check_dequant(ref, lib, f, K, t);
     const bool amx = lib.amx() != 0;
+    t.check(lib.q8_supports(f.type) == ref.q8_supports(f.type), where(f, "q8: supported by one library only"));
+    if (ref.q8_supports(f.type)) {
+      // 32-value formats: 1, 3, 5 and 17 blocks (groups that do not fill the 8-group step)
+      const std::vector<int64_t> q8_widths = f.values == 32 ? std::vector<int64_t>{32, 96, 160, 544} : widths;
+      for (int64_t K : q8_widths)
+        for (int64_t N : {int64_t(1), int64_t(7), int64_t(37)})
+          for (int64_t M : {1, 2, 3, 4, 5, 7, 8, 12, 13, 16})
+            for (int mode = 0; mode < 4; ++mode)
+              if (N != 37 || M % 4 == 1)
+                check_gemv_q8(ref, lib, f, GemvCase{M, K, N, (mode & 1) != 0, (mode & 2) != 0, M % 2 == 1, false}, t);
+    }
     for (int64_t K : widths) {
       for (int64_t N : {int64_t(1), int64_t(7), int64_t(19)}) {
         for (int64_t M : {1, 2, 3, 4, 5, 6, 7, 8, 9, 12, 13, 16}) {

@@ -15,13 +15,6 @@ namespace q8 {
 
 namespace {
 
-// ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7)), as the reference adds them
-inline float sum_acc(__m256 acc) {
-  const __m128 four = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
-  return _mm_cvtss_f32(_mm_add_ss(two, _mm_shuffle_ps(two, two, 1)));
-}
-
 // MR x rows (from m0) against NR panel rows (from r0): per group, each pair's 8 lane sums scaled
 // into its accD (the scale dx * ws broadcast from a vector of 8 groups' products); per 8 groups,
 // the minimum terms of 8 groups at once into accM
@@ -76,7 +69,7 @@ void block_dot(const Activations& x, const Panel& p, int64_t m0, int64_t r0, int
       }
   }
   for (int i = 0; i < MR; ++i)
-    for (int n = 0; n < NR; ++n) store(out, m0 + i, n0 + r0 + n, sum_acc(acc_d[i][n]) + sum_acc(acc_m[i][n]));
+    for (int n = 0; n < NR; ++n) store(out, m0 + i, n0 + r0 + n, sum_lanes(acc_d[i][n]) + sum_lanes(acc_m[i][n]));
 }
 
 #ifndef QK_Q8_MR
