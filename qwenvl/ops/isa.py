@@ -19,7 +19,7 @@ from ..errors import QwenVLError
 
 ENV = "QWENVL_ISA"
 # Sources every library compiles (paths under qwenvl/csrc); each ISA adds its own.
-COMMON_SOURCES = ("common.cpp", "api.cpp", "attention.cpp", "layers.cpp", "q8.cpp", "x86/q8_avx2.cpp")
+COMMON_SOURCES = ("common.cpp", "api.cpp", "attention.cpp", "layers.cpp", "decoder.cpp", "q8.cpp", "x86/q8_avx2.cpp")
 X86 = ("x86_64", "amd64", "i686", "i386")
 ARM64 = ("aarch64", "arm64")
 _AVX2 = ("-mavx2", "-mfma", "-mf16c")
