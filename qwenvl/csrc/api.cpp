@@ -46,4 +46,6 @@ int qk_decode_attention(const QkDecodeAttention* call) { return qk::decode_atten
 int qk_rms_norm(const QkRmsNorm* call) { return qk::rms_norm(*call); }
 
 int qk_silu_mul(const QkSiluMul* call) { return qk::silu_mul(*call); }
+
+int qk_decode_step(const QkDecodeStep* call) { return qk::decode_step(*call); }
 }

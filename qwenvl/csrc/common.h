@@ -161,11 +161,12 @@ inline void put_value(void* out, int64_t K, int64_t k, float v, int pieces) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// attention.cpp and layers.cpp (every build; their inner loops use what the build's flags allow)
+// attention.cpp, layers.cpp and decoder.cpp (every build; their inner loops use what the build's flags allow)
 
 int decode_attention(const QkDecodeAttention& call);
 int rms_norm(const QkRmsNorm& call);
 int silu_mul(const QkSiluMul& call);
+int decode_step(const QkDecodeStep& call);  // decoder.cpp
 
 // ---------------------------------------------------------------------------------------------
 // Provided by the library's ISA file (scalar.cpp, x86/avx2.cpp, x86/avx512.cpp, ...).

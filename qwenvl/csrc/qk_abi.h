@@ -22,7 +22,7 @@
 #define QK_API
 #endif
 
-#define QK_ABI_VERSION 2
+#define QK_ABI_VERSION 3
 
 enum {
   QK_OK = 0,
@@ -112,6 +112,54 @@ typedef struct QkSiluMul {
   int32_t threads;
 } QkSiluMul;
 
+/* A block matrix multiplied as qk_gemv does (y = x @ dequant(w)^T (+ bias), N outputs of K inputs). */
+typedef struct QkLinearPart {
+  const uint8_t* w;     /* [N, row_bytes]: the GGML blocks of each row */
+  const float* bias;    /* [N] or NULL */
+  int64_t N, K, row_bytes;
+  int32_t type;
+  int32_t amx_min_rows; /* bf16 steps of at least this many rows put x on AMX tiles (QkGemv.amx) */
+  int32_t q8;           /* x quantized to int8 (qk_gemv_q8, --kernel q8) instead of qk_gemv */
+} QkLinearPart;
+
+/* One linear layer of a decoder layer for the fused decode step: 1 to 3 parts side by side (a fused
+ * q/k/v or gate/up whose parts differ in format), each writing its N columns of the output. */
+typedef struct QkLinear {
+  QkLinearPart parts[3];
+  int32_t count;
+} QkLinear;
+
+/* One decoder layer's weights (built once, at the first decode step): RMSNorm -> q/k/v (fused, heads
+ * q then k then v) -> rotary embedding -> attention -> o, residual add + RMSNorm -> gate/up (fused)
+ * -> SwiGLU -> down, residual add. Norm weights in the step's dtype. */
+typedef struct QkDecoderLayer {
+  const void* input_norm;  /* [hidden] */
+  const void* post_norm;   /* [hidden] */
+  QkLinear qkv, o, gate_up, down;
+} QkDecoderLayer;
+
+/* One decode step of `rows` requests through decoder layers 0 .. layer_count - 1, each exactly as
+ * the library's separate calls compute it (qk_rms_norm, qk_gemv, qk_decode_attention, qk_silu_mul)
+ * with the rotation and residual adds in torch's roundings: q and k are rotated as
+ * x * cos + roll(x, D / 2) * sin (sin signed: its first half negated) the way torch's
+ * addcmul(x * cos, roll(x), sin) rounds it: x * cos rounded to the dtype, then the sum with the second
+ * product in one fused multiply-add (rope_fma, what torch's vectorized addcmul does where its build
+ * contracts it), or with that product rounded to fp32 first (rope_fma = 0). The hidden states x are updated in place.
+ * `attention` gives the step's caches and heads (its q, k, v, out, *_row and layer fields are
+ * ignored: the step sets them per layer). */
+typedef struct QkDecodeStep {
+  void* x;                         /* [rows, hidden], contiguous */
+  const void* cos;                 /* [rows, D] */
+  const void* sin;                 /* [rows, D], signed */
+  const QkDecoderLayer* layers;    /* [layer_count] */
+  const QkDecodeAttention* attention;
+  int64_t rows, hidden, layer_count;
+  float eps;                       /* the RMSNorms' */
+  int32_t bf16;
+  int32_t threads;
+  int32_t rope_fma;
+} QkDecodeStep;
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -131,6 +179,7 @@ QK_API int qk_dequant(const QkDequant* call);
 QK_API int qk_decode_attention(const QkDecodeAttention* call);
 QK_API int qk_rms_norm(const QkRmsNorm* call);
 QK_API int qk_silu_mul(const QkSiluMul* call);
+QK_API int qk_decode_step(const QkDecodeStep* call);
 
 /* The activation-quantizing GEMM (q8.h; not exact: chosen with --kernel q8): y = x @ W^T (+ bias)
  * with x's rows quantized per 32 values to int8 and one fp32 scale, integer dot products against

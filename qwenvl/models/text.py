@@ -133,6 +133,7 @@ class TextModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta)  # a plain tensor: never on the meta device
+        self._decoder_step: tuple[ops.DecoderStep | None] | None = None  # built at the first decode step
 
     @property
     def dtype(self) -> torch.dtype:
@@ -162,6 +163,8 @@ class TextModel(nn.Module):
         alphas = None if rope_alpha == 1.0 else torch.full(position_ids.shape[1:], rope_alpha)
         cos, sin, q_scale = self._rope(position_ids, embeds.dtype, alphas)
         length = embeds.shape[1]
+        if cache is not None and length == 1 and embeds.shape[0] == 1:  # a decode step: one row
+            return self.decode(embeds, position_ids, [cache], [start], [rope_alpha])
         mask = causal_mask(start, length) if cache is not None and start > 0 and length > 1 else None
         if cache is not None:
             cache.prepare_write(start, length)
@@ -190,10 +193,34 @@ class TextModel(nn.Module):
         for cache, start in zip(caches, starts):
             cache.prepare_write(start, 1)
         kernel = decode_kernel(caches, starts, embeds.dtype)
-        x = embeds
-        for index, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, RowsKVView(caches, starts, index, kernel), q_scale)
+        x = ops.decode_layers(self.decoder_step(), embeds, cos, sin, kernel, q_scale)
+        if x is None:  # the layers one by one
+            x = embeds
+            for index, layer in enumerate(self.layers):
+                x = layer(x, cos, sin, RowsKVView(caches, starts, index, kernel), q_scale)
         return self.norm(x)
+
+    def decoder_step(self) -> ops.DecoderStep | None:
+        """All layers of a decode step in one native call, where ``ops`` has one for these weights
+        (built once, at the first decode step; ``load_weights`` drops it)."""
+        if self._decoder_step is None:
+            cfg = self.config
+            parts = [
+                ops.LayerParts(
+                    layer.input_layernorm.weight,
+                    layer.self_attn.qkv_proj,
+                    layer.self_attn.o_proj,
+                    layer.post_attention_layernorm.weight,
+                    layer.mlp.gate_up_proj,
+                    layer.mlp.down_proj,
+                )  # fmt: skip
+                for layer in self.layers
+            ]
+            step = ops.decoder_step(
+                parts, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps
+            )
+            self._decoder_step = (step,)
+        return self._decoder_step[0]
 
     def forward_segments(
         self,
@@ -251,6 +278,7 @@ class TextModel(nn.Module):
             state["lm_head.weight"] = state["embed_tokens.weight"]
         dtype = self.dtype
         self.load_state_dict({name: t.to(dtype) for name, t in state.items()}, assign=True, strict=True)
+        self._decoder_step = None
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 

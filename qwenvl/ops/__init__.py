@@ -23,15 +23,27 @@ import functools
 import os
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from gguf.constants import GGMLQuantizationType
+from torch import nn
 
 from . import isa
 from .isa import IsaError
-from .native import Q8_TYPES, SUPPORTED_TYPES, DecodeAttention, Kernels, check_blocks, load
+from .native import (
+    LINEAR_PARTS,
+    Q8_TYPES,
+    SUPPORTED_TYPES,
+    DecodeAttention,
+    DecoderStep,
+    GemvWeights,
+    Kernels,
+    LayerWeights,
+    check_blocks,
+    load,
+)
 
 _FLOATS = (torch.float32, torch.bfloat16)
 
@@ -140,6 +152,63 @@ def paged_decode_attention(
     return chosen.paged_decode_attention(keys, values, tables, positions)
 
 
+class LayerParts(NamedTuple):
+    """One decoder layer as the model holds it: the norms' weights and the four linear layers (any
+    module; those whose ``decode_gemv()`` gives their ``GemvWeights`` parts can join the fused decode
+    step)."""
+
+    input_norm: torch.Tensor
+    qkv: nn.Module
+    o: nn.Module
+    post_norm: torch.Tensor
+    gate_up: nn.Module
+    down: nn.Module
+
+
+def decoder_step(
+    layers: Sequence[LayerParts], heads: int, kv_heads: int, head_dim: int, eps: float
+) -> DecoderStep | None:
+    """The fused decode step over these layers (one native call a step for all of them), or None where
+    it does not apply: no native kernels, a dtype other than fp32/bf16, or a linear layer that is
+    not a block GEMV for decode rows (dense, int8 and int4 layers: torch's kernels). Build it once."""
+    chosen = kernels()
+    dtype = layers[0].input_norm.dtype
+    if chosen is None or dtype not in _FLOATS:
+        return None
+    built = []
+    for part in layers:
+        linears = [getattr(m, "decode_gemv", lambda: None)() for m in (part.qkv, part.o, part.gate_up, part.down)]
+        norms = (part.input_norm, part.post_norm)
+        if any(w is None or not 1 <= len(w) <= LINEAR_PARTS for w in linears) or any(
+            t.dtype != dtype or not t.is_contiguous() for t in norms
+        ):
+            return None
+        qkv, o, gate_up, down = linears
+        built.append(LayerWeights(part.input_norm, qkv, o, part.post_norm, gate_up, down))
+    return DecoderStep(chosen, built, heads, kv_heads, head_dim, eps, dtype)
+
+
+def decode_layers(
+    step: DecoderStep | None,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    attention: DecodeAttention | None,
+    q_scale: torch.Tensor | None,
+) -> torch.Tensor | None:
+    """Hidden states [B, 1, H] after every decoder layer of a decode step, for x [B, 1, H] with cos and
+    signed sin [B, 1, 1, head_dim], through the fused step; or None where it does not apply (no fused
+    step; no native attention; logn-scaled queries; a dtype other than the step's; more rows than its
+    GEMVs take): the caller then runs the layers one by one."""
+    rows = x.shape[0]
+    if step is None or attention is None or q_scale is not None or x.dtype != step.dtype or x.shape[1] != 1:
+        return None
+    if rows > step.max_rows or cos.dtype != step.dtype or sin.dtype != step.dtype:
+        return None
+    flat = (t.reshape(rows, t.shape[-1]).contiguous() for t in (x, cos, sin))
+    return step(*flat, attention).view(x.shape)
+
+
 def block_kernels(ggml_type: GGMLQuantizationType) -> Kernels | None:
     """The kernels that multiply by this format's blocks as stored, or None (the layer then holds a
     dequantized matrix for torch)."""
@@ -160,13 +229,19 @@ __all__ = [
     "Q8_TYPES",
     "SUPPORTED_TYPES",
     "DecodeAttention",
+    "DecoderStep",
+    "GemvWeights",
     "IsaError",
     "Kernels",
+    "LayerParts",
+    "LayerWeights",
     "add_rms_norm",
     "amx_tiles",
     "block_kernels",
     "check_blocks",
     "decode_attention",
+    "decode_layers",
+    "decoder_step",
     "describe",
     "kernels",
     "load",

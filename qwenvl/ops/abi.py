@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ctypes
 
-ABI_VERSION = 2  # QK_ABI_VERSION
+ABI_VERSION = 3  # QK_ABI_VERSION
 OK, UNSUPPORTED_TYPE, BAD_SHAPE = 0, 1, 2
 
 _ptr, _i64, _i32, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32, ctypes.c_float
@@ -106,7 +106,65 @@ class QkSiluMul(ctypes.Structure):
     ]
 
 
-STRUCTS = (QkGemv, QkDequant, QkDecodeAttention, QkRmsNorm, QkSiluMul)
+class QkLinearPart(ctypes.Structure):
+    _fields_ = [
+        ("w", _ptr),
+        ("bias", _ptr),
+        ("N", _i64),
+        ("K", _i64),
+        ("row_bytes", _i64),
+        ("type", _i32),
+        ("amx_min_rows", _i32),
+        ("q8", _i32),
+    ]
+
+
+class QkLinear(ctypes.Structure):
+    _fields_ = [
+        ("parts", QkLinearPart * 3),
+        ("count", _i32),
+    ]
+
+
+class QkDecoderLayer(ctypes.Structure):
+    _fields_ = [
+        ("input_norm", _ptr),
+        ("post_norm", _ptr),
+        ("qkv", QkLinear),
+        ("o", QkLinear),
+        ("gate_up", QkLinear),
+        ("down", QkLinear),
+    ]
+
+
+class QkDecodeStep(ctypes.Structure):
+    _fields_ = [
+        ("x", _ptr),
+        ("cos", _ptr),
+        ("sin", _ptr),
+        ("layers", _ptr),
+        ("attention", _ptr),
+        ("rows", _i64),
+        ("hidden", _i64),
+        ("layer_count", _i64),
+        ("eps", _f32),
+        ("bf16", _i32),
+        ("threads", _i32),
+        ("rope_fma", _i32),
+    ]
+
+
+STRUCTS = (
+    QkGemv,
+    QkDequant,
+    QkDecodeAttention,
+    QkRmsNorm,
+    QkSiluMul,
+    QkLinearPart,
+    QkLinear,
+    QkDecoderLayer,
+    QkDecodeStep,
+)
 CALLS = {  # function: its struct
     "qk_gemv": QkGemv,
     "qk_dequant": QkDequant,
@@ -115,6 +173,7 @@ CALLS = {  # function: its struct
     "qk_silu_mul": QkSiluMul,
     "qk_gemm_q8": QkGemv,
     "qk_gemv_q8": QkGemv,
+    "qk_decode_step": QkDecodeStep,
 }
 
 

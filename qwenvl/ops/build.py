@@ -37,6 +37,9 @@ COMMON_FLAGS = (
     "-fvisibility=hidden",  # only the qk_* ABI is exported
     "-fvisibility-inlines-hidden",
 )
+# Flags of single files, after the others: the fused decode step does torch's elementwise arithmetic,
+# which rounds every product and sum (no multiply-add contracted into an FMA).
+SOURCE_FLAGS: dict[str, tuple[str, ...]] = {"decoder.cpp": ("-ffp-contract=off",)}
 
 
 def cache_root() -> Path:
@@ -72,7 +75,8 @@ def build_key(isa: Isa, cxx: str, flags: list[str], cpu: frozenset[str]) -> str:
     sources = {CSRC / name for name in isa.all_sources()} | {p for p in source_files() if p.suffix == ".h"}
     for path in sorted(sources):
         digest.update(path.relative_to(CSRC).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-    parts = [isa.name, cxx, _compiler_version(cxx), *flags, " ".join(sorted(cpu)), sys.platform]
+    per_file = [f"{name}:{' '.join(extra)}" for name, extra in sorted(SOURCE_FLAGS.items())]
+    parts = [isa.name, cxx, _compiler_version(cxx), *flags, *per_file, " ".join(sorted(cpu)), sys.platform]
     digest.update("\0".join(parts).encode())
     return digest.hexdigest()[:16]
 
@@ -104,7 +108,9 @@ def _build(cxx: str, flags: list[str], sources: tuple[str, ...], target: Path) -
         def compile_one(pair: tuple[str, Path]) -> subprocess.CompletedProcess:
             source, obj = pair
             return subprocess.run(
-                [cxx, *flags, "-c", str(CSRC / source), "-o", str(obj)], capture_output=True, text=True
+                [cxx, *flags, *SOURCE_FLAGS.get(source, ()), "-c", str(CSRC / source), "-o", str(obj)],
+                capture_output=True,
+                text=True,
             )
 
         with ThreadPoolExecutor(max_workers=max(1, min(len(sources), os.cpu_count() or 1))) as pool:

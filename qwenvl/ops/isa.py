@@ -24,6 +24,7 @@ COMMON_SOURCES = (
     "api.cpp",
     "attention.cpp",
     "layers.cpp",
+    "decoder.cpp",
     "q8.cpp",
     "x86/q8_avx2.cpp",
     "x86/q8_gemv_avx2.cpp",

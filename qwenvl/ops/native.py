@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import functools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -244,6 +245,15 @@ class DecodeAttention:
         )  # fmt: skip
         self.columns = [row.data_ptr() for row in self.table]
 
+    def struct(self, heads: int, kv_heads: int, dim: int) -> abi.QkDecodeAttention:
+        """The call's caches and heads (q, k, v, out, their row strides and the layer left 0)."""
+        pointers, values, layer_strides, head_strides, positions, tables, block_strides = self.columns
+        return abi.QkDecodeAttention(
+            None, None, None, None, pointers, values, layer_strides, head_strides, positions, self.rows, 0, 0, 0, 0,
+            heads, kv_heads, dim, self.dtype == torch.bfloat16, dim**-0.5, torch.get_num_threads(),
+            tables if self.block_size else None, block_strides, self.block_size,
+        )  # fmt: skip
+
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int) -> torch.Tensor:
         """q [B, heads, head_dim], k and v [B, kv_heads, head_dim] (heads head_dim apart, any row
         stride, the caches' dtype) → [B, heads, head_dim]."""
@@ -261,4 +271,112 @@ class DecodeAttention:
         )  # fmt: skip
         if self.kernels.lib.qk_decode_attention(call):
             raise ValueError(f"{heads} query heads cannot share {k.shape[1]} key/value heads")
+        return out
+
+
+@functools.cache
+def addcmul_fuses() -> bool:
+    """Whether this torch's fp32 ``addcmul(a, b, c)`` rounds a + b·c once (a fused multiply-add: its
+    vectorized kernels are built with contraction) rather than rounding b·c first. The rotary
+    embedding's second product and sum (``models/rope.py``) go through it; the fused decode step
+    rounds them the same way. Probed on values where the two differ."""
+    b = torch.full((2, 64), 1.0 + 2.0**-12)  # b·b = 1 + 2^-11 + 2^-24: rounded first, the 2^-24 is lost
+    fused = torch.addcmul(torch.full((2, 64), -1.0), b, b[:1])  # shaped as the rotation calls it
+    return bool((fused == 2.0**-11 + 2.0**-24).all())
+
+
+class GemvWeights(NamedTuple):
+    """A linear layer as its decode rows' GEMV multiplies by it (``Kernels.gemv``): GGML blocks
+    [out, bytes] of ``ggml_type``, fp32 bias or None; bf16 calls of at least ``amx_min_rows`` rows
+    take the AMX tiles; calls of more than ``max_rows`` rows take another kernel."""
+
+    blocks: torch.Tensor
+    ggml_type: int
+    bias: torch.Tensor | None
+    out_features: int
+    in_features: int
+    amx_min_rows: int
+    max_rows: int
+    q8: bool = False  # x quantized to int8 per 32 values (``Kernels.gemv_q8``, ``--kernel q8``)
+
+
+class LayerWeights(NamedTuple):
+    """One decoder layer for the fused decode step: its norms' weights and its four linear layers."""
+
+    input_norm: torch.Tensor
+    qkv: Sequence[GemvWeights]  # 1 to LINEAR_PARTS parts side by side (their outputs concatenated)
+    o: Sequence[GemvWeights]
+    post_norm: torch.Tensor
+    gate_up: Sequence[GemvWeights]
+    down: Sequence[GemvWeights]
+
+
+LINEAR_PARTS = 3  # QkLinear.parts
+
+
+def _linear(parts: Sequence[GemvWeights]) -> abi.QkLinear:
+    linear = abi.QkLinear(count=len(parts))
+    for i, w in enumerate(parts):
+        linear.parts[i] = abi.QkLinearPart(
+            w.blocks.data_ptr(), _ptr(w.bias), w.out_features, w.in_features, w.blocks.stride(0), w.ggml_type,
+            w.amx_min_rows, int(w.q8),
+        )  # fmt: skip
+    return linear
+
+
+class DecoderStep:
+    """Every decoder layer of a decode step in one native call (``qk_decode_step``), for layers whose
+    linear layers are block GEMVs: the same bits as the separate calls (RMSNorm, GEMV, rotation,
+    decode attention, SwiGLU, residual adds) on the same rows. Built once from the weights; the step's
+    caches and positions come in with each call. fp32 or bf16 (``dtype``)."""
+
+    def __init__(
+        self,
+        kernels: Kernels,
+        layers: Sequence[LayerWeights],
+        heads: int,
+        kv_heads: int,
+        head_dim: int,
+        eps: float,
+        dtype: torch.dtype,
+    ):
+        self.kernels, self.dtype, self.eps = kernels, dtype, eps
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.hidden = layers[0].input_norm.shape[0]
+        linears = [
+            part for layer in layers for parts in (layer.qkv, layer.o, layer.gate_up, layer.down) for part in parts
+        ]
+        if any(not 1 <= len(parts) <= LINEAR_PARTS for layer in layers for parts in layer[1:3] + layer[4:]):
+            raise ValueError(f"a fused decoder layer's linear layers have 1 to {LINEAR_PARTS} parts")
+        self.max_rows = min(w.max_rows for w in linears)
+        self.weights = list(layers)  # kept alive while the library reads them
+        self.layers = (abi.QkDecoderLayer * len(layers))(
+            *(
+                abi.QkDecoderLayer(
+                    layer.input_norm.data_ptr(),
+                    layer.post_norm.data_ptr(),
+                    _linear(layer.qkv),
+                    _linear(layer.o),
+                    _linear(layer.gate_up),
+                    _linear(layer.down),
+                )  # fmt: skip
+                for layer in layers
+            )
+        )
+
+    def __call__(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: DecodeAttention
+    ) -> torch.Tensor:
+        """Hidden states [B, hidden] after every layer for x [B, hidden] (the step's dtype), cos and
+        signed sin [B, head_dim] (contiguous), ``attention`` the step's caches (B rows)."""
+        out = x.contiguous().clone()
+        template = attention.struct(self.heads, self.kv_heads, self.head_dim)
+        call = abi.QkDecodeStep(
+            out.data_ptr(), cos.data_ptr(), sin.data_ptr(), ctypes.addressof(self.layers), ctypes.addressof(template),
+            out.shape[0], self.hidden, len(self.layers), self.eps, self.dtype == torch.bfloat16,
+            torch.get_num_threads(), addcmul_fuses(),
+        )  # fmt: skip
+        status = self.kernels.lib.qk_decode_step(call)
+        if status:
+            raise ValueError(f"the fused decode step failed (status {status}): the layers' shapes do not fit")
         return out

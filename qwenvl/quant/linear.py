@@ -226,6 +226,22 @@ class BlockQuantLinear(QuantLinear):
             amx = bf16 and x.shape[0] >= self.amx_min_rows
             self._kernels.gemv(self._type, x, self.blocks, self.bias, out, amx)
 
+    def decode_gemv(self) -> list[ops.GemvWeights] | None:
+        """The weights as ``forward_into`` multiplies decode rows (fp32 or bf16, at most
+        ``gemv_max_rows``) by them: the block GEMV, for the fused decode step (``ops.decoder_step``)."""
+        return [
+            ops.GemvWeights(
+                self.blocks,
+                self._type,
+                self.bias,
+                self.out_features,
+                self.in_features,
+                self.amx_min_rows,
+                self.gemv_max_rows,
+                self.q8,
+            )  # fmt: skip
+        ]
+
     @property
     def prefill_pack_size(self) -> int:
         """Bytes ``pack_prefill`` holds: the weight matrix in bf16."""
@@ -384,6 +400,12 @@ class ConcatLinear(nn.Module):
 
     def describe(self) -> str:
         return " + ".join(p.describe() for p in self.parts)
+
+    def decode_gemv(self) -> list[ops.GemvWeights] | None:
+        """The parts' GEMV weights side by side (``BlockQuantLinear.decode_gemv``), or None unless every
+        part is a block GEMV for decode rows."""
+        weights = [getattr(part, "decode_gemv", lambda: None)() for part in self.parts]
+        return None if any(w is None for w in weights) else [w for part in weights for w in part]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
