@@ -35,7 +35,7 @@ from .models.text import TextModel
 from .models.vision import VisionTransformer
 from .quant.linear import KERNELS
 from .quant.model import load_quantized_text
-from .runtime import release_free_memory, resolve_dtype, return_large_frees, set_threads
+from .runtime import release_free_memory, resolve_dtype, set_threads
 from .tokenizer import Tokenizer
 from .tools import parse_tool_calls, resolve_tool_choice, tool_names
 from .weights.checkpoint import Checkpoint, open_checkpoint
@@ -501,7 +501,6 @@ def load(
     if kernel != "auto" and kernel not in KERNELS:
         raise QwenVLError(f"unknown kernel {kernel!r}; choose auto, {', '.join(KERNELS)}")
     set_threads(threads)
-    return_large_frees()
     if model is None:
         from .defaults import default_model_path
 

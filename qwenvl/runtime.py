@@ -79,25 +79,6 @@ def threads_note(threads: int | None = None) -> str:
     )
 
 
-# glibc's mallopt parameter number for the size from which an allocation gets its own mapping
-M_MMAP_THRESHOLD = -3
-# Tensors at least this large are mapped on their own and unmapped when freed (docs/engine.md, "Memory").
-MMAP_THRESHOLD_BYTES = 1 << 20
-
-
-def return_large_frees() -> bool:
-    """Make glibc give every freed block of MMAP_THRESHOLD_BYTES or more back to the system at once.
-
-    By default glibc raises its mapping threshold to the size of each large block freed (up to 32 MiB),
-    so a prefill's activations (tens of MB per layer) are then carved from the heap and kept there after
-    the prompt: ~25-50 MB more peak RSS on a 0.5B model. A fixed threshold stops that. False where
-    the C library is not glibc (nothing changed)."""
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
-    except (OSError, AttributeError):  # not glibc
-        return False
-
-
 def release_free_memory() -> None:
     """Hand freed heap memory back to the system (glibc keeps it otherwise: ~70 MB after a load)."""
     try:

@@ -3,7 +3,6 @@ file mapping, loading imports nothing it does not use, and large freed tensors g
 
 from __future__ import annotations
 
-import ctypes
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,6 @@ from gguf_fixtures import write_tiny_gguf
 
 import qwenvl
 from qwenvl.quant.linear import BlockQuantLinear, QuantEmbedding
-from qwenvl.runtime import MMAP_THRESHOLD_BYTES, return_large_frees
 
 
 @pytest.fixture(scope="module")
@@ -79,40 +77,3 @@ def test_loading_imports_neither_sympy_nor_pyav(tiny_gguf):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks")
-        + ("keepcost",)
-    ]
-
-
-def _mapped_bytes() -> int:
-    """glibc's bytes in blocks mapped on their own (mallinfo2().hblkhd)."""
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = _MallInfo2
-    return libc.mallinfo2().hblkhd
-
-
-def _has_mallinfo2() -> bool:
-    try:
-        return hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2")
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _has_mallinfo2(), reason="glibc 2.33+ only")
-def test_large_freed_tensors_do_not_stay_in_the_heap():
-    """Without the fixed threshold, freeing the 16 MiB tensor raises glibc's threshold to 16 MiB and
-    the next 2 MiB tensor comes from the heap, where it stays once freed."""
-    assert return_large_frees()
-    big = torch.ones(16 << 20, dtype=torch.uint8)
-    del big
-    before = _mapped_bytes()
-    size = 2 * MMAP_THRESHOLD_BYTES
-    medium = torch.ones(size, dtype=torch.uint8)
-    assert _mapped_bytes() - before >= size
-    del medium
-    assert _mapped_bytes() - before < size
