@@ -160,11 +160,11 @@ class TextModel(nn.Module):
         With a cache, keys/values are written at ``start`` … ``start + L`` and attention covers all before.
         ``rope_alpha``: the request's ``rope_alpha(prompt length)``.
         """
-        alphas = None if rope_alpha == 1.0 else torch.full(position_ids.shape[1:], rope_alpha)
-        cos, sin, q_scale = self._rope(position_ids, embeds.dtype, alphas)
         length = embeds.shape[1]
         if cache is not None and length == 1 and embeds.shape[0] == 1:  # a decode step: one row
             return self.decode(embeds, position_ids, [cache], [start], [rope_alpha])
+        alphas = None if rope_alpha == 1.0 else torch.full(position_ids.shape[1:], rope_alpha)
+        cos, sin, q_scale = self._rope(position_ids, embeds.dtype, alphas)
         mask = causal_mask(start, length) if cache is not None and start > 0 and length > 1 else None
         if cache is not None:
             cache.prepare_write(start, length)
