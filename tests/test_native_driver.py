@@ -116,16 +116,21 @@ def test_ctypes_mirrors_match_the_header(tmp_path) -> None:
 
 @needs_compiler
 @pytest.mark.parametrize("name", [n for n in isa.ISAS if n not in isa.runnable()] or [None])
-def test_isas_this_cpu_cannot_run_still_compile(name) -> None:
+def test_isas_this_cpu_cannot_run_still_compile(name, tmp_path) -> None:
     """The libraries of the other CPUs (AMX here, or AVX-512 on an AVX2 machine) build with this compiler,
-    so a source change cannot break them unseen; they are not loaded."""
+    so a source change cannot break them unseen; they are not loaded. Built at -O1 (the same sources,
+    instruction-set flags and errors, a third of -O3's compile time: nothing runs them here)."""
     if name is None:
         pytest.skip("this CPU runs every ISA: each is built and tested by the other tests")
     target = isa.ISAS[name]
     cpu = target.cpu_flags.union(*(needed for needed, _ in target.optional))
     if target.machines and isa.machine() not in target.machines:
         pytest.skip(f"{name} is for {', '.join(target.machines)}, and this compiler targets {isa.machine()}")
-    assert build.build_library(target, cpu=cpu).stat().st_size > 0
+    flags = ["-O1" if flag == "-O3" else flag for flag in build.compile_flags(target, cpu)]
+    assert "-O1" in flags
+    library = tmp_path / build.library_name(target)
+    build._build(build.compiler(), flags, target.all_sources(), library)
+    assert library.stat().st_size > 0
 
 
 def test_sources_ship_in_the_wheel_and_the_sdist() -> None:
