@@ -296,27 +296,20 @@ def _print_ratios(rows: list[dict]) -> None:
         means[key] = tok_s, statistics.fmean(r["mean_ttft_s"] or 0 for r in runs), len(runs)
     for (server, clients), (tok_s, ttft, runs) in means.items():
         print(f"{server:>12} {clients:>3} clients, mean of {runs}: {tok_s:7.1f} tok/s, mean TTFT {ttft:.2f} s")
-    for (server, clients), (tok_s, ttft, _) in means.items():
-        single = means.get(("qwenvl", clients))
-        if server == "qwenvl-ray" and single and single[0]:
-            print(
-                f"{clients:>3} clients: Ray replicas ÷ one server tok/s = {tok_s / single[0]:.2f}, "
-                f"TTFT {ttft:.2f} s vs {single[1]:.2f} s"
-            )
-    for (server, clients), (tok_s, ttft, _) in means.items():
-        uncached = means.get(("qwenvl-no-cache", clients))
-        if server == "qwenvl" and uncached and uncached[0]:
-            print(
-                f"{clients:>3} clients: prefix cache ÷ --no-prefix-cache tok/s = {tok_s / uncached[0]:.2f}, "
-                f"TTFT {ttft:.2f} s vs {uncached[1]:.2f} s"
-            )
-    for (server, clients), (tok_s, ttft, _) in means.items():
-        peer = means.get(("transformers", clients))
-        if server == "qwenvl" and peer and peer[0]:
-            print(
-                f"{clients:>3} clients: qwenvl ÷ transformers tok/s = {tok_s / peer[0]:.2f}, "
-                f"TTFT {ttft:.2f} s vs {peer[1]:.2f} s"
-            )
+    # (server, the server it is compared with, how the ratio is named)
+    pairs = [
+        ("qwenvl-ray", "qwenvl", "Ray replicas ÷ one server"),
+        ("qwenvl", "qwenvl-no-cache", "prefix cache ÷ --no-prefix-cache"),
+        ("qwenvl", "transformers", "qwenvl ÷ transformers"),
+    ]
+    for server_name, other_name, label in pairs:
+        for (server, clients), (tok_s, ttft, _) in means.items():
+            other = means.get((other_name, clients))
+            if server == server_name and other and other[0]:
+                print(
+                    f"{clients:>3} clients: {label} tok/s = {tok_s / other[0]:.2f}, "
+                    f"TTFT {ttft:.2f} s vs {other[1]:.2f} s"
+                )
 
 
 if __name__ == "__main__":

@@ -208,13 +208,21 @@ def test_eviction_under_a_tiny_budget(make_qwen2, text_models):
     assert not any(tiny.kv_pool.refs)
 
 
+def plain_greedy_ids(plain: qwenvl.Model, prompts: list[list[int]]) -> list[list[int]]:
+    """Each prompt's greedy token ids from the model without a prefix cache, one request at a time."""
+    ids = []
+    for prompt in prompts:
+        generation = plain.generate(prompt, **GREEDY)
+        list(generation)
+        ids.append(generation.result.token_ids)
+    return ids
+
+
 def test_concurrent_requests_sharing_a_prefix(text_models):
     cached, plain = text_models
     system = list(range(3000, 3000 + 100))
     prompts = [system + [500 + i] * (i + 1) for i in range(6)]
-    want = [plain.generate(p, **GREEDY) for p in prompts]
-    for generation in want:
-        list(generation)
+    want = plain_greedy_ids(plain, prompts)
     engine = BatchEngine(cached, max_batch=4)
     try:
         first = engine.submit(prompts[0], **GREEDY).result()
@@ -222,7 +230,7 @@ def test_concurrent_requests_sharing_a_prefix(text_models):
         results = [first] + [h.result() for h in handles]
     finally:
         engine.shutdown()
-    assert [r.token_ids for r in results] == [w.result.token_ids for w in want]
+    assert [r.token_ids for r in results] == want
     assert all(r.cached_tokens == 96 for r in results[1:])
     assert not any(cached.kv_pool.refs)
 
@@ -233,9 +241,7 @@ def test_requests_arriving_together_prefill_a_shared_prefix_once(text_models, mo
     cached, plain = text_models
     system = list(range(3200, 3200 + 100))
     prompts = [system + [600 + i] * (i + 2) for i in range(4)]
-    want = [plain.generate(p, **GREEDY) for p in prompts]
-    for generation in want:
-        list(generation)
+    want = plain_greedy_ids(plain, prompts)
     engine = BatchEngine(cached, max_batch=4)
     monkeypatch.setattr(engine, "start", lambda: None)  # queue every request before the loop runs
     handles = [engine.submit(p, **GREEDY) for p in prompts]
@@ -245,7 +251,7 @@ def test_requests_arriving_together_prefill_a_shared_prefix_once(text_models, mo
         results = [h.result() for h in handles]
     finally:
         engine.shutdown()
-    assert [r.token_ids for r in results] == [w.result.token_ids for w in want]
+    assert [r.token_ids for r in results] == want
     assert [r.cached_tokens for r in results] == [0, 96, 96, 96]
     assert not any(cached.kv_pool.refs)
 

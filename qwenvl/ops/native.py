@@ -66,6 +66,23 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _gemv_call(
+    ggml_type: int,
+    x: torch.Tensor,
+    blocks: torch.Tensor,
+    bias: torch.Tensor | None,
+    out: torch.Tensor,
+    amx: bool = False,
+) -> abi.QkGemv:
+    """The ``QkGemv`` of y = x @ W.T (+ bias), W in ``blocks``: what ``qk_gemv``, ``qk_gemm_q8`` and
+    ``qk_gemv_q8`` take (layouts as ``Kernels.gemv`` says)."""
+    return abi.QkGemv(
+        x.data_ptr(), blocks.data_ptr(), _ptr(bias), out.data_ptr(), x.shape[0], x.shape[1], x.stride(0),
+        blocks.shape[0], blocks.stride(0), out.stride(0), int(ggml_type), x.dtype == torch.bfloat16,
+        out.dtype == torch.bfloat16, torch.get_num_threads(), amx,
+    )  # fmt: skip
+
+
 class Kernels:
     """A loaded native library: ``isa`` names its instruction set, ``amx`` whether its GEMV can put
     bf16 rows on AMX tiles here."""
@@ -94,12 +111,7 @@ class Kernels:
         rows (meant for M ≤ 16: the decode step). ``amx``: bf16 x on AMX tiles where ``self.amx`` (formats
         with small codes), else the vector path; each gives a row a result independent of the other
         rows, not the same bits. Unchecked (the per-token path): the caller guarantees the layout."""
-        call = abi.QkGemv(
-            x.data_ptr(), blocks.data_ptr(), _ptr(bias), out.data_ptr(), x.shape[0], x.shape[1], x.stride(0),
-            blocks.shape[0], blocks.stride(0), out.stride(0), int(ggml_type), x.dtype == torch.bfloat16,
-            out.dtype == torch.bfloat16, torch.get_num_threads(), amx,
-        )  # fmt: skip
-        if self.lib.qk_gemv(call):
+        if self.lib.qk_gemv(_gemv_call(ggml_type, x, blocks, bias, out, amx)):
             raise ValueError(f"block kernels do not support {GGMLQuantizationType(ggml_type).name}")
 
     def gemm_q8(
@@ -109,12 +121,7 @@ class Kernels:
         and integer dot products against W's blocks (``qk_gemm_q8``; not exact). Any number of rows;
         a row's result does not depend on the others, and every ISA gives the same bits. Layouts as
         ``gemv``; unchecked."""
-        call = abi.QkGemv(
-            x.data_ptr(), blocks.data_ptr(), _ptr(bias), out.data_ptr(), x.shape[0], x.shape[1], x.stride(0),
-            blocks.shape[0], blocks.stride(0), out.stride(0), int(ggml_type), x.dtype == torch.bfloat16,
-            out.dtype == torch.bfloat16, torch.get_num_threads(), 0,
-        )  # fmt: skip
-        if self.lib.qk_gemm_q8(call):
+        if self.lib.qk_gemm_q8(_gemv_call(ggml_type, x, blocks, bias, out)):
             raise ValueError(f"the q8 kernels do not take {GGMLQuantizationType(ggml_type).name}")
 
     def gemv_q8(
@@ -123,12 +130,7 @@ class Kernels:
         """``gemm_q8``'s results, bit for bit, for few rows (the decode step): the same quantized x and
         integer products, read straight from W's blocks (``qk_gemv_q8``; meant for M ≤ 16). Layouts
         as ``gemv``; unchecked."""
-        call = abi.QkGemv(
-            x.data_ptr(), blocks.data_ptr(), _ptr(bias), out.data_ptr(), x.shape[0], x.shape[1], x.stride(0),
-            blocks.shape[0], blocks.stride(0), out.stride(0), int(ggml_type), x.dtype == torch.bfloat16,
-            out.dtype == torch.bfloat16, torch.get_num_threads(), 0,
-        )  # fmt: skip
-        if self.lib.qk_gemv_q8(call):
+        if self.lib.qk_gemv_q8(_gemv_call(ggml_type, x, blocks, bias, out)):
             raise ValueError(f"the q8 kernels do not take {GGMLQuantizationType(ggml_type).name}")
 
     def dequantize(
